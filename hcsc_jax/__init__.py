@@ -1,0 +1,3 @@
+"""hcsc-jax: Hierarchical Contrastive Selective Coding in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""Selective contrastive losses: masked InfoNCE (ICSC) and ProtoNCE (PCSC), spec §2-§4.
+
+How a negative that was not selected enters the loss is the `semantics` switch (spec §4):
+- "paper": it is not in the sum at all (its logit is -inf in the log-sum-exp);
+- "official": its logit is multiplied by 0 before the temperature division, so it stays in the
+  denominator as exp(0) = 1 and carries no gradient (the authors' code).
+A non-candidate (an invalid prototype, the positive itself, or in "official" mode a prototype
+that is the positive of another query in the same group) is always left out entirely.
+
+Only the query embedding receives gradients; keys, queue and prototypes are constants here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SEMANTICS = ("paper", "official")
+
+
+def check_semantics(semantics: str) -> None:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+
+
+def selective_cross_entropy(pos_logit, neg_logits, keep=None, candidates=None, semantics="paper"):
+    """Cross-entropy with the positive at index 0 over a masked set of negatives.
+
+    pos_logit (B,) and neg_logits (B, N), already divided by their temperatures;
+    keep (..., B, N) bool selection masks or None (all kept), leading axes (e.g. one per
+    hierarchy level) share the logits; candidates (B, N) bool or None (all candidates).
+    Returns (loss (..., B), correct (..., B) bool: the positive scores at least as high as every
+    logit left in the denominator, i.e. argmax == 0 as in torch).
+
+    The exponentials are computed once per logit and shared by all masks: the log-sum-exp shift
+    is max(positive, every candidate negative), selected or not, which bounds every term. That is
+    exact and stable whenever logits span less than ~80 nats (|q.c| <= 1 for unit vectors, so
+    any temperature above ~0.03 qualifies).
+    """
+    check_semantics(semantics)
+    pos_logit = jnp.asarray(pos_logit, jnp.float32)
+    neg_logits = jnp.asarray(neg_logits, jnp.float32)
+    if candidates is not None:
+        neg_logits = jnp.where(candidates, neg_logits, -jnp.inf)
+    shift = jax.lax.stop_gradient(jnp.maximum(pos_logit, jnp.max(neg_logits, axis=-1)))  # (B,)
+    exp_neg = jnp.exp(neg_logits - shift[:, None])  # (B, N), 0 for non-candidates
+    if keep is None:
+        return _loss_and_correct(pos_logit, shift, jnp.sum(exp_neg, axis=-1), neg_logits)
+    # Unselected: dropped ("paper") or a zero logit, exp(0 - shift) ("official"). One mask at a
+    # time: XLA then fuses mask, sum and its gradient into a single pass over (B, N).
+    if semantics == "paper":
+        dropped, zero_or_drop = 0.0, -jnp.inf
+    else:
+        dropped, zero_or_drop = jnp.exp(-shift)[:, None], 0.0
+        if candidates is not None:
+            dropped = jnp.where(candidates, dropped, 0.0)
+    results = []
+    for mask in keep.reshape((-1,) + keep.shape[-2:]):
+        total = jnp.sum(jnp.where(mask, exp_neg, dropped), axis=-1)
+        kept_logits = jnp.where(mask, neg_logits, zero_or_drop)
+        if candidates is not None:
+            kept_logits = jnp.where(candidates, kept_logits, -jnp.inf)
+        results.append(_loss_and_correct(pos_logit, shift, total, kept_logits))
+    loss, correct = (jnp.stack(r).reshape(keep.shape[:-1]) for r in zip(*results))
+    return loss, correct
+
+
+def _loss_and_correct(pos_logit, shift, total, kept_logits):
+    loss = shift + jnp.log(jnp.exp(pos_logit - shift) + total) - pos_logit
+    return loss, pos_logit >= jnp.max(kept_logits, axis=-1)
+
+
+def info_nce(q, k, queue, keep, temperature, semantics="paper"):
+    """InfoNCE of q against its key k and the queue, with selected negatives (spec §2, eq. 6).
+
+    q (B, d) queries (gradients flow here), k (B, d) positive keys, queue (K, d) negatives,
+    keep (..., B, K) bool or None; leading axes (e.g. one per hierarchy level) share one
+    q @ queue.T. Returns (loss (...), accuracy (...)), means over the batch.
+    """
+    _check_pair(q, k, queue)
+    if keep is not None and keep.shape[-2:] != (q.shape[0], queue.shape[0]):
+        raise ValueError(
+            f"keep mask must end in (B, K) = {(q.shape[0], queue.shape[0])}, got {tuple(keep.shape)}"
+        )
+    k, queue = jax.lax.stop_gradient((k, queue))
+    pos = jnp.sum(q * k, axis=-1) / temperature  # (B,)
+    neg = (q @ queue.T) / temperature  # (B, K)
+    loss, correct = selective_cross_entropy(pos, neg, keep, None, semantics)
+    return loss.mean(axis=-1), correct.mean(axis=-1, dtype=jnp.float32)
+
+
+def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", candidates=None):
+    """ProtoNCE of q against its positive prototype and selected negatives (spec §3, eq. 9).
+
+    Logit of prototype c is q.c / phi_c. q (B, d), centroids (M, d), temperatures (M,),
+    labels (B,) positive prototype index, keep (B, M) bool or None, candidates (B, M) bool or
+    None (from `proto_candidates`; the positive is always excluded from the negatives).
+    Returns (loss, accuracy) scalars, means over the batch.
+    """
+    if q.ndim != 2 or centroids.ndim != 2 or q.shape[1] != centroids.shape[1]:
+        raise ValueError(
+            f"q must be (B, d) and centroids (M, d) with the same d, got {tuple(q.shape)} and "
+            f"{tuple(centroids.shape)}"
+        )
+    if temperatures.shape != centroids.shape[:1] or labels.shape != q.shape[:1]:
+        raise ValueError(
+            f"temperatures must be (M,) = ({centroids.shape[0]},) and labels (B,) = ({q.shape[0]},), "
+            f"got {tuple(temperatures.shape)} and {tuple(labels.shape)}"
+        )
+    centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
+    logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)
+    pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    not_positive = jnp.arange(centroids.shape[0])[None, :] != labels[:, None]
+    candidates = not_positive if candidates is None else candidates & not_positive
+    loss, correct = selective_cross_entropy(pos, logits, keep, candidates, semantics)
+    return loss.mean(), correct.mean(dtype=jnp.float32)
+
+
+def proto_candidates(labels, valid, semantics="paper", group_size=None):
+    """Candidate negative prototypes of each query (spec §3). labels (B,), valid (M,) -> (B, M).
+
+    "paper": every valid prototype but the query's own positive. "official": additionally drops
+    the positives of all queries in the same group of `group_size` consecutive samples (the
+    authors' per-GPU batch of 32; here the BN group).
+    """
+    check_semantics(semantics)
+    num_protos = valid.shape[0]
+    positive = labels[:, None] == jnp.arange(num_protos)[None, :]  # (B, M)
+    candidates = valid[None, :] & ~positive
+    if semantics == "paper":
+        return candidates
+    batch = labels.shape[0]
+    group = batch if group_size is None else group_size
+    if batch % group:
+        raise ValueError(
+            f"batch {batch} is not a multiple of group_size {group}: change the batch size or "
+            "bn_group_size"
+        )
+    used = positive.reshape(batch // group, group, num_protos).any(axis=1)  # (G, M)
+    return candidates & ~jnp.repeat(used, group, axis=0)
+
+
+def _check_pair(q, k, queue):
+    if q.ndim != 2 or q.shape != k.shape:
+        raise ValueError(
+            f"q and k must both be (B, d), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"queue must be (K, d) with d = {q.shape[1]}, got {tuple(queue.shape)}")

@@ -1,0 +1,238 @@
+"""The whole HCSC objective for one batch (spec §2-§5), and the epoch's prototypes on device.
+
+`Prototypes` holds one tuple entry per hierarchy level, so every level keeps its own static
+shape (M_l) and a new epoch's prototypes never trigger a recompilation. `hcsc_objective`
+returns the loss and the metrics a user watches; it is pure and jittable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hcsc_jax import losses, selection
+
+POSITIVES = ("assignment", "nearest")
+
+
+@flax.struct.dataclass
+class Prototypes:
+    """One epoch's hierarchy on device. Level l has M_l prototypes of dimension d.
+
+    centroids[l] (M_l, d) L2-normalised; temperatures[l] (M_l,) phi; valid[l] (M_l,) bool;
+    parents[l] (M_l,) int32 for l < L-1; selection_tables[l] (M_l, M_{l+1}) the PCSC table of
+    `selection.prototype_selection_table`, for l < L-1.
+    """
+
+    centroids: tuple[jax.Array, ...]
+    temperatures: tuple[jax.Array, ...]
+    valid: tuple[jax.Array, ...]
+    parents: tuple[jax.Array, ...]
+    selection_tables: tuple[jax.Array, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.centroids)
+
+
+@jax.jit
+def _selection_tables(centroids, temperatures, valid):
+    return tuple(
+        selection.prototype_selection_table(centroids[l], centroids[l + 1], temperatures[l + 1], valid[l + 1])
+        for l in range(len(centroids) - 1)
+    )
+
+
+def make_prototypes(centroids, temperatures, valid, parents, sharding=None) -> Prototypes:
+    """Builds `Prototypes` from per-level host arrays (as in `clustering.Hierarchy`).
+
+    centroids/temperatures/valid: sequences of L arrays; parents: L-1 arrays (levels below the
+    top). `sharding` (e.g. a replicated NamedSharding) places every array; None = default device.
+    """
+    if not (len(centroids) == len(temperatures) == len(valid) == len(parents) + 1):
+        raise ValueError(
+            f"need L centroids/temperatures/valid and L-1 parents, got {len(centroids)}, "
+            f"{len(temperatures)}, {len(valid)}, {len(parents)}"
+        )
+    put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
+    c = tuple(put(np.asarray(x, np.float32)) for x in centroids)
+    t = tuple(put(np.asarray(x, np.float32)) for x in temperatures)
+    v = tuple(put(np.asarray(x, bool)) for x in valid)
+    p = tuple(put(np.asarray(x, np.int32)) for x in parents)
+    return Prototypes(c, t, v, p, _selection_tables(c, t, v))
+
+
+def prototypes_from_hierarchy(hierarchy, sharding=None) -> Prototypes:
+    """`Prototypes` of a `clustering.Hierarchy`."""
+    levels = hierarchy.levels
+    return make_prototypes(
+        [lv.centroids for lv in levels],
+        [lv.temperatures for lv in levels],
+        [lv.valid for lv in levels],
+        [lv.parents for lv in levels[:-1]],
+        sharding,
+    )
+
+
+@jax.jit
+def queue_log_normalizers(queue, prototypes: Prototypes):
+    """The ICSC cache: queue (K, d) -> (L, K) `selection.queue_log_normalizer` per level."""
+    return jnp.stack([
+        selection.queue_log_normalizer(queue, c, t, v)
+        for c, t, v in zip(prototypes.centroids, prototypes.temperatures, prototypes.valid)
+    ])
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Static switches of the objective. MoCo v2 and PCL-like baselines are settings of these.
+
+    semantics: "paper" | "official" (spec §4, §5); positive: "assignment" (k-means assignment
+    of the epoch, the authors' code) | "nearest" (argmax_c q.c/phi_c, the paper);
+    temperature: instance temperature T; group_size: group whose positives are removed from
+    the prototype candidates in "official" mode; sampler: see `selection.bernoulli_mask`.
+    """
+
+    semantics: str = "paper"
+    positive: str = "assignment"
+    temperature: float = 0.2
+    instance_selection: bool = True
+    prototype_selection: bool = True
+    instance_loss: bool = True
+    proto_loss: bool = True
+    group_size: int | None = 32
+    sampler: str = "hash"
+
+    def __post_init__(self):
+        losses.check_semantics(self.semantics)
+        if self.positive not in POSITIVES:
+            raise ValueError(f"positive must be one of {POSITIVES}, got {self.positive!r}")
+        if self.sampler not in selection.SAMPLERS:
+            raise ValueError(f"sampler must be one of {selection.SAMPLERS}, got {self.sampler!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (self.instance_loss or self.proto_loss):
+            raise ValueError("at least one of instance_loss and proto_loss must be on")
+
+
+def positive_prototypes(q, prototypes: Prototypes, labels, positive: str) -> list[jax.Array]:
+    """Positive prototype of every query, per level: L arrays (B,) int32.
+
+    "assignment": labels[:, l] (the epoch's k-means assignment); "nearest": argmax over valid
+    prototypes of q.c/phi_c (no gradient).
+    """
+    if positive == "assignment":
+        return [labels[:, l] for l in range(prototypes.num_levels)]
+    q = jax.lax.stop_gradient(q)
+    return [
+        jnp.argmax(selection.similarity_logits(q, c, t, v), axis=-1).astype(jnp.int32)
+        for c, t, v in zip(prototypes.centroids, prototypes.temperatures, prototypes.valid)
+    ]
+
+
+def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
+    """Bernoulli keep masks of one batch (spec §2, §3).
+
+    queue (K, d); positives: L arrays (B,); rng a jax.random key; queue_lse (L, K) or None.
+    Returns (instance (L, B, K) bool or None when instance selection is off,
+    proto: L entries (B, M_l) bool, None at the top level or when prototype selection is off).
+    """
+    p, num_levels = prototypes, prototypes.num_levels
+    inst_key, proto_key = jax.random.split(rng)
+    instance = None
+    if cfg.instance_selection:
+        instance = jnp.stack([
+            selection.bernoulli_mask(
+                jax.random.fold_in(inst_key, l),
+                selection.instance_selection_probs(
+                    queue, p.centroids[l], p.temperatures[l], positives[l], p.valid[l],
+                    None if queue_lse is None else queue_lse[l],
+                ),
+                cfg.sampler,
+            )
+            for l in range(num_levels)
+        ])
+    proto = [None] * num_levels
+    if cfg.prototype_selection:
+        for l in range(num_levels - 1):
+            probs = selection.prototype_selection_probs(
+                p.centroids[l], p.centroids[l + 1], p.temperatures[l + 1], p.parents[l],
+                positives[l], p.valid[l + 1], table=p.selection_tables[l],
+            )
+            proto[l] = selection.bernoulli_mask(jax.random.fold_in(proto_key, l), probs, cfg.sampler)
+    return instance, proto
+
+
+def hcsc_objective(
+    q, k, queue, prototypes: Prototypes | None, labels, rng, cfg: ObjectiveConfig, queue_lse=None
+) -> tuple[jax.Array, dict[str, Any]]:
+    """HCSC loss of one batch and its metrics.
+
+    q (B, d) L2-normalised query embeddings (the only input that receives gradients);
+    k (B, d) keys; queue (K, d); prototypes: this epoch's `Prototypes`, or None during warm-up
+    (then the loss is plain InfoNCE, as in MoCo v2); labels (B, L) int32 k-means assignments
+    per level (ignored when cfg.positive == "nearest" or prototypes is None); rng a jax.random
+    key; queue_lse (L, K) optional `queue_log_normalizers(queue, prototypes)` cache.
+
+    Returns (loss scalar, metrics dict of scalars): loss, loss_instance, loss_proto and, per
+    level l, instance_loss/l, instance_acc/l, instance_keep/l (mean selection rate of queue
+    entries), proto_loss/l, proto_acc/l, proto_keep/l (of candidate prototypes). Without
+    instance selection the instance term is one plain InfoNCE (instance_loss, instance_acc).
+    """
+    if prototypes is None:
+        loss, acc = losses.info_nce(q, k, queue, None, cfg.temperature, cfg.semantics)
+        return loss, {"loss": loss, "loss_instance": loss, "instance_acc": acc}
+
+    num_levels = prototypes.num_levels
+    if labels.ndim != 2 or labels.shape != (q.shape[0], num_levels):
+        raise ValueError(
+            f"labels must be (B, L) = ({q.shape[0]}, {num_levels}) k-means assignments, got "
+            f"{tuple(labels.shape)}"
+        )
+    if queue_lse is not None and queue_lse.shape != (num_levels, queue.shape[0]):
+        raise ValueError(
+            f"queue_lse must be (L, K) = ({num_levels}, {queue.shape[0]}), got {tuple(queue_lse.shape)}"
+        )
+    p = prototypes
+    positives = positive_prototypes(q, p, labels, cfg.positive)
+    inst_keep, proto_keep = selection_masks(queue, p, positives, rng, cfg, queue_lse)
+    metrics: dict[str, Any] = {}
+    terms = []
+
+    if cfg.instance_loss:
+        inst_loss, inst_acc = losses.info_nce(q, k, queue, inst_keep, cfg.temperature, cfg.semantics)
+        if inst_keep is None:  # one plain InfoNCE term, the same for every level
+            inst_total = inst_loss
+            metrics["instance_loss"], metrics["instance_acc"] = inst_loss, inst_acc
+        else:
+            inst_total = inst_loss.sum() if cfg.semantics == "official" else inst_loss.mean()
+            for l in range(num_levels):
+                metrics[f"instance_loss/{l}"] = inst_loss[l]
+                metrics[f"instance_acc/{l}"] = inst_acc[l]
+                metrics[f"instance_keep/{l}"] = inst_keep[l].mean(dtype=jnp.float32)
+        metrics["loss_instance"] = inst_total
+        terms.append(inst_total)
+
+    if cfg.proto_loss:
+        level_losses = []
+        for l in range(num_levels):
+            candidates = losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
+            if proto_keep[l] is not None:
+                kept = (proto_keep[l] & candidates).sum(dtype=jnp.float32)
+                metrics[f"proto_keep/{l}"] = kept / jnp.maximum(candidates.sum(dtype=jnp.float32), 1.0)
+            loss_l, acc_l = losses.proto_nce(
+                q, p.centroids[l], p.temperatures[l], positives[l], proto_keep[l], cfg.semantics, candidates
+            )
+            metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = loss_l, acc_l
+            level_losses.append(loss_l)
+        metrics["loss_proto"] = jnp.mean(jnp.stack(level_losses))
+        terms.append(metrics["loss_proto"])
+
+    loss = sum(terms)
+    metrics["loss"] = loss
+    return loss, metrics

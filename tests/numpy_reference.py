@@ -1,0 +1,90 @@
+"""Independent NumPy (float64, loop-based) reference of the HCSC objective, written from
+../shared/HCSC_SPEC.md §2-§5 and nothing else. Deliberately slow and literal."""
+
+import numpy as np
+
+
+def log_softmax_at(logits, index):
+    logits = np.asarray(logits, np.float64)
+    m = logits.max()
+    return logits[index] - (m + np.log(np.exp(logits - m).sum()))
+
+
+def instance_probs(queue, centroids, phi, labels, valid):
+    """Spec §2: p[i, j] = 1 - softmax_c(Q_j.c/phi_c)[c(i)], phi >= 1e-3, p in [0, 0.999]."""
+    phi = np.maximum(phi, 1e-3)
+    members = np.flatnonzero(valid)
+    p = np.zeros((len(labels), len(queue)))
+    for i, label in enumerate(labels):
+        for j, entry in enumerate(queue):
+            logits = [entry @ centroids[c] / phi[c] for c in members]
+            p[i, j] = 1 - np.exp(log_softmax_at(logits, list(members).index(label)))
+    return np.clip(p, 0.0, 0.999)
+
+
+def proto_probs(centroids, upper, upper_phi, parents, labels, upper_valid):
+    """Spec §3: p[i, j] = 1 - softmax_u(c_j.u/phi_u)[parent(c(i))], p in [1e-4, 0.999]."""
+    members = list(np.flatnonzero(upper_valid))
+    p = np.zeros((len(labels), len(centroids)))
+    for i, label in enumerate(labels):
+        for j, c in enumerate(centroids):
+            logits = [c @ upper[u] / upper_phi[u] for u in members]
+            p[i, j] = 1 - np.exp(log_softmax_at(logits, members.index(parents[label])))
+    return np.clip(p, 1e-4, 0.999)
+
+
+def _ce(pos, negs_kept, n_zero):
+    """-log softmax[0] of [pos, *negs_kept, 0 (n_zero times)] and whether argmax == 0."""
+    logits = np.array([pos] + list(negs_kept) + [0.0] * n_zero)
+    return -log_softmax_at(logits, 0), bool(np.argmax(logits) == 0)
+
+
+def info_nce(q, k, queue, keep, temperature, semantics):
+    """Spec §2/§4 for one mask (B, K) (None = all kept): mean loss and accuracy."""
+    out = []
+    for i in range(len(q)):
+        pos = q[i] @ k[i] / temperature
+        kept, zeros = [], 0
+        for j in range(len(queue)):
+            if keep is None or keep[i, j]:
+                kept.append(q[i] @ queue[j] / temperature)
+            elif semantics == "official":
+                zeros += 1
+        out.append(_ce(pos, kept, zeros))
+    loss, acc = zip(*out)
+    return np.mean(loss), np.mean(acc)
+
+
+def proto_nce(q, centroids, phi, labels, keep, valid, semantics, group_size):
+    """Spec §3/§4: candidates = valid prototypes but the positive ("paper") or but every
+    positive of the query's group ("official"); unselected dropped or zero logits."""
+    out = []
+    for i in range(len(q)):
+        g0 = (i // group_size) * group_size
+        group_positives = set(labels[g0 : g0 + group_size].tolist())
+        pos = q[i] @ centroids[labels[i]] / phi[labels[i]]
+        kept, zeros = [], 0
+        for c in range(len(centroids)):
+            if not valid[c] or c == labels[i]:
+                continue
+            if semantics == "official" and c in group_positives:
+                continue
+            if keep is None or keep[i, c]:
+                kept.append(q[i] @ centroids[c] / phi[c])
+            elif semantics == "official":
+                zeros += 1
+        out.append(_ce(pos, kept, zeros))
+    loss, acc = zip(*out)
+    return np.mean(loss), np.mean(acc)
+
+
+def hcsc_loss(q, k, queue, levels, labels, inst_keep, proto_keep, temperature, semantics, group_size):
+    """Spec §5. levels: list of dicts (centroids, phi, valid); inst_keep[l] (B, K);
+    proto_keep[l] (B, M_l) or None (top level: all candidates)."""
+    inst = [info_nce(q, k, queue, inst_keep[l], temperature, semantics)[0] for l in range(len(levels))]
+    proto = [
+        proto_nce(q, lv["centroids"], lv["phi"], labels[:, l], proto_keep[l], lv["valid"], semantics, group_size)[0]
+        for l, lv in enumerate(levels)
+    ]
+    inst_total = np.sum(inst) if semantics == "official" else np.mean(inst)
+    return inst_total + np.mean(proto)

@@ -1,0 +1,181 @@
+"""The assembled HCSC objective (spec §5): reference equality, switches, caching, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import numpy_reference as ref
+from hcsc_jax import objective
+from hcsc_jax.objective import ObjectiveConfig
+
+B, K, D = 8, 24, 6
+SIZES = (9, 5, 3)
+
+
+def unit(rng, *shape):
+    x = rng.normal(size=shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    centroids = [unit(rng, m, D) for m in SIZES]
+    phi = [rng.uniform(0.05, 0.4, m).astype(np.float32) for m in SIZES]
+    valid = [np.ones(m, bool) for m in SIZES]
+    valid[0][7] = False  # an empty cluster at the bottom level
+    parents = [rng.integers(0, SIZES[l + 1], SIZES[l]).astype(np.int32) for l in range(2)]
+    bottom = rng.choice([i for i in range(SIZES[0]) if i != 7], B).astype(np.int32)
+    labels = np.stack([bottom, parents[0][bottom], parents[1][parents[0][bottom]]], 1)
+    return dict(
+        q=unit(rng, B, D), k=unit(rng, B, D), queue=unit(rng, K, D), labels=labels,
+        protos=objective.make_prototypes(centroids, phi, valid, parents),
+        levels=[dict(centroids=c, phi=t, valid=v) for c, t, v in zip(centroids, phi, valid)],
+    )
+
+
+def run(pb, cfg, rng=jax.random.key(7), **kw):
+    args = dict(q=pb["q"], k=pb["k"], queue=pb["queue"], prototypes=pb["protos"], labels=pb["labels"])
+    args.update(kw)
+    return objective.hcsc_objective(rng=rng, cfg=cfg, **args)
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_objective_matches_reference(problem, semantics):
+    pb = problem
+    cfg = ObjectiveConfig(semantics=semantics, group_size=4)
+    loss, metrics = run(pb, cfg)
+    positives = [pb["labels"][:, l] for l in range(3)]
+    inst, proto = objective.selection_masks(pb["queue"], pb["protos"], positives, jax.random.key(7), cfg)
+    assert proto[2] is None  # top level: all candidates, no selection
+    want = ref.hcsc_loss(
+        pb["q"], pb["k"], pb["queue"], pb["levels"], pb["labels"], np.asarray(inst),
+        [None if m is None else np.asarray(m) for m in proto], 0.2, semantics, 4,
+    )
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    # The official instance term is the sum over levels, so it is ~L times the paper's.
+    per_level = [float(metrics[f"instance_loss/{l}"]) for l in range(3)]
+    expect = sum(per_level) if semantics == "official" else np.mean(per_level)
+    np.testing.assert_allclose(metrics["loss_instance"], expect, rtol=1e-6)
+
+
+def test_masks_follow_selection_probabilities(problem):
+    pb = problem
+    # Queue entry 0 is each query's own bottom prototype with a tiny phi: p_select -> 0 for it.
+    protos = pb["protos"].replace(temperatures=(jnp.full(SIZES[0], 1e-3),) + pb["protos"].temperatures[1:])
+    queue = pb["queue"].copy()
+    queue[0] = pb["levels"][0]["centroids"][pb["labels"][0, 0]]
+    positives = [pb["labels"][:, l] for l in range(3)]
+    cfg = ObjectiveConfig()
+    hits = np.zeros((B, K))
+    for s in range(200):
+        inst, _ = objective.selection_masks(queue, protos, positives, jax.random.key(s), cfg)
+        hits += np.asarray(inst[0])
+    assert hits[0, 0] == 0  # never selected
+    rate = hits / 200
+    from hcsc_jax import selection
+    p = np.asarray(selection.instance_selection_probs(queue, protos.centroids[0], protos.temperatures[0], positives[0], protos.valid[0]))
+    assert np.abs(rate - p).max() < 0.15  # 200 draws: 4.2 sigma at p = 0.5
+
+
+def test_switches(problem):
+    pb = problem
+    no_sel = ObjectiveConfig(instance_selection=False, prototype_selection=False)
+    loss, m = run(pb, no_sel)
+    plain = ref.info_nce(pb["q"], pb["k"], pb["queue"], None, 0.2, "paper")[0]
+    protos = [
+        ref.proto_nce(pb["q"], lv["centroids"], lv["phi"], pb["labels"][:, l], None, lv["valid"], "paper", B)[0]
+        for l, lv in enumerate(pb["levels"])
+    ]
+    np.testing.assert_allclose(loss, plain + np.mean(protos), rtol=1e-5)
+    inst_only, m = run(pb, ObjectiveConfig(proto_loss=False))
+    assert "loss_proto" not in m
+    np.testing.assert_allclose(inst_only, m["loss_instance"])
+    warm, m = run(pb, ObjectiveConfig(), prototypes=None)
+    np.testing.assert_allclose(warm, plain, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one of instance_loss and proto_loss"):
+        ObjectiveConfig(instance_loss=False, proto_loss=False)
+    with pytest.raises(ValueError, match="positive must be one of"):
+        ObjectiveConfig(positive="closest")
+
+
+def test_nearest_positive_is_argmax_of_scaled_similarity(problem):
+    pb = problem
+    labels = []
+    for lv in pb["levels"]:
+        s = pb["q"] @ lv["centroids"].T / lv["phi"]
+        s[:, ~lv["valid"]] = -np.inf
+        labels.append(s.argmax(1))
+    labels = np.stack(labels, 1).astype(np.int32)
+    cfg = ObjectiveConfig(sampler="threefry")
+    nearest, _ = run(pb, ObjectiveConfig(positive="nearest", sampler="threefry"), labels=np.zeros_like(labels))
+    assigned, _ = run(pb, cfg, labels=labels)
+    np.testing.assert_allclose(nearest, assigned, rtol=1e-6)
+
+
+def test_cached_queue_normalizer_gives_same_loss(problem):
+    pb = problem
+    lse = objective.queue_log_normalizers(pb["queue"], pb["protos"])
+    a, _ = run(pb, ObjectiveConfig())
+    b, _ = run(pb, ObjectiveConfig(), queue_lse=lse)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"queue_lse must be \(L, K\)"):
+        run(pb, ObjectiveConfig(), queue_lse=lse[:2])
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_only_q_gets_gradients(problem, semantics):
+    pb = problem
+    cfg = ObjectiveConfig(semantics=semantics, group_size=4)
+
+    def f(q, k, queue, protos):
+        return objective.hcsc_objective(q, k, queue, protos, pb["labels"], jax.random.key(1), cfg)[0]
+
+    gq, gk, gqueue, gp = jax.grad(f, argnums=(0, 1, 2, 3), allow_int=True)(
+        jnp.asarray(pb["q"]), jnp.asarray(pb["k"]), jnp.asarray(pb["queue"]), pb["protos"])
+    assert float(jnp.abs(gq).sum()) > 0
+    assert float(jnp.abs(gk).sum()) == 0 and float(jnp.abs(gqueue).sum()) == 0
+    for g in jax.tree.leaves((gp.centroids, gp.temperatures, gp.selection_tables)):
+        assert float(jnp.abs(g).sum()) == 0
+
+
+def test_new_prototypes_do_not_recompile(problem):
+    pb = problem
+    traces = []
+
+    @jax.jit
+    def step(q, protos, rng):
+        traces.append(1)
+        return objective.hcsc_objective(q, pb["k"], pb["queue"], protos, pb["labels"], rng, ObjectiveConfig())[0]
+
+    rng = np.random.default_rng(5)
+    for epoch in range(3):
+        c = [unit(rng, m, D) for m in SIZES]
+        t = [rng.uniform(0.05, 0.4, m).astype(np.float32) for m in SIZES]
+        v = [rng.random(m) < 0.9 for m in SIZES]
+        par = [rng.integers(0, SIZES[l + 1], SIZES[l]).astype(np.int32) for l in range(2)]
+        step(pb["q"], objective.make_prototypes(c, t, v, par), jax.random.key(epoch)).block_until_ready()
+    assert len(traces) == 1
+
+
+def test_one_device_equals_eight(problem):
+    pb = problem
+    cfg = ObjectiveConfig(semantics="official", group_size=1)
+    f = jax.jit(lambda q, k, queue, protos, labels, rng: objective.hcsc_objective(q, k, queue, protos, labels, rng, cfg))
+    single, m1 = f(pb["q"], pb["k"], pb["queue"], pb["protos"], pb["labels"], jax.random.key(3))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+    rep = NamedSharding(mesh, P())
+    multi, m8 = f(shard(pb["q"]), shard(pb["k"]), jax.device_put(pb["queue"], rep),
+                  jax.device_put(pb["protos"], rep), shard(pb["labels"]), jax.random.key(3))
+    np.testing.assert_allclose(multi, single, rtol=1e-6)
+    np.testing.assert_allclose(m8["instance_keep/1"], m1["instance_keep/1"], rtol=1e-6)
+
+
+def test_label_shape_error(problem):
+    with pytest.raises(ValueError, match=r"labels must be \(B, L\) = \(8, 3\)"):
+        run(problem, ObjectiveConfig(), labels=problem["labels"][:, :2])
+    with pytest.raises(ValueError, match="need L centroids/temperatures/valid and L-1 parents"):
+        objective.make_prototypes([np.zeros((2, 3))] * 2, [np.ones(2)] * 2, [np.ones(2, bool)] * 2, [])
