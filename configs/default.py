@@ -1,0 +1,59 @@
+"""Defaults shared by every config: the published HCSC ImageNet settings (spec §6).
+
+Dataset configs start from `get_config()` here and override what differs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Data.
+    c.dataset = "tfds:imagenet2012"
+    c.data_dir = None
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_size = 224  # crop size of both views
+
+    # Encoder: ResNet-50 (torchvision v1.5) + 2048-2048-128 MLP head, no BN in the head.
+    c.model = ml_collections.ConfigDict(dict(
+        arch="resnet50", width=1.0, small_stem=False, embed_dim=128,
+        hidden_dim=ml_collections.FieldReference(None, field_type=int), dtype="float32"))
+
+    # MoCo machinery.
+    c.batch_size = 256  # global
+    c.bn_group_size = 32
+    c.shuffle_bn = True
+    c.queue_size = 16384
+    c.ema_momentum = 0.999
+    c.lr = 0.03  # at batch 256; scaled linearly with the global batch
+    c.weight_decay = 1e-4
+    c.sgd_momentum = 0.9
+    c.epochs = 200
+    c.warmup_epochs = 20  # instance loss only, no prototypes
+
+    # HCSC objective (hcsc_jax.objective.ObjectiveConfig).
+    c.objective = ml_collections.ConfigDict(dict(
+        semantics="paper", positive="assignment", temperature=0.2, instance_selection=True,
+        prototype_selection=True, instance_loss=True, proto_loss=True, sampler="hash"))
+
+    # Hierarchical k-means between epochs (faiss, spec §1). Empty num_clusters = no prototypes.
+    c.clustering = ml_collections.ConfigDict(dict(
+        num_clusters=(3000, 2000, 1000), temperature=0.2, niter=20, nredo=5,
+        max_points_per_centroid=1000, min_points_per_centroid=10))
+
+    # Augmentation (MoCo v2, spec §6).
+    c.augment = ml_collections.ConfigDict(dict(
+        scale=(0.2, 1.0), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, flip=True,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+
+    # Final evaluation: kNN on `eval_split`, NMI of a hierarchy with these level sizes.
+    c.eval = ml_collections.ConfigDict(dict(knn_k=20, knn_temperature=0.07, num_clusters=(1000,)))
+
+    # Bookkeeping.
+    c.log_every_steps = 50
+    c.checkpoint_every_epochs = 5
+    c.keep_checkpoints = 3
+    c.progress_bar = True
+    return c

@@ -1,0 +1,115 @@
+"""Batch normalisation with statistics computed per *BN group* of samples.
+
+MoCo computes BatchNorm statistics per device (32 samples on 8 GPUs). hcsc-jax makes this
+independent of the device count: a train-mode batch of B samples is viewed as B // g groups of g
+consecutive samples and each group is normalised with its own statistics. The computation is
+written in global-batch terms, so under ``jax.jit`` with the batch sharded over a 'data' mesh axis
+XLA partitions it; as long as each device holds a multiple of g samples no group spans devices,
+and the numbers do not depend on the number of devices (up to float32 rounding: XLA may order
+reductions differently for different per-device shapes). With a mesh whose axis types are
+``Explicit`` (the default of ``jax.make_mesh``) the per-device batch must be a multiple of the
+group size (a clear error otherwise); with ``Auto`` axes groups may also span devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _batch_shards(x: jax.Array) -> int:
+    """Number of devices the batch axis is split over under *explicit* sharding (else 1)."""
+    try:
+        sharding = jax.typeof(x).sharding
+        axes = sharding.spec[0] if len(sharding.spec) else None
+    except (AttributeError, TypeError):
+        return 1
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+class GroupedBatchNorm(nnx.Module):
+    """BatchNorm over the last (channel) axis with per-group train-mode statistics.
+
+    Train mode (``train=True``): input (B, ..., C) with B % g == 0 is viewed as (B//g, g, ..., C);
+    mean and biased variance over (g, ...) per group and channel normalise that group. The running
+    statistics follow PyTorch (momentum 0.1): ``running = (1 - m) * running + m * stat``, where
+    ``stat`` is the group statistic averaged over groups and the variance is the *unbiased* one
+    (times n / (n - 1), n = g * prod(spatial)). Eval mode (``train=False``) uses the running stats.
+
+    Statistics are always computed in float32; the output is cast to ``dtype``.
+
+    Attributes (torch name in brackets): ``scale`` [weight], ``bias`` [bias] (``nnx.Param``),
+    ``mean`` [running_mean], ``var`` [running_var] (``nnx.BatchStat``, float32).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        group_size: int | None = 32,
+        momentum: float = 0.1,
+        epsilon: float = 1e-5,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        zero_scale: bool = False,
+    ):
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"bn_group_size must be a positive int or None, got {group_size}")
+        self.num_features = num_features
+        self.group_size = group_size
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        init = jnp.zeros if zero_scale else jnp.ones
+        self.scale = nnx.Param(init((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        scale = self.scale[...].astype(jnp.float32)
+        bias = self.bias[...].astype(jnp.float32)
+        xf = x.astype(jnp.float32)
+        if not train:
+            inv = scale * jax.lax.rsqrt(self.var[...] + self.epsilon)
+            return (xf * inv + (bias - self.mean[...] * inv)).astype(self.dtype)
+
+        b = x.shape[0]
+        g = b if self.group_size is None else self.group_size
+        if b % g != 0:
+            raise ValueError(
+                f"GroupedBatchNorm: batch size B={b} is not a multiple of bn_group_size g={g}; "
+                "change the batch size or bn_group_size."
+            )
+        shards = _batch_shards(x)
+        if (b // g) % shards != 0:
+            raise ValueError(
+                f"GroupedBatchNorm: the batch B={b} is split over {shards} devices (explicit sharding), "
+                f"so BN groups of g={g} would span devices; the per-device batch must be a multiple of "
+                "bn_group_size. Change the batch size or bn_group_size."
+            )
+        n = g * math.prod(x.shape[1:-1])  # samples per statistic
+        if n < 2:
+            raise ValueError(
+                f"GroupedBatchNorm: need more than 1 value per channel per group in training "
+                f"(bn_group_size g={g}, input shape {x.shape})."
+            )
+        xg = xf.reshape((b // g, g) + x.shape[1:])
+        axes = tuple(range(1, xg.ndim - 1))
+        mean = jnp.mean(xg, axis=axes, keepdims=True)  # (G, 1, ..., 1, C)
+        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)  # biased
+        inv = scale * jax.lax.rsqrt(var + self.epsilon)
+        y = (xg * inv + (bias - mean * inv)).reshape(x.shape)
+
+        m = self.momentum
+        batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=tuple(range(mean.ndim - 1))))
+        batch_var = jax.lax.stop_gradient(jnp.mean(var, axis=tuple(range(var.ndim - 1))) * (n / (n - 1)))
+        self.mean[...] = (1.0 - m) * self.mean[...] + m * batch_mean
+        self.var[...] = (1.0 - m) * self.var[...] + m * batch_var
+        return y.astype(self.dtype)

@@ -1,0 +1,202 @@
+"""MoCo-style train state and the jitted HCSC train step (spec §6).
+
+The state is one pytree: query and key encoder parameters and BN statistics, optimizer state,
+the queue of keys (K, d) with its pointer, the ICSC normaliser cache (L, K), step and rng.
+A step: EMA of the key encoder, two augmented views, key forward with ShuffleBN, query forward,
+HCSC objective, SGD update, enqueue of the global batch's keys. It runs under `jax.jit` on a
+mesh with a `data` axis: the batch is sharded over it, the state replicated. BN statistics are
+per group of `bn_group_size` samples, so the numbers do not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hcsc_jax import objective
+from hcsc_jax.data import augment as augment_lib
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. Arrays are replicated over the mesh.
+
+    queue (K, d) float32 keys; queue_ptr () int32 next write row; queue_lse (L, K) float32 ICSC
+    normalisers of the queue under the current prototypes (zeros when L = 0 or in warm-up);
+    step () int32 global step; rng (2,) uint32 raw key data of the run's root key.
+    """
+
+    q_params: Any
+    q_stats: Any
+    k_params: Any
+    k_stats: Any
+    opt_state: Any
+    queue: jax.Array
+    queue_ptr: jax.Array
+    queue_lse: jax.Array
+    step: jax.Array
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of a step (hashable)."""
+
+    objective: objective.ObjectiveConfig
+    view_q: augment_lib.AugmentConfig
+    view_k: augment_lib.AugmentConfig
+    ema_momentum: float = 0.999
+    bn_group_size: int = 32
+    shuffle_bn: bool = True
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over `devices` (default: all) with the `data` axis, GSPMD (Auto) axis type."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
+
+
+def check_batch_config(global_batch: int, queue_size: int, bn_group_size: int, num_devices: int):
+    """Raises ValueError with what to change when the batch, queue and BN groups do not fit."""
+    if queue_size % global_batch:
+        raise ValueError(
+            f"queue_size {queue_size} is not a multiple of the global batch {global_batch}: the "
+            f"queue is written one whole batch at a time; use e.g. queue_size="
+            f"{max(1, queue_size // global_batch) * global_batch}"
+        )
+    if global_batch % (bn_group_size * num_devices):
+        raise ValueError(
+            f"global batch {global_batch} must be a multiple of bn_group_size x devices = "
+            f"{bn_group_size} x {num_devices} = {bn_group_size * num_devices}, so that every device "
+            "holds whole BN groups; change batch_size, bn_group_size or the number of devices"
+        )
+
+
+def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_decay=1e-4, momentum=0.9):
+    """SGD as MoCo: lr = base_lr * B / 256, cosine decay to 0, L2 weight decay on every parameter."""
+    peak = base_lr * global_batch / 256
+    schedule = optax.cosine_decay_schedule(peak, max(total_steps, 1))
+    tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+    return tx, schedule
+
+
+def split_model(model: nnx.Module):
+    """-> (graphdef, params, batch_stats) of an NNX encoder."""
+    return nnx.split(model, nnx.Param, nnx.BatchStat)
+
+
+def apply_model(graphdef, params, stats, x, train: bool):
+    """Runs the encoder functionally: -> (pooled features, L2-normalised projection, new stats)."""
+    model = nnx.merge(graphdef, params, stats, copy=True)
+    features, projection = model(x, train=train)
+    return features, projection, nnx.state(model, nnx.BatchStat)
+
+
+def init_state(model: nnx.Module, tx, queue_size: int, embed_dim: int, num_levels: int, seed: int):
+    """The initial state: key encoder = copy of the query encoder, queue random-normal, unit rows."""
+    _, params, stats = split_model(model)
+    root = jax.random.key(seed)
+    queue = jax.random.normal(jax.random.fold_in(root, 1), (queue_size, embed_dim), jnp.float32)
+    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
+    copy = lambda t: jax.tree.map(jnp.array, t)
+    return TrainState(
+        q_params=params, q_stats=stats, k_params=copy(params), k_stats=copy(stats),
+        opt_state=tx.init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32),
+        queue_lse=jnp.zeros((num_levels, queue_size), jnp.float32),
+        step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(root),
+    )
+
+
+def step_keys(state: TrainState):
+    """Per-step keys derived from (root key, step): views, shuffle, objective."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.random.split(key, 4)
+
+
+def shuffle_permutation(key, batch: int):
+    """ShuffleBN: a random permutation of the global batch (mixes samples across BN groups)."""
+    perm = jax.random.permutation(key, batch)
+    return perm, jnp.argsort(perm)
+
+
+def enqueue(queue, ptr, keys):
+    """Writes keys (B, d) at rows [ptr, ptr + B) of queue (K, d); -> (queue, (ptr + B) % K)."""
+    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
+    return queue, (ptr + keys.shape[0]) % queue.shape[0]
+
+
+def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels, prototypes):
+    """One HCSC step. images (B, H, W, C) uint8 raw images; labels (B, L) int32 k-means
+    assignments (ignored in warm-up); prototypes: `objective.Prototypes` or None (warm-up).
+    Returns (new state, metrics dict of scalars)."""
+    key_q, key_k, key_shuffle, key_obj = step_keys(state)
+    batch = images.shape[0]
+    x_q = augment_lib.augment(key_q, images, cfg.view_q)
+    x_k = augment_lib.augment(key_k, images, cfg.view_k)
+
+    # Momentum update of the key encoder, before the keys are computed (spec §6).
+    m = cfg.ema_momentum
+    k_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.k_params, state.q_params)
+    if cfg.shuffle_bn:
+        perm, unperm = shuffle_permutation(key_shuffle, batch)
+        _, keys, k_stats = apply_model(graphdef, k_params, state.k_stats, x_k[perm], train=True)
+        keys = keys[unperm]
+    else:
+        _, keys, k_stats = apply_model(graphdef, k_params, state.k_stats, x_k, train=True)
+    keys = jax.lax.stop_gradient(keys)
+
+    queue_lse = state.queue_lse if prototypes is not None else None
+
+    def loss_fn(params):
+        _, q, q_stats = apply_model(graphdef, params, state.q_stats, x_q, train=True)
+        loss, metrics = objective.hcsc_objective(
+            q, keys, state.queue, prototypes, labels, key_obj, cfg.objective, queue_lse)
+        return loss, (metrics, q_stats)
+
+    (loss, (metrics, q_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.q_params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.q_params)
+    q_params = optax.apply_updates(state.q_params, updates)
+
+    # Enqueue after the loss (spec §6); keep the ICSC cache in step with the queue.
+    new_lse = state.queue_lse
+    if prototypes is not None:
+        new_lse = jax.lax.dynamic_update_slice(
+            state.queue_lse, objective.queue_log_normalizers(keys, prototypes), (0, state.queue_ptr))
+    queue, ptr = enqueue(state.queue, state.queue_ptr, keys)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    new_state = state.replace(
+        q_params=q_params, q_stats=q_stats, k_params=k_params, k_stats=k_stats,
+        opt_state=opt_state, queue=queue, queue_ptr=ptr, queue_lse=new_lse, step=state.step + 1,
+    )
+    return new_state, metrics
+
+
+def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool) -> Callable:
+    """jitted (state, indices (B,), images (N, H, W, C) uint8, assignments (N, L) int32,
+    prototypes) -> (state, metrics). The dataset lives on the devices (replicated); the step
+    gathers its global batch from the sharded `indices`. State donated. `warmup=True` compiles
+    the instance-only variant (prototypes are ignored)."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+
+    def step(state, indices, images, assignments, prototypes):
+        return train_step(graphdef, tx, cfg, state, images[indices], assignments[indices],
+                          None if warmup else prototypes)
+
+    return jax.jit(step, in_shardings=(replicated, sharded, replicated, replicated, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def refresh_queue_lse(state: TrainState, prototypes) -> TrainState:
+    """Recomputes the (L, K) ICSC cache for a new epoch's prototypes."""
+    return state.replace(queue_lse=objective.queue_log_normalizers(state.queue, prototypes))

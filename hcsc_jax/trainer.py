@@ -1,0 +1,276 @@
+"""The epoch loop: clustering between epochs, sharded steps, metrics, checkpoints, final eval.
+
+Before each epoch after warm-up, the key encoder (inference mode) embeds a center crop of every
+training image, faiss builds the hierarchy on the host, and its arrays are put on every device.
+Per-sample k-means labels reach the step with the batch indices. The dataset itself lives on
+the devices (replicated; fine for digits, Fashion-MNIST, CIFAR), so a step only receives the
+indices of its global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from hcsc_jax import checkpoints, clustering, evaluation, objective, train_step as ts
+from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import sources
+from hcsc_jax.models import make_encoder
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def build_encoder(config: ml_collections.ConfigDict, in_channels: int, seed: int):
+    m = config.model
+    return make_encoder(
+        m.arch, out_dim=m.embed_dim, hidden_dim=m.get("hidden_dim"), small_stem=m.small_stem,
+        width=m.width, bn_group_size=config.bn_group_size, dtype=jnp.dtype(m.dtype),
+        in_channels=in_channels, rngs=nnx.Rngs(seed),
+    )
+
+
+def objective_config(config) -> objective.ObjectiveConfig:
+    o = config.objective
+    return objective.ObjectiveConfig(
+        semantics=o.semantics, positive=o.positive, temperature=o.temperature,
+        instance_selection=o.instance_selection, prototype_selection=o.prototype_selection,
+        instance_loss=o.instance_loss, proto_loss=o.proto_loss, group_size=config.bn_group_size,
+        sampler=o.sampler,
+    )
+
+
+def view_configs(config, channels: int):
+    a = config.augment
+    mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
+    base = dict(crop_size=config.image_size, scale=tuple(a.scale), jitter_prob=a.jitter_prob,
+                grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, flip=a.flip, mean=mean, std=std)
+    view = augment_lib.AugmentConfig(**base)
+    return view, view, (mean, std)
+
+
+def uses_prototypes(config, epoch: int) -> bool:
+    return bool(config.clustering.num_clusters) and epoch >= config.warmup_epochs
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The data order of an epoch: a function of (seed, epoch) only, so runs resume exactly."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@functools.lru_cache(maxsize=8)
+def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
+    """jitted (params, stats, uint8 images) -> (pooled, projection), inference mode, center crop."""
+
+    @jax.jit
+    def embed(params, stats, x):
+        x = augment_lib.center_crop(x, crop, mean, std)
+        feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
+        return feats, proj
+
+    return embed
+
+
+def embed_dataset(graphdef, params, stats, images, crop, mean, std, mesh, batch=256):
+    """Inference-mode pass over all images (center crop) -> (pooled (N, F), projection (N, d)),
+    batches sharded over the mesh, results gathered on the host."""
+    n_dev = mesh.size
+    batch = max(n_dev, (batch // n_dev) * n_dev)
+    sharded = NamedSharding(mesh, P(ts.DATA_AXIS))
+    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std))
+    feats, projs = [], []
+    for start in range(0, len(images), batch):
+        chunk = np.asarray(images[start : start + batch])
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        f, p = embed(params, stats, jax.device_put(chunk, sharded))
+        feats.append(np.asarray(f)[: batch - pad])
+        projs.append(np.asarray(p)[: batch - pad])
+    return np.concatenate(feats), np.concatenate(projs)
+
+
+def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None) -> clustering.Hierarchy:
+    """faiss hierarchy of the projections; level sizes from the config unless given."""
+    c = config.clustering
+    return clustering.hierarchical_kmeans(
+        np.ascontiguousarray(proj, np.float32), list(num_clusters or c.num_clusters), temperature=c.temperature,
+        niter=c.niter, nredo=c.nredo, seed=config.seed + 1000 * epoch,
+        max_points_per_centroid=c.max_points_per_centroid, min_points_per_centroid=c.min_points_per_centroid,
+    )
+
+
+class MetricsWriter:
+    """Appends JSON lines to `<workdir>/metrics.jsonl`; on resume drops records past the checkpoint."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+
+    def write(self, record: dict[str, Any]):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
+    keys = per_step[0].keys()
+    return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
+
+
+def _check_finite(per_step: list[dict], first_step: int):
+    for i, m in enumerate(per_step):
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {m['loss']} at step {first_step + i}; stopping. The last good checkpoint "
+                "is kept; lower the learning rate, check the data, or use float32 compute"
+            )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    train_set = sources.load_dataset(config.dataset, config.train_split, config.get("data_dir"))
+    mesh = ts.make_mesh()
+    batch = config.batch_size
+    ts.check_batch_config(batch, config.queue_size, config.bn_group_size, mesh.size)
+    n = len(train_set.images)
+    steps_per_epoch = n // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
+    num_levels = len(config.clustering.num_clusters)
+    if num_levels and config.clustering.num_clusters[0] > n:
+        raise ValueError(
+            f"clustering.num_clusters[0] = {config.clustering.num_clusters[0]} exceeds the {n} "
+            "training images; use fewer clusters"
+        )
+    total_steps = steps_per_epoch * config.epochs
+
+    channels = train_set.images.shape[-1]
+    model = build_encoder(config, channels, config.seed)
+    graphdef = ts.split_model(model)[0]
+    tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P(ts.DATA_AXIS))
+    state = jax.device_put(
+        ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed), replicated)
+
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = checkpoints.restore_latest(mngr, abstract)
+    start_epoch, start_in_epoch, hierarchy, hierarchy_epoch = 0, 0, None, -1
+    if restored is not None:
+        state, meta, hierarchy = restored
+        start_epoch, start_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        hierarchy_epoch = meta.get("hierarchy_epoch", -1)
+        log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), start_epoch, start_in_epoch)
+    writer = MetricsWriter(workdir, int(state.step))
+
+    view_q, view_k, (mean, std) = view_configs(config, channels)
+    step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
+                             ema_momentum=config.ema_momentum, bn_group_size=config.bn_group_size,
+                             shuffle_bn=config.shuffle_bn)
+    images_dev = jax.device_put(train_set.images, replicated)
+    step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w) for w in (True, False)}
+    hierarchy_dir = os.path.join(workdir, "hierarchy")
+
+    for epoch in range(start_epoch, config.epochs):
+        protos, assignments = None, jnp.zeros((n, max(num_levels, 1)), jnp.int32)
+        cluster_seconds = 0.0
+        if uses_prototypes(config, epoch):
+            if hierarchy is None or hierarchy_epoch != epoch:
+                t0 = time.perf_counter()
+                _, proj = embed_dataset(graphdef, state.k_params, state.k_stats, train_set.images,
+                                        config.image_size, mean, std, mesh)
+                hierarchy, hierarchy_epoch = cluster(config, proj, epoch), epoch
+                cluster_seconds = time.perf_counter() - t0
+                os.makedirs(hierarchy_dir, exist_ok=True)
+                np.savez(os.path.join(hierarchy_dir, f"epoch_{epoch:04d}.npz"), **hierarchy.to_arrays())
+            protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
+            assignments = jax.device_put(hierarchy.assignments(), replicated)
+            state = jax.jit(ts.refresh_queue_lse, out_shardings=replicated)(state, protos)
+        step_fn = step_fns[protos is None]
+        perm = epoch_permutation(config.seed, epoch, n)
+        first = start_in_epoch if epoch == start_epoch else 0
+        pending, epoch_metrics = [], []
+        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="step", leave=False, dynamic_ncols=True, disable=not config.progress_bar)
+        t_log = time.perf_counter()
+        for s in bar:
+            idx = jax.device_put(perm[s * batch : (s + 1) * batch].astype(np.int32), sharded)
+            state, metrics = step_fn(state, idx, images_dev, assignments, protos)
+            pending.append(metrics)
+            if len(pending) == config.log_every_steps or s == steps_per_epoch - 1:
+                per_step = jax.device_get(pending)
+                global_step = int(state.step)
+                _check_finite(per_step, global_step - len(per_step))
+                now = time.perf_counter()
+                ips = len(per_step) * batch / (now - t_log)
+                t_log = now
+                record = _mean_metrics(per_step)
+                record.update(step=global_step, epoch=epoch, lr=float(schedule(global_step - 1)), images_per_sec=ips)
+                writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
+                epoch_metrics.extend(per_step)
+                pending = []
+        bar.close()
+        if epoch_metrics:
+            summary = _mean_metrics(epoch_metrics)
+            summary.update(step=int(state.step), epoch=epoch, type="epoch", clustering_seconds=cluster_seconds)
+            writer.write(summary)
+            log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
+                         "instance only" if protos is None else f"{num_levels} prototype levels")
+        last = epoch == config.epochs - 1
+        if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
+            meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch)
+            checkpoints.save(mngr, state, meta, hierarchy)
+    mngr.wait_until_finished()
+
+    summary = evaluate(config, workdir, graphdef, state, mesh, train_set, mean, std)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def evaluate(config, workdir, graphdef, state, mesh, train_set, mean, std) -> dict[str, Any]:
+    """kNN top-1 on the held-out split (query encoder pooled features) and the NMI against the
+    training labels of every level of a hierarchy (`config.eval.num_clusters`) built from the
+    final key encoder's projections."""
+    test_set = sources.load_dataset(config.dataset, config.eval_split, config.get("data_dir"))
+    crop = config.image_size
+    embed = lambda imgs, p, s: embed_dataset(graphdef, p, s, imgs, crop, mean, std, mesh)
+    train_feats, _ = embed(train_set.images, state.q_params, state.q_stats)
+    test_feats, _ = embed(test_set.images, state.q_params, state.q_stats)
+    summary: dict[str, Any] = {"step": int(state.step), "epochs": config.epochs}
+    if train_set.labels is not None and test_set.labels is not None:
+        summary["knn_top1"] = evaluation.knn_accuracy(
+            train_feats, train_set.labels, test_feats, test_set.labels, k=config.eval.knn_k,
+            temperature=config.eval.knn_temperature, num_classes=train_set.num_classes)
+    if train_set.labels is not None and config.eval.num_clusters:
+        _, proj = embed(train_set.images, state.k_params, state.k_stats)
+        final = cluster(config, proj, config.epochs, config.eval.num_clusters)
+        summary["nmi_per_level"] = [evaluation.nmi(lv.assignments, train_set.labels) for lv in final.levels]
+        summary["num_clusters"] = list(final.num_clusters)
+    return summary

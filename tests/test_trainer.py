@@ -1,0 +1,156 @@
+"""The epoch loop end to end on digits: outputs, resume after SIGKILL, NaN stop, corrupt checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.struct
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import digits
+from hcsc_jax import checkpoints, clustering, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(epochs=3, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
+            log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
+
+
+def tiny_config(**overrides):
+    c = digits.get_config()
+    c.update(dict(TINY, **overrides))
+    c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
+    c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
+    c.eval.num_clusters = (20, 10)
+    return c
+
+
+@flax.struct.dataclass
+class _Stepped:
+    """A minimal state with a `.step`, as `checkpoints.save` expects."""
+
+    w: jax.Array
+    step: jax.Array
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    summary = trainer.train_and_evaluate(tiny_config(), workdir)
+    return workdir, summary
+
+
+def test_run_writes_outputs_and_learns_something(finished_run):
+    workdir, summary = finished_run
+    steps_per_epoch = 1437 // 64
+    assert summary["step"] == 3 * steps_per_epoch
+    assert 0.5 < summary["knn_top1"] <= 1.0  # 10 classes: chance is 0.1
+    assert len(summary["nmi_per_level"]) == 2 and all(0 < v <= 1 for v in summary["nmi_per_level"])
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == summary
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert "loss_proto" not in epochs[0] and "loss_proto" in epochs[1]  # warm-up, then prototypes
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert json.load(open(os.path.join(workdir, "config.json")))["queue_size"] == 256
+    # One hierarchy per prototype epoch, a valid tree over the training set.
+    files = sorted(os.listdir(os.path.join(workdir, "hierarchy")))
+    assert files == ["epoch_0001.npz", "epoch_0002.npz"]
+    h = clustering.Hierarchy.from_arrays(np.load(os.path.join(workdir, "hierarchy", files[-1])))
+    assert h.num_clusters == (20, 8, 4) and h.assignments().shape == (1437, 3)
+    np.testing.assert_array_equal(h.levels[1].assignments, h.levels[0].parents[h.levels[0].assignments])
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
+    reference_dir, reference = finished_run
+    workdir = str(tmp_path / "killed")
+    overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [
+        "--config.model.width=0.125", "--config.model.embed_dim=16", "--config.model.hidden_dim=32",
+        "--config.clustering.num_clusters=(20,8,4)", "--config.clustering.nredo=1",
+        "--config.clustering.niter=10", "--config.eval.num_clusters=(20,10)",
+    ]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.py"),
+           "--workdir", workdir] + overrides
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(os.path.join(ckpt_dir, "22")):  # end of epoch 1 committed
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(1.0)  # into epoch 2 (its clustering or first steps)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == reference
+    # Same final parameters and queue, bit for bit (same devices, same seed, same data order).
+    final = [_restore_raw(os.path.join(d, "checkpoints"), 66) for d in (reference_dir, workdir)]
+    for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
+        np.testing.assert_array_equal(a, b)
+    # metrics.jsonl has no duplicate steps after the replay.
+    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") != "epoch"]
+    assert steps == sorted(set(steps))
+
+
+def _restore_raw(directory, step):
+    with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
+        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    # lr 1e30 blows the weights up within the first prototype epoch.
+    cfg = tiny_config(epochs=3, warmup_epochs=1, checkpoint_every_epochs=1)
+    cfg.lr = 1e30
+    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+"):
+        trainer.train_and_evaluate(cfg, workdir)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    # Whatever was saved holds finite parameters.
+    for step in steps:
+        state = _restore_raw(os.path.join(workdir, "checkpoints"), step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2):
+        checkpoints.save(mngr, _Stepped(jnp.arange(4.0) * step, jnp.array(step, jnp.int32)), {"epoch": step, "step_in_epoch": 0}, None)
+    mngr.wait_until_finished()
+    # Corrupt step 2: truncate every data file of its state.
+    for root, _, files in os.walk(os.path.join(str(tmp_path), "checkpoints", "2", "state")):
+        for name in files:
+            if "manifest" in name or name.startswith("_METADATA"):
+                open(os.path.join(root, name), "w").close()
+    abstract = jax.eval_shape(lambda: _Stepped(jnp.zeros(4), jnp.array(0, jnp.int32)))
+    restored, meta, hierarchy = checkpoints.restore_latest(checkpoints.manager(str(tmp_path)), abstract)
+    assert meta["epoch"] == 1 and int(restored.step) == 1 and hierarchy is None
+    np.testing.assert_array_equal(restored.w, np.arange(4.0))
+    assert "step 2" in caplog.text and "trying the previous one" in caplog.text
+
+
+def test_bad_configs_fail_with_clear_messages(tmp_path):
+    with pytest.raises(ValueError, match="queue_size 100 is not a multiple of the global batch 64"):
+        trainer.train_and_evaluate(tiny_config(queue_size=100), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"multiple of bn_group_size x devices = 16 x 8 = 128"):
+        trainer.train_and_evaluate(tiny_config(bn_group_size=16), str(tmp_path / "b"))
+    cfg = tiny_config()
+    cfg.clustering.num_clusters = (5000, 10)
+    with pytest.raises(ValueError, match="exceeds the 1437 training images"):
+        trainer.train_and_evaluate(cfg, str(tmp_path / "c"))
