@@ -27,21 +27,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from hcsc_jax import trainer  # after flag parsing, so --help is fast
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    # Orbax and faiss log every save / load at INFO: keep the console to our own messages.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logging.getLogger("hcsc_jax").addHandler(handler)
-    logging.getLogger("hcsc_jax").setLevel(logging.INFO)
+    ours = logging.getLogger("hcsc_jax")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    from hcsc_jax import trainer  # after flag parsing, so --help is fast
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-    logging.getLogger("hcsc_jax").info("workdir: %s", workdir)
+    ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)
     except trainer.NonFiniteLossError as err:
-        logging.getLogger("hcsc_jax").error("%s", err)
+        ours.error("%s", err)
         sys.exit(1)
     print(json.dumps(summary, indent=2, sort_keys=True))
 

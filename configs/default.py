@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Bookkeeping.
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5
+    c.checkpoint_every_steps = 0  # also save mid-epoch every N global steps (0: off)
     c.keep_checkpoints = 3
     c.progress_bar = True
     return c

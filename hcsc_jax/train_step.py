@@ -32,7 +32,7 @@ class TrainState:
     """Everything a step reads and writes. Arrays are replicated over the mesh.
 
     queue (K, d) float32 keys; queue_ptr () int32 next write row; queue_lse (L, K) float32 ICSC
-    normalisers of the queue under the current prototypes (zeros when L = 0 or in warm-up);
+    normalisers of the queue under the current prototypes (zeros in warm-up; (1, K) when L = 0);
     step () int32 global step; rng (2,) uint32 raw key data of the run's root key.
     """
 
@@ -113,7 +113,7 @@ def init_state(model: nnx.Module, tx, queue_size: int, embed_dim: int, num_level
     return TrainState(
         q_params=params, q_stats=stats, k_params=copy(params), k_stats=copy(stats),
         opt_state=tx.init(params), queue=queue, queue_ptr=jnp.zeros((), jnp.int32),
-        queue_lse=jnp.zeros((num_levels, queue_size), jnp.float32),
+        queue_lse=jnp.zeros((max(num_levels, 1), queue_size), jnp.float32),  # Orbax can't save size 0
         step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(root),
     )
 

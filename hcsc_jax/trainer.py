@@ -138,6 +138,8 @@ def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
 
 
 def _check_finite(per_step: list[dict], first_step: int):
+    """Raises NonFiniteLossError naming the first step (1-based, as in metrics.jsonl) whose loss
+    is not finite. per_step[i] holds the metrics of step first_step + i."""
     for i, m in enumerate(per_step):
         if not math.isfinite(m["loss"]):
             raise NonFiniteLossError(
@@ -194,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              shuffle_bn=config.shuffle_bn)
     images_dev = jax.device_put(train_set.images, replicated)
     step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w) for w in (True, False)}
+    refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
     hierarchy_dir = os.path.join(workdir, "hierarchy")
 
     for epoch in range(start_epoch, config.epochs):
@@ -208,12 +211,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 cluster_seconds = time.perf_counter() - t0
                 os.makedirs(hierarchy_dir, exist_ok=True)
                 np.savez(os.path.join(hierarchy_dir, f"epoch_{epoch:04d}.npz"), **hierarchy.to_arrays())
+        first = start_in_epoch if epoch == start_epoch else 0
+        if hierarchy is not None and hierarchy_epoch == epoch:
             protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
             assignments = jax.device_put(hierarchy.assignments(), replicated)
-            state = jax.jit(ts.refresh_queue_lse, out_shardings=replicated)(state, protos)
+            if first == 0:  # (resumed mid-epoch, the restored state already holds the cache)
+                state = refresh_lse(state, protos)
         step_fn = step_fns[protos is None]
         perm = epoch_permutation(config.seed, epoch, n)
-        first = start_in_epoch if epoch == start_epoch else 0
         pending, epoch_metrics = [], []
         bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True, disable=not config.progress_bar)
@@ -222,10 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             idx = jax.device_put(perm[s * batch : (s + 1) * batch].astype(np.int32), sharded)
             state, metrics = step_fn(state, idx, images_dev, assignments, protos)
             pending.append(metrics)
-            if len(pending) == config.log_every_steps or s == steps_per_epoch - 1:
+            save_now = config.checkpoint_every_steps and int(state.step) % config.checkpoint_every_steps == 0
+            if len(pending) == config.log_every_steps or s == steps_per_epoch - 1 or save_now:
                 per_step = jax.device_get(pending)
                 global_step = int(state.step)
-                _check_finite(per_step, global_step - len(per_step))
+                _check_finite(per_step, global_step - len(per_step) + 1)
                 now = time.perf_counter()
                 ips = len(per_step) * batch / (now - t_log)
                 t_log = now
@@ -235,6 +241,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
                 epoch_metrics.extend(per_step)
                 pending = []
+            if save_now and s < steps_per_epoch - 1:  # mid-epoch; epoch ends are saved below
+                meta = dict(epoch=epoch, step_in_epoch=s + 1, hierarchy_epoch=hierarchy_epoch)
+                checkpoints.save(mngr, state, meta, hierarchy if protos is not None else None)
         bar.close()
         if epoch_metrics:
             summary = _mean_metrics(epoch_metrics)

@@ -18,7 +18,7 @@ from configs import digits
 from hcsc_jax import checkpoints, clustering, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(epochs=3, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
+TINY = dict(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
             log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
 
 
@@ -80,6 +80,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
         "--config.model.width=0.125", "--config.model.embed_dim=16", "--config.model.hidden_dim=32",
         "--config.clustering.num_clusters=(20,8,4)", "--config.clustering.nredo=1",
         "--config.clustering.niter=10", "--config.eval.num_clusters=(20,10)",
+        "--config.checkpoint_every_steps=5",  # so the kill can land after a mid-epoch save
     ]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.py"),
            "--workdir", workdir] + overrides

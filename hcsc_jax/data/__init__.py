@@ -25,7 +25,19 @@ from hcsc_jax.data.sources import (
 )
 
 __all__ = [
-    "ArrayDataset", "load_dataset", "register", "list_datasets", "read_idx",
-    "FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "bilinear_weights", "resize_uint8",
-    "augment", "IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "center_crop", "sample_crop_box",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_FILES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ArrayDataset",
+    "AugmentConfig",
+    "augment",
+    "bilinear_weights",
+    "center_crop",
+    "list_datasets",
+    "load_dataset",
+    "read_idx",
+    "register",
+    "resize_uint8",
+    "sample_crop_box",
 ]

@@ -22,6 +22,12 @@ normalised, applying per example and in this order (torchvision semantics, float
 Randomness: example b uses `jax.random.fold_in(key, indices[b])` (indices defaults to
 arange(B)), so its view depends only on (key, its index): not on the batch size, on how the
 batch is sharded, or on the other examples. Pass global indices when augmenting a shard.
+Each example draws all its decisions from a single vector of uniforms (one threefry call).
+
+Where torchvision and the MoCo v2 recipe differ, this follows torchvision's *tensor* ops: MoCo
+v2 applies ColorJitter to PIL uint8 images (8-bit rounding between ops) and blurs with PIL's
+`GaussianBlur(radius=sigma)` (no kernel-size cap); here everything is float and the blur kernel
+is capped at ~10% of the crop, as torchvision's `GaussianBlur(23, (0.1, 2.0))` ports do.
 """
 
 from __future__ import annotations
@@ -31,14 +37,23 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hcsc_jax.data.resize import bilinear_weights
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "augment", "center_crop",
-    "sample_crop_box", "color_jitter", "jitter_params", "gaussian_blur",
-    "blur_kernel_size", "rgb_to_grey", "rgb_to_hsv", "hsv_to_rgb",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AugmentConfig",
+    "augment",
+    "blur_kernel_size",
+    "center_crop",
+    "color_jitter",
+    "gaussian_blur",
+    "hsv_to_rgb",
+    "jitter_params",
+    "rgb_to_grey",
+    "rgb_to_hsv",
+    "sample_crop_box",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,9 +137,9 @@ def _crop_box(u, height: int, width: int, scale, ratio):
     # Fallback (static: depends on the image shape only).
     in_ratio = width / height
     if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
+        fw, fh = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
+        fh, fw = height, round(height * max(ratio))
     else:
         fw, fh = width, height
     fi, fj = (height - fh) // 2, (width - fw) // 2
@@ -207,6 +222,22 @@ def hsv_to_rgb(x: jax.Array) -> jax.Array:
     return _last_to_first(_hsv_to_rgb_cf)(x)
 
 
+def _exact_mean(x: jax.Array) -> jax.Array:
+    """Mean of values in [0, 1], the same to the last bit whatever the batch layout.
+
+    `jnp.mean` lets XLA pick the float summation order, and that order changed with the number
+    of examples per device (1 vs 8 devices gave last-bit differences that training amplified).
+    Here the values are rounded to fixed point with s = 2^k <= 2^24 steps, the largest s with
+    size * s < 2^32, and summed as uint32: integer addition is associative, hence exact in any
+    order. The rounding moves the mean by at most 0.5 / s (1e-5 for 224 x 224).
+    """
+    n = x.size
+    scale = float(1 << min(24, ((2**32 - 1) // n).bit_length() - 1))
+    q = jnp.round(jnp.clip(x, 0.0, 1.0) * scale).astype(jnp.uint32)
+    total = jnp.sum(q, dtype=jnp.uint32)
+    return total.astype(jnp.float32) / jnp.float32(n * scale)
+
+
 def _factor_range(v: float) -> tuple[float, float]:
     return max(0.0, 1.0 - v), 1.0 + v
 
@@ -252,7 +283,7 @@ def _color_jitter_cf(params, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
         if not colour:  # saturation is the identity on 1-channel images
             f = jnp.where(op == 2, 1.0, f)
         # target: 0 (brightness), mean grey (contrast), grey image (saturation)
-        target = jnp.where(op == 2, 1.0, 0.0) * grey + jnp.where(op == 1, jnp.mean(grey), 0.0)
+        target = jnp.where(op == 2, 1.0, 0.0) * grey + jnp.where(op == 1, _exact_mean(grey), 0.0)
         return jnp.clip(f * img + (1.0 - f) * target, 0.0, 1.0)
 
     for t in range(3):
@@ -270,7 +301,7 @@ def _color_jitter_cf(params, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
 
 def blur_kernel_size(crop_size: int) -> int:
     """Odd kernel of ~10% of the crop: 23 for 224 (as in MoCo v2 / SimCLR ports), 3 for 32."""
-    k = max(3, int(round(0.1 * crop_size)))
+    k = max(3, round(0.1 * crop_size))
     return k if k % 2 else k + 1
 
 
@@ -361,14 +392,14 @@ def center_crop(images, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) ->
     if images.ndim != 4:
         raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
     _, height, width, _ = images.shape
-    short = int(round(crop_size * 256 / 224))
+    short = round(crop_size * 256 / 224)
     # torchvision _compute_resized_output_size: the long side is truncated, not rounded.
     if height <= width:
         new_h, new_w = short, int(short * width / height)
     else:
         new_h, new_w = int(short * height / width), short
-    top = int(round((new_h - crop_size) / 2.0))
-    left = int(round((new_w - crop_size) / 2.0))
+    top = round((new_h - crop_size) / 2.0)
+    left = round((new_w - crop_size) / 2.0)
     # Only the rows/columns of the resized image that survive the crop are computed.
     wy = jnp.asarray(bilinear_weights(height, new_h)[top:top + crop_size])
     wx = jnp.asarray(bilinear_weights(width, new_w)[left:left + crop_size])

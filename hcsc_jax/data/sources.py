@@ -33,8 +33,13 @@ import numpy as np
 from hcsc_jax.data.resize import resize_uint8
 
 __all__ = [
-    "ArrayDataset", "load_dataset", "register", "list_datasets", "read_idx",
-    "FASHION_MNIST_DIR", "FASHION_MNIST_FILES",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_FILES",
+    "ArrayDataset",
+    "list_datasets",
+    "load_dataset",
+    "read_idx",
+    "register",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -214,7 +219,7 @@ def _tfds_prepared(name: str, data_dir: str | None) -> bool:
     try:
         import tensorflow_datasets as tfds
         return bool(tfds.builder(name, data_dir=data_dir).is_prepared())
-    except Exception:  # tfds missing or unusable: treat as not prepared
+    except (ImportError, ValueError, OSError):  # tfds missing or unusable: not prepared
         return False
 
 

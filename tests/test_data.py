@@ -1,0 +1,310 @@
+"""Dataset sources: digits split, IDX parsing, Fashion-MNIST, TFDS (mocked), image folders."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from hcsc_jax.data import sources
+from hcsc_jax.data.resize import bilinear_weights, resize_uint8
+from hcsc_jax.data.sources import ArrayDataset, load_dataset, read_idx
+
+
+def _rows(images, labels):
+    """Multiset of (label, image bytes) pairs, as a sorted list."""
+    return sorted((int(l), img.tobytes()) for img, l in zip(images, labels))
+
+
+# ----------------------------------------------------------------------------- digits
+
+def test_digits_values_and_split():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    full = load_dataset("digits", "all")
+    train = load_dataset("digits", "train")
+    test = load_dataset("digits", "test")
+    assert (len(full), len(train), len(test)) == (1797, 1437, 360)
+    assert full.images.shape == (1797, 8, 8, 1) and full.images.dtype == np.uint8
+    assert full.labels.dtype == np.int32 and full.num_classes == 10
+    # Pixel values: round(v * 255 / 16) of the 0..16 originals, so 0 and 255 both occur.
+    np.testing.assert_array_equal(full.images[..., 0], np.round(bunch.images * 255 / 16))
+    np.testing.assert_array_equal(full.labels, bunch.target)
+    assert full.images.min() == 0 and full.images.max() == 255
+    assert set(np.unique(train.labels)) == set(range(10)) == set(np.unique(test.labels))
+    # The test split is the last 360 of the rng(0) permutation; train and test are disjoint
+    # and together are exactly the whole set.
+    perm = np.random.default_rng(0).permutation(1797)
+    test_idx = np.sort(perm[-360:])
+    train_idx = np.setdiff1d(np.arange(1797), test_idx)
+    np.testing.assert_array_equal(test.images, full.images[test_idx])
+    np.testing.assert_array_equal(test.labels, full.labels[test_idx])
+    np.testing.assert_array_equal(train.images, full.images[train_idx])
+    assert _rows(np.concatenate([train.images, test.images]),
+                 np.concatenate([train.labels, test.labels])) == _rows(full.images, full.labels)
+    # Deterministic.
+    again = load_dataset("digits", "test")
+    np.testing.assert_array_equal(again.images, test.images)
+    np.testing.assert_array_equal(again.labels, test.labels)
+
+
+def test_digits_bad_split_and_image_size():
+    with pytest.raises(ValueError, match="no split 'val'.*train, test, all"):
+        load_dataset("digits", "val")
+    big = load_dataset("digits", "test", image_size=16)
+    assert big.images.shape == (360, 16, 16, 1)
+    np.testing.assert_array_equal(big.images, resize_uint8(load_dataset("digits", "test").images,
+                                                           (16, 16)))
+
+
+def test_unknown_dataset_lists_registered_names():
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagenet_typo", "train")
+    for name in ("digits", "fashion_mnist", "tfds", "folder"):
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="takes no"):
+        load_dataset("digits:extra", "train")
+
+
+def test_register_custom_loader():
+    name = "unit_test_constant"
+    if name not in sources.list_datasets():
+        @sources.register(name)
+        def _loader(spec, split, data_dir, image_size):
+            imgs = np.full((3, 4, 5, 1), 7, np.uint8)
+            return ArrayDataset(imgs, np.arange(3, dtype=np.int32), 3, f"{name}:{spec}")
+    ds = load_dataset(f"{name}:abc", "train", image_size=(2, 3))
+    assert ds.name == f"{name}:abc" and ds.images.shape == (3, 2, 3, 1)
+    assert (ds.images == 7).all()  # resizing a constant image keeps it constant
+    with pytest.raises(ValueError, match="already registered"):
+        sources.register(name)(lambda *a: None)
+
+
+def test_array_dataset_validates():
+    with pytest.raises(ValueError, match="uint8"):
+        ArrayDataset(np.zeros((2, 3, 3, 1), np.float32), None, None, "x")
+    with pytest.raises(ValueError, match="int32"):
+        ArrayDataset(np.zeros((2, 3, 3, 1), np.uint8), np.zeros(3, np.int32), None, "x")
+    with pytest.raises(ValueError, match="outside"):
+        ArrayDataset(np.zeros((2, 3, 3, 1), np.uint8), np.array([0, 5], np.int32), 3, "x")
+
+
+# ----------------------------------------------------------------------------- IDX
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    codes = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
+             np.float32: 0x0D, np.float64: 0x0E}
+    code = codes[array.dtype.type]
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def _write(path, data: bytes, gz: bool):
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_round_trip(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "u8": rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+        "i32": rng.integers(-2**31, 2**31 - 1, (4, 6), dtype=np.int32),
+        "f32": rng.normal(size=(9,)).astype(np.float32),
+        "i16": rng.integers(-300, 300, (2, 3, 4, 5), dtype=np.int16),
+    }
+    for name, arr in arrays.items():
+        got = read_idx(_write(tmp_path / f"{name}.idx", _idx_bytes(arr), gz))
+        assert got.dtype == arr.dtype and got.shape == arr.shape
+        np.testing.assert_array_equal(got, arr)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_corrupt(tmp_path, gz):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    data = _idx_bytes(arr)
+    bad_magic = b"\x01\x00" + data[2:]
+    with pytest.raises(ValueError, match=r"bad.*magic number 0x01000803"):
+        read_idx(_write(tmp_path / "magic", bad_magic, gz))
+    bad_type = data[:2] + b"\x07" + data[3:]
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(_write(tmp_path / "type", bad_type, gz))
+    with pytest.raises(ValueError, match=r"truncated.*\(2, 3, 4\).*24.*found 20"):
+        read_idx(_write(tmp_path / "short", data[:-4], gz))
+    with pytest.raises(ValueError, match="truncated IDX header"):
+        read_idx(_write(tmp_path / "header", data[:9], gz))
+    with pytest.raises(ValueError, match="trailing bytes"):
+        read_idx(_write(tmp_path / "long", data + b"\x00", gz))
+    path = _write(tmp_path / "named", data[:-1], gz)
+    with pytest.raises(ValueError, match=str(path)):
+        read_idx(path)
+
+
+def test_read_idx_corrupt_gzip(tmp_path):
+    path = tmp_path / "broken.gz"
+    path.write_bytes(gzip.compress(_idx_bytes(np.zeros((50, 3), np.uint8)))[:-10])
+    with pytest.raises(ValueError, match="corrupt gzip"):
+        read_idx(path)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+def test_fashion_mnist_from_generated_idx(tmp_path):
+    rng = np.random.default_rng(1)
+    want = {}
+    for split, (img_name, lbl_name), n, gz in [
+            ("train", sources.FASHION_MNIST_FILES["train"], 12, True),
+            ("test", sources.FASHION_MNIST_FILES["test"], 5, False)]:
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        lbls = rng.integers(0, 10, n).astype(np.uint8)
+        suffix = ".gz" if gz else ""
+        _write(tmp_path / (img_name + suffix), _idx_bytes(imgs), gz)
+        _write(tmp_path / (lbl_name + suffix), _idx_bytes(lbls), gz)
+        want[split] = (imgs, lbls)
+    for split, (imgs, lbls) in want.items():
+        ds = load_dataset("fashion_mnist", split, data_dir=str(tmp_path))
+        assert ds.images.shape == (len(imgs), 28, 28, 1) and ds.num_classes == 10
+        np.testing.assert_array_equal(ds.images[..., 0], imgs)
+        np.testing.assert_array_equal(ds.labels, lbls.astype(np.int32))
+        assert ds.labels.dtype == np.int32
+
+
+def test_fashion_mnist_mismatched_files(tmp_path):
+    img_name, lbl_name = sources.FASHION_MNIST_FILES["test"]
+    _write(tmp_path / img_name, _idx_bytes(np.zeros((3, 28, 28), np.uint8)), False)
+    _write(tmp_path / lbl_name, _idx_bytes(np.zeros((4,), np.uint8)), False)
+    with pytest.raises(ValueError, match="disagree"):
+        load_dataset("fashion_mnist", "test", data_dir=str(tmp_path))
+
+
+def test_fashion_mnist_missing_names_debian_package(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("fashion_mnist", "train", data_dir=str(tmp_path))
+    msg = str(err.value)
+    assert "dataset-fashion-mnist" in msg and "apt" in msg and "data_dir" in msg
+    for stems in sources.FASHION_MNIST_FILES.values():
+        for stem in stems:
+            assert stem in msg
+
+
+# ----------------------------------------------------------------------------- TFDS (mocked)
+
+def test_tfds_mock_data_source_without_tensorflow():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(2)
+    # (H, W) grey images, as some sources yield them, must come back as (H, W, 1).
+    examples = [{"image": rng.integers(0, 256, (28, 28), dtype=np.uint8), "label": np.int64(i % 10)}
+                for i in range(6)]
+    calls = []
+
+    def as_data_source(self, split, *args, **kwargs):
+        calls.append((self.name, split))
+        return list(examples)
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        ds = load_dataset("tfds:mnist", "test")
+    assert calls == [("mnist", "test")]
+    assert ds.name == "tfds:mnist" and ds.num_classes == 10
+    np.testing.assert_array_equal(ds.images, np.stack([e["image"] for e in examples])[..., None])
+    np.testing.assert_array_equal(ds.labels, np.arange(6) % 10)
+    assert ds.labels.dtype == np.int32
+
+    # Different image sizes: a clear error, or a resize to image_size.
+    mixed = [{"image": np.zeros((8, 8, 3), np.uint8), "label": 0},
+             {"image": np.full((6, 10, 3), 200, np.uint8), "label": 1}]
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: mixed):
+        with pytest.raises(ValueError, match="differ in size.*image_size"):
+            load_dataset("tfds:cifar10", "train")
+        resized = load_dataset("tfds:cifar10", "train", image_size=(4, 5))
+    assert resized.images.shape == (2, 4, 5, 3)
+    assert (resized.images[0] == 0).all() and (resized.images[1] == 200).all()
+
+
+def test_tfds_mock_random_examples_match_data_source():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=5):
+        ds = load_dataset("tfds:cifar10", "train")
+        src = tfds.data_source("cifar10", split="train")
+        want = np.stack([src[i]["image"] for i in range(5)])
+        want_labels = [int(src[i]["label"]) for i in range(5)]
+    assert ds.images.shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(ds.images, want)
+    np.testing.assert_array_equal(ds.labels, want_labels)
+
+
+def test_tfds_missing_and_unknown(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(FileNotFoundError, match=r"not prepared.*tfds build mnist.*data_dir"):
+        load_dataset("tfds:mnist", "train", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no dataset named 'no_such_dataset_xyz'"):
+        load_dataset("tfds:no_such_dataset_xyz", "train", data_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _save(Image, path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_with_splits(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(3)
+    imgs = {}
+    # Class folders are sorted: "ant" -> 0, "bee" -> 1, "cat" -> 2; "cat" only exists in val.
+    layout = {"train": {"bee": 2, "ant": 3}, "val": {"cat": 1, "ant": 1}}
+    for split, classes in layout.items():
+        for cls, n in classes.items():
+            for k in range(n):
+                arr = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+                _save(Image, tmp_path / split / cls / f"img{k}.png", arr)
+                imgs[(split, cls, k)] = arr
+    (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
+
+    train = load_dataset(f"folder:{tmp_path}", "train")
+    assert train.class_names == ("ant", "bee", "cat") and train.num_classes == 3
+    np.testing.assert_array_equal(train.labels, [0, 0, 0, 1, 1])
+    want = [imgs[("train", "ant", k)] for k in range(3)] + [imgs[("train", "bee", k)] for k in range(2)]
+    np.testing.assert_array_equal(train.images, np.stack(want))
+    val = load_dataset(f"folder:{tmp_path}", "val")
+    np.testing.assert_array_equal(val.labels, [0, 2])
+    np.testing.assert_array_equal(val.images, np.stack([imgs[("val", "ant", 0)],
+                                                       imgs[("val", "cat", 0)]]))
+    test = load_dataset("folder:" + tmp_path.name, "test", data_dir=str(tmp_path.parent))
+    np.testing.assert_array_equal(test.images, val.images)  # "test" falls back to val/
+
+
+def test_image_folder_flat_grey_and_sizes(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    _save(Image, tmp_path / "zero" / "a.png", a)
+    _save(Image, tmp_path / "one" / "b.png", 255 - a)
+    for split in ("train", "test"):  # no split folders: the whole folder for any split
+        ds = load_dataset(f"folder:{tmp_path}", split)
+        assert ds.images.shape == (2, 3, 4, 1)  # grey PNGs -> C = 1
+        np.testing.assert_array_equal(ds.labels, [0, 1])  # "one" < "zero"
+        np.testing.assert_array_equal(ds.images[..., 0], np.stack([255 - a, a]))
+    _save(Image, tmp_path / "one" / "c.png", np.zeros((5, 4), np.uint8))
+    with pytest.raises(ValueError, match="differ in size.*image_size"):
+        load_dataset(f"folder:{tmp_path}", "train")
+    ds = load_dataset(f"folder:{tmp_path}", "train", image_size=3)
+    assert ds.images.shape == (3, 3, 3, 1)
+    with pytest.raises(FileNotFoundError):
+        load_dataset(f"folder:{tmp_path / 'missing'}", "train")
+
+
+# ----------------------------------------------------------------------------- host resize
+
+def test_resize_uint8_hand_computed():
+    # 4 -> 2 is a 2x downscale: antialiased triangle of half-width 2 around 0.5 and 2.5,
+    # clipped to the image and renormalised: (3, 3, 1)/7 and (1, 3, 3)/7.
+    w = np.array([[3, 3, 1, 0], [0, 1, 3, 3]]) / 7
+    np.testing.assert_allclose(bilinear_weights(4, 2), w, rtol=1e-6)
+    img = np.random.default_rng(4).integers(0, 256, (4, 4, 2), dtype=np.uint8)
+    want = np.rint(np.einsum("oh,hwc,pw->opc", w, img.astype(np.float64), w))
+    np.testing.assert_array_equal(resize_uint8(img, (2, 2)), want)
+    # Upscaling is plain bilinear with edge clamping: 2 -> 4.
+    up = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    np.testing.assert_allclose(bilinear_weights(2, 4), up, rtol=1e-6)
