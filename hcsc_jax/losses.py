@@ -27,8 +27,8 @@ def selective_cross_entropy(pos_logit, neg_logits, keep=None, candidates=None, s
     """Cross-entropy with the positive at index 0 over a masked set of negatives.
 
     pos_logit (B,) and neg_logits (B, N), already divided by their temperatures;
-    keep (..., B, N) bool selection masks or None (all kept), leading axes (e.g. one per
-    hierarchy level) share the logits; candidates (B, N) bool or None (all candidates).
+    keep (..., B, N) bool selection masks, a sequence of L such (B, N) masks, or None (all
+    kept); masks share the logits; candidates (B, N) bool or None (all candidates).
     Returns (loss (..., B), correct (..., B) bool: the positive scores at least as high as every
     logit left in the denominator, i.e. argmax == 0 as in torch).
 
@@ -54,14 +54,18 @@ def selective_cross_entropy(pos_logit, neg_logits, keep=None, candidates=None, s
         dropped, zero_or_drop = jnp.exp(-shift)[:, None], 0.0
         if candidates is not None:
             dropped = jnp.where(candidates, dropped, 0.0)
+    if isinstance(keep, (list, tuple)):  # one (B, N) mask per level, kept apart (see info_nce)
+        lead, masks = (len(keep),), keep
+    else:
+        lead, masks = keep.shape[:-2], keep.reshape((-1,) + keep.shape[-2:])
     results = []
-    for mask in keep.reshape((-1,) + keep.shape[-2:]):
+    for mask in masks:
         total = jnp.sum(jnp.where(mask, exp_neg, dropped), axis=-1)
         kept_logits = jnp.where(mask, neg_logits, zero_or_drop)
         if candidates is not None:
             kept_logits = jnp.where(candidates, kept_logits, -jnp.inf)
         results.append(_loss_and_correct(pos_logit, shift, total, kept_logits))
-    loss, correct = (jnp.stack(r).reshape(keep.shape[:-1]) for r in zip(*results))
+    loss, correct = (jnp.stack(r).reshape(lead + r[0].shape) for r in zip(*results))
     return loss, correct
 
 
@@ -74,14 +78,16 @@ def info_nce(q, k, queue, keep, temperature, semantics="paper"):
     """InfoNCE of q against its key k and the queue, with selected negatives (spec §2, eq. 6).
 
     q (B, d) queries (gradients flow here), k (B, d) positive keys, queue (K, d) negatives,
-    keep (..., B, K) bool or None; leading axes (e.g. one per hierarchy level) share one
-    q @ queue.T. Returns (loss (...), accuracy (...)), means over the batch.
+    keep (..., B, K) bool, a sequence of L (B, K) masks (one per level: on a CPU, XLA fuses
+    separate masks much better than one stacked (L, B, K) array), or None. All masks share one
+    q @ queue.T. Returns (loss (...) or (L,), accuracy likewise), means over the batch.
     """
     _check_pair(q, k, queue)
-    if keep is not None and keep.shape[-2:] != (q.shape[0], queue.shape[0]):
-        raise ValueError(
-            f"keep mask must end in (B, K) = {(q.shape[0], queue.shape[0])}, got {tuple(keep.shape)}"
-        )
+    for mask in keep if isinstance(keep, (list, tuple)) else [] if keep is None else [keep]:
+        if mask.shape[-2:] != (q.shape[0], queue.shape[0]):
+            raise ValueError(
+                f"keep mask must end in (B, K) = {(q.shape[0], queue.shape[0])}, got {tuple(mask.shape)}"
+            )
     k, queue = jax.lax.stop_gradient((k, queue))
     pos = jnp.sum(q * k, axis=-1) / temperature  # (B,)
     neg = (q @ queue.T) / temperature  # (B, K)

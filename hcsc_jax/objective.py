@@ -139,14 +139,14 @@ def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: Objectiv
     """Bernoulli keep masks of one batch (spec §2, §3).
 
     queue (K, d); positives: L arrays (B,); rng a jax.random key; queue_lse (L, K) or None.
-    Returns (instance (L, B, K) bool or None when instance selection is off,
+    Returns (instance: L masks (B, K) bool, or None when instance selection is off,
     proto: L entries (B, M_l) bool, None at the top level or when prototype selection is off).
     """
     p, num_levels = prototypes, prototypes.num_levels
     inst_key, proto_key = jax.random.split(rng)
     instance = None
     if cfg.instance_selection:
-        instance = jnp.stack([
+        instance = tuple(
             selection.bernoulli_mask(
                 jax.random.fold_in(inst_key, l),
                 selection.instance_selection_probs(
@@ -156,7 +156,7 @@ def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: Objectiv
                 cfg.sampler,
             )
             for l in range(num_levels)
-        ])
+        )
     proto = [None] * num_levels
     if cfg.prototype_selection:
         for l in range(num_levels - 1):

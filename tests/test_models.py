@@ -119,6 +119,62 @@ def test_grouped_bn_matches_numpy_reference(g):
     np.testing.assert_allclose(bn.mean[...], mean_ref, rtol=1e-5, atol=1e-6)
 
 
+def _two_pass_bn(xg, scale, bias, eps=1e-5, dtype=jnp.float32):
+    """The previous implementation (two-pass float32 statistics), differentiated by autodiff."""
+    xf = xg.astype(jnp.float32)
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    inv = scale * jax.lax.rsqrt(var + eps)
+    return (xf * inv + (bias - mean * inv)).astype(dtype), mean, var
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_bn_custom_vjp_matches_autodiff_of_two_pass_reference(dtype):
+    # GroupedBatchNorm uses one-pass (shifted) statistics and a hand-written VJP; it must agree with
+    # autodiff of the plain two-pass formula, also for channels whose mean is many stds from 0 and
+    # with cotangents on the per-group mean/var outputs (which the module itself stop-gradients).
+    from hcsc_jax.models.norm import _grouped_bn_train
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 3, 5, 6)) * rng.uniform(0.2, 3, size=6) + rng.normal(size=6) * 4
+    x = jnp.asarray(x, dtype)
+    scale = jnp.asarray(rng.normal(size=6), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=6), jnp.float32)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    wm, wv = (jnp.asarray(rng.normal(size=(3, 1, 1, 1, 6)), jnp.float32) for _ in range(2))
+
+    def loss(fn, x, scale, bias, stats):
+        y, m, v = fn(x.reshape((3, 4) + x.shape[1:]), scale, bias, 1e-5, jnp.dtype(dtype))
+        assert y.dtype == dtype and m.dtype == v.dtype == jnp.float32
+        out = jnp.sum(y.reshape(x.shape).astype(jnp.float32) * w)
+        return out + (jnp.sum(m * wm) + jnp.sum(v * wv) if stats else 0.0)
+
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2  # relative to the largest |value|: one bf16 ulp
+    for stats in (False, True):
+        got = jax.jit(jax.value_and_grad(lambda *a: loss(_grouped_bn_train, *a, stats), (0, 1, 2)))(x, scale, bias)
+        ref = jax.jit(jax.value_and_grad(lambda *a: loss(_two_pass_bn, *a, stats), (0, 1, 2)))(x, scale, bias)
+        assert got[1][0].dtype == dtype
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+    # Through the module: gradients w.r.t. scale/bias and the input.
+    bn = GroupedBatchNorm(6, group_size=4, dtype=dtype)
+    bn.scale[...], bn.bias[...] = scale, bias
+    graphdef, params, bstats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def module_loss(params, x):
+        y = nnx.merge(graphdef, params, bstats, copy=True)(x, train=True)
+        return jnp.sum(y.astype(jnp.float32) * w)
+
+    g_params, g_x = jax.jit(jax.grad(module_loss, (0, 1)))(params, x)
+    g_ref = jax.grad(lambda *a: loss(_two_pass_bn, *a, False), (0, 1, 2))(x, scale, bias)
+    for a, b in [(g_x, g_ref[0]), (g_params["scale"][...], g_ref[1]), (g_params["bias"][...], g_ref[2])]:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
 def test_batch_not_multiple_of_group_raises(tiny):
     bn = GroupedBatchNorm(3, group_size=4)
     with pytest.raises(ValueError, match=r"B=6.*g=4.*batch size or bn_group_size"):

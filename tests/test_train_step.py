@@ -36,8 +36,8 @@ BASE_LR = 0.03
 TOTAL_STEPS = 10
 
 # 1 vs 8 devices: per-device shapes differ (64 vs 8 samples), so XLA may order some reductions
-# (gradient all-reduce, loss mean) differently; after two steps the states agree to ~1e-6, so
-# rtol = atol = 1e-5 holds. (With 8x8 images the last stage is 1x1 and a BN group of 4 samples
+# (gradient all-reduce, loss mean) differently; after two steps the states agree to <= 3e-6 (the
+# largest: the SGD momentum buffers; loss/metrics to ~1e-6), so rtol = atol = 1e-5 holds. (With 8x8 images the last stage is 1x1 and a BN group of 4 samples
 # normalises 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
 # the next gradient by ~1e-4 relative, and the 2nd step agrees only to ~1e-3. 16x16 avoids this.)
 DEV_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -288,7 +288,7 @@ def test_ema_uses_query_params_before_update(runs):
     _assert_tree_close(one.s0.k_stats, one.s0.q_stats, rtol=0, atol=0)
     for before, after in ((one.s0, one.s1), (one.s1, one.s2)):
         want = jax.tree.map(lambda k, q: M * k + (1 - M) * q, before.k_params, before.q_params)
-        _assert_tree_close(after.k_params, want, "k_params", rtol=1e-6, atol=1e-7)
+        _assert_tree_close(after.k_params, want, "k_params", rtol=1e-6, atol=1e-6)
     # In step 2 k != q, so the EMA is visible; the query params after the update (q2) would give
     # a measurably different answer. No gradient reaches k: the formula holds to rounding.
     assert _max_tree_diff(one.s2.k_params, one.s1.k_params) > 1e-4

@@ -14,6 +14,7 @@ group size (a clear error otherwise); with ``Auto`` axes groups may also span de
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,77 @@ def _batch_shards(x: jax.Array) -> int:
     return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
+def _group_stats(xg: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Per-(group, channel) mean and biased variance in float32, in one pass over ``xg``.
+
+    One-pass ``var = E[d^2] - E[d]^2`` clamped at 0, as flax's ``use_fast_variance=True``, but on
+    ``d = x - k`` with ``k`` the group's first value per channel (the classic shifted-data
+    algorithm: the same numbers in exact arithmetic, and the float32 cancellation now scales with
+    ``(mean - k)^2 / var`` instead of ``mean^2 / var``). Both sums read the same input with the same
+    reduction shape, so XLA fuses them into one multi-output reduction, and the float32 upcast of
+    a bfloat16 input happens inside that fusion (no float32 copy of the activation).
+    """
+    n = math.prod(xg.shape[a] for a in axes)
+    k = jax.lax.stop_gradient(xg[(slice(None),) + (slice(0, 1),) * len(axes)].astype(jnp.float32))
+    d = xg.astype(jnp.float32) - k
+    s1 = jnp.sum(d, axis=axes, keepdims=True)
+    s2 = jnp.sum(jnp.square(d), axis=axes, keepdims=True)
+    dmean = s1 / n
+    var = jnp.maximum(s2 / n - jnp.square(dmean), 0.0)
+    return k + dmean, var
+
+
+def _affine(x: jax.Array, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """``x * a + b`` computed in float32 inside one elementwise fusion, stored as ``dtype``."""
+    return (x.astype(jnp.float32) * a + b).astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_bn_train(xg, scale, bias, epsilon, dtype):
+    """Train-mode grouped BN on ``xg`` (G, g, ..., C): returns (y, mean, var).
+
+    ``mean``/``var`` are the per-(group, channel) float32 statistics, shape (G, 1, ..., 1, C); ``y``
+    has dtype ``dtype``. The custom VJP keeps only ``xg`` (in its own dtype) and per-(group,
+    channel) vectors as residuals; the backward pass is one fused two-output reduction over
+    (dy, x) and one elementwise pass, with float32 arithmetic inside the fusions only.
+    """
+    return _grouped_bn_train_fwd(xg, scale, bias, epsilon, dtype)[0]
+
+
+def _grouped_bn_train_fwd(xg, scale, bias, epsilon, dtype):
+    axes = tuple(range(1, xg.ndim - 1))
+    mean, var = _group_stats(xg, axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    a = scale * rstd
+    y = _affine(xg, a, bias - mean * a, dtype)
+    return (y, mean, var), (xg, scale, mean, rstd)
+
+
+def _grouped_bn_train_bwd(epsilon, dtype, res, cts):
+    del epsilon, dtype
+    xg, scale, mean, rstd = res
+    dy, dmean, dvar = cts
+    axes = tuple(range(1, xg.ndim - 1))
+    n = math.prod(xg.shape[a] for a in axes)
+    dyf = dy.astype(jnp.float32)
+    xc = xg.astype(jnp.float32) - mean
+    sdy = jnp.sum(dyf, axis=axes, keepdims=True)  # (G, 1, ..., 1, C)
+    sdyxc = jnp.sum(dyf * xc, axis=axes, keepdims=True)
+    a = scale * rstd
+    # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)) + dmean / n + 2 * dvar * (x - mean) / n,
+    # with xhat = (x - mean) * rstd: per (group, channel) dx = a * dy + k * (x - mean) + c.
+    k = (2.0 * dvar - a * jnp.square(rstd) * sdyxc) / n
+    c = (dmean - a * sdy) / n
+    dx = (a * dyf + k * xc + c).astype(xg.dtype)
+    red = tuple(range(xg.ndim - 1))
+    dscale = jnp.sum(sdyxc * rstd, axis=red)
+    dbias = jnp.sum(sdy, axis=red)
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_grouped_bn_train.defvjp(_grouped_bn_train_fwd, _grouped_bn_train_bwd)
+
+
 class GroupedBatchNorm(nnx.Module):
     """BatchNorm over the last (channel) axis with per-group train-mode statistics.
 
@@ -42,7 +114,10 @@ class GroupedBatchNorm(nnx.Module):
     ``stat`` is the group statistic averaged over groups and the variance is the *unbiased* one
     (times n / (n - 1), n = g * prod(spatial)). Eval mode (``train=False``) uses the running stats.
 
-    Statistics are always computed in float32; the output is cast to ``dtype``.
+    Statistics are always computed in float32, in one pass over the input (see ``_group_stats``);
+    the normalisation is ``x * a + b`` with per-(group, channel) float32 ``a``, ``b``, evaluated in
+    float32 inside the fusion and stored as ``dtype``. The train-mode normalisation has a custom
+    VJP (``_grouped_bn_train``) that saves only the input and per-(group, channel) vectors.
 
     Attributes (torch name in brackets): ``scale`` [weight], ``bias`` [bias] (``nnx.Param``),
     ``mean`` [running_mean], ``var`` [running_var] (``nnx.BatchStat``, float32).
@@ -75,10 +150,9 @@ class GroupedBatchNorm(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         scale = self.scale[...].astype(jnp.float32)
         bias = self.bias[...].astype(jnp.float32)
-        xf = x.astype(jnp.float32)
         if not train:
-            inv = scale * jax.lax.rsqrt(self.var[...] + self.epsilon)
-            return (xf * inv + (bias - self.mean[...] * inv)).astype(self.dtype)
+            a = scale * jax.lax.rsqrt(self.var[...] + self.epsilon)
+            return _affine(x, a, bias - self.mean[...] * a, self.dtype)
 
         b = x.shape[0]
         g = b if self.group_size is None else self.group_size
@@ -100,16 +174,12 @@ class GroupedBatchNorm(nnx.Module):
                 f"GroupedBatchNorm: need more than 1 value per channel per group in training "
                 f"(bn_group_size g={g}, input shape {x.shape})."
             )
-        xg = xf.reshape((b // g, g) + x.shape[1:])
-        axes = tuple(range(1, xg.ndim - 1))
-        mean = jnp.mean(xg, axis=axes, keepdims=True)  # (G, 1, ..., 1, C)
-        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)  # biased
-        inv = scale * jax.lax.rsqrt(var + self.epsilon)
-        y = (xg * inv + (bias - mean * inv)).reshape(x.shape)
+        xg = x.reshape((b // g, g) + x.shape[1:])
+        y, mean, var = _grouped_bn_train(xg, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
         m = self.momentum
         batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=tuple(range(mean.ndim - 1))))
         batch_var = jax.lax.stop_gradient(jnp.mean(var, axis=tuple(range(var.ndim - 1))) * (n / (n - 1)))
         self.mean[...] = (1.0 - m) * self.mean[...] + m * batch_mean
         self.var[...] = (1.0 - m) * self.var[...] + m * batch_var
-        return y.astype(self.dtype)
+        return y.reshape(x.shape)
