@@ -235,7 +235,7 @@ def main(argv):
     view = augment_lib.AugmentConfig(crop_size=size)
     cfg = ts.StepConfig(
         objective=objective.ObjectiveConfig(group_size=f.bn_group_size), view_q=view, view_k=view,
-        bn_group_size=f.bn_group_size, shuffle_bn=f.shuffle_bn)
+        shuffle_bn=f.shuffle_bn)
     step = ts.jit_train_step(graphdef, tx, cfg, mesh, warmup=f.objective == "moco")
 
     t0 = time.perf_counter()

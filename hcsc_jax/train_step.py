@@ -50,13 +50,13 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static settings of a step (hashable)."""
+    """Static settings of a step (hashable). BN groups are a property of the model
+    (`make_encoder(bn_group_size=...)`)."""
 
     objective: objective.ObjectiveConfig
     view_q: augment_lib.AugmentConfig
     view_k: augment_lib.AugmentConfig
     ema_momentum: float = 0.999
-    bn_group_size: int = 32
     shuffle_bn: bool = True
 
 
@@ -119,8 +119,9 @@ def init_state(model: nnx.Module, tx, queue_size: int, embed_dim: int, num_level
 
 
 def step_keys(state: TrainState):
-    """Per-step keys derived from (root key, step): views, shuffle, objective."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    """Per-step keys derived from (root key, step): views, shuffle, objective. The steps draw
+    from fold_in(root, 0), the initial queue from fold_in(root, 1)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), state.step)
     return jax.random.split(key, 4)
 
 

@@ -192,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     view_q, view_k, (mean, std) = view_configs(config, channels)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
-                             ema_momentum=config.ema_momentum, bn_group_size=config.bn_group_size,
+                             ema_momentum=config.ema_momentum,
                              shuffle_bn=config.shuffle_bn)
     images_dev = jax.device_put(train_set.images, replicated)
     step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w) for w in (True, False)}

@@ -126,9 +126,9 @@ def setup():
     # random crop + flip: the photometric ops are off (skipped statically: much faster to compile)
     view = augment_lib.AugmentConfig(crop_size=HW, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     obj = objective.ObjectiveConfig(group_size=G)
-    cfg = ts.StepConfig(objective=obj, view_q=view, view_k=view, ema_momentum=M, bn_group_size=G)
+    cfg = ts.StepConfig(objective=obj, view_q=view, view_k=view, ema_momentum=M)
     assert cfg.shuffle_bn
-    cfg_plain = ts.StepConfig(objective=obj, view_q=view, view_k=view, ema_momentum=M, bn_group_size=G,
+    cfg_plain = ts.StepConfig(objective=obj, view_q=view, view_k=view, ema_momentum=M,
                               shuffle_bn=False)
     state0 = _host(ts.init_state(model, tx, K, D, len(LEVELS), seed=7))
     images = np.random.default_rng(0).integers(0, 256, size=(N, HW, HW, C), dtype=np.uint8)
