@@ -15,9 +15,12 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from hcsc_jax.clustering import Hierarchy
+from hcsc_jax.models import Encoder, make_encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +78,85 @@ def _restore(mngr, step, abstract_state):
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
     hierarchy = Hierarchy.from_arrays(restored["hierarchy"]) if meta.get("has_hierarchy") else None
     return restored["state"], meta, hierarchy
+
+
+# ----------------------------------------------------------------------------- encoders
+
+_ENCODER_ITEMS = ("encoder", "meta")
+
+
+def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, **extra) -> dict[str, Any]:
+    """What `load_encoder` needs to rebuild an encoder: arch, width, small_stem, embed_dim,
+    hidden_dim, dtype (the `config.model` fields), in_channels, bn_group_size, plus `extra`."""
+    return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
+
+
+def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -> Encoder:
+    """The encoder described by `encoder_meta` (shapes only, no allocation, if `abstract`)."""
+    m = meta["model"]
+    make = lambda: make_encoder(
+        m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
+        width=m["width"], bn_group_size=meta.get("bn_group_size"), dtype=jnp.dtype(m.get("dtype", "float32")),
+        in_channels=meta["in_channels"], rngs=nnx.Rngs(seed))
+    return nnx.eval_shape(make) if abstract else make()
+
+
+def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
+    """Writes an encoder-only Orbax checkpoint: parameters and BN statistics (pure dicts) and
+    `meta` (from `encoder_meta`) as JSON. `load_encoder` reads it back."""
+    pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+    with ocp.CheckpointManager(os.path.abspath(directory), item_names=_ENCODER_ITEMS) as mngr:
+        mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),
+                  force=True)
+        mngr.wait_until_finished()
+
+
+def load_encoder(path: str, step: int | None = None, which: str = "query") -> tuple[Encoder, dict[str, Any]]:
+    """Restores an encoder from a training workdir (its newest readable step, or `step`; the
+    query encoder, or the momentum encoder with which="key") or from an `export_encoder`
+    directory. -> (Encoder with the restored weights, meta). Raises FileNotFoundError with what
+    was expected when `path` holds neither."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        mngr = manager(path)
+        steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+        if not steps or (step is not None and step not in mngr.all_steps()):
+            raise FileNotFoundError(
+                f"{path}/checkpoints has no step {step if step is not None else ''} (steps: {mngr.all_steps()})")
+        prefix = {"query": "q", "key": "k"}[which]
+        for s in steps:
+            try:
+                meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+                return _fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]), dict(meta["encoder"], step=s)
+            except Exception as err:  # noqa: BLE001 - fall back to an older step
+                if step is not None:
+                    raise
+                log.warning("encoder at step %d of %s could not be restored (%s); trying the previous one", s, path, err)
+        raise RuntimeError(f"no checkpoint in {path}/checkpoints could be restored")
+    if not os.path.isdir(path) or not os.listdir(path):
+        raise FileNotFoundError(
+            f"{path} is neither a training workdir (with checkpoints/) nor an exported encoder; "
+            "pass the --workdir of a train.py run or a directory written by export_encoder")
+    with ocp.CheckpointManager(path, item_names=_ENCODER_ITEMS) as mngr:
+        if mngr.latest_step() is None:
+            raise FileNotFoundError(f"{path} holds no encoder checkpoint")
+        meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        enc = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(encoder=ocp.args.StandardRestore()))["encoder"]
+    return _fill(meta, enc["params"], enc["batch_stats"]), meta
+
+
+def _unwrap(tree):
+    """Orbax restores NNX Variables as {'value': array}; pure dicts hold the arrays themselves."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _unwrap(v) for k, v in tree.items()}
+    return tree
+
+
+def _fill(meta, params, stats) -> Encoder:
+    graphdef, p, s = nnx.split(build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    nnx.replace_by_pure_dict(p, _unwrap(params))
+    nnx.replace_by_pure_dict(s, _unwrap(stats))
+    return nnx.merge(graphdef, p, s)

@@ -21,14 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from hcsc_jax import checkpoints, clustering, evaluation, objective, train_step as ts
 from hcsc_jax.data import augment as augment_lib
 from hcsc_jax.data import sources
-from hcsc_jax.models import make_encoder
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +35,12 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+def encoder_meta(config: ml_collections.ConfigDict, in_channels: int) -> dict:
+    return checkpoints.encoder_meta(config.model.to_dict(), in_channels, config.bn_group_size)
+
+
 def build_encoder(config: ml_collections.ConfigDict, in_channels: int, seed: int):
-    m = config.model
-    return make_encoder(
-        m.arch, out_dim=m.embed_dim, hidden_dim=m.get("hidden_dim"), small_stem=m.small_stem,
-        width=m.width, bn_group_size=config.bn_group_size, dtype=jnp.dtype(m.dtype),
-        in_channels=in_channels, rngs=nnx.Rngs(seed),
-    )
+    return checkpoints.build_encoder(encoder_meta(config, in_channels), seed=seed)
 
 
 def objective_config(config) -> objective.ObjectiveConfig:
@@ -171,6 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = steps_per_epoch * config.epochs
 
     channels = train_set.images.shape[-1]
+    enc_meta = encoder_meta(config, channels)
     model = build_encoder(config, channels, config.seed)
     graphdef = ts.split_model(model)[0]
     tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
@@ -242,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 epoch_metrics.extend(per_step)
                 pending = []
             if save_now and s < steps_per_epoch - 1:  # mid-epoch; epoch ends are saved below
-                meta = dict(epoch=epoch, step_in_epoch=s + 1, hierarchy_epoch=hierarchy_epoch)
+                meta = dict(epoch=epoch, step_in_epoch=s + 1, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
                 checkpoints.save(mngr, state, meta, hierarchy if protos is not None else None)
         bar.close()
         if epoch_metrics:
@@ -253,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          "instance only" if protos is None else f"{num_levels} prototype levels")
         last = epoch == config.epochs - 1
         if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
-            meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch)
+            meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
             checkpoints.save(mngr, state, meta, hierarchy)
     mngr.wait_until_finished()
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.struct
+from flax import nnx
 import orbax.checkpoint as ocp
 import pytest
 
@@ -155,3 +156,25 @@ def test_bad_configs_fail_with_clear_messages(tmp_path):
     cfg.clustering.num_clusters = (5000, 10)
     with pytest.raises(ValueError, match="exceeds the 1437 training images"):
         trainer.train_and_evaluate(cfg, str(tmp_path / "c"))
+
+
+def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
+    workdir, summary = finished_run
+    model, meta = checkpoints.load_encoder(workdir)
+    assert meta["step"] == summary["step"] and meta["in_channels"] == 1
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = _restore_raw(os.path.join(workdir, "checkpoints"), summary["step"])
+    want = jax.tree.leaves(state.q_params if hasattr(state, "q_params") else state["q_params"])
+    got = jax.tree.leaves(nnx.to_pure_dict(params))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    # Export, then load: the same function of the input.
+    export_dir = str(tmp_path / "encoder")
+    checkpoints.export_encoder(export_dir, meta, params, stats)
+    again, meta2 = checkpoints.load_encoder(export_dir)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 8, 8, 1)), jnp.float32) / 255
+    for a, b in zip(model(x, train=False), again(x, train=False)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="neither a training workdir"):
+        checkpoints.load_encoder(str(tmp_path / "nothing"))
