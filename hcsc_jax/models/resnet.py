@@ -180,43 +180,19 @@ class ResNet(nnx.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def resnet18(*, small_stem=False, width=1.0, bn_group_size=32, dtype=jnp.float32, rngs, **kw):
-    return ResNet(
-        BasicBlock,
-        (2, 2, 2, 2),
-        small_stem=small_stem,
-        width=width,
-        bn_group_size=bn_group_size,
-        dtype=dtype,
-        rngs=rngs,
-        **kw,
-    )
+def resnet18(**kw) -> ResNet:
+    """ResNet-18: BasicBlock, (2, 2, 2, 2); keyword arguments as `ResNet`."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kw)
 
 
-def resnet34(*, small_stem=False, width=1.0, bn_group_size=32, dtype=jnp.float32, rngs, **kw):
-    return ResNet(
-        BasicBlock,
-        (3, 4, 6, 3),
-        small_stem=small_stem,
-        width=width,
-        bn_group_size=bn_group_size,
-        dtype=dtype,
-        rngs=rngs,
-        **kw,
-    )
+def resnet34(**kw) -> ResNet:
+    """ResNet-34: BasicBlock, (3, 4, 6, 3); keyword arguments as `ResNet`."""
+    return ResNet(BasicBlock, (3, 4, 6, 3), **kw)
 
 
-def resnet50(*, small_stem=False, width=1.0, bn_group_size=32, dtype=jnp.float32, rngs, **kw):
-    return ResNet(
-        Bottleneck,
-        (3, 4, 6, 3),
-        small_stem=small_stem,
-        width=width,
-        bn_group_size=bn_group_size,
-        dtype=dtype,
-        rngs=rngs,
-        **kw,
-    )
+def resnet50(**kw) -> ResNet:
+    """ResNet-50 (v1.5): Bottleneck, (3, 4, 6, 3); keyword arguments as `ResNet`."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kw)
 
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
