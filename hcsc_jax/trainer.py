@@ -186,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_epoch, start_in_epoch = meta["epoch"], meta["step_in_epoch"]
         hierarchy_epoch = meta.get("hierarchy_epoch", -1)
         log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), start_epoch, start_in_epoch)
-    writer = MetricsWriter(workdir, int(state.step))
+    global_step = int(state.step)  # host copy: no device sync per step
+    writer = MetricsWriter(workdir, global_step)
 
     view_q, view_k, (mean, std) = view_configs(config, channels)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
@@ -224,11 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for s in bar:
             idx = jax.device_put(perm[s * batch : (s + 1) * batch].astype(np.int32), sharded)
             state, metrics = step_fn(state, idx, images_dev, assignments, protos)
+            global_step += 1
             pending.append(metrics)
-            save_now = config.checkpoint_every_steps and int(state.step) % config.checkpoint_every_steps == 0
+            save_now = config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0
             if len(pending) == config.log_every_steps or s == steps_per_epoch - 1 or save_now:
                 per_step = jax.device_get(pending)
-                global_step = int(state.step)
                 _check_finite(per_step, global_step - len(per_step) + 1)
                 now = time.perf_counter()
                 ips = len(per_step) * batch / (now - t_log)
@@ -245,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.close()
         if epoch_metrics:
             summary = _mean_metrics(epoch_metrics)
-            summary.update(step=int(state.step), epoch=epoch, type="epoch", clustering_seconds=cluster_seconds)
+            summary.update(step=global_step, epoch=epoch, type="epoch", clustering_seconds=cluster_seconds)
             writer.write(summary)
             log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
                          "instance only" if protos is None else f"{num_levels} prototype levels")
