@@ -36,6 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
         epochs=100, lr=5.0, batch_size=256, milestones=(60, 80), gamma=0.1, momentum=0.9,
         scale=(0.08, 1.0), flip=True))
 
+    # Semi-supervised: fine-tune encoder + linear head on a class-balanced `fraction` of the
+    # training labels (spec: 1% / 10%), whole-batch BN in train mode.
+    c.semisup = ml_collections.ConfigDict(dict(
+        fraction=0.1, epochs=70, trunk_lr=0.005, head_lr=0.02, batch_size=256, milestones=(30, 60), gamma=0.1,
+        momentum=0.9, scale=(0.08, 1.0), flip=True))
+
     # k-means on the frozen features (ImageNet uses 1000 and 25000).
     c.cluster = ml_collections.ConfigDict(dict(ks=(10, 50, 100), niter=20, nredo=1))
     return c

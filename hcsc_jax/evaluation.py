@@ -188,3 +188,17 @@ def cluster_evaluate(features, labels, ks, *, niter: int = 20, nredo: int = 1, s
         out[int(k)] = dict(nmi=nmi(assign[:, 0], labels),
                            ami=float(skm.adjusted_mutual_info_score(labels, assign[:, 0])))
     return out
+
+
+def label_subset(labels, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices of a class-balanced `fraction` of the labelled samples (semi-supervised protocol):
+    round(fraction * n_c) per class, at least one, drawn with `seed`; sorted."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        picked.append(rng.choice(members, max(1, round(fraction * len(members))), replace=False))
+    return np.sort(np.concatenate(picked)).astype(np.int32)
