@@ -254,6 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
             meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
             checkpoints.save(mngr, state, meta, hierarchy)
+    if mngr.latest_step() is None:  # epochs=0: keep the initial encoder, e.g. for eval.py
+        meta = dict(epoch=config.epochs, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
+        checkpoints.save(mngr, state, meta, hierarchy)
     mngr.wait_until_finished()
 
     summary = evaluate(config, workdir, graphdef, state, mesh, train_set, mean, std)
