@@ -16,6 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "validation"
     c.image_size = 224  # crop size of both views
 
+    # Optional initialisation of both encoders from an encoder checkpoint (a train.py workdir,
+    # or a directory from `python -m hcsc_jax.convert import-torch`); architectures must match.
+    c.init_encoder = ml_collections.config_dict.placeholder(str)
+
     # Encoder: ResNet-50 (torchvision v1.5) + 2048-2048-128 MLP head, no BN in the head.
     c.model = ml_collections.ConfigDict(dict(
         arch="resnet50", width=1.0, small_stem=False, embed_dim=128,

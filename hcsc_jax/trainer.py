@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -60,6 +61,25 @@ def view_configs(config, channels: int):
                 grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, flip=a.flip, mean=mean, std=std)
     view = augment_lib.AugmentConfig(**base)
     return view, view, (mean, std)
+
+
+def init_from(model, path: str) -> None:
+    """Overwrites `model`'s parameters and BN statistics with those of the encoder at `path`
+    (a workdir or an exported / PyTorch-imported encoder); the architectures must match."""
+    source, _ = checkpoints.load_encoder(path)
+    new, old = nnx.state(source), nnx.state(model)
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(t))
+    if shapes(new) != shapes(old):
+        raise ValueError(
+            f"init_encoder {path} holds a different architecture than config.model "
+            f"({dict(config_model_of(source))}); set config.model to match it")
+    nnx.update(model, new)
+
+
+def config_model_of(model) -> dict:
+    """A short description of an encoder for error messages."""
+    return {"num_features": model.backbone.num_features, "layers": [len(model.backbone.layer1), len(model.backbone.layer2),
+            len(model.backbone.layer3), len(model.backbone.layer4)]}
 
 
 def uses_prototypes(config, epoch: int) -> bool:
@@ -170,6 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     channels = train_set.images.shape[-1]
     enc_meta = encoder_meta(config, channels)
     model = build_encoder(config, channels, config.seed)
+    if config.get("init_encoder"):
+        init_from(model, config.init_encoder)
     graphdef = ts.split_model(model)[0]
     tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
     replicated = NamedSharding(mesh, P())

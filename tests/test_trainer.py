@@ -178,3 +178,14 @@ def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="neither a training workdir"):
         checkpoints.load_encoder(str(tmp_path / "nothing"))
+
+
+def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path):
+    workdir, summary = finished_run
+    # No training: the evaluation then sees exactly the restored query encoder.
+    out = trainer.train_and_evaluate(tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir), str(tmp_path / "a"))
+    assert out["knn_top1"] == summary["knn_top1"]
+    wrong = tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir)
+    wrong.model.width = 0.25
+    with pytest.raises(ValueError, match="different architecture than config.model"):
+        trainer.train_and_evaluate(wrong, str(tmp_path / "b"))
