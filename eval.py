@@ -34,8 +34,9 @@ import sys
 import time
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from hcsc_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
@@ -328,14 +329,7 @@ MODES = {"knn": run_knn, "linear": lambda ev: _linear_common(ev, False),
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    ours = logging.getLogger("hcsc_jax")
-    ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
+    console.setup()
     mode = _MODE.value
     try:
         ev = Evaluator(_CONFIG.value, _CHECKPOINT.value, _STEP.value)

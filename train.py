@@ -12,11 +12,10 @@ import json
 import os
 import sys
 
-import logging
-
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from hcsc_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
@@ -27,15 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax and faiss log every save / load at INFO: keep the console to our own messages.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    ours = logging.getLogger("hcsc_jax")
-    ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
+    ours = console.setup()
     from hcsc_jax import trainer  # after flag parsing, so --help is fast
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(

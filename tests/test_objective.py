@@ -7,16 +7,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import numpy_reference as ref
+from numpy_reference import unit
 from hcsc_jax import objective
 from hcsc_jax.objective import ObjectiveConfig
 
 B, K, D = 8, 24, 6
 SIZES = (9, 5, 3)
-
-
-def unit(rng, *shape):
-    x = rng.normal(size=shape)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
+from numpy_reference import unit
 from hcsc_jax import selection
-
-
-def unit(rng, *shape):
-    x = rng.normal(size=shape)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture
