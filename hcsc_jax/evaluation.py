@@ -23,12 +23,14 @@ def _normalize(x):
 
 
 def knn_predict(train_feats, train_labels, test_feats, *, k=20, temperature=0.07, num_classes=None,
-                block=1024) -> np.ndarray:
+                block=1024):
     """Weighted kNN class scores. train_feats (N, F), train_labels (N,) int, test_feats (T, F)
-    -> (T, C) float32 vote totals (C = num_classes or max label + 1)."""
+    -> (T, C) float32 vote totals (C = num_classes or max label + 1). `k` may also be a tuple of
+    k values: then -> {k: (T, C)}, from one similarity pass and one top-k with the largest k."""
+    ks = tuple(k) if isinstance(k, (tuple, list)) else (k,)
     train_labels = np.asarray(train_labels)
-    if k > len(train_labels):
-        raise ValueError(f"k = {k} is larger than the {len(train_labels)} training samples; use a smaller k")
+    if max(ks) > len(train_labels):
+        raise ValueError(f"k = {max(ks)} is larger than the {len(train_labels)} training samples; use a smaller k")
     num_classes = int(num_classes or train_labels.max() + 1)
     train = _normalize(jnp.asarray(train_feats, jnp.float32))
     labels = jnp.asarray(train_labels, jnp.int32)
@@ -36,14 +38,16 @@ def knn_predict(train_feats, train_labels, test_feats, *, k=20, temperature=0.07
     @jax.jit
     def votes(test):
         sim = _normalize(test) @ train.T  # (b, N)
-        top_sim, top_idx = jax.lax.top_k(sim, k)
-        weights = jnp.exp(top_sim / temperature)
-        onehot = jax.nn.one_hot(labels[top_idx], num_classes)  # (b, k, C)
-        return jnp.einsum("bk,bkc->bc", weights, onehot)
+        top_sim, top_idx = jax.lax.top_k(sim, max(ks))  # sorted, so the first k are the k nearest
+        weighted = jnp.exp(top_sim / temperature)[..., None] * jax.nn.one_hot(labels[top_idx], num_classes)
+        return [weighted[:, :kk].sum(axis=1) for kk in ks]  # (b, C) per k
 
     test_feats = np.asarray(test_feats, np.float32)
-    out = [np.asarray(votes(jnp.asarray(test_feats[i : i + block]))) for i in range(0, len(test_feats), block)]
-    return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+    blocks = [jax.device_get(votes(jnp.asarray(test_feats[i : i + block])))
+              for i in range(0, len(test_feats), block)]
+    out = {kk: (np.concatenate([bl[j] for bl in blocks]) if blocks else np.zeros((0, num_classes), np.float32))
+           for j, kk in enumerate(ks)}
+    return out if isinstance(k, (tuple, list)) else out[k]
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, *, k=20, temperature=0.07,
@@ -84,10 +88,10 @@ def knn_evaluate(train_feats, train_labels, test_feats, test_labels, *, ks=KNN_K
     if too_big:
         raise ValueError(f"k = {too_big} larger than the {n} training samples; use smaller knn_ks")
     test_labels = np.asarray(test_labels)
-    per_k = {}
-    for k in ks:
-        scores = knn_predict(train_feats, train_labels, test_feats, k=k, temperature=temperature,
+    all_scores = knn_predict(train_feats, train_labels, test_feats, k=tuple(ks), temperature=temperature,
                              num_classes=num_classes)
+    per_k = {}
+    for k, scores in all_scores.items():
         per_k[int(k)] = dict(top1=100 * topk_accuracy(scores, test_labels, 1),
                              top5=100 * topk_accuracy(scores, test_labels, 5))
     best = max(per_k, key=lambda k: per_k[k]["top1"])

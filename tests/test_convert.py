@@ -304,17 +304,8 @@ def test_cli_import_then_export_end_to_end(tmp_path):
     wrapped["module.queue"] = torch.randn(16, 32)
     wrapped["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": wrapped, "optimizer": {}}, pth)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = tmp_path / "enc"
-    cmd = [sys.executable, "-m", "hcsc_jax.convert"]
-    r = subprocess.run(
-        cmd + ["import-torch", str(pth), str(out)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    r = _convert_cli("import-torch", str(pth), str(out))
     assert r.returncode == 0, r.stderr
     model, meta = checkpoints.load_encoder(str(out))
     assert meta["model"]["arch"] == "resnet18" and meta["model"]["small_stem"] is True
@@ -325,14 +316,7 @@ def test_cli_import_then_export_end_to_end(tmp_path):
     assert _rel_err(feats, f_ref) < 1e-4 and _rel_err(z, z_ref) < 1e-4
 
     back = tmp_path / "back.pth"
-    r = subprocess.run(
-        cmd + ["export-torch", str(out), str(back), "--moco-layout"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    r = _convert_cli("export-torch", str(out), str(back), "--moco-layout")
     assert r.returncode == 0, r.stderr
     obj = torch.load(back, map_location="cpu", weights_only=True)
     assert obj["arch"] == "resnet18"
@@ -349,3 +333,11 @@ def test_cli_import_then_export_end_to_end(tmp_path):
     res = net.load_state_dict(obj, strict=False)
     assert sorted(res.missing_keys) == ["fc.0.bias", "fc.0.weight", "fc.2.bias", "fc.2.weight"]
     assert not res.unexpected_keys
+
+
+def _convert_cli(*args):
+    """Runs `python -m hcsc_jax.convert ARGS` from the repo root on the CPU."""
+    return subprocess.run(
+        [sys.executable, "-m", "hcsc_jax.convert", *args], check=False, capture_output=True, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
