@@ -95,7 +95,9 @@ class ObjectiveConfig:
     semantics: "paper" | "official" (spec §4, §5); positive: "assignment" (k-means assignment
     of the epoch, the authors' code) | "nearest" (argmax_c q.c/phi_c, the paper);
     temperature: instance temperature T; group_size: group whose positives are removed from
-    the prototype candidates in "official" mode; sampler: see `selection.bernoulli_mask`.
+    the prototype candidates in "official" mode; sampler: see `selection.bernoulli_mask`;
+    selection_on_local: multi-crop local views use the global query's instance masks (one
+    InfoNCE per level and view) instead of one plain InfoNCE per view (spec §6).
     """
 
     semantics: str = "paper"
@@ -107,6 +109,7 @@ class ObjectiveConfig:
     proto_loss: bool = True
     group_size: int | None = 32
     sampler: str = "hash"
+    selection_on_local: bool = False
 
     def __post_init__(self):
         losses.check_semantics(self.semantics)
@@ -135,58 +138,134 @@ def positive_prototypes(q, prototypes: Prototypes, labels, positive: str) -> lis
     ]
 
 
-def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
-    """Bernoulli keep masks of one batch (spec §2, §3).
+def instance_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
+    """ICSC keep masks of one batch (spec §2), drawn once per step for the global query.
 
-    queue (K, d); positives: L arrays (B,); rng a jax.random key; queue_lse (L, K) or None.
-    Returns (instance: L masks (B, K) bool, or None when instance selection is off,
-    proto: L entries (B, M_l) bool, None at the top level or when prototype selection is off).
+    queue (K, d); positives: L arrays (B,); rng the objective's jax.random key; queue_lse (L, K)
+    or None. Returns L masks (B, K) bool, or None when instance selection is off.
+    """
+    if not cfg.instance_selection:
+        return None
+    p = prototypes
+    inst_key, _ = jax.random.split(rng)
+    return tuple(
+        selection.bernoulli_mask(
+            jax.random.fold_in(inst_key, l),
+            selection.instance_selection_probs(
+                queue, p.centroids[l], p.temperatures[l], positives[l], p.valid[l],
+                None if queue_lse is None else queue_lse[l],
+            ),
+            cfg.sampler,
+        )
+        for l in range(p.num_levels)
+    )
+
+
+def prototype_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, num_views: int = 1):
+    """PCSC keep masks (spec §3) of `num_views` views, drawn independently from one set of
+    probabilities (the positives are the global query's, so the probabilities are shared).
+
+    positives: L arrays (B,); rng the objective's jax.random key. View 0 is the global query;
+    view v >= 1 (local view v - 1) draws fresh masks from fold_in(prototype key, v). Returns
+    num_views lists of L entries (B, M_l) bool, None at the top level or when prototype
+    selection is off.
     """
     p, num_levels = prototypes, prototypes.num_levels
-    inst_key, proto_key = jax.random.split(rng)
-    instance = None
-    if cfg.instance_selection:
-        instance = tuple(
-            selection.bernoulli_mask(
-                jax.random.fold_in(inst_key, l),
-                selection.instance_selection_probs(
-                    queue, p.centroids[l], p.temperatures[l], positives[l], p.valid[l],
-                    None if queue_lse is None else queue_lse[l],
-                ),
-                cfg.sampler,
-            )
-            for l in range(num_levels)
+    if not cfg.prototype_selection:
+        return tuple([None] * num_levels for _ in range(num_views))
+    _, proto_key = jax.random.split(rng)
+    probs = [
+        selection.prototype_selection_probs(
+            p.centroids[l], p.centroids[l + 1], p.temperatures[l + 1], p.parents[l],
+            positives[l], p.valid[l + 1], table=p.selection_tables[l],
         )
-    proto = [None] * num_levels
-    if cfg.prototype_selection:
-        for l in range(num_levels - 1):
-            probs = selection.prototype_selection_probs(
-                p.centroids[l], p.centroids[l + 1], p.temperatures[l + 1], p.parents[l],
-                positives[l], p.valid[l + 1], table=p.selection_tables[l],
-            )
-            proto[l] = selection.bernoulli_mask(jax.random.fold_in(proto_key, l), probs, cfg.sampler)
-    return instance, proto
+        for l in range(num_levels - 1)
+    ]
+
+    def draw(key):  # one view: L-1 masks (B, M_l), None at the top level
+        draw_level = lambda l, x: selection.bernoulli_mask(jax.random.fold_in(key, l), x, cfg.sampler)
+        return [draw_level(l, x) for l, x in enumerate(probs)] + [None]
+
+    return tuple(draw(proto_key if v == 0 else jax.random.fold_in(proto_key, v)) for v in range(num_views))
+
+
+def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
+    """Bernoulli keep masks of the global query of one batch (spec §2, §3).
+
+    queue (K, d); positives: L arrays (B,); rng a jax.random key; queue_lse (L, K) or None.
+    Returns (instance: `instance_masks`, proto: view 0 of `prototype_masks`).
+    """
+    return (
+        instance_masks(queue, prototypes, positives, rng, cfg, queue_lse),
+        prototype_masks(prototypes, positives, rng, cfg)[0],
+    )
+
+
+def _instance_term(q, k, queue, keep, cfg: ObjectiveConfig):
+    """ICSC of q (B, d) against k (B, d) and queue (K, d) with the L masks `keep` (or None: one
+    plain InfoNCE). Returns (total: sum over levels "official", mean "paper"; losses, accuracies:
+    (L,) or scalars when keep is None)."""
+    loss, acc = losses.info_nce(q, k, queue, keep, cfg.temperature, cfg.semantics)
+    if keep is None:
+        return loss, loss, acc
+    return (loss.sum() if cfg.semantics == "official" else loss.mean()), loss, acc
+
+
+def _proto_term(q, prototypes: Prototypes, positives, keep, candidates, cfg: ObjectiveConfig):
+    """PCSC of q (B, d) at every level; keep, candidates: L entries (B, M_l).
+    Returns (mean over levels, L losses, L accuracies)."""
+    p = prototypes
+    level_losses, accs = zip(*(
+        losses.proto_nce(
+            q, p.centroids[l], p.temperatures[l], positives[l], keep[l], cfg.semantics, candidates[l]
+        )
+        for l in range(p.num_levels)
+    ))
+    return jnp.mean(jnp.stack(level_losses)), level_losses, accs
+
+
+def _check_local(q, local_q) -> None:
+    for v, x in enumerate(local_q):
+        if x.shape != q.shape:
+            raise ValueError(f"local_q[{v}] must be (B, d) = {tuple(q.shape)} like q, got {tuple(x.shape)}")
 
 
 def hcsc_objective(
-    q, k, queue, prototypes: Prototypes | None, labels, rng, cfg: ObjectiveConfig, queue_lse=None
+    q, k, queue, prototypes: Prototypes | None, labels, rng, cfg: ObjectiveConfig, queue_lse=None, local_q=()
 ) -> tuple[jax.Array, dict[str, Any]]:
     """HCSC loss of one batch and its metrics.
 
-    q (B, d) L2-normalised query embeddings (the only input that receives gradients);
-    k (B, d) keys; queue (K, d); prototypes: this epoch's `Prototypes`, or None during warm-up
-    (then the loss is plain InfoNCE, as in MoCo v2); labels (B, L) int32 k-means assignments
-    per level (ignored when cfg.positive == "nearest" or prototypes is None); rng a jax.random
-    key; queue_lse (L, K) optional `queue_log_normalizers(queue, prototypes)` cache.
+    q (B, d) L2-normalised query embeddings (with local_q, the only inputs that receive
+    gradients); k (B, d) keys; queue (K, d); prototypes: this epoch's `Prototypes`, or None
+    during warm-up (then the loss is plain InfoNCE, as in MoCo v2); labels (B, L) int32 k-means
+    assignments per level (ignored when cfg.positive == "nearest" or prototypes is None); rng a
+    jax.random key; queue_lse (L, K) optional `queue_log_normalizers(queue, prototypes)` cache;
+    local_q: V arrays (B, d), the L2-normalised query embeddings of V local (multi-crop) views.
 
-    Returns (loss scalar, metrics dict of scalars): loss, loss_instance, loss_proto and, per
-    level l, instance_loss/l, instance_acc/l, instance_keep/l (mean selection rate of queue
-    entries), proto_loss/l, proto_acc/l, proto_keep/l (of candidate prototypes). Without
+    Each local view adds (spec §6) an InfoNCE term against k and the queue (with the global
+    query's per-level instance masks, reduced over levels like the global term, when
+    cfg.selection_on_local; else plain) and a PCSC term with the global query's positives and
+    candidates and fresh selection masks (`prototype_masks`); local terms are summed over views.
+    In warm-up every view adds a plain InfoNCE term.
+
+    Returns (loss scalar, metrics dict of scalars): loss, loss_instance, loss_proto,
+    loss_local_instance and loss_local_proto (when V > 0) and, per level l, instance_loss/l,
+    instance_acc/l, instance_keep/l (mean selection rate of queue entries), proto_loss/l,
+    proto_acc/l, proto_keep/l (of candidate prototypes), all of the global query. Without
     instance selection the instance term is one plain InfoNCE (instance_loss, instance_acc).
     """
+    local_q = tuple(local_q)
+    _check_local(q, local_q)
     if prototypes is None:
         loss, acc = losses.info_nce(q, k, queue, None, cfg.temperature, cfg.semantics)
-        return loss, {"loss": loss, "loss_instance": loss, "instance_acc": acc}
+        metrics = {"loss_instance": loss, "instance_acc": acc}
+        if local_q:
+            metrics["loss_local_instance"] = sum(
+                losses.info_nce(x, k, queue, None, cfg.temperature, cfg.semantics)[0] for x in local_q
+            )
+            loss = loss + metrics["loss_local_instance"]
+        metrics["loss"] = loss
+        return loss, metrics
 
     num_levels = prototypes.num_levels
     if labels.ndim != 2 or labels.shape != (q.shape[0], num_levels):
@@ -200,38 +279,46 @@ def hcsc_objective(
         )
     p = prototypes
     positives = positive_prototypes(q, p, labels, cfg.positive)
-    inst_keep, proto_keep = selection_masks(queue, p, positives, rng, cfg, queue_lse)
     metrics: dict[str, Any] = {}
     terms = []
 
     if cfg.instance_loss:
-        inst_loss, inst_acc = losses.info_nce(q, k, queue, inst_keep, cfg.temperature, cfg.semantics)
+        inst_keep = instance_masks(queue, p, positives, rng, cfg, queue_lse)
+        inst_total, inst_loss, inst_acc = _instance_term(q, k, queue, inst_keep, cfg)
         if inst_keep is None:  # one plain InfoNCE term, the same for every level
-            inst_total = inst_loss
             metrics["instance_loss"], metrics["instance_acc"] = inst_loss, inst_acc
         else:
-            inst_total = inst_loss.sum() if cfg.semantics == "official" else inst_loss.mean()
             for l in range(num_levels):
                 metrics[f"instance_loss/{l}"] = inst_loss[l]
                 metrics[f"instance_acc/{l}"] = inst_acc[l]
                 metrics[f"instance_keep/{l}"] = inst_keep[l].mean(dtype=jnp.float32)
         metrics["loss_instance"] = inst_total
         terms.append(inst_total)
+        if local_q:
+            local_keep = inst_keep if cfg.selection_on_local else None
+            metrics["loss_local_instance"] = sum(
+                _instance_term(x, k, queue, local_keep, cfg)[0] for x in local_q
+            )
+            terms.append(metrics["loss_local_instance"])
 
     if cfg.proto_loss:
-        level_losses = []
+        keeps = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
+        candidates = [
+            losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
+            for l in range(num_levels)
+        ]
+        metrics["loss_proto"], level_losses, accs = _proto_term(q, p, positives, keeps[0], candidates, cfg)
         for l in range(num_levels):
-            candidates = losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
-            if proto_keep[l] is not None:
-                kept = (proto_keep[l] & candidates).sum(dtype=jnp.float32)
-                metrics[f"proto_keep/{l}"] = kept / jnp.maximum(candidates.sum(dtype=jnp.float32), 1.0)
-            loss_l, acc_l = losses.proto_nce(
-                q, p.centroids[l], p.temperatures[l], positives[l], proto_keep[l], cfg.semantics, candidates
-            )
-            metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = loss_l, acc_l
-            level_losses.append(loss_l)
-        metrics["loss_proto"] = jnp.mean(jnp.stack(level_losses))
+            if keeps[0][l] is not None:
+                kept = (keeps[0][l] & candidates[l]).sum(dtype=jnp.float32)
+                metrics[f"proto_keep/{l}"] = kept / jnp.maximum(candidates[l].sum(dtype=jnp.float32), 1.0)
+            metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = level_losses[l], accs[l]
         terms.append(metrics["loss_proto"])
+        if local_q:
+            metrics["loss_local_proto"] = sum(
+                _proto_term(x, p, positives, keep, candidates, cfg)[0] for x, keep in zip(local_q, keeps[1:])
+            )
+            terms.append(metrics["loss_local_proto"])
 
     loss = sum(terms)
     metrics["loss"] = loss

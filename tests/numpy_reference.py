@@ -94,3 +94,26 @@ def hcsc_loss(q, k, queue, levels, labels, inst_keep, proto_keep, temperature, s
     ]
     inst_total = np.sum(inst) if semantics == "official" else np.mean(inst)
     return inst_total + np.mean(proto)
+
+
+def local_terms(local_q, k, queue, levels, labels, inst_keep, local_proto_keep, temperature, semantics,
+                group_size, selection_on_local):
+    """Spec §6 multi-crop: the summed local (instance, prototype) terms of V views.
+
+    local_q: V arrays (B, d); inst_keep[l] (B, K): the global query's masks, used by every view
+    when selection_on_local (one InfoNCE per level, reduced over levels as spec §5), else one
+    plain InfoNCE per view; local_proto_keep[v][l] (B, M_l) or None: view v's own PCSC masks;
+    positives labels[:, l] are the global query's. PCSC is the mean over levels per view."""
+    inst, proto = 0.0, 0.0
+    for v, x in enumerate(local_q):
+        if selection_on_local:
+            per_level = [info_nce(x, k, queue, m, temperature, semantics)[0] for m in inst_keep]
+            inst += np.sum(per_level) if semantics == "official" else np.mean(per_level)
+        else:
+            inst += info_nce(x, k, queue, None, temperature, semantics)[0]
+        proto += np.mean([
+            proto_nce(x, lv["centroids"], lv["phi"], labels[:, l], local_proto_keep[v][l], lv["valid"],
+                      semantics, group_size)[0]
+            for l, lv in enumerate(levels)
+        ])
+    return inst, proto
