@@ -83,6 +83,8 @@ flags.DEFINE_enum("objective", "hcsc", ["hcsc", "moco"],
                   "hcsc: all prototype levels; moco: the warm-up step (plain InfoNCE, no prototypes)")
 flags.DEFINE_bool("augment", True, "MoCo v2 augmentation on device; --noaugment replaces it "
                   "(ablation) by a top-left crop + normalisation of images stored at the crop size")
+flags.DEFINE_bool("multicrop", False, "add the published local views 192/160/128/96 (query encoder only)")
+flags.DEFINE_bool("memory_only", False, "compile, print XLA's memory analysis of the step and stop")
 flags.DEFINE_float("peak_tflops", 989.0, "peak TFLOP/s for MFU (989 = H100 SXM bf16 dense)")
 flags.DEFINE_integer("seed", 0, "seed of the model, data and state")
 flags.DEFINE_string("profile_dir", "", "if set: after timing, trace --profile_steps steps with "
@@ -179,6 +181,27 @@ def summarize_trace(profile_dir: str, steps: int, top: int = 25):
         print(f"    {t / 1e3 / steps:7.3f}  {name}  [{op}]")
 
 
+MULTICROP = ((192, (0.172, 0.86)), (160, (0.143, 0.715)), (128, (0.114, 0.571)), (96, (0.086, 0.429)))
+
+
+def print_memory(compiled, state, images):
+    """XLA's buffer assignment of the compiled step, per device: the state (donated, so its
+    output aliases its input), the resident images, and the temporaries (activations kept for
+    the backward pass, gradients, workspace)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        print("memory analysis: unavailable on this backend")
+        return
+    gib = 2.0 ** 30
+    state_b = sum(x.nbytes for x in jax.tree.leaves(state))
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    print(f"memory per device (XLA buffer assignment): state {state_b / gib:.3f} GiB, resident images "
+          f"{images.nbytes / gib:.3f} GiB | arguments {mem.argument_size_in_bytes / gib:.3f}, outputs "
+          f"{mem.output_size_in_bytes / gib:.3f}, aliased (donated) {mem.alias_size_in_bytes / gib:.3f}, "
+          f"temporaries {mem.temp_size_in_bytes / gib:.3f} GiB | peak (args + outputs - aliased + temps) "
+          f"{peak / gib:.3f} GiB, of which without the resident images {(peak - images.nbytes) / gib:.3f} GiB")
+
+
 def main(argv):
     del argv
     f = FLAGS
@@ -233,15 +256,20 @@ def main(argv):
     jax.block_until_ready((state, images, assignments, protos, indices))
 
     view = augment_lib.AugmentConfig(crop_size=size)
+    local = tuple(augment_lib.AugmentConfig(crop_size=round(size * s / 224), scale=sc)
+                  for s, sc in MULTICROP) if f.multicrop else ()
     cfg = ts.StepConfig(
         objective=objective.ObjectiveConfig(group_size=f.bn_group_size), view_q=view, view_k=view,
-        shuffle_bn=f.shuffle_bn)
+        view_local=local, shuffle_bn=f.shuffle_bn)
     step = ts.jit_train_step(graphdef, tx, cfg, mesh, warmup=f.objective == "moco")
 
     t0 = time.perf_counter()
     lowered = step.lower(state, indices[0], images, assignments, protos)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    print_memory(compiled, state, images)
+    if f.memory_only:
+        return
 
     # XLA's count of one encoder forward (train mode) on one BN group, per image. Counted on the
     # CPU lowering: on GPU, convolutions are cuDNN custom calls that the cost analysis skips.

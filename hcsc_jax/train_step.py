@@ -2,8 +2,9 @@
 
 The state is one pytree: query and key encoder parameters and BN statistics, optimizer state,
 the queue of keys (K, d) with its pointer, the ICSC normaliser cache (L, K), step and rng.
-A step: EMA of the key encoder, two augmented views, key forward with ShuffleBN, query forward,
-HCSC objective, SGD update, enqueue of the global batch's keys. It runs under `jax.jit` on a
+A step: EMA of the key encoder, two augmented views (plus any multi-crop local views), key
+forward with ShuffleBN, query forward of the global and local views, HCSC objective, SGD update,
+enqueue of the global batch's keys. It runs under `jax.jit` on a
 mesh with a `data` axis: the batch is sharded over it, the state replicated. BN statistics are
 per group of `bn_group_size` samples, so the numbers do not depend on the number of devices.
 """
@@ -50,11 +51,13 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static settings of a step (hashable). BN groups are a property of the model
-    (`make_encoder(bn_group_size=...)`)."""
+    (`make_encoder(bn_group_size=...)`). `view_local`: the multi-crop local views (query
+    encoder only, spec §6); local views of one crop size go through the encoder as one batch."""
 
     objective: objective.ObjectiveConfig
     view_q: augment_lib.AugmentConfig
     view_k: augment_lib.AugmentConfig
+    view_local: tuple = ()
     ema_momentum: float = 0.999
     shuffle_bn: bool = True
 
@@ -136,14 +139,45 @@ def enqueue(queue, ptr, keys):
     return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
+def make_views(key_q, key_k, images, cfg: StepConfig):
+    """Augmented views -> (x_q, x_k, tuple of local views), float32 normalised.
+
+    images: uint8 (B, H, W, C) from which every view is cropped on the device, or a tuple of
+    2 + len(cfg.view_local) uint8 arrays (B, S_v, S_v, C) the host already cropped (query, key,
+    local views; their configs then have random_crop=False). Local view v draws from
+    fold_in(key_q, v + 1)."""
+    configs = (cfg.view_q, cfg.view_k) + tuple(cfg.view_local)
+    per_view = images if isinstance(images, (tuple, list)) else (images,) * len(configs)
+    if len(per_view) != len(configs):
+        raise ValueError(f"got {len(per_view)} view arrays for {len(configs)} views "
+                         "(query, key and the local views)")
+    keys = [key_q, key_k] + [jax.random.fold_in(key_q, v + 1) for v in range(len(cfg.view_local))]
+    views = [augment_lib.augment(k, x, c) for k, x, c in zip(keys, per_view, configs)]
+    return views[0], views[1], tuple(views[2:])
+
+
+def _query_forward(graphdef, params, stats, x_q, x_local):
+    """Query encoder in train mode on the global view, then on the local views with views of one
+    crop size concatenated into one batch (BN groups stay within a view, the batch being a
+    multiple of the group size). -> (q (B, d), tuple of local q (B, d), new stats)."""
+    _, q, stats = apply_model(graphdef, params, stats, x_q, train=True)
+    local_q = [None] * len(x_local)
+    for size in sorted({x.shape[1] for x in x_local}, reverse=True):
+        group = [v for v, x in enumerate(x_local) if x.shape[1] == size]
+        x = jnp.concatenate([x_local[v] for v in group]) if len(group) > 1 else x_local[group[0]]
+        _, proj, stats = apply_model(graphdef, params, stats, x, train=True)
+        for v, part in zip(group, jnp.split(proj, len(group))):
+            local_q[v] = part
+    return q, tuple(local_q), stats
+
+
 def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels, prototypes):
-    """One HCSC step. images (B, H, W, C) uint8 raw images; labels (B, L) int32 k-means
-    assignments (ignored in warm-up); prototypes: `objective.Prototypes` or None (warm-up).
-    Returns (new state, metrics dict of scalars)."""
+    """One HCSC step. images: uint8 (B, H, W, C) raw images, or a tuple of host-cropped uint8
+    views (see `make_views`); labels (B, L) int32 k-means assignments (ignored in warm-up);
+    prototypes: `objective.Prototypes` or None (warm-up). -> (new state, metrics dict of scalars)."""
     key_q, key_k, key_shuffle, key_obj = step_keys(state)
-    batch = images.shape[0]
-    x_q = augment_lib.augment(key_q, images, cfg.view_q)
-    x_k = augment_lib.augment(key_k, images, cfg.view_k)
+    x_q, x_k, x_local = make_views(key_q, key_k, images, cfg)
+    batch = x_q.shape[0]
 
     # Momentum update of the key encoder, before the keys are computed (spec §6).
     m = cfg.ema_momentum
@@ -159,9 +193,9 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     queue_lse = state.queue_lse if prototypes is not None else None
 
     def loss_fn(params):
-        _, q, q_stats = apply_model(graphdef, params, state.q_stats, x_q, train=True)
+        q, local_q, q_stats = _query_forward(graphdef, params, state.q_stats, x_q, x_local)
         loss, metrics = objective.hcsc_objective(
-            q, keys, state.queue, prototypes, labels, key_obj, cfg.objective, queue_lse)
+            q, keys, state.queue, prototypes, labels, key_obj, cfg.objective, queue_lse, local_q=local_q)
         return loss, (metrics, q_stats)
 
     (loss, (metrics, q_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.q_params)
@@ -182,19 +216,31 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     return new_state, metrics
 
 
-def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool) -> Callable:
-    """jitted (state, indices (B,), images (N, H, W, C) uint8, assignments (N, L) int32,
-    prototypes) -> (state, metrics). The dataset lives on the devices (replicated); the step
-    gathers its global batch from the sharded `indices`. State donated. `warmup=True` compiles
-    the instance-only variant (prototypes are ignored)."""
+def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool, streaming: bool = False) -> Callable:
+    """The jitted step, state donated; `warmup=True` compiles the instance-only variant
+    (prototypes are ignored).
+
+    Resident data (default): (state, indices (B,), images (N, H, W, C) uint8, assignments (N, L)
+    int32, prototypes) -> (state, metrics): the dataset lives on the devices (replicated) and
+    the step gathers its global batch from the sharded `indices`.
+    `streaming=True`: (state, views, labels (B, L) int32, prototypes) -> (state, metrics) with
+    `views` the tuple of host-cropped uint8 views (B, S_v, S_v, C), batch-sharded."""
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    protos = lambda p: None if warmup else p
 
-    def step(state, indices, images, assignments, prototypes):
-        return train_step(graphdef, tx, cfg, state, images[indices], assignments[indices],
-                          None if warmup else prototypes)
+    if streaming:
+        def step(state, views, labels, prototypes):
+            return train_step(graphdef, tx, cfg, state, tuple(views), labels, protos(prototypes))
 
-    return jax.jit(step, in_shardings=(replicated, sharded, replicated, replicated, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+        in_shardings = (replicated, sharded, sharded, replicated)
+    else:
+        def step(state, indices, images, assignments, prototypes):
+            return train_step(graphdef, tx, cfg, state, images[indices], assignments[indices],
+                              protos(prototypes))
+
+        in_shardings = (replicated, sharded, replicated, replicated, replicated)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
 
 
 def refresh_queue_lse(state: TrainState, prototypes) -> TrainState:

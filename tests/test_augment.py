@@ -394,3 +394,19 @@ def test_center_crop_hand_computed():
             up[o, k + 1] += s - k
     want = np.einsum("oh,bhwc,pw->bopc", up[:7], small / 255.0, up[:7])
     np.testing.assert_allclose(np.asarray(A.center_crop(small, 7, (0.0,), (1.0,))), want, atol=1e-5)
+
+
+def test_precropped_views_get_the_same_flip_and_photometric_ops():
+    """random_crop=False (views cropped on the host) applies exactly the flip and photometric
+    ops of the full pipeline: equal to random_crop=True where the crop is the whole image."""
+    images = np.random.default_rng(12).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    whole = A.AugmentConfig(crop_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    pre = dataclasses.replace(whole, random_crop=False)
+    key = jax.random.key(5)
+    out = run(pre, images, key=key)
+    np.testing.assert_allclose(out, run(whole, images, key=key), atol=1e-5)
+    # Flips happened (about half the examples) and photometric ops changed the pixels.
+    plain = (images / 255.0 - np.array(A.IMAGENET_MEAN)) / np.array(A.IMAGENET_STD)
+    assert not np.allclose(out, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="already cropped to 16x16"):
+        A.augment(key, images[:, :12], pre)

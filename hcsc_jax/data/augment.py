@@ -4,7 +4,8 @@
 normalised, applying per example and in this order (torchvision semantics, float images in
 [0, 1] until normalisation):
 
-1. RandomResizedCrop(crop, scale, ratio): `sample_crop_box` draws torchvision's 10 candidate
+1. RandomResizedCrop(crop, scale, ratio) (skipped with `random_crop=False`, for views the host
+   already cropped): `sample_crop_box` draws torchvision's 10 candidate
    boxes at once and keeps the first valid one (else torchvision's centre-crop fallback); the box
    is resampled with antialiased bilinear weights (`resize.bilinear_weights`), i.e. exactly
    crop-then-resize, never reading pixels outside the box.
@@ -78,6 +79,9 @@ class AugmentConfig:
     flip: bool = True
     mean: tuple = IMAGENET_MEAN   # per channel; 1-tuples for 1-channel data
     std: tuple = IMAGENET_STD
+    # False: the input is already cropped to crop_size (host-side crop of the streaming path);
+    # only the flip and the photometric ops run here.
+    random_crop: bool = True
 
     def __post_init__(self):
         if self.crop_size <= 0:
@@ -342,12 +346,20 @@ def _augment_one(key, image: jax.Array, cfg: AugmentConfig) -> jax.Array:
     height, width, channels = image.shape
     size = cfg.crop_size
 
-    top, left, h, w = _crop_box(u[_U_CROP], height, width, cfg.scale, cfg.ratio)
-    wy = bilinear_weights(height, size, top, h, xp=jnp)
-    wx = bilinear_weights(width, size, left, w, xp=jnp)
-    if cfg.flip:
-        wx = jnp.where(u[_U_FLIP] < 0.5, wx[::-1], wx)
-    x = _resample(image.astype(jnp.float32) / 255.0, wy, wx)
+    if cfg.random_crop:
+        top, left, h, w = _crop_box(u[_U_CROP], height, width, cfg.scale, cfg.ratio)
+        wy = bilinear_weights(height, size, top, h, xp=jnp)
+        wx = bilinear_weights(width, size, left, w, xp=jnp)
+        if cfg.flip:
+            wx = jnp.where(u[_U_FLIP] < 0.5, wx[::-1], wx)
+        x = _resample(image.astype(jnp.float32) / 255.0, wy, wx)
+    else:
+        if (height, width) != (size, size):
+            raise ValueError(f"random_crop=False needs images already cropped to {size}x{size}, "
+                             f"got {height}x{width}")
+        x = jnp.moveaxis(image.astype(jnp.float32) / 255.0, -1, 0)
+        if cfg.flip:
+            x = jnp.where(u[_U_FLIP] < 0.5, x[:, :, ::-1], x)
 
     if cfg.jitter_prob > 0:
         jittered = _color_jitter_cf(_jitter_params(u[_U_JITTER], cfg), x, cfg)
