@@ -1,4 +1,4 @@
-"""Datasets (in memory, host side) and MoCo v2 augmentation (on the device).
+"""Datasets (in memory or streamed from the host) and MoCo v2 augmentation (on the device).
 
 `hcsc_jax.data.augment` is the augmentation *module* (the function is
 `hcsc_jax.data.augment.augment`; the package does not re-export it, so the module stays
@@ -18,10 +18,23 @@ from hcsc_jax.data.sources import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
     ArrayDataset,
+    ArraySource,
+    FolderSource,
+    RandomAccessSource,
+    TfdsSource,
     list_datasets,
     load_dataset,
+    open_source,
     read_idx,
     register,
+)
+from hcsc_jax.data.stream import (
+    CropSpec,
+    TrainStream,
+    center_crop_batches,
+    epoch_permutation,
+    prefetch_to_device,
+    to_global,
 )
 
 __all__ = [
@@ -30,14 +43,25 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ArrayDataset",
+    "ArraySource",
     "AugmentConfig",
+    "CropSpec",
+    "FolderSource",
+    "RandomAccessSource",
+    "TfdsSource",
+    "TrainStream",
     "augment",
     "bilinear_weights",
     "center_crop",
+    "center_crop_batches",
+    "epoch_permutation",
     "list_datasets",
     "load_dataset",
+    "open_source",
+    "prefetch_to_device",
     "read_idx",
     "register",
     "resize_uint8",
     "sample_crop_box",
+    "to_global",
 ]

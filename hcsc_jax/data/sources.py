@@ -18,15 +18,23 @@ labels. Registered sources:
 aspect ratio not preserved); it is needed for sources whose images differ in size.
 New sources: decorate `loader(spec, split, data_dir, image_size) -> ArrayDataset` with
 `@register("name")`; `spec` is the text after "name:" (None when absent).
+
+`open_source(name, split, data_dir=None)` is the lazy counterpart for data that does not fit in
+memory: a `RandomAccessSource` whose `load(i)` decodes one (H, W, C) uint8 image on demand (sizes
+may differ). `folder:` and `tfds:` (ArrayRecord only) are read lazily; every other name is
+loaded with `load_dataset` and wrapped in an `ArraySource`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import math
 import os
+import sys
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -36,8 +44,13 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_FILES",
     "ArrayDataset",
+    "ArraySource",
+    "FolderSource",
+    "RandomAccessSource",
+    "TfdsSource",
     "list_datasets",
     "load_dataset",
+    "open_source",
     "read_idx",
     "register",
 ]
@@ -48,6 +61,7 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+GREY_MODES = ("L", "1", "I;16", "I")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,7 +305,14 @@ def _load_tfds_entry(spec, split, data_dir, image_size):
     return _load_tfds(spec, split, data_dir, image_size)
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None, image_size) -> ArrayDataset:
+def _hide_gpus_from_tensorflow():
+    """TFDS may import TensorFlow; keep it off the accelerators (JAX owns their memory)."""
+    if "tensorflow" in sys.modules:
+        sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+    """(tfds module, builder) of an image dataset; clear errors for a missing tfds or name."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -301,22 +322,43 @@ def _load_tfds(name: str, split: str, data_dir: str | None, image_size) -> Array
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"TFDS has no dataset named {name!r} (see tfds.list_builders())") from e
+    if "image" not in builder.info.features:
+        raise ValueError(f"TFDS dataset {name!r} has no 'image' feature: {list(builder.info.features)}")
+    return tfds, builder
+
+
+def _tfds_not_prepared(name: str, builder) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}. Prepare it "
+        f"on a machine with network access: `tfds build {name} --data_dir=DIR "
+        f"--file_format=array_record` (ArrayRecord reads without TensorFlow; plain "
+        f"`tfds build` needs TensorFlow here), or download it with tfds.load there; then "
+        f"copy DIR to this machine and pass data_dir=DIR.")
+
+
+def _is_tfrecord(builder) -> bool:
+    return builder.info.file_format is None or builder.info.file_format.value == "tfrecord"
+
+
+def _tfds_labels(features) -> tuple[int | None, tuple[str, ...] | None]:
+    """(num_classes, class_names) of the "label" feature, (None, None) without one."""
+    if "label" not in features:
+        return None, None
+    names = getattr(features["label"], "names", None)
+    return getattr(features["label"], "num_classes", None), tuple(names) if names else None
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None, image_size) -> ArrayDataset:
+    tfds, builder = _tfds_builder(name, data_dir)
     features = builder.info.features
-    if "image" not in features:
-        raise ValueError(f"TFDS dataset {name!r} has no 'image' feature: {list(features)}")
     where = f"tfds:{name} split {split!r}"
     try:
         source = builder.as_data_source(split=split)
         records = (source[i] for i in range(len(source)))
     except Exception as source_error:  # not prepared, or prepared as TFRecord
         if not builder.is_prepared():
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}. Prepare it "
-                f"on a machine with network access: `tfds build {name} --data_dir=DIR "
-                f"--file_format=array_record` (ArrayRecord reads without TensorFlow; plain "
-                f"`tfds build` needs TensorFlow here), or download it with tfds.load there; then "
-                f"copy DIR to this machine and pass data_dir=DIR.") from source_error
-        if builder.info.file_format is not None and builder.info.file_format.value != "tfrecord":
+            raise _tfds_not_prepared(name, builder) from source_error
+        if not _is_tfrecord(builder):
             raise
         try:
             import tensorflow  # noqa: F401
@@ -325,6 +367,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None, image_size) -> Array
                 f"TFDS dataset {name!r} in {builder.data_dir} is stored as TFRecord, which needs "
                 f"TensorFlow (pip install tensorflow-cpu); or rebuild it with "
                 f"`tfds build {name} --file_format=array_record`") from e
+        _hide_gpus_from_tensorflow()
         records = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
     images, labels = [], []
     has_label = "label" in features
@@ -332,13 +375,9 @@ def _load_tfds(name: str, split: str, data_dir: str | None, image_size) -> Array
         images.append(_as_hwc(ex["image"], where))
         if has_label:
             labels.append(int(ex["label"]))
+    _hide_gpus_from_tensorflow()
     stacked = _stack_images(images, where, image_size)
-    num_classes, class_names = None, None
-    if has_label:
-        label_feature = features["label"]
-        num_classes = getattr(label_feature, "num_classes", None)
-        names = getattr(label_feature, "names", None)
-        class_names = tuple(names) if names else None
+    num_classes, class_names = _tfds_labels(features)
     return ArrayDataset(stacked, np.asarray(labels, np.int32) if has_label else None,
                         num_classes, f"tfds:{name}", class_names)
 
@@ -357,18 +396,25 @@ def _class_dirs(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-@register("folder")
-def _load_folder(spec, split, data_dir, image_size):
+def _import_pil():
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("'folder:' datasets decode JPEG/PNG with Pillow: pip install pillow") from e
+    return Image
+
+
+def _folder_files(spec: str | None, split: str, data_dir: str | None):
+    """(split_root, image paths, labels (N,) int32, class names) of an image folder.
+
+    Classes are the sorted sub-folder names (the union over split folders), files sorted by
+    name within a class; this order defines the example indices.
+    """
     if spec is None:
         raise ValueError("use 'folder:<path>'")
     root = spec if data_dir is None or os.path.isabs(spec) else os.path.join(data_dir, spec)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("'folder:' datasets decode JPEG/PNG with Pillow: pip install pillow") from e
-
     present = [d for d in ("train", "val", "validation", "test")
                if os.path.isdir(os.path.join(root, d))]
     if present:
@@ -384,29 +430,151 @@ def _load_folder(spec, split, data_dir, image_size):
         classes = _class_dirs(root)
     if not classes:
         raise ValueError(f"image folder {split_root!r} has no class sub-folders")
-
-    images, labels = [], []
+    paths, labels = [], []
     for label, cls in enumerate(classes):
         cls_dir = os.path.join(split_root, cls)
         if not os.path.isdir(cls_dir):
             continue
-        for fname in sorted(os.listdir(cls_dir)):
-            if not fname.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = os.path.join(cls_dir, fname)
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(im.copy())
-            except Exception as e:
-                raise ValueError(f"cannot decode image {path}: {e}") from e
-            labels.append(label)
-    if not images:
+        names = sorted(f for f in os.listdir(cls_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(cls_dir, f) for f in names]
+        labels += [label] * len(names)
+    if not paths:
         raise ValueError(f"image folder {split_root!r}: no {'/'.join(IMAGE_EXTENSIONS)} files")
+    return split_root, paths, np.asarray(labels, np.int32), tuple(classes)
+
+
+def _open_image(Image, path: str):
+    """The decoded PIL image at `path`; ValueError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except Exception as e:
+        raise ValueError(f"cannot decode image {path}: {e}") from e
+
+
+def _as_array(im, mode: str) -> np.ndarray:
+    """PIL image -> (H, W, C) uint8 in `mode` ("L": C = 1, "RGB": C = 3)."""
+    a = np.asarray(im if im.mode == mode else im.convert(mode), np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+
+@register("folder")
+def _load_folder(spec, split, data_dir, image_size):
+    split_root, paths, labels, classes = _folder_files(spec, split, data_dir)
+    Image = _import_pil()
+    images = [_open_image(Image, p) for p in paths]
     # Grey-level folder -> C=1; anything else (RGB, palette, RGBA, mixed) -> RGB.
-    grey = all(im.mode in ("L", "1", "I;16", "I") for im in images)
-    arrays = [np.asarray(im.convert("L" if grey else "RGB"), np.uint8) for im in images]
-    arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+    mode = "L" if all(im.mode in GREY_MODES for im in images) else "RGB"
+    arrays = [_as_array(im, mode) for im in images]
     stacked = _stack_images(arrays, f"image folder {split_root!r}", image_size)
-    return ArrayDataset(stacked, np.asarray(labels, np.int32), len(classes),
-                        f"folder:{spec}", tuple(classes))
+    return ArrayDataset(stacked, labels, len(classes), f"folder:{spec}", classes)
+
+
+# ----------------------------------------------------------------------------- lazy sources
+
+class RandomAccessSource(Protocol):
+    """One split, decoded one example at a time: `load(i)` -> (H, W, C) uint8, i < num_examples."""
+
+    name: str
+    num_examples: int
+    num_classes: int | None
+    channels: int
+    class_names: tuple[str, ...] | None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """(num_examples,) int32, or None when unknown."""
+
+    def load(self, i: int) -> np.ndarray:
+        """Example i as (H, W, C) uint8."""
+
+
+class ArraySource:
+    """An in-memory `ArrayDataset` as a `RandomAccessSource`."""
+
+    def __init__(self, dataset: ArrayDataset):
+        self.dataset = dataset
+        self.name = dataset.name
+        self.num_examples = len(dataset)
+        self.labels = dataset.labels
+        self.num_classes = dataset.num_classes
+        self.channels = dataset.images.shape[-1]
+        self.class_names = dataset.class_names
+
+    def load(self, i: int) -> np.ndarray:
+        return self.dataset.images[i]
+
+
+class FolderSource:
+    """`folder:<path>`, decoded lazily with Pillow; same examples and order as `load_dataset`.
+
+    `channels` follows the first image (grey -> 1, else 3); every image is converted to that.
+    Files are listed once, up front; decoding is thread-safe (Pillow releases the GIL).
+    """
+
+    def __init__(self, spec: str | None, split: str, data_dir: str | None = None):
+        self._image = _import_pil()
+        _, self.paths, self.labels, self.class_names = _folder_files(spec, split, data_dir)
+        self.name = f"folder:{spec}"
+        self.num_examples = len(self.paths)
+        self.num_classes = len(self.class_names)
+        with self._image.open(self.paths[0]) as im:
+            self._mode = "L" if im.mode in GREY_MODES else "RGB"
+        self.channels = 1 if self._mode == "L" else 3
+
+    def load(self, i: int) -> np.ndarray:
+        return _as_array(_open_image(self._image, self.paths[i]), self._mode)
+
+
+class TfdsSource:
+    """`tfds:<name>` prepared as ArrayRecord, read with random access and without TensorFlow
+    (`builder.as_data_source`, what `tfds.data_source` returns)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        _, builder = _tfds_builder(name, data_dir)
+        try:
+            self._source = builder.as_data_source(split=split)
+        except Exception as e:
+            if not builder.is_prepared():
+                raise _tfds_not_prepared(name, builder) from e
+            if _is_tfrecord(builder):
+                raise ValueError(
+                    f"TFDS dataset {name!r} in {builder.data_dir} is stored as TFRecord, which has "
+                    f"no random access; rebuild it with `tfds build {name} "
+                    f"--file_format=array_record`, or use load_dataset (in memory)") from e
+            raise
+        finally:
+            _hide_gpus_from_tensorflow()
+        features = builder.info.features
+        self.name = f"tfds:{name}"
+        self.num_examples = len(self._source)
+        self.num_classes, self.class_names = _tfds_labels(features)
+        self._has_label = "label" in features
+        shape = features["image"].shape
+        self.channels = int(shape[-1]) if shape and shape[-1] else 3
+        self._where = f"tfds:{name} split {split!r}"
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray | None:
+        """(N,) int32; the first access reads (and decodes) every example once."""
+        if not self._has_label:
+            return None
+        return np.fromiter((int(self._source[i]["label"]) for i in range(self.num_examples)),
+                           np.int32, self.num_examples)
+
+    def load(self, i: int) -> np.ndarray:
+        return _as_hwc(self._source[int(i)]["image"], self._where)
+
+
+def open_source(name: str, split: str, data_dir: str | None = None) -> RandomAccessSource:
+    """A lazy `RandomAccessSource` for `folder:` and `tfds:` names; any other registered name is
+    loaded with `load_dataset` and held in memory behind an `ArraySource`."""
+    base, _, spec = name.partition(":")
+    if base == "folder":
+        return FolderSource(spec or None, split, data_dir)
+    if base == "tfds":
+        if not spec:
+            raise ValueError("use 'tfds:<name>', e.g. 'tfds:cifar10'")
+        return TfdsSource(spec, split, data_dir)
+    return ArraySource(load_dataset(name, split, data_dir))
