@@ -24,7 +24,9 @@ Modes:
                top-1 / top-5 on the eval split.
 
 Results go to <checkpoint>/eval/<mode>_step<N>.json (features are cached there as
-features_step<N>_<split>.npz); training outputs are never overwritten.
+features_step<N>_<split>.npz); training outputs are never overwritten. Several processes (one
+per host) take the flags of train.py (--coordinator_address, --num_processes, --process_id);
+process 0 writes the results (features are then recomputed rather than read from the cache).
 """
 
 import json
@@ -44,6 +46,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _MODE = flags.DEFINE_enum("mode", None, ["knn", "linear", "linear_fast", "cluster", "semisup"], "Evaluation protocol.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or exported encoder directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["mode", "checkpoint"])
 
 log = logging.getLogger("hcsc_jax.eval")
@@ -125,7 +130,7 @@ class Evaluator:
         """Pooled center-crop features of a split (cached as .npz next to the results)."""
         import numpy as np
 
-        from hcsc_jax import trainer
+        from hcsc_jax import distributed, trainer
 
         ds = self.dataset(split)
         # Keyed by step + split in the name; the content check catches a changed dataset / crop /
@@ -135,7 +140,7 @@ class Evaluator:
         key = dict(dataset=self.data["dataset"], image_size=self.data["image_size"], mean=list(self.data["mean"]),
                    std=list(self.data["std"]), n=len(ds), weights=round(weights, 6))
         path = os.path.join(self.out_dir, f"features_step{self.step}_{split}.npz")
-        if self.config.cache_features and os.path.isfile(path):
+        if self.config.cache_features and jax.process_count() == 1 and os.path.isfile(path):
             with np.load(path) as z:
                 if json.loads(str(z["key"])) == key:
                     log.info("features of %s from %s", split, path)
@@ -144,7 +149,7 @@ class Evaluator:
         feats, _ = trainer.embed_dataset(self.graphdef, self.params, self.stats, ds.images, self.data["image_size"],
                                          self.data["mean"], self.data["std"], self.mesh, self.config.embed_batch)
         log.info("embedded %d images of %s in %.1fs", len(ds), split, time.perf_counter() - t0)
-        if self.config.cache_features:
+        if self.config.cache_features and distributed.is_main():
             os.makedirs(self.out_dir, exist_ok=True)
             tmp = path + ".tmp.npz"
             np.savez(tmp, features=feats, key=json.dumps(key))
@@ -179,7 +184,7 @@ def _linear_common(ev: Evaluator, fast: bool) -> tuple[dict, str]:
     import jax
     import numpy as np
 
-    from hcsc_jax import evaluation
+    from hcsc_jax import distributed, evaluation
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import augment as augment_lib
 
@@ -209,7 +214,7 @@ def _linear_common(ev: Evaluator, fast: bool) -> tuple[dict, str]:
             padded = np.concatenate([idx, np.repeat(idx[:1], (-b) % n_dev)]).astype(np.int32)
             out = embed_aug(ev.params, ev.stats, jax.device_put(images[padded], sharded), key,
                             jax.device_put(padded.astype(np.uint32), sharded))
-            return out[:b]
+            return (out if out.is_fully_addressable else distributed.fetch(out))[:b]
 
     params, history = evaluation.train_linear(
         features_fn, train.labels, feat_dim, num_classes, epochs=lc.epochs, base_lr=lc.lr, batch_size=lc.batch_size,
@@ -247,7 +252,7 @@ def run_semisup(ev: Evaluator) -> tuple[dict, str]:
     from flax import nnx
     from tqdm.auto import tqdm
 
-    from hcsc_jax import checkpoints, evaluation, trainer
+    from hcsc_jax import checkpoints, distributed, evaluation, trainer
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import augment as augment_lib
 
@@ -255,8 +260,9 @@ def run_semisup(ev: Evaluator) -> tuple[dict, str]:
     train, test = ev.dataset(ev.data["train_split"]), ev.dataset(ev.data["eval_split"])
     num_classes = int(train.num_classes or max(train.labels.max(), test.labels.max()) + 1)
     subset = evaluation.label_subset(train.labels, sc.fraction, c.seed)
-    os.makedirs(ev.out_dir, exist_ok=True)  # the labelled subset is saved for reuse and audit
-    np.save(os.path.join(ev.out_dir, f"semisup_subset_{sc.fraction:g}_seed{c.seed}.npy"), subset)
+    if distributed.is_main():  # the labelled subset is saved for reuse and audit
+        os.makedirs(ev.out_dir, exist_ok=True)
+        np.save(os.path.join(ev.out_dir, f"semisup_subset_{sc.fraction:g}_seed{c.seed}.npy"), subset)
     n = len(subset)
     batch = min(int(sc.batch_size), n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch
@@ -330,6 +336,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
+    from hcsc_jax import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not distributed.is_main():  # process 0 prints and writes the results
+        logging.getLogger("hcsc_jax").setLevel(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     mode = _MODE.value
     try:
         ev = Evaluator(_CONFIG.value, _CHECKPOINT.value, _STEP.value)
@@ -337,6 +349,8 @@ def main(argv):
     except (EvalError, ValueError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         sys.exit(1)
+    if not distributed.is_main():
+        return
     result = dict(ev.common(), mode=mode, **result, config=_CONFIG.value.to_dict())
     os.makedirs(ev.out_dir, exist_ok=True)
     path = os.path.join(ev.out_dir, f"{mode}_step{ev.step}.json")

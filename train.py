@@ -4,11 +4,15 @@
   python train.py --config configs/digits.py --workdir runs/digits --config.epochs=5
 
 A run resumes automatically from the newest readable checkpoint in --workdir.
+Several processes (one per host): the same command on each, with --coordinator_address,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID); SLURM, Open MPI and Cloud TPU VMs are detected. See README "Multi-host and pods".
 Outputs in --workdir: config.json, metrics.jsonl, hierarchy/epoch_*.npz, checkpoints/,
 summary.json (kNN top-1 on the held-out split, NMI of each prototype level).
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -21,13 +25,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
     "Training configuration (a Python file with get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     ours = console.setup()
-    from hcsc_jax import trainer  # after flag parsing, so --help is fast
+    from hcsc_jax import distributed, trainer  # after flag parsing, so --help is fast
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not distributed.is_main():
+        ours.setLevel(logging.WARNING)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
@@ -37,7 +47,8 @@ def main(argv):
     except trainer.NonFiniteLossError as err:
         ours.error("%s", err)
         sys.exit(1)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

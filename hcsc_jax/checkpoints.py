@@ -6,6 +6,8 @@ function of (seed, epoch), so this is all that is needed to continue mid-epoch);
 holds `clustering.Hierarchy.to_arrays()` when the epoch uses prototypes. Saves are
 asynchronous; Orbax commits a step atomically, so a run killed while saving leaves the previous
 step intact. A step that fails to restore (corrupt files) is reported and the one before used.
+With several processes every process calls `save` and `restore_latest` (Orbax coordinates the
+writes); encoders load on any number of devices and processes, whatever topology saved them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hcsc_jax.clustering import Hierarchy
 from hcsc_jax.models import Encoder, make_encoder
@@ -127,7 +130,7 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
         for s in steps:
             try:
                 meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                state = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+                state = restore_replicated(mngr, s, "state")
                 return _fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]), dict(meta["encoder"], step=s)
             except Exception as err:  # noqa: BLE001 - fall back to an older step
                 if step is not None:
@@ -142,8 +145,17 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
         if mngr.latest_step() is None:
             raise FileNotFoundError(f"{path} holds no encoder checkpoint")
         meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        enc = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(encoder=ocp.args.StandardRestore()))["encoder"]
+        enc = restore_replicated(mngr, mngr.latest_step(), "encoder")
     return _fill(meta, enc["params"], enc["batch_stats"]), meta
+
+
+def restore_replicated(mngr: ocp.CheckpointManager, step: int, item: str):
+    """A `StandardSave`d item of `step` as a pytree of dicts, replicated over all devices of this
+    run: also when the checkpoint was written by another number of devices or processes."""
+    tree = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / item)
+    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("devices",)), P())
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
 
 
 def _unwrap(tree):

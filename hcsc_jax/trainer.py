@@ -5,6 +5,10 @@ training image, faiss builds the hierarchy on the host, and its arrays are put o
 Per-sample k-means labels reach the step with the batch indices. The dataset itself lives on
 the devices (replicated; fine for digits, Fashion-MNIST, CIFAR), so a step only receives the
 indices of its global batch.
+
+With several processes (`distributed.initialize`) every process runs this loop on the same host
+values over one global mesh; faiss runs on process 0 and its hierarchy is broadcast, process 0
+writes the logs, metrics and summaries, and all processes write the checkpoints together.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, clustering, evaluation, objective, train_step as ts
+from hcsc_jax import checkpoints, clustering, distributed, evaluation, objective, train_step as ts
 from hcsc_jax.data import augment as augment_lib
 from hcsc_jax.data import sources
 
@@ -106,7 +109,7 @@ def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
 
 def embed_dataset(graphdef, params, stats, images, crop, mean, std, mesh, batch=256):
     """Inference-mode pass over all images (center crop) -> (pooled (N, F), projection (N, d)),
-    batches sharded over the mesh, results gathered on the host."""
+    batches sharded over the mesh, results gathered on the host (of every process)."""
     n_dev = mesh.size
     batch = max(n_dev, (batch // n_dev) * n_dev)
     sharded = NamedSharding(mesh, P(ts.DATA_AXIS))
@@ -118,33 +121,43 @@ def embed_dataset(graphdef, params, stats, images, crop, mean, std, mesh, batch=
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
         f, p = embed(params, stats, jax.device_put(chunk, sharded))
-        feats.append(np.asarray(f)[: batch - pad])
-        projs.append(np.asarray(p)[: batch - pad])
+        feats.append(distributed.fetch(f)[: batch - pad])
+        projs.append(distributed.fetch(p)[: batch - pad])
     return np.concatenate(feats), np.concatenate(projs)
 
 
 def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None) -> clustering.Hierarchy:
-    """faiss hierarchy of the projections; level sizes from the config unless given."""
+    """faiss hierarchy of the projections; level sizes from the config unless given. Computed
+    on process 0 and broadcast, so every process holds the same hierarchy."""
     c = config.clustering
-    return clustering.hierarchical_kmeans(
-        np.ascontiguousarray(proj, np.float32), list(num_clusters or c.num_clusters), temperature=c.temperature,
-        niter=c.niter, nredo=c.nredo, seed=config.seed + 1000 * epoch,
-        max_points_per_centroid=c.max_points_per_centroid, min_points_per_centroid=c.min_points_per_centroid,
-    )
+    hierarchy = None
+    if distributed.is_main():
+        hierarchy = clustering.hierarchical_kmeans(
+            np.ascontiguousarray(proj, np.float32), list(num_clusters or c.num_clusters),
+            temperature=c.temperature, niter=c.niter, nredo=c.nredo, seed=config.seed + 1000 * epoch,
+            max_points_per_centroid=c.max_points_per_centroid, min_points_per_centroid=c.min_points_per_centroid,
+        )
+    if jax.process_count() == 1:
+        return hierarchy
+    arrays = hierarchy.to_arrays() if hierarchy is not None else None
+    return clustering.Hierarchy.from_arrays(distributed.broadcast_arrays(arrays))
 
 
 class MetricsWriter:
-    """Appends JSON lines to `<workdir>/metrics.jsonl`; on resume drops records past the checkpoint."""
+    """Appends JSON lines to `<workdir>/metrics.jsonl`; on resume drops records past the checkpoint.
+    Writes nothing on processes other than 0."""
 
     def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):
+        self.path = os.path.join(workdir, "metrics.jsonl") if distributed.is_main() else None
+        if self.path and os.path.exists(self.path):
             with open(self.path) as f:
                 keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
 
     def write(self, record: dict[str, Any]):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -167,9 +180,11 @@ def _check_finite(per_step: list[dict], first_step: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict."""
+    main = distributed.is_main()
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     train_set = sources.load_dataset(config.dataset, config.train_split, config.get("data_dir"))
     mesh = ts.make_mesh()
@@ -221,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     hierarchy_dir = os.path.join(workdir, "hierarchy")
 
     for epoch in range(start_epoch, config.epochs):
-        protos, assignments = None, jnp.zeros((n, max(num_levels, 1)), jnp.int32)
+        protos, assignments = None, jax.device_put(np.zeros((n, max(num_levels, 1)), np.int32), replicated)
         cluster_seconds = 0.0
         if uses_prototypes(config, epoch):
             if hierarchy is None or hierarchy_epoch != epoch:
@@ -230,8 +245,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         config.image_size, mean, std, mesh)
                 hierarchy, hierarchy_epoch = cluster(config, proj, epoch), epoch
                 cluster_seconds = time.perf_counter() - t0
-                os.makedirs(hierarchy_dir, exist_ok=True)
-                np.savez(os.path.join(hierarchy_dir, f"epoch_{epoch:04d}.npz"), **hierarchy.to_arrays())
+                if main:
+                    os.makedirs(hierarchy_dir, exist_ok=True)
+                    np.savez(os.path.join(hierarchy_dir, f"epoch_{epoch:04d}.npz"), **hierarchy.to_arrays())
         first = start_in_epoch if epoch == start_epoch else 0
         if hierarchy is not None and hierarchy_epoch == epoch:
             protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
@@ -242,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         perm = epoch_permutation(config.seed, epoch, n)
         pending, epoch_metrics = [], []
         bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="step", leave=False, dynamic_ncols=True, disable=not config.progress_bar)
+                   unit="step", leave=False, dynamic_ncols=True, disable=not (config.progress_bar and main))
         t_log = time.perf_counter()
         for s in bar:
             idx = jax.device_put(perm[s * batch : (s + 1) * batch].astype(np.int32), sharded)
@@ -282,8 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.wait_until_finished()
 
     summary = evaluate(config, workdir, graphdef, state, mesh, train_set, mean, std)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    if main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
     return summary
 
 
