@@ -12,7 +12,8 @@ def get_config():
     c.dataset = "tfds:cifar10"
     c.train_split, c.eval_split = "train", "test"
     c.image_size = 32
-    c.model.update(arch="resnet18", width=1.0, small_stem=True, embed_dim=128, hidden_dim=512)
+    c.model.update(arch="resnet18", width=1.0, small_stem=True, embed_dim=128, hidden_dim=512,
+                   dtype="bfloat16")  # a GPU/TPU config: float32 parameters, bfloat16 compute
     c.batch_size = 256
     c.queue_size = 4096
     c.lr = 0.06

@@ -40,17 +40,28 @@ def get_config() -> ml_collections.ConfigDict:
     # HCSC objective (hcsc_jax.objective.ObjectiveConfig).
     c.objective = ml_collections.ConfigDict(dict(
         semantics="paper", positive="assignment", temperature=0.2, instance_selection=True,
-        prototype_selection=True, instance_loss=True, proto_loss=True, sampler="hash"))
+        prototype_selection=True, instance_loss=True, proto_loss=True, sampler="hash",
+        selection_on_local=False))  # multi-crop: local InfoNCE with the instance masks too
 
     # Hierarchical k-means between epochs (faiss, spec §1). Empty num_clusters = no prototypes.
     c.clustering = ml_collections.ConfigDict(dict(
         num_clusters=(3000, 2000, 1000), temperature=0.2, niter=20, nredo=5,
-        max_points_per_centroid=1000, min_points_per_centroid=10))
+        max_points_per_centroid=1000, min_points_per_centroid=10,
+        backend="faiss"))  # "faiss" (host CPU) or "jax" (Lloyd on the accelerators)
 
     # Augmentation (MoCo v2, spec §6).
     c.augment = ml_collections.ConfigDict(dict(
         scale=(0.2, 1.0), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, flip=True,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        # Multi-crop (spec §6): local views through the query encoder only, as
+        # ((crop_size, (scale_lo, scale_hi)), ...); empty = the two-view method.
+        local_views=()))
+
+    # Input. "memory": the dataset is decoded once and kept on the devices, every crop is taken
+    # there (digits, Fashion-MNIST, CIFAR). "stream": each process decodes its share of every
+    # batch and takes the random-resized crops on the host (`num_workers` threads, 0 = one per
+    # core, `prefetch` batches ahead); flip and photometric ops still run on the devices.
+    c.input = ml_collections.ConfigDict(dict(pipeline="memory", num_workers=0, prefetch=2))
 
     # Final evaluation: kNN on `eval_split`, NMI of a hierarchy with these level sizes.
     c.eval = ml_collections.ConfigDict(dict(knn_k=20, knn_temperature=0.07, num_clusters=(1000,)))

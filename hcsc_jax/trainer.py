@@ -1,14 +1,15 @@
 """The epoch loop: clustering between epochs, sharded steps, metrics, checkpoints, final eval.
 
 Before each epoch after warm-up, the key encoder (inference mode) embeds a center crop of every
-training image, faiss builds the hierarchy on the host, and its arrays are put on every device.
-Per-sample k-means labels reach the step with the batch indices. The dataset itself lives on
-the devices (replicated; fine for digits, Fashion-MNIST, CIFAR), so a step only receives the
-indices of its global batch.
+training image, k-means builds the hierarchy (faiss on the host, or the "jax" backend on the
+devices), and its arrays are put on every device. The images reach the step through a
+`data.pipeline` input (`config.input.pipeline`): "memory" keeps the dataset on the devices and
+a step receives only the indices of its global batch; "stream" decodes and crops on the host,
+each process its share. Per-sample k-means labels travel with the batch.
 
-With several processes (`distributed.initialize`) every process runs this loop on the same host
-values over one global mesh; faiss runs on process 0 and its hierarchy is broadcast, process 0
-writes the logs, metrics and summaries, and all processes write the checkpoints together.
+With several processes (`distributed.initialize`) every process runs this loop over one global
+mesh; faiss runs on process 0 and its hierarchy is broadcast, process 0 writes the logs,
+metrics and summaries, and all processes write the checkpoints together.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 
 from hcsc_jax import checkpoints, clustering, distributed, evaluation, objective, train_step as ts
 from hcsc_jax.data import augment as augment_lib
-from hcsc_jax.data import sources
+from hcsc_jax.data import pipeline, sources
+from hcsc_jax.data import stream as stream_lib
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,43 @@ def objective_config(config) -> objective.ObjectiveConfig:
         semantics=o.semantics, positive=o.positive, temperature=o.temperature,
         instance_selection=o.instance_selection, prototype_selection=o.prototype_selection,
         instance_loss=o.instance_loss, proto_loss=o.proto_loss, group_size=config.bn_group_size,
-        sampler=o.sampler,
+        sampler=o.sampler, selection_on_local=o.selection_on_local,
     )
 
 
-def view_configs(config, channels: int):
+def view_configs(config, channels: int, streaming: bool = False):
+    """-> (query view, key view, tuple of local views, (mean, std)) augmentation configs. With
+    `streaming` the host has cropped every view already (`random_crop=False`)."""
     a = config.augment
     mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
-    base = dict(crop_size=config.image_size, scale=tuple(a.scale), jitter_prob=a.jitter_prob,
-                grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, flip=a.flip, mean=mean, std=std)
-    view = augment_lib.AugmentConfig(**base)
-    return view, view, (mean, std)
+    base = dict(jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
+                flip=a.flip, mean=mean, std=std, random_crop=not streaming)
+    view = augment_lib.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
+    local = tuple(augment_lib.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
+                  for size, scale in a.local_views)
+    return view, view, local, (mean, std)
+
+
+def host_crops(config) -> tuple[stream_lib.CropSpec, ...]:
+    """The streaming path's host crops: query, key, then the local views."""
+    a = config.augment
+    view = stream_lib.CropSpec(config.image_size, tuple(a.scale))
+    return (view, view) + tuple(stream_lib.CropSpec(size, tuple(scale)) for size, scale in a.local_views)
+
+
+def make_input(config, split: str, mesh, train: bool = True):
+    """The dataset `split` as `config.input.pipeline` says: "memory" (resident on the devices)
+    or "stream" (host decoding and crops; `train=False`: the feature pass only)."""
+    pipe = config.input.pipeline
+    if pipe == "memory":
+        data = sources.load_dataset(config.dataset, split, config.get("data_dir"))
+        return pipeline.ResidentInput(data, mesh, config.batch_size, config.seed)
+    if pipe == "stream":
+        return pipeline.StreamInput(
+            sources.open_source(config.dataset, split, config.get("data_dir")), mesh, config.batch_size,
+            config.seed, host_crops(config) if train else (), config.input.num_workers or None,
+            config.input.prefetch)
+    raise ValueError(f"input.pipeline must be 'memory' or 'stream', got {pipe!r}")
 
 
 def init_from(model, path: str) -> None:
@@ -89,54 +117,62 @@ def uses_prototypes(config, epoch: int) -> bool:
     return bool(config.clustering.num_clusters) and epoch >= config.warmup_epochs
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The data order of an epoch: a function of (seed, epoch) only, so runs resume exactly."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 @functools.lru_cache(maxsize=8)
-def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
-    """jitted (params, stats, uint8 images) -> (pooled, projection), inference mode, center crop."""
+def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
+    """jitted (params, stats, uint8 images) -> (pooled, projection), inference mode, center crop
+    (taken on the host already when `precropped`)."""
 
     @jax.jit
     def embed(params, stats, x):
-        x = augment_lib.center_crop(x, crop, mean, std)
+        x = augment_lib.normalize(x, mean, std) if precropped else augment_lib.center_crop(x, crop, mean, std)
         feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
         return feats, proj
 
     return embed
 
 
+def embed_batches(graphdef, params, stats, batches, n: int, crop, mean, std, precropped: bool):
+    """Inference-mode features of `batches` of (images sharded, indices (b,), valid (b,)) that
+    cover indices 0..n-1 -> (pooled (N, F), projection (N, d)) on the host of every process."""
+    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std), precropped)
+    feats = projs = None
+    for images, idx, valid in batches:
+        f, p = embed(params, stats, images)
+        f, p = distributed.fetch(f)[valid], distributed.fetch(p)[valid]
+        if feats is None:
+            feats, projs = np.zeros((n, f.shape[1]), f.dtype), np.zeros((n, p.shape[1]), p.dtype)
+        feats[idx[valid]], projs[idx[valid]] = f, p
+    return feats, projs
+
+
 def embed_dataset(graphdef, params, stats, images, crop, mean, std, mesh, batch=256):
-    """Inference-mode pass over all images (center crop) -> (pooled (N, F), projection (N, d)),
-    batches sharded over the mesh, results gathered on the host (of every process)."""
-    n_dev = mesh.size
-    batch = max(n_dev, (batch // n_dev) * n_dev)
-    sharded = NamedSharding(mesh, P(ts.DATA_AXIS))
-    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std))
-    feats, projs = [], []
-    for start in range(0, len(images), batch):
-        chunk = np.asarray(images[start : start + batch])
-        pad = batch - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        f, p = embed(params, stats, jax.device_put(chunk, sharded))
-        feats.append(distributed.fetch(f)[: batch - pad])
-        projs.append(distributed.fetch(p)[: batch - pad])
-    return np.concatenate(feats), np.concatenate(projs)
+    """Inference-mode pass over uint8 images (N, H, W, C) (center crop on the device) -> (pooled
+    (N, F), projection (N, d)), batches sharded over the mesh, results on every host."""
+    batches = pipeline.array_batches(images, mesh, batch)
+    return embed_batches(graphdef, params, stats, batches, len(images), crop, mean, std, precropped=False)
 
 
-def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None) -> clustering.Hierarchy:
-    """faiss hierarchy of the projections; level sizes from the config unless given. Computed
-    on process 0 and broadcast, so every process holds the same hierarchy."""
+def embed_input(graphdef, params, stats, data, crop, mean, std, batch=256):
+    """`embed_dataset` of a `pipeline` input (resident or streamed)."""
+    return embed_batches(graphdef, params, stats, data.center_crops(crop, batch), data.num_examples,
+                         crop, mean, std, data.precropped)
+
+
+def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) -> clustering.Hierarchy:
+    """Hierarchy of the projections; level sizes from the config unless given. Backend
+    `config.clustering.backend`: "faiss" runs on process 0 and the result is broadcast; "jax"
+    runs on the devices of `mesh`, every process taking part. Every process gets the same
+    hierarchy."""
     c = config.clustering
-    hierarchy = None
-    if distributed.is_main():
-        hierarchy = clustering.hierarchical_kmeans(
-            np.ascontiguousarray(proj, np.float32), list(num_clusters or c.num_clusters),
-            temperature=c.temperature, niter=c.niter, nredo=c.nredo, seed=config.seed + 1000 * epoch,
-            max_points_per_centroid=c.max_points_per_centroid, min_points_per_centroid=c.min_points_per_centroid,
-        )
+    backend = c.backend
+    kmeans = functools.partial(
+        clustering.hierarchical_kmeans, np.ascontiguousarray(proj, np.float32),
+        list(num_clusters or c.num_clusters), temperature=c.temperature, niter=c.niter, nredo=c.nredo,
+        seed=config.seed + 1000 * epoch, max_points_per_centroid=c.max_points_per_centroid,
+        min_points_per_centroid=c.min_points_per_centroid, backend=backend)
+    if backend == "jax":
+        return kmeans(mesh=mesh)
+    hierarchy = kmeans() if distributed.is_main() else None
     if jax.process_count() == 1:
         return hierarchy
     arrays = hierarchy.to_arrays() if hierarchy is not None else None
@@ -186,12 +222,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    train_set = sources.load_dataset(config.dataset, config.train_split, config.get("data_dir"))
     mesh = ts.make_mesh()
     batch = config.batch_size
     ts.check_batch_config(batch, config.queue_size, config.bn_group_size, mesh.size)
-    n = len(train_set.images)
-    steps_per_epoch = n // batch
+    train_set = make_input(config, config.train_split, mesh)
+    n = train_set.num_examples
+    steps_per_epoch = train_set.steps_per_epoch
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
     num_levels = len(config.clustering.num_clusters)
@@ -202,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     total_steps = steps_per_epoch * config.epochs
 
-    channels = train_set.images.shape[-1]
+    channels = train_set.channels
     enc_meta = encoder_meta(config, channels)
     model = build_encoder(config, channels, config.seed)
     if config.get("init_encoder"):
@@ -210,7 +246,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     graphdef = ts.split_model(model)[0]
     tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
     replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P(ts.DATA_AXIS))
     state = jax.device_put(
         ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed), replicated)
 
@@ -226,24 +261,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     global_step = int(state.step)  # host copy: no device sync per step
     writer = MetricsWriter(workdir, global_step)
 
-    view_q, view_k, (mean, std) = view_configs(config, channels)
+    view_q, view_k, view_local, (mean, std) = view_configs(config, channels, train_set.streaming)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
-                             ema_momentum=config.ema_momentum,
+                             view_local=view_local, ema_momentum=config.ema_momentum,
                              shuffle_bn=config.shuffle_bn)
-    images_dev = jax.device_put(train_set.images, replicated)
-    step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w) for w in (True, False)}
+    step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w, train_set.streaming) for w in (True, False)}
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
     hierarchy_dir = os.path.join(workdir, "hierarchy")
 
     for epoch in range(start_epoch, config.epochs):
-        protos, assignments = None, jax.device_put(np.zeros((n, max(num_levels, 1)), np.int32), replicated)
+        protos, assignments = None, np.zeros((n, max(num_levels, 1)), np.int32)
         cluster_seconds = 0.0
         if uses_prototypes(config, epoch):
             if hierarchy is None or hierarchy_epoch != epoch:
                 t0 = time.perf_counter()
-                _, proj = embed_dataset(graphdef, state.k_params, state.k_stats, train_set.images,
-                                        config.image_size, mean, std, mesh)
-                hierarchy, hierarchy_epoch = cluster(config, proj, epoch), epoch
+                _, proj = embed_input(graphdef, state.k_params, state.k_stats, train_set, config.image_size,
+                                      mean, std)
+                hierarchy, hierarchy_epoch = cluster(config, proj, epoch, mesh=mesh), epoch
                 cluster_seconds = time.perf_counter() - t0
                 if main:
                     os.makedirs(hierarchy_dir, exist_ok=True)
@@ -251,18 +285,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         first = start_in_epoch if epoch == start_epoch else 0
         if hierarchy is not None and hierarchy_epoch == epoch:
             protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
-            assignments = jax.device_put(hierarchy.assignments(), replicated)
+            assignments = hierarchy.assignments()
             if first == 0:  # (resumed mid-epoch, the restored state already holds the cache)
                 state = refresh_lse(state, protos)
         step_fn = step_fns[protos is None]
-        perm = epoch_permutation(config.seed, epoch, n)
         pending, epoch_metrics = [], []
-        bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(zip(range(first, steps_per_epoch), train_set.steps(epoch, first, assignments)),
+                   total=steps_per_epoch - first, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True, disable=not (config.progress_bar and main))
         t_log = time.perf_counter()
-        for s in bar:
-            idx = jax.device_put(perm[s * batch : (s + 1) * batch].astype(np.int32), sharded)
-            state, metrics = step_fn(state, idx, images_dev, assignments, protos)
+        for s, inputs in bar:
+            state, metrics = step_fn(state, *inputs, protos)
             global_step += 1
             pending.append(metrics)
             save_now = config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0
@@ -297,30 +330,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save(mngr, state, meta, hierarchy)
     mngr.wait_until_finished()
 
-    summary = evaluate(config, workdir, graphdef, state, mesh, train_set, mean, std)
+    summary = evaluate(config, graphdef, state, mesh, train_set, mean, std)
     if main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
     return summary
 
 
-def evaluate(config, workdir, graphdef, state, mesh, train_set, mean, std) -> dict[str, Any]:
+def evaluate(config, graphdef, state, mesh, train_set, mean, std) -> dict[str, Any]:
     """kNN top-1 on the held-out split (query encoder pooled features) and the NMI against the
     training labels of every level of a hierarchy (`config.eval.num_clusters`) built from the
-    final key encoder's projections."""
-    test_set = sources.load_dataset(config.dataset, config.eval_split, config.get("data_dir"))
+    final key encoder's projections. `train_set`: the run's `pipeline` input."""
+    test_set = make_input(config, config.eval_split, mesh, train=False)
     crop = config.image_size
-    embed = lambda imgs, p, s: embed_dataset(graphdef, p, s, imgs, crop, mean, std, mesh)
-    train_feats, _ = embed(train_set.images, state.q_params, state.q_stats)
-    test_feats, _ = embed(test_set.images, state.q_params, state.q_stats)
+    embed = lambda data, p, s: embed_input(graphdef, p, s, data, crop, mean, std)
+    train_feats, _ = embed(train_set, state.q_params, state.q_stats)
+    test_feats, _ = embed(test_set, state.q_params, state.q_stats)
     summary: dict[str, Any] = {"step": int(state.step), "epochs": config.epochs}
     if train_set.labels is not None and test_set.labels is not None:
         summary["knn_top1"] = evaluation.knn_accuracy(
             train_feats, train_set.labels, test_feats, test_set.labels, k=config.eval.knn_k,
             temperature=config.eval.knn_temperature, num_classes=train_set.num_classes)
     if train_set.labels is not None and config.eval.num_clusters:
-        _, proj = embed(train_set.images, state.k_params, state.k_stats)
-        final = cluster(config, proj, config.epochs, config.eval.num_clusters)
+        _, proj = embed(train_set, state.k_params, state.k_stats)
+        final = cluster(config, proj, config.epochs, config.eval.num_clusters, mesh)
         summary["nmi_per_level"] = [evaluation.nmi(lv.assignments, train_set.labels) for lv in final.levels]
         summary["num_clusters"] = list(final.num_clusters)
     return summary

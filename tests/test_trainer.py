@@ -189,3 +189,57 @@ def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path):
     wrong.model.width = 0.25
     with pytest.raises(ValueError, match="different architecture than config.model"):
         trainer.train_and_evaluate(wrong, str(tmp_path / "b"))
+
+
+def _final_params(workdir):
+    model, _ = checkpoints.load_encoder(workdir)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_streaming_input_trains_like_resident_input(tmp_path):
+    """Host-side crops (input.pipeline="stream") give the same training as device-side crops
+    when both crops are the whole image (scale 1): same order, same views, same parameters."""
+    runs = {}
+    for pipe in ("memory", "stream"):
+        c = tiny_config(epochs=1, warmup_epochs=1)  # warm-up only: the steps, no clustering
+        c.augment.scale = (1.0, 1.0)
+        c.input.update(pipeline=pipe, num_workers=2)
+        c.eval.num_clusters = ()
+        trainer.train_and_evaluate(c, str(tmp_path / pipe))
+        runs[pipe] = _final_params(str(tmp_path / pipe))
+    a, b = (jax.tree.leaves(runs[p]) for p in ("memory", "stream"))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    init = _final_params_of_untrained()
+    assert max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, jax.tree.leaves(init))) > 1e-3
+
+
+def _final_params_of_untrained():
+    model = trainer.build_encoder(tiny_config(), 1, 0)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_streaming_multicrop_run_adds_local_terms(tmp_path):
+    """Multi-crop through the streaming path with prototypes: every logged loss is the sum of the
+    global and local terms, the local terms are there in warm-up and after, and the hierarchy is
+    built from the host's centre crops."""
+    c = tiny_config(epochs=2, warmup_epochs=1)
+    c.augment.local_views = ((6, (0.3, 0.8)), (6, (0.3, 0.8)), (4, (0.2, 0.5)))
+    c.input.update(pipeline="stream", num_workers=2)
+    c.eval.num_clusters = (10,)
+    summary = trainer.train_and_evaluate(c, str(tmp_path))
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") != "epoch"]
+    warm = [r for r in records if r["epoch"] == 0]
+    proto = [r for r in records if r["epoch"] == 1]
+    assert warm and proto
+    for r in warm:
+        assert "loss_local_proto" not in r and r["loss_local_instance"] > 3 * np.log(2)
+        np.testing.assert_allclose(r["loss"], r["loss_instance"] + r["loss_local_instance"], rtol=1e-5)
+    for r in proto:
+        total = r["loss_instance"] + r["loss_proto"] + r["loss_local_instance"] + r["loss_local_proto"]
+        np.testing.assert_allclose(r["loss"], total, rtol=1e-5)
+        assert r["loss_local_proto"] > 0
+    h = clustering.Hierarchy.from_arrays(np.load(tmp_path / "hierarchy" / "epoch_0001.npz"))
+    assert h.assignments().shape == (1437, 3)
+    assert 0.0 < summary["nmi_per_level"][0] <= 1.0

@@ -52,6 +52,7 @@ __all__ = [
     "gaussian_blur",
     "hsv_to_rgb",
     "jitter_params",
+    "normalize",
     "rgb_to_grey",
     "rgb_to_hsv",
     "sample_crop_box",
@@ -395,6 +396,11 @@ def augment(key, images, cfg: AugmentConfig, indices=None) -> jax.Array:
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
     views = jax.vmap(lambda k, img: _augment_one(k, img, cfg))(keys, images)
     return _normalise(views, cfg.mean, cfg.std)
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+    """uint8 (B, H, W, C) already cropped on the host -> float32 (x / 255 - mean) / std."""
+    return _normalise(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)
 
 
 def center_crop(images, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
