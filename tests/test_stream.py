@@ -319,3 +319,12 @@ def test_array_dataset_source_in_stream():
     (idx, (view,)), = TrainStream(src, (CropSpec(8, (1.0, 1.0), (1.0, 1.0)),), 6, 0,
                                   process_index=0, process_count=1).epoch(0)
     np.testing.assert_array_equal(view, images[idx])  # full-image box at full size: identity
+
+
+def test_bad_crop_specs_say_what_to_change():
+    for bad, msg in (((0, (0.2, 1.0)), "crop size must be positive"), ((8, (0.5, 0.2)), "scale must satisfy"),
+                     ((8, (0.2, 1.0), (1.5, 1.0)), "ratio must satisfy")):
+        with pytest.raises(ValueError, match=msg):
+            CropSpec(*bad)
+        with pytest.raises(ValueError, match=msg):
+            augment.AugmentConfig(*bad)

@@ -47,6 +47,7 @@ __all__ = [
     "AugmentConfig",
     "augment",
     "blur_kernel_size",
+    "check_crop_params",
     "center_crop",
     "color_jitter",
     "gaussian_blur",
@@ -62,6 +63,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def check_crop_params(size: int, scale, ratio) -> None:
+    """Raises ValueError unless size > 0 and scale, ratio are (lo, hi) with 0 < lo <= hi."""
+    if size <= 0:
+        raise ValueError(f"crop size must be positive, got {size}")
+    if not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"scale must satisfy 0 < lo <= hi, got {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +96,7 @@ class AugmentConfig:
     random_crop: bool = True
 
     def __post_init__(self):
-        if self.crop_size <= 0:
-            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must satisfy 0 < lo <= hi, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        check_crop_params(self.crop_size, self.scale, self.ratio)
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
         if min(self.brightness, self.contrast, self.saturation) < 0:

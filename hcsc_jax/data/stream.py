@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from hcsc_jax.data.augment import CROP_UNIFORMS
+from hcsc_jax.data.augment import CROP_UNIFORMS, check_crop_params
 from hcsc_jax.data.sources import RandomAccessSource
 
 __all__ = [
@@ -70,12 +70,7 @@ class CropSpec:
     ratio: tuple = (3 / 4, 4 / 3)
 
     def __post_init__(self):
-        if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must satisfy 0 < lo <= hi, got {self.scale}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        check_crop_params(self.size, self.scale, self.ratio)
 
 
 # ----------------------------------------------------------------------------- per image
