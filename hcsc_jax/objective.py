@@ -260,9 +260,7 @@ def hcsc_objective(
         loss, acc = losses.info_nce(q, k, queue, None, cfg.temperature, cfg.semantics)
         metrics = {"loss_instance": loss, "instance_acc": acc}
         if local_q:
-            metrics["loss_local_instance"] = sum(
-                losses.info_nce(x, k, queue, None, cfg.temperature, cfg.semantics)[0] for x in local_q
-            )
+            metrics["loss_local_instance"] = sum(_instance_term(x, k, queue, None, cfg)[0] for x in local_q)
             loss = loss + metrics["loss_local_instance"]
         metrics["loss"] = loss
         return loss, metrics

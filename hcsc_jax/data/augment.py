@@ -49,6 +49,7 @@ __all__ = [
     "blur_kernel_size",
     "check_crop_params",
     "center_crop",
+    "center_crop_geometry",
     "color_jitter",
     "gaussian_blur",
     "hsv_to_rgb",
@@ -409,6 +410,18 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     return _normalise(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)
 
 
+def center_crop_geometry(height: int, width: int, crop_size: int) -> tuple[int, int, int, int]:
+    """torchvision Resize(round(crop * 256 / 224)) of the shorter side then CenterCrop(crop):
+    -> (resized height, resized width, crop top, crop left). As torchvision's
+    _compute_resized_output_size, the long side is truncated, not rounded."""
+    short = round(crop_size * 256 / 224)
+    if height <= width:
+        new_h, new_w = short, int(short * width / height)
+    else:
+        new_h, new_w = int(short * height / width), short
+    return new_h, new_w, round((new_h - crop_size) / 2.0), round((new_w - crop_size) / 2.0)
+
+
 def center_crop(images, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """Eval / clustering view: torchvision Resize(round(crop * 256 / 224)) (shorter side,
     bilinear, antialias) + CenterCrop(crop) + Normalize, on a (B, H, W, C) uint8 batch."""
@@ -416,14 +429,7 @@ def center_crop(images, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) ->
     if images.ndim != 4:
         raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
     _, height, width, _ = images.shape
-    short = round(crop_size * 256 / 224)
-    # torchvision _compute_resized_output_size: the long side is truncated, not rounded.
-    if height <= width:
-        new_h, new_w = short, int(short * width / height)
-    else:
-        new_h, new_w = int(short * height / width), short
-    top = round((new_h - crop_size) / 2.0)
-    left = round((new_w - crop_size) / 2.0)
+    new_h, new_w, top, left = center_crop_geometry(height, width, crop_size)
     # Only the rows/columns of the resized image that survive the crop are computed.
     wy = jnp.asarray(bilinear_weights(height, new_h)[top:top + crop_size])
     wx = jnp.asarray(bilinear_weights(width, new_w)[left:left + crop_size])

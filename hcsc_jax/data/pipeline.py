@@ -14,6 +14,7 @@ step's arguments before the prototypes (see `train_step.jit_train_step`), and
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import jax
@@ -24,7 +25,7 @@ from hcsc_jax import distributed
 from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.data.sources import ArrayDataset, RandomAccessSource
 
-DATA_AXIS = "data"
+DATA_AXIS = stream_lib.DATA_AXIS
 
 
 class ResidentInput:
@@ -41,7 +42,12 @@ class ResidentInput:
         self.steps_per_epoch = self.num_examples // global_batch
         self._replicated = NamedSharding(mesh, P())
         self._sharded = NamedSharding(mesh, P(DATA_AXIS))
-        self.images = jax.device_put(dataset.images, self._replicated)
+
+    @functools.cached_property
+    def images(self) -> jax.Array:
+        """(N, H, W, C) uint8 on every device, transferred at the first training step (a
+        held-out split only used for features is never copied whole)."""
+        return jax.device_put(self.host_images, self._replicated)
 
     def steps(self, epoch: int, start_step: int, assignments: np.ndarray) -> Iterator[tuple]:
         """-> (indices (B,) sharded, images (N, H, W, C), assignments (N, L)) per step."""

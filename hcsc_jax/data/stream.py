@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from hcsc_jax.data.augment import CROP_UNIFORMS, check_crop_params
+from hcsc_jax.data.augment import CROP_UNIFORMS, center_crop_geometry, check_crop_params
 from hcsc_jax.data.sources import RandomAccessSource
 
 __all__ = [
@@ -137,13 +137,7 @@ def center_crop_image(image: np.ndarray, crop: int) -> np.ndarray:
     """Eval / clustering view of one (H, W, C) uint8 image -> (crop, crop, C) uint8: torchvision
     Resize(round(crop * 256 / 224)) (shorter side, bilinear, antialias; long side truncated as in
     `augment.center_crop`) + CenterCrop(crop)."""
-    height, width = image.shape[:2]
-    short = round(crop * 256 / 224)
-    if height <= width:
-        new_h, new_w = short, int(short * width / height)
-    else:
-        new_h, new_w = int(short * height / width), short
-    top, left = round((new_h - crop) / 2.0), round((new_w - crop) / 2.0)
+    new_h, new_w, top, left = center_crop_geometry(*image.shape[:2], crop)
     resized = _pil(image).resize((new_w, new_h), Image.BILINEAR)
     return _array(resized.crop((left, top, left + crop, top + crop)))
 
