@@ -1,6 +1,6 @@
 """Times the between-epoch prototype pass: embedding N images, then hierarchical k-means.
 
-(a) Feature pass: `trainer.embed_dataset` of N synthetic uint8 images (32x32) through a ResNet-18
+(a) Feature pass: `features.embed_dataset` of N synthetic uint8 images (32x32) through a ResNet-18
 width 0.25 small-stem encoder (includes its jit compilation; --skip_features to leave it out).
 (b) `hierarchical_kmeans` at the published settings (levels 3000/2000/1000, niter 20, nredo 5,
 max_points_per_centroid 1000) of N synthetic unit-norm 128-d features with cluster structure, for
@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from hcsc_jax import clustering, trainer
+from hcsc_jax import clustering, features
 from hcsc_jax import train_step as ts
 from hcsc_jax.models import make_encoder
 
@@ -56,7 +56,7 @@ def time_features(n, image_size):
     graphdef, params, stats = ts.split_model(model)
     images = np.random.default_rng(0).integers(0, 256, (n, image_size, image_size, 3), np.uint8)
     start = time.perf_counter()
-    _, proj = trainer.embed_dataset(graphdef, params, stats, images, image_size, IMAGENET_MEAN,
+    _, proj = features.embed_dataset(graphdef, params, stats, images, image_size, IMAGENET_MEAN,
                                     IMAGENET_STD, ts.make_mesh())
     return time.perf_counter() - start, proj
 

@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Final evaluation: kNN on `eval_split`, NMI of a hierarchy with these level sizes.
     c.eval = ml_collections.ConfigDict(dict(knn_k=20, knn_temperature=0.07, num_clusters=(1000,)))
+    # Evaluators during training (hcsc_jax/evaluators/), results in metrics.jsonl ("type": "eval"):
+    # name -> its settings (as in configs/eval_digits.py) + every_epochs (+ type, when the name is
+    # not the protocol's). They also run after the last epoch.
+    c.evals = ml_collections.ConfigDict()
 
     # Bookkeeping.
     c.log_every_steps = 50

@@ -21,6 +21,7 @@ def get_config():
     # 8-px grey digits: milder crops, no flips (they change a digit's meaning), no blur.
     c.augment.update(scale=(0.4, 1.0), grayscale_prob=0.0, blur_prob=0.0, flip=False, mean=(0.5,), std=(0.5,))
     c.eval.update(num_clusters=(60, 30, 10))
+    c.evals.knn = dict(every_epochs=5, ks=(20, 200), temperature=0.07)  # a kNN curve in metrics.jsonl
     c.log_every_steps = 11
     c.checkpoint_every_epochs = 10
     return c

@@ -15,7 +15,8 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # Data: None = taken from <checkpoint>/config.json (dataset, splits, image_size, augment.mean/std).
+    # Data: None = taken from <checkpoint>/config.json (dataset, splits, image_size, augment.mean/std,
+    # input.pipeline / num_workers / prefetch).
     c.dataset = config_dict.placeholder(str)
     c.data_dir = config_dict.placeholder(str)
     c.train_split = config_dict.placeholder(str)
@@ -23,25 +24,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = config_dict.placeholder(int)
     c.mean = config_dict.placeholder(tuple)
     c.std = config_dict.placeholder(tuple)
+    c.pipeline = config_dict.placeholder(str)  # "memory" or "stream"
+    c.num_workers = config_dict.placeholder(int)
+    c.prefetch = config_dict.placeholder(int)
+    c.expect_arch = config_dict.placeholder(str)  # e.g. "resnet50": refuse other checkpoints
     c.embed_batch = 256
-    c.cache_features = True
     c.progress_bar = True
 
-    # kNN: weighted by exp(sim / T).
-    c.knn_ks = (10, 20, 100, 200)
-    c.knn_temperature = 0.07
+    # kNN: weighted by exp(sim / T); chunks bound the device memory (hcsc_jax/evaluators/knn.py).
+    c.knn = ml_collections.ConfigDict(dict(ks=(10, 20, 100, 200), temperature=0.07, train_chunk=16384,
+                                           test_block=1024))
 
-    # Linear classifier (frozen encoder, inference mode).
+    # Linear classifier (frozen encoder, inference mode); resumable every N steps (0: epoch ends).
     c.linear = ml_collections.ConfigDict(dict(
         epochs=100, lr=5.0, batch_size=256, milestones=(60, 80), gamma=0.1, momentum=0.9,
-        scale=(0.08, 1.0), flip=True))
+        scale=(0.08, 1.0), flip=True, checkpoint_every_steps=0))
 
-    # Semi-supervised: fine-tune encoder + linear head on a class-balanced `fraction` of the
-    # training labels (spec: 1% / 10%), whole-batch BN in train mode.
+    # Semi-supervised: fine-tune encoder + linear head on the images of `split_file` or, without
+    # one, a class-balanced `fraction` of the training labels; whole-batch BN in train mode.
     c.semisup = ml_collections.ConfigDict(dict(
-        fraction=0.1, epochs=70, trunk_lr=0.005, head_lr=0.02, batch_size=256, milestones=(30, 60), gamma=0.1,
-        momentum=0.9, scale=(0.08, 1.0), flip=True))
+        split_file=config_dict.placeholder(str), fraction=0.1, epochs=70, trunk_lr=0.005, head_lr=0.02,
+        batch_size=256, milestones=(30, 60), gamma=0.1, momentum=0.9, scale=(0.08, 1.0), flip=True))
 
-    # k-means on the frozen features (ImageNet uses 1000 and 25000).
-    c.cluster = ml_collections.ConfigDict(dict(ks=(10, 50, 100), niter=20, nredo=1))
+    # k-means on the frozen features (ImageNet uses 1000 and 25000); no subsampling at this size.
+    c.cluster = ml_collections.ConfigDict(dict(ks=(10, 50, 100), niter=20, nredo=1,
+                                               max_points_per_centroid=1_000_000))
+
+    # VOC07 transfer: linear SVMs on frozen features (needs a prepared TFDS voc/2007).
+    c.voc = ml_collections.ConfigDict(dict(
+        dataset="tfds:voc/2007", train_split="train+validation", test_split="test", image_size=224,
+        costs=(0.01, 0.1, 1.0, 10.0), folds=3))
     return c

@@ -21,6 +21,7 @@ def get_config():
     c.input.pipeline = "stream"
     c.clustering.backend = "jax"  # same Lloyd iterations as faiss; "faiss" for the host path
     c.eval.num_clusters = (1000,)
+    c.evals.knn = dict(every_epochs=10, ks=(20, 200), temperature=0.07)  # a kNN curve
     c.log_every_steps = 100
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 1000

@@ -29,9 +29,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, clustering, distributed, evaluation, objective, train_step as ts
+from hcsc_jax import checkpoints, clustering, distributed, evaluators, objective, train_step as ts
+from hcsc_jax.features import embed_input
 from hcsc_jax.data import augment as augment_lib
-from hcsc_jax.data import pipeline, sources
+from hcsc_jax.data import pipeline
 from hcsc_jax.data import stream as stream_lib
 
 log = logging.getLogger(__name__)
@@ -82,16 +83,9 @@ def host_crops(config) -> tuple[stream_lib.CropSpec, ...]:
 def make_input(config, split: str, mesh, train: bool = True):
     """The dataset `split` as `config.input.pipeline` says: "memory" (resident on the devices)
     or "stream" (host decoding and crops; `train=False`: the feature pass only)."""
-    pipe = config.input.pipeline
-    if pipe == "memory":
-        data = sources.load_dataset(config.dataset, split, config.get("data_dir"))
-        return pipeline.ResidentInput(data, mesh, config.batch_size, config.seed)
-    if pipe == "stream":
-        return pipeline.StreamInput(
-            sources.open_source(config.dataset, split, config.get("data_dir")), mesh, config.batch_size,
-            config.seed, host_crops(config) if train else (), config.input.num_workers or None,
-            config.input.prefetch)
-    raise ValueError(f"input.pipeline must be 'memory' or 'stream', got {pipe!r}")
+    i = config.input
+    return pipeline.open_input(i.pipeline, config.dataset, split, config.get("data_dir"), mesh, config.batch_size,
+                               config.seed, host_crops(config) if train else (), i.num_workers, i.prefetch)
 
 
 def init_from(model, path: str) -> None:
@@ -115,47 +109,6 @@ def config_model_of(model) -> dict:
 
 def uses_prototypes(config, epoch: int) -> bool:
     return bool(config.clustering.num_clusters) and epoch >= config.warmup_epochs
-
-
-@functools.lru_cache(maxsize=8)
-def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
-    """jitted (params, stats, uint8 images) -> (pooled, projection), inference mode, center crop
-    (taken on the host already when `precropped`)."""
-
-    @jax.jit
-    def embed(params, stats, x):
-        x = augment_lib.normalize(x, mean, std) if precropped else augment_lib.center_crop(x, crop, mean, std)
-        feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
-        return feats, proj
-
-    return embed
-
-
-def embed_batches(graphdef, params, stats, batches, n: int, crop, mean, std, precropped: bool):
-    """Inference-mode features of `batches` of (images sharded, indices (b,), valid (b,)) that
-    cover indices 0..n-1 -> (pooled (N, F), projection (N, d)) on the host of every process."""
-    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std), precropped)
-    feats = projs = None
-    for images, idx, valid in batches:
-        f, p = embed(params, stats, images)
-        f, p = distributed.fetch(f)[valid], distributed.fetch(p)[valid]
-        if feats is None:
-            feats, projs = np.zeros((n, f.shape[1]), f.dtype), np.zeros((n, p.shape[1]), p.dtype)
-        feats[idx[valid]], projs[idx[valid]] = f, p
-    return feats, projs
-
-
-def embed_dataset(graphdef, params, stats, images, crop, mean, std, mesh, batch=256):
-    """Inference-mode pass over uint8 images (N, H, W, C) (center crop on the device) -> (pooled
-    (N, F), projection (N, d)), batches sharded over the mesh, results on every host."""
-    batches = pipeline.array_batches(images, mesh, batch)
-    return embed_batches(graphdef, params, stats, batches, len(images), crop, mean, std, precropped=False)
-
-
-def embed_input(graphdef, params, stats, data, crop, mean, std, batch=256):
-    """`embed_dataset` of a `pipeline` input (resident or streamed)."""
-    return embed_batches(graphdef, params, stats, data.center_crops(crop, batch), data.num_examples,
-                         crop, mean, std, data.precropped)
 
 
 def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) -> clustering.Hierarchy:
@@ -266,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              view_local=view_local, ema_momentum=config.ema_momentum,
                              shuffle_bn=config.shuffle_bn)
     step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w, train_set.streaming) for w in (True, False)}
+    eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
     hierarchy_dir = os.path.join(workdir, "hierarchy")
 
@@ -325,35 +279,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
             meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
             checkpoints.save(mngr, state, meta, hierarchy)
+        if config.evals:  # after the save: an eval interrupted by a kill is not redone on resume
+            ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, global_step, mesh,
+                               eval_inputs)
+            record = run_evals(config, ctx, epoch, last)
+            if record:
+                writer.write(dict(record, type="eval", epoch=epoch, step=global_step))
     if mngr.latest_step() is None:  # epochs=0: keep the initial encoder, e.g. for eval.py
         meta = dict(epoch=config.epochs, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
         checkpoints.save(mngr, state, meta, hierarchy)
     mngr.wait_until_finished()
 
-    summary = evaluate(config, graphdef, state, mesh, train_set, mean, std)
+    ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, int(state.step), mesh,
+                       eval_inputs)
+    summary = evaluate(config, ctx, state, mesh)
     if main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
     return summary
 
 
-def evaluate(config, graphdef, state, mesh, train_set, mean, std) -> dict[str, Any]:
-    """kNN top-1 on the held-out split (query encoder pooled features) and the NMI against the
-    training labels of every level of a hierarchy (`config.eval.num_clusters`) built from the
-    final key encoder's projections. `train_set`: the run's `pipeline` input."""
-    test_set = make_input(config, config.eval_split, mesh, train=False)
-    crop = config.image_size
-    embed = lambda data, p, s: embed_input(graphdef, p, s, data, crop, mean, std)
-    train_feats, _ = embed(train_set, state.q_params, state.q_stats)
-    test_feats, _ = embed(test_set, state.q_params, state.q_stats)
+def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mesh, inputs: dict) -> evaluators.Context:
+    """An evaluators.Context for the encoder (params, stats) on the run's data; `inputs` maps split
+    names to `pipeline` inputs already open (reused and filled, not re-read)."""
+    channels = enc_meta["in_channels"]
+    a, i = config.augment, config.input
+    data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
+                               config.image_size, tuple(a.mean)[:channels], tuple(a.std)[:channels], i.pipeline,
+                               i.num_workers, i.prefetch)
+    return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
+                              progress=False, seed=config.seed, inputs=inputs)
+
+
+def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> dict[str, Any]:
+    """The evaluators of `config.evals` due after `epoch` (every `every_epochs`, and at the end) ->
+    one flat record {"<name>/<metric>": value} of their scalar results."""
+    record = {}
+    for name, cfg in config.evals.items():
+        if not (final or (epoch + 1) % cfg.every_epochs == 0):
+            continue
+        result, line = evaluators.run(cfg.get("type", name), ctx, cfg)
+        log.info("%s", line)
+        record.update(flat_scalars(result, name))
+    return record
+
+
+def flat_scalars(tree, prefix: str) -> dict[str, float]:
+    """Numbers of a nested result dict as {"prefix/key/...": float} (lists and strings dropped)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat_scalars(sub, f"{prefix}/{key}").items()}
+    return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def evaluate(config, ctx: evaluators.Context, state, mesh) -> dict[str, Any]:
+    """kNN top-1 on the held-out split (query encoder pooled features, `config.eval.knn_k`) and
+    the NMI against the training labels of every level of a hierarchy (`config.eval.num_clusters`)
+    built from the final key encoder's projections."""
     summary: dict[str, Any] = {"step": int(state.step), "epochs": config.epochs}
-    if train_set.labels is not None and test_set.labels is not None:
-        summary["knn_top1"] = evaluation.knn_accuracy(
-            train_feats, train_set.labels, test_feats, test_set.labels, k=config.eval.knn_k,
-            temperature=config.eval.knn_temperature, num_classes=train_set.num_classes)
+    train_set = ctx.input(config.train_split)
+    if train_set.labels is not None and ctx.input(config.eval_split).labels is not None:
+        knn_cfg = ml_collections.ConfigDict(dict(ks=(config.eval.knn_k,), temperature=config.eval.knn_temperature))
+        res, _ = evaluators.knn.run(ctx, knn_cfg)
+        summary["knn_top1"] = res["best_top1"] / 100
     if train_set.labels is not None and config.eval.num_clusters:
-        _, proj = embed(train_set, state.k_params, state.k_stats)
+        mean, std = ctx.mean_std
+        _, proj = embed_input(ctx.encoder.graphdef, state.k_params, state.k_stats, train_set, config.image_size,
+                              mean, std)
         final = cluster(config, proj, config.epochs, config.eval.num_clusters, mesh)
-        summary["nmi_per_level"] = [evaluation.nmi(lv.assignments, train_set.labels) for lv in final.levels]
+        summary["nmi_per_level"] = [evaluators.cluster.nmi(lv.assignments, train_set.labels) for lv in final.levels]
         summary["num_clusters"] = list(final.num_clusters)
     return summary

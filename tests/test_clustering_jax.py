@@ -5,7 +5,7 @@ import pytest
 from test_clustering import BLOB_MEANS, BLOB_SIZES, blob_to_cluster
 
 from hcsc_jax.clustering import _split_empty, concentration, hierarchical_kmeans
-from hcsc_jax.evaluation import nmi
+from hcsc_jax.evaluators.cluster import nmi
 
 T = 0.2
 SIZES = [40, 12, 4]

@@ -105,7 +105,7 @@ def test_tfds_source_random_access_without_tensorflow(tmp_path, monkeypatch):
         for i in (0, 5, 2):
             np.testing.assert_array_equal(src.load(i), want[i]["image"])
             assert src.load(i).shape == (28, 28, 1)
-        np.testing.assert_array_equal(src.labels, [int(want[i]["label"]) for i in range(6)])
+        # (labels are read without decoding images: tests/test_evaluators.py, on a real ArrayRecord build)
         _, (view,) = next(TrainStream(src, (CropSpec(10, (0.5, 1.0)),), 4, 0,
                                       process_index=0, process_count=1).epoch(0))
         assert view.shape == (4, 10, 10, 1)

@@ -29,6 +29,7 @@ def tiny_config(**overrides):
     c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
     c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
     c.eval.num_clusters = (20, 10)
+    c.evals.knn.update(every_epochs=2, ks=(5, 20))
     return c
 
 
@@ -64,7 +65,7 @@ def test_run_writes_outputs_and_learns_something(finished_run):
     epochs = [r for r in records if r.get("type") == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert "loss_proto" not in epochs[0] and "loss_proto" in epochs[1]  # warm-up, then prototypes
-    assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(np.isfinite(r["loss"]) for r in records if r.get("type") != "eval")
     assert json.load(open(os.path.join(workdir, "config.json")))["queue_size"] == 256
     # One hierarchy per prototype epoch, a valid tree over the training set.
     files = sorted(os.listdir(os.path.join(workdir, "hierarchy")))
@@ -72,6 +73,26 @@ def test_run_writes_outputs_and_learns_something(finished_run):
     h = clustering.Hierarchy.from_arrays(np.load(os.path.join(workdir, "hierarchy", files[-1])))
     assert h.num_clusters == (20, 8, 4) and h.assignments().shape == (1437, 3)
     np.testing.assert_array_equal(h.levels[1].assignments, h.levels[0].parents[h.levels[0].assignments])
+
+
+def test_evaluators_during_training_match_eval_py(finished_run):
+    """config.evals: kNN after epoch 2 (every 2) and after the last one; the last equals what the
+    evaluator gives for the final checkpoint outside training."""
+    from configs import eval_digits
+    from hcsc_jax import evaluators
+
+    workdir, summary = finished_run
+    evals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2] and evals[-1]["step"] == summary["step"]
+    assert set(evals[-1]) >= {"knn/per_k/5/top1", "knn/per_k/20/top5", "knn/best_top1"}
+    cfg = eval_digits.get_config()
+    cfg.progress_bar = False
+    ctx = evaluators.common.from_checkpoint(cfg, workdir, None, trainer.ts.make_mesh())
+    ctx.out_dir = None
+    cfg.knn.ks = (5, 20)
+    res, _ = evaluators.knn.run(ctx, cfg.knn)
+    assert res["per_k"]["5"]["top1"] == evals[-1]["knn/per_k/5/top1"]
+    assert res["per_k"]["20"]["top1"] == evals[-1]["knn/per_k/20/top1"] == pytest.approx(100 * summary["knn_top1"])
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
@@ -106,7 +127,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
         np.testing.assert_array_equal(a, b)
     # metrics.jsonl has no duplicate steps after the replay.
-    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") != "epoch"]
+    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "type" not in r]
     assert steps == sorted(set(steps))
 
 
@@ -229,7 +250,7 @@ def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     c.input.update(pipeline="stream", num_workers=2)
     c.eval.num_clusters = (10,)
     summary = trainer.train_and_evaluate(c, str(tmp_path))
-    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") != "epoch"]
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "type" not in r]  # step records
     warm = [r for r in records if r["epoch"] == 0]
     proto = [r for r in records if r["epoch"] == 1]
     assert warm and proto

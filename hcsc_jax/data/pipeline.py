@@ -23,9 +23,30 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hcsc_jax import distributed
 from hcsc_jax.data import stream as stream_lib
+from hcsc_jax.data import sources
 from hcsc_jax.data.sources import ArrayDataset, RandomAccessSource
 
 DATA_AXIS = stream_lib.DATA_AXIS
+
+
+def open_input(pipeline: str, dataset: str, split: str, data_dir, mesh, global_batch: int, seed: int,
+               crops: tuple[stream_lib.CropSpec, ...] = (), num_workers: int | None = None, prefetch: int = 2,
+               indices=None):
+    """One split as a `ResidentInput` ("memory") or a `StreamInput` ("stream"), restricted to the
+    examples `indices` when given. `crops` (stream): the host's random-resized crops per example;
+    none for an input that only feeds the feature pass."""
+    if pipeline == "memory":
+        data = sources.load_dataset(dataset, split, data_dir)
+        if indices is not None:
+            labels = None if data.labels is None else data.labels[indices]
+            data = ArrayDataset(data.images[indices], labels, data.num_classes, data.name, data.class_names)
+        return ResidentInput(data, mesh, global_batch, seed)
+    if pipeline == "stream":
+        source = sources.open_source(dataset, split, data_dir)
+        if indices is not None:
+            source = sources.SubsetSource(source, indices)
+        return StreamInput(source, mesh, global_batch, seed, crops, num_workers or None, prefetch)
+    raise ValueError(f"input pipeline must be 'memory' or 'stream', got {pipeline!r}")
 
 
 class ResidentInput:

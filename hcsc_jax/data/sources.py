@@ -21,7 +21,8 @@ New sources: decorate `loader(spec, split, data_dir, image_size) -> ArrayDataset
 
 `open_source(name, split, data_dir=None)` is the lazy counterpart for data that does not fit in
 memory: a `RandomAccessSource` whose `load(i)` decodes one (H, W, C) uint8 image on demand (sizes
-may differ). `folder:` and `tfds:` (ArrayRecord only) are read lazily; every other name is
+may differ); its `labels` and `file_names` never decode an image. `folder:` and `tfds:`
+(ArrayRecord only) are read lazily; every other name is
 loaded with `load_dataset` and wrapped in an `ArraySource`.
 """
 
@@ -47,6 +48,7 @@ __all__ = [
     "ArraySource",
     "FolderSource",
     "RandomAccessSource",
+    "SubsetSource",
     "TfdsSource",
     "list_datasets",
     "load_dataset",
@@ -289,6 +291,10 @@ def _stack_images(images: list[np.ndarray], where: str, image_size) -> np.ndarra
     return np.stack(images).astype(np.uint8, copy=False)
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _as_hwc(img, where: str) -> np.ndarray:
     img = np.asarray(img)
     if img.ndim == 2:
@@ -486,6 +492,10 @@ class RandomAccessSource(Protocol):
     def labels(self) -> np.ndarray | None:
         """(num_examples,) int32, or None when unknown."""
 
+    @property
+    def file_names(self) -> tuple[str, ...] | None:
+        """Each example's file name (image folders, TFDS "file_name"), or None when unknown."""
+
     def load(self, i: int) -> np.ndarray:
         """Example i as (H, W, C) uint8."""
 
@@ -501,9 +511,27 @@ class ArraySource:
         self.num_classes = dataset.num_classes
         self.channels = dataset.images.shape[-1]
         self.class_names = dataset.class_names
+        self.file_names = None
 
     def load(self, i: int) -> np.ndarray:
         return self.dataset.images[i]
+
+
+class SubsetSource:
+    """The examples `indices` (M,) of another source, in that order (e.g. a labelled subset)."""
+
+    def __init__(self, source: RandomAccessSource, indices):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.name = f"{source.name}[{len(self.indices)} of {source.num_examples}]"
+        self.num_examples = len(self.indices)
+        self.labels = None if source.labels is None else source.labels[self.indices]
+        self.num_classes, self.channels = source.num_classes, source.channels
+        self.class_names = source.class_names
+        names = source.file_names
+        self.file_names = None if names is None else tuple(names[i] for i in self.indices)
+
+    def load(self, i: int) -> np.ndarray:
+        return self.source.load(int(self.indices[i]))
 
 
 class FolderSource:
@@ -522,6 +550,7 @@ class FolderSource:
         with self._image.open(self.paths[0]) as im:
             self._mode = "L" if im.mode in GREY_MODES else "RGB"
         self.channels = 1 if self._mode == "L" else 3
+        self.file_names = tuple(os.path.basename(p) for p in self.paths)
 
     def load(self, i: int) -> np.ndarray:
         return _as_array(_open_image(self._image, self.paths[i]), self._mode)
@@ -547,6 +576,7 @@ class TfdsSource:
         finally:
             _hide_gpus_from_tensorflow()
         features = builder.info.features
+        self._builder, self._split = builder, split
         self.name = f"tfds:{name}"
         self.num_examples = len(self._source)
         self.num_classes, self.class_names = _tfds_labels(features)
@@ -556,12 +586,34 @@ class TfdsSource:
         self._where = f"tfds:{name} split {split!r}"
 
     @functools.cached_property
+    def _metadata(self) -> list[dict]:
+        """Every example's features but the image, read with `SkipDecoding` for the image: labels
+        and file names without decoding a single JPEG (the bytes are dropped at once)."""
+        import tensorflow_datasets as tfds
+
+        raw = self._builder.as_data_source(split=self._split, decoders={"image": tfds.decode.SkipDecoding()})
+        _hide_gpus_from_tensorflow()
+        return [{k: v for k, v in raw[i].items() if k != "image"} for i in range(self.num_examples)]
+
+    @functools.cached_property
     def labels(self) -> np.ndarray | None:
-        """(N,) int32; the first access reads (and decodes) every example once."""
+        """(N,) int32, read without decoding the images; None without a "label" feature."""
         if not self._has_label:
             return None
-        return np.fromiter((int(self._source[i]["label"]) for i in range(self.num_examples)),
-                           np.int32, self.num_examples)
+        return np.fromiter((int(ex["label"]) for ex in self._metadata), np.int32, self.num_examples)
+
+    @functools.cached_property
+    def file_names(self) -> tuple[str, ...] | None:
+        """The "file_name" feature of every example (e.g. ImageNet's), or None without one."""
+        if "file_name" not in self._builder.info.features:
+            return None
+        return tuple(_text(ex["file_name"]) for ex in self._metadata)
+
+    def feature(self, name: str) -> list:
+        """Feature `name` of every example, images undecoded (e.g. VOC's "labels")."""
+        if name not in self._builder.info.features:
+            raise ValueError(f"{self.name} has no feature {name!r}: {list(self._builder.info.features)}")
+        return [ex[name] for ex in self._metadata]
 
     def load(self, i: int) -> np.ndarray:
         return _as_hwc(self._source[int(i)]["image"], self._where)

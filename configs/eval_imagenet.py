@@ -1,0 +1,49 @@
+"""The paper's evaluation of an ImageNet ResNet-50 (spec §7, the authors' eval_*.py scripts).
+
+  python eval.py --config=configs/eval_imagenet.py --mode=knn    --checkpoint=RUN   # kNN, k 10/20/100/200
+  python eval.py --config=configs/eval_imagenet.py --mode=linear --checkpoint=RUN   # linear, 100 epochs
+  python eval.py --config=configs/eval_imagenet.py:semisup1  --mode=semisup --checkpoint=RUN   # 1% labels
+  python eval.py --config=configs/eval_imagenet.py:semisup10 --mode=semisup --checkpoint=RUN   # 10% labels
+  python eval.py --config=configs/eval_imagenet.py --mode=voc    --checkpoint=RUN   # VOC07 SVM mAP
+  python eval.py --config=configs/eval_imagenet.py:places205 --mode=linear --checkpoint=RUN
+
+Data: a prepared TFDS imagenet2012 (ArrayRecord) in --config.data_dir, or an image folder
+(`--config.dataset=folder:/data/imagenet --config.eval_split=val`). `split_dir` holds the
+authors' 1percent.txt / 10percent.txt (github.com/gyfastas/HCSC, the SimCLR subsets).
+Streamed input: each host decodes its share; `num_workers` threads per host (0: one per core).
+"""
+
+import ml_collections
+
+from configs import eval_digits
+
+VARIANTS = ("", "semisup1", "semisup10", "places205", "runlocal")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of eval_imagenet.py; variants: {', '.join(VARIANTS[1:])}")
+    c = eval_digits.get_config()
+    c.dataset = "tfds:imagenet2012"
+    c.train_split, c.eval_split = "train", "validation"
+    c.image_size = 224  # resize 256 -> centre crop 224 for features; RandomResizedCrop 224 for training
+    c.mean, c.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    c.pipeline = "stream"
+    c.expect_arch = "resnet50"
+    c.embed_batch = 1024
+    c.split_dir = "splits"
+    c.linear.update(checkpoint_every_steps=1000)  # the published protocol otherwise (eval_digits.py)
+    c.cluster.update(ks=(1000, 25000), max_points_per_centroid=256)
+    if arg in ("semisup1", "semisup10"):
+        c.semisup.split_file = f"{c.split_dir}/{arg[len('semisup'):]}percent.txt"
+    if arg == "places205":  # the same linear protocol on an image folder of Places205
+        c.dataset, c.train_split, c.eval_split = "folder:/data/places205", "train", "val"
+    if arg == "runlocal":  # smoke test: a tiny image folder, two epochs of everything
+        c.dataset, c.eval_split, c.expect_arch = "folder:/tmp/imagenet_tiny", "val", None
+        c.image_size, c.embed_batch = 32, 16
+        c.knn.ks = (2, 4)
+        c.linear.update(epochs=2, batch_size=16, milestones=(1,), checkpoint_every_steps=1)
+        c.semisup.update(epochs=2, batch_size=16, milestones=(1,))
+        c.cluster.ks = (3,)
+        c.voc.update(image_size=32, costs=(1.0,), folds=2)
+    return c

@@ -1,0 +1,232 @@
+"""What every evaluator works on: a frozen encoder, a dataset description and its features.
+
+An evaluator is a module with `run(ctx: Context, cfg) -> (result dict, one-line summary)`;
+`cfg` is its section of the eval config (or of `config.evals` during training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hcsc_jax import checkpoints
+from hcsc_jax import features as features_lib
+from hcsc_jax import train_step as ts
+from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import pipeline
+from hcsc_jax.data import stream as stream_lib
+
+
+class EvalError(Exception):
+    """Bad input (data, settings, checkpoint): reported as one line; nothing is written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where an evaluation's images come from and how they are cropped and normalised."""
+
+    dataset: str
+    data_dir: str | None
+    train_split: str
+    eval_split: str
+    image_size: int  # crop size; centre crops resize the shorter side to image_size * 256 / 224
+    mean: tuple
+    std: tuple
+    pipeline: str = "memory"  # "memory" (decoded once, on the devices) or "stream" (host decoding)
+    num_workers: int = 0
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A frozen encoder: `train_step.split_model` parts (replicated), its `encoder_meta`, step."""
+
+    graphdef: Any
+    params: Any
+    stats: Any
+    meta: dict
+    step: int
+
+
+class Context:
+    """An encoder and a dataset for the evaluators, with the labels and features of each split
+    computed once (features also cached on disk under `out_dir` when given)."""
+
+    def __init__(self, encoder: Encoder, data: DataSpec, mesh, out_dir: str | None = None, batch: int = 256,
+                 progress: bool = True, seed: int = 0, inputs: dict | None = None):
+        """`inputs`: split name -> feature-pass input already open, shared (and filled) across
+        contexts, e.g. the trainer's from epoch to epoch."""
+        self.encoder, self.data, self.mesh, self.out_dir = encoder, data, mesh, out_dir
+        self.batch, self.progress, self.seed = batch, progress, seed
+        self._inputs: dict[str, Any] = {} if inputs is None else inputs
+        self._features: dict[str, np.ndarray] = {}
+        self._digest = None
+
+    def with_data(self, **changes) -> Context:
+        """The same encoder (and weight digest) on other data, e.g. a transfer dataset."""
+        ctx = Context(self.encoder, dataclasses.replace(self.data, **changes), self.mesh, self.out_dir, self.batch,
+                      self.progress, self.seed)
+        ctx._digest = self._digest
+        return ctx
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the encoder's weights (`features.weights_digest`)."""
+        if self._digest is None:
+            self._digest = features_lib.weights_digest(self.encoder.params, self.encoder.stats)
+        return self._digest
+
+    @property
+    def mean_std(self) -> tuple[tuple, tuple]:
+        c = int(self.encoder.meta["in_channels"])
+        return tuple(self.data.mean)[:c], tuple(self.data.std)[:c]
+
+    def input(self, split: str, crops: tuple[stream_lib.CropSpec, ...] = (), batch: int | None = None,
+              indices=None):
+        """`split` as a `data.pipeline` input (cached when it only feeds the feature pass).
+        `crops`: the host's random-resized crops of a streamed training input."""
+        key = split if not crops and batch is None and indices is None else None
+        if key in self._inputs:
+            return self._inputs[key]
+        d = self.data
+        try:
+            inp = pipeline.open_input(d.pipeline, d.dataset, split, d.data_dir, self.mesh, batch or self.batch,
+                                      self.seed, crops, d.num_workers, d.prefetch, indices)
+        except (FileNotFoundError, ValueError, ImportError) as err:
+            raise EvalError(str(err)) from None
+        want = int(self.encoder.meta["in_channels"])
+        if inp.channels != want:
+            raise EvalError(f"{d.dataset}:{split} has {inp.channels}-channel images, the encoder takes {want}; "
+                            "evaluate it on a dataset with its number of channels")
+        if key is not None:
+            self._inputs[key] = inp
+        return inp
+
+    def labels(self, split: str) -> np.ndarray:
+        labels = self.input(split).labels
+        if labels is None:
+            raise EvalError(f"dataset {self.data.dataset} split {split!r} has no labels; this protocol needs "
+                            "labelled data")
+        return labels
+
+    def num_classes(self) -> int:
+        inp = self.input(self.data.train_split)
+        return int(inp.num_classes or max(self.labels(self.data.train_split).max(),
+                                          self.labels(self.data.eval_split).max()) + 1)
+
+    def feature_path(self, split: str) -> str | None:
+        if self.out_dir is None:
+            return None
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.data.dataset}_{split}").strip("_")
+        return os.path.join(self.out_dir, f"features_step{self.encoder.step}_{name}.npz")
+
+    def features(self, split: str) -> np.ndarray:
+        """(N, F) float32 pooled centre-crop features of `split`, in index order."""
+        if split not in self._features:
+            d, inp = self.data, self.input(split)
+            mean, std = self.mean_std
+            key = dict(dataset=d.dataset, split=split, n=inp.num_examples, image_size=d.image_size,
+                       mean=list(mean), std=list(std), weights=self.digest)
+            e = self.encoder
+            compute = lambda: features_lib.embed_input(
+                e.graphdef, e.params, e.stats, inp, d.image_size, mean, std, self.batch,
+                progress=f"features {split}" if self.progress else None)[0]
+            self._features[split] = features_lib.cached(self.feature_path(split), key, compute)
+        return self._features[split]
+
+    def crop_config(self, scale, flip: bool) -> augment_lib.AugmentConfig:
+        """RandomResizedCrop(image_size, scale) + flip, no photometric ops (linear / semi-sup)."""
+        mean, std = self.mean_std
+        return augment_lib.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale), jitter_prob=0.0,
+                                         grayscale_prob=0.0, blur_prob=0.0, flip=bool(flip), mean=mean, std=std)
+
+    def common(self) -> dict:
+        d = self.data
+        return dict(step=self.encoder.step, dataset=d.dataset, train_split=d.train_split, eval_split=d.eval_split,
+                    image_size=d.image_size, model=self.encoder.meta["model"], weights_sha256=self.digest)
+
+
+def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig, streaming: bool):
+    """A training batch of a `pipeline` input whose `steps` were given the labels as (N, 1)
+    "assignments" -> (augmented views (B, S, S, C) float32, labels (B,) int32). Resident: the
+    crop is taken on the device; streamed: on the host, only the flip here."""
+    if streaming:
+        (view,), labels = inputs
+        return augment_lib.augment(key, view, dataclasses.replace(cfg, random_crop=False)), labels[:, 0]
+    indices, images, labels = inputs
+    return augment_lib.augment(key, images[indices], cfg, indices), labels[indices, 0]
+
+
+def topk_accuracy(scores, labels, k: int) -> float:
+    """Fraction of rows whose label is among the `k` highest scores (k clipped to the number of
+    classes, so top-5 with fewer than 5 classes is 1)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float(np.mean((top == labels[:, None]).any(axis=1)))
+
+
+def accuracies(scores, labels) -> dict[str, float]:
+    """Top-1 / top-5 in percent."""
+    return dict(top1=100 * topk_accuracy(scores, labels, 1), top5=100 * topk_accuracy(scores, labels, 5))
+
+
+
+def data_spec(config, run_config: dict | None = None) -> DataSpec:
+    """The eval config's data fields, unset (None) ones taken from a training run's config.json
+    (`run_config`); EvalError naming the flags to set when neither has them."""
+    run = run_config or {}
+    aug, inp = run.get("augment", {}), run.get("input", {})
+    fallback = dict(dataset=run.get("dataset"), data_dir=run.get("data_dir"), train_split=run.get("train_split"),
+                    eval_split=run.get("eval_split"), image_size=run.get("image_size"), mean=aug.get("mean"),
+                    std=aug.get("std"), pipeline=inp.get("pipeline", "memory"),
+                    num_workers=inp.get("num_workers", 0), prefetch=inp.get("prefetch", 2))
+    data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
+    missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std") if data[k] is None]
+    if missing:
+        raise EvalError("no training config.json to take " + ", ".join(missing) + " from; set them with "
+                        + " ".join(f"--config.{k}=..." for k in missing))
+    if data["pipeline"] not in ("memory", "stream"):
+        raise EvalError(f"pipeline must be 'memory' or 'stream', got {data['pipeline']!r}")
+    return DataSpec(dataset=data["dataset"], data_dir=data["data_dir"], train_split=data["train_split"],
+                    eval_split=data["eval_split"], image_size=int(data["image_size"]),
+                    mean=tuple(float(m) for m in data["mean"]), std=tuple(float(s) for s in data["std"]),
+                    pipeline=data["pipeline"], num_workers=int(data["num_workers"] or 0),
+                    prefetch=int(data["prefetch"]))
+
+
+def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
+    """A Context for the query encoder of a train.py workdir (newest readable step, or `step`) or
+    an exported encoder directory; outputs go to `<path>/eval/`."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise EvalError(f"checkpoint path {path} does not exist")
+    run_config = None
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            run_config = json.load(f)
+    data = data_spec(config, run_config)
+    try:
+        model, meta = checkpoints.load_encoder(path, step)
+    except FileNotFoundError as err:
+        raise EvalError(f"no encoder found: {err}") from None
+    except RuntimeError as err:  # every step of the workdir failed to restore
+        raise EvalError(f"{err} (see the warnings above)") from None
+    arch = meta["model"]["arch"]
+    if config.get("expect_arch") and arch != config.expect_arch:
+        raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; pass the "
+                        f"right checkpoint or --config.expect_arch={arch}")
+    graphdef, params, stats = ts.split_model(model)
+    params, stats = jax.device_put((params, stats), NamedSharding(mesh, P()))
+    encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))
+    return Context(encoder, data, mesh, os.path.join(path, "eval"), int(config.embed_batch), bool(config.progress_bar),
+                   int(config.seed))

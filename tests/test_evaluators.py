@@ -1,0 +1,355 @@
+"""Evaluation protocols (hcsc_jax/evaluators/) against references, on streamed and resident data,
+eval.py end to end on a generated ImageNet-layout folder and TFDS builds, resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import imagenet_like
+from configs import eval_digits, eval_imagenet
+from hcsc_jax import checkpoints, train_step
+from hcsc_jax.data import sources
+from hcsc_jax.evaluators import EvalError, cluster, common, knn, linear, semisup, voc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def blobs(n_per_class=30, num_classes=5, dim=16, spread=0.05, seed=0):
+    """Well-separated clusters: class c sits around the c-th basis vector."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), n_per_class).astype(np.int32)
+    centers = np.eye(num_classes, dim, dtype=np.float32) * 3.0
+    feats = centers[labels] + spread * rng.standard_normal((len(labels), dim)).astype(np.float32)
+    return feats, labels
+
+
+def knn_reference(train, ytrain, test, k, T, num_classes):
+    """Float64 NumPy weighted kNN written from the spec: cosine, k nearest, exp(sim / T) votes."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit(test.astype(np.float64)) @ unit(train.astype(np.float64)).T
+    out = np.zeros((len(test), num_classes))
+    for i, row in enumerate(sim):
+        for j in np.argsort(-row, kind="stable")[:k]:
+            out[i, ytrain[j]] += np.exp(row[j] / T)
+    return out
+
+
+# ----------------------------------------------------------------------------- kNN
+
+@pytest.mark.parametrize("train_chunk,test_block", [(16384, 1024), (7, 4), (50, 3)])
+def test_knn_chunked_equals_reference(train_chunk, test_block):
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((203, 12)).astype(np.float32)
+    test = rng.standard_normal((37, 12)).astype(np.float32)
+    ytrain = rng.integers(0, 6, 203).astype(np.int32)
+    got = knn.knn_scores(train, ytrain, test, ks=(1, 5, 20), temperature=0.1, num_classes=6,
+                         train_chunk=train_chunk, test_block=test_block)
+    for k in (1, 5, 20):
+        np.testing.assert_allclose(got[k], knn_reference(train, ytrain, test, k, 0.1, 6), rtol=2e-4)
+
+
+def test_knn_separable_and_shuffled():
+    train, ytrain = blobs(seed=0)
+    test, ytest = blobs(n_per_class=10, seed=1)
+    res = knn.evaluate(train, ytrain, test, ytest, ks=(10, 20, 100), num_classes=5, train_chunk=32)
+    assert all(res["per_k"][k] == dict(top1=100.0, top5=100.0) for k in (10, 20, 100))
+    rng = np.random.default_rng(0)
+    res = knn.evaluate(rng.standard_normal((2000, 32)), rng.integers(0, 10, 2000), rng.standard_normal((1000, 32)),
+                       rng.integers(0, 10, 1000), ks=(20,), num_classes=10)
+    assert 5.0 < res["per_k"][20]["top1"] < 16.0 and 40.0 < res["per_k"][20]["top5"] < 60.0
+
+
+def test_knn_weighted_vote_matches_hand_case():
+    # Test point at angle 0; the 3 nearest: a (class 0, 0 rad), b and c (class 1, 0.5 / 0.55 rad).
+    # Unweighted majority says 1; with T = 0.07, exp(1/T) > exp(cos(.5)/T) + exp(cos(.55)/T).
+    angles = np.array([0.0, 0.5, 0.55, 2.0, 2.5])
+    train = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32) * np.array([[1], [2], [3], [1], [1]])
+    ytrain = np.array([0, 1, 1, 2, 2], np.int32)
+    test = np.array([[5.0, 0.0]], np.float32)
+    got = knn.knn_scores(train, ytrain, test, ks=(3,), temperature=0.07, num_classes=3)[3]
+    np.testing.assert_allclose(got, knn_reference(train, ytrain, test, 3, 0.07, 3), rtol=1e-4)
+    assert got[0].argmax() == 0
+    assert knn.knn_scores(train, ytrain, test, ks=(3,), temperature=100.0, num_classes=3)[3][0].argmax() == 1
+    with pytest.raises(ValueError, match="larger than the 5 training samples"):
+        knn.knn_scores(train, ytrain, test, ks=(3, 6))
+
+
+def test_topk_accuracy():
+    scores = np.array([[0.9, 0.05, 0.03, 0.01, 0.005, 0.004, 0.001],
+                       [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                       [0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    # row 0: top-1 hit; row 1: label 2 has rank 5 -> top-5 only; row 2: label 6 is last -> miss.
+    assert common.topk_accuracy(scores, np.array([0, 2, 6]), 1) == pytest.approx(1 / 3)
+    assert common.topk_accuracy(scores, np.array([0, 2, 6]), 5) == pytest.approx(2 / 3)
+    assert common.topk_accuracy(scores, np.array([0, 1, 6]), 4) == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------- linear, cluster, subsets
+
+def test_linear_init_and_lr_schedule():
+    p = linear.init_head(jax.random.PRNGKey(0), 512, 100)
+    assert abs(float(p["w"].std()) - 0.01) < 0.001 and float(np.abs(p["b"]).max()) == 0.0
+    spe = 7
+    sched = linear.lr_schedule(5.0, 128, spe, milestones=(60, 80))
+    assert float(sched(0)) == pytest.approx(2.5)            # 5.0 * 128 / 256
+    assert float(sched(60 * spe - 1)) == pytest.approx(2.5)
+    assert float(sched(60 * spe)) == pytest.approx(0.25)
+    assert float(sched(80 * spe)) == pytest.approx(0.025)
+
+
+def test_cluster_nmi_ami_perfect_and_random():
+    feats, labels = blobs(n_per_class=50, num_classes=5, spread=0.02)
+    res = cluster.evaluate(feats, labels, (5,), nredo=3)
+    assert res[5]["nmi"] == pytest.approx(1.0, abs=1e-6) and res[5]["ami"] == pytest.approx(1.0, abs=1e-6)
+    res = cluster.evaluate(feats, np.random.default_rng(0).integers(0, 5, len(labels)), (5,), nredo=3)
+    assert res[5]["ami"] < 0.05 and res[5]["nmi"] < 0.1
+    with pytest.raises(ValueError, match="larger than the 250 samples"):
+        cluster.evaluate(feats, labels, (300,))
+
+
+def test_label_subset_is_class_balanced():
+    labels = np.repeat(np.arange(4), [100, 50, 20, 3]).astype(np.int32)
+    idx = semisup.label_subset(labels, 0.1, seed=0)
+    np.testing.assert_array_equal(np.bincount(labels[idx], minlength=4), [10, 5, 2, 1])  # >= 1 per class
+    np.testing.assert_array_equal(idx, semisup.label_subset(labels, 0.1, seed=0))
+    with pytest.raises(ValueError, match="fraction"):
+        semisup.label_subset(labels, 0.0)
+
+
+def test_split_file_selects_exactly_the_listed_images(tmp_path):
+    names = ["n01_1.JPEG", "n01_2.JPEG", "n02_7.JPEG", "n02_8.JPEG"]
+    split = tmp_path / "1percent.txt"
+    split.write_text("n02_8.JPEG\n\nn01_1.JPEG\n")
+    np.testing.assert_array_equal(semisup.match_names(semisup.read_split_file(str(split)), names, "x"), [0, 3])
+    listed = [f"n09_{i}.JPEG" for i in range(8)] + ["n01_2.JPEG"]
+    with pytest.raises(EvalError, match=r"8 of the 9 names .* match no image of x, e\.g\. n09_0\.JPEG, n09_1"):
+        semisup.match_names(listed, names, "x")
+    with pytest.raises(EvalError, match="split file .* does not exist"):
+        semisup.read_split_file(str(tmp_path / "nope.txt"))
+    with pytest.raises(EvalError, match="no file names to match"):
+        semisup.match_names(["a"], None, "digits:train")
+
+
+# ----------------------------------------------------------------------------- VOC07
+
+def test_voc_targets_and_svm_map():
+    t = voc.class_targets([[0, 3], [1], [3]], [[0], [1], [3]], 4)
+    np.testing.assert_array_equal(t, [[1, -1, -1, 0], [-1, 1, -1, -1], [-1, -1, -1, 1]])  # 3 of row 0: difficult
+    rng = np.random.default_rng(0)
+    def split(n):
+        y = rng.integers(0, 2, (n, 3)) * 2 - 1
+        y[:3] = 1  # every class has positives
+        x = y.astype(np.float32) + 0.1 * rng.standard_normal((n, 3)).astype(np.float32)
+        return x, y.astype(np.int8)
+    (xa, ya), (xb, yb) = split(60), split(30)
+    res = voc.evaluate(xa, ya, xb, yb, costs=(0.1, 1.0), folds=3)
+    assert res["map"] == pytest.approx(100.0) and len(res["ap"]) == 3 and set(res["cost"]) <= {0.1, 1.0}
+    noisy = voc.evaluate(rng.standard_normal((60, 3)), ya, rng.standard_normal((30, 3)), yb, costs=(1.0,))
+    assert noisy["map"] < 90.0
+    # A test sample marked 0 (difficult only) counts as if it were not there.
+    ignored = yb.copy()
+    ignored[:10, 0] = 0
+    kept = voc.evaluate(xa[:, :1], ya[:, :1], xb[10:, :1], yb[10:, :1], costs=(1.0,))
+    assert voc.evaluate(xa[:, :1], ya[:, :1], xb[:, :1], ignored[:, :1], costs=(1.0,))["ap"] == kept["ap"]
+
+
+# ----------------------------------------------------------------------------- encoders and data
+
+def _random_weights(abstract_state, seed=0):
+    """NumPy weights for an abstract state (no XLA compiles): He-normal kernels, unit BN scale /
+    variance, zero biases / means."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if len(leaf.shape) >= 2:
+            return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(leaf.dtype)
+        name = str(path[-1])
+        return (np.ones if ("scale" in name or "var" in name) else np.zeros)(leaf.shape, leaf.dtype)
+
+    nnx.replace_by_pure_dict(abstract_state, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract_state)))
+    return abstract_state
+
+
+def export_random_encoder(path, channels):
+    meta = checkpoints.encoder_meta(
+        dict(arch="resnet18", width=0.0625, small_stem=True, embed_dim=16, hidden_dim=32, dtype="float32"),
+        in_channels=channels, bn_group_size=8)
+    _, params, stats = nnx.split(checkpoints.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    checkpoints.export_encoder(str(path), meta, _random_weights(params), _random_weights(stats, 1))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def grey_encoder(tmp_path_factory):
+    return export_random_encoder(tmp_path_factory.mktemp("enc") / "grey", 1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(colour encoder, ImageNet-layout folder of varied sizes, same-size folder, TFDS data_dir)."""
+    root = tmp_path_factory.mktemp("data")
+    return dict(encoder=export_random_encoder(root / "rgb", 3),
+                folder=imagenet_like.make_folder(str(root / "imagenet")),
+                same_size=imagenet_like.make_folder(str(root / "same"), same_size=True),
+                tfds=imagenet_like.make_tfds(str(root / "tfds")))
+
+
+def _ctx(encoder_dir, tmp_path, **overrides):
+    cfg = eval_imagenet.get_config("runlocal")
+    cfg.progress_bar = False
+    cfg.update(overrides)
+    out = common.from_checkpoint(cfg, encoder_dir, None, train_step.make_mesh())
+    out.out_dir = None if tmp_path is None else str(tmp_path)
+    return out, cfg
+
+
+def test_tfds_labels_and_file_names_without_decoding_images(data, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    src = sources.open_source("tfds:hcsc_tiny_imagenet", "train", data["tfds"])
+    decoded = [src.load(i) for i in range(3)]
+    monkeypatch.setattr(tfds.features.Image, "decode_example_np",
+                        lambda *a, **k: pytest.fail("an image was decoded to read labels"))
+    assert src.num_examples == 30 and src.labels.dtype == np.int32
+    by_name = {name: label for name, label, _ in imagenet_like.examples("train", 10)}
+    assert [by_name[n] for n in src.file_names] == src.labels.tolist()
+    assert decoded[0].ndim == 3 and decoded[0].shape[-1] == 3
+
+
+def test_streamed_equals_resident(data, tmp_path):
+    """Same images both ways: the host's centre crop (Pillow) and the device's give the same
+    features to uint8 rounding, hence the same kNN, clustering and linear_fast numbers."""
+    ctxs = {p: _ctx(data["encoder"], None, dataset=f"folder:{data['same_size']}", pipeline=p)[0]
+            for p in ("memory", "stream")}
+    feats = {p: c.features("train") for p, c in ctxs.items()}
+    scale = np.abs(feats["memory"]).max()
+    np.testing.assert_allclose(feats["stream"], feats["memory"], atol=0.05 * scale)
+    cfg = eval_imagenet.get_config("runlocal")
+    for name, fn in (("knn", knn.run), ("cluster", cluster.run), ("linear", linear.run_fast)):
+        results = [fn(ctxs[p], cfg[name])[0] for p in ("memory", "stream")]
+        key = {"knn": "per_k", "cluster": "per_k", "linear": "top1"}[name]
+        assert results[0][key] == results[1][key], name
+
+
+def test_bad_input_stops_with_what_to_change(data, grey_encoder, tmp_path):
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
+    folder = f"folder:{data['folder']}"
+    with pytest.raises(EvalError, match=r"3-channel images, the encoder takes 1"):
+        _ctx(grey_encoder, tmp_path, dataset=folder)[0].features("train")
+    with pytest.raises(EvalError, match=r"holds a resnet18 encoder, this eval config is for resnet50"):
+        _ctx(data["encoder"], tmp_path, dataset=folder, expect_arch="resnet50")
+    ctx, cfg = _ctx(data["encoder"], tmp_path, dataset=folder)
+    cfg.knn.ks = (2, 500)
+    with pytest.raises(EvalError, match=r"k = \[500\] larger than the 30 training samples"):
+        knn.run(ctx, cfg.knn)
+    cfg.semisup.split_file = str(tmp_path / "missing.txt")
+    with pytest.raises(EvalError, match="does not exist"):
+        semisup.run(ctx, cfg.semisup)
+    unlabelled, _ = _ctx(data["encoder"], tmp_path, dataset="tfds:hcsc_tiny_voc", data_dir=data["tfds"])
+    with pytest.raises(EvalError, match="has no labels"):
+        knn.run(unlabelled, cfg.knn)
+    empty = tmp_path.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(EvalError, match=r"not prepared .*tfds build hcsc_tiny_imagenet"):
+        _ctx(data["encoder"], tmp_path, dataset="tfds:hcsc_tiny_imagenet", data_dir=str(empty))[0].features("train")
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+# ----------------------------------------------------------------------------- eval.py
+
+def run_eval(*args, popen=False):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, os.path.join(REPO, "eval.py"), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_readme_commands_on_generated_imagenet(data, tmp_path):
+    """Every row of the README's "Reproduce the paper's evaluation", on the generated folder / TFDS."""
+    enc = data["encoder"]
+    split = tmp_path / "1percent.txt"
+    split.write_text("".join(f"{n}\n" for n, _, _ in imagenet_like.examples("train", 10)[::5]))
+    common_args = ["--config=configs/eval_imagenet.py:runlocal", f"--checkpoint={enc}",
+                   f"--config.dataset=folder:{data['folder']}", f"--config.data_dir={data['tfds']}",
+                   "--config.progress_bar=False"]
+    runs = {"knn": [], "linear": [], "cluster": [], "semisup": [f"--config.semisup.split_file={split}"],
+            "voc": ["--config.voc.dataset=tfds:hcsc_tiny_voc"]}
+    for mode, extra in runs.items():
+        proc = run_eval(f"--mode={mode}", *common_args, *extra)
+        assert proc.returncode == 0, (mode, proc.stderr[-3000:])
+        res = read(os.path.join(enc, "eval", f"{mode}_step0.json"))
+        assert res["mode"] == mode and res["model"]["arch"] == "resnet18"
+    eval_dir = os.path.join(enc, "eval")
+    assert read(os.path.join(eval_dir, "knn_step0.json"))["per_k"]["2"]["top1"] > 60  # coloured squares: easy
+    assert read(os.path.join(eval_dir, "semisup_step0.json"))["num_labelled"] == 6
+    assert len(read(os.path.join(eval_dir, "voc_step0.json"))["ap"]) == 20
+    assert read(os.path.join(eval_dir, "linear_step0.json"))["protocol"]["augmented"] is True
+    proc = run_eval("--mode=knn", *common_args, "--config.knn.ks=(2,5000)")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("eval.py: error: kNN k = [5000]")
+    assert "Traceback" not in proc.stderr
+
+
+def test_linear_sigkilled_and_restarted_equals_uninterrupted(grey_encoder, tmp_path):
+    args = ["--mode=linear", "--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",
+            "--config.image_size=8", "--config.mean=(0.5,)", "--config.std=(0.5,)", "--config.progress_bar=False",
+            "--config.linear.epochs=3", "--config.linear.milestones=(2,)", "--config.linear.checkpoint_every_steps=2"]
+    dirs = [str(tmp_path / name) for name in ("whole", "killed")]
+    for d in dirs:
+        subprocess.run(["cp", "-r", grey_encoder, d], check=True)
+    proc = run_eval(f"--checkpoint={dirs[0]}", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = os.path.join(dirs[1], "eval", "linear_step0_ckpt")
+    killed = run_eval(f"--checkpoint={dirs[1]}", *args, popen=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None and not os.path.isdir(os.path.join(ckpt, "6")):
+        time.sleep(0.02)
+    assert killed.poll() is None, "the linear run ended before it could be killed"
+    killed.send_signal(signal.SIGKILL)  # mid-epoch 2 (5 steps per epoch, saved at step 6)
+    killed.wait()
+    assert not os.path.exists(os.path.join(dirs[1], "eval", "linear_step0.json"))
+    proc = run_eval(f"--checkpoint={dirs[1]}", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (read(os.path.join(d, "eval", "linear_step0.json")) for d in dirs)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert (a["top1"], a["top5"]) == (b["top1"], b["top5"]) and len(a["history"]) == 3
+    # Settings changed under a kept checkpoint: refused, not silently mixed.
+    proc = run_eval(f"--checkpoint={dirs[1]}", *args[:-1], "--config.linear.checkpoint_every_steps=3")
+    assert proc.returncode == 1 and "other weights or settings; delete it" in proc.stderr
+
+
+def test_semisup_fraction_lr_history(grey_encoder, tmp_path):
+    ctx, cfg = _ctx(grey_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test", image_size=8,
+                    mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)
+    cfg.semisup.update(split_file=None, fraction=0.05, epochs=2, milestones=(1,), batch_size=256)
+    res, line = semisup.run(ctx, cfg.semisup)
+    assert res["num_labelled"] == 72 and 0 <= res["top1"] <= res["top5"] <= 100
+    scale = 72 / 256  # one batch of all 72 labelled samples (a multiple of the 8 devices)
+    h = res["history"]
+    assert h[0]["trunk_lr"] == pytest.approx(0.005 * scale) and h[0]["head_lr"] == pytest.approx(0.02 * scale)
+    assert h[1]["trunk_lr"] == pytest.approx(0.0005 * scale) and h[1]["head_lr"] == pytest.approx(0.002 * scale)
+    assert os.path.isfile(tmp_path / "semisup_subset_0.05_seed0.npy") and "72 labelled images" in line
+
+
+def test_eval_configs_load():
+    assert eval_digits.get_config().knn.ks == (10, 20, 100, 200)
+    c = eval_imagenet.get_config("semisup10")
+    assert c.semisup.split_file.endswith("10percent.txt") and c.linear.lr == 5.0 and c.linear.epochs == 100
+    assert c.linear.milestones == (60, 80) and c.linear.momentum == 0.9 and c.knn.temperature == 0.07
+    with pytest.raises(ValueError, match="unknown variant"):
+        eval_imagenet.get_config("nope")
+    assert isinstance(c, ml_collections.ConfigDict)
