@@ -31,11 +31,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.pipeline = "stream"
     c.expect_arch = "resnet50"
     c.embed_batch = 1024
-    c.split_dir = "splits"
+    c.split_dir = "splits"  # where 1percent.txt / 10percent.txt are (--config.split_dir=...)
     c.linear.update(checkpoint_every_steps=1000)  # the published protocol otherwise (eval_digits.py)
     c.cluster.update(ks=(1000, 25000), max_points_per_centroid=256)
     if arg in ("semisup1", "semisup10"):
-        c.semisup.split_file = f"{c.split_dir}/{arg[len('semisup'):]}percent.txt"
+        c.semisup.split_file = c.get_ref("split_dir") + f"/{arg[len('semisup'):]}percent.txt"
     if arg == "places205":  # the same linear protocol on an image folder of Places205
         c.dataset, c.train_split, c.eval_split = "folder:/data/places205", "train", "val"
     if arg == "runlocal":  # smoke test: a tiny image folder, two epochs of everything

@@ -175,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
+    check_evals(config)
     mesh = ts.make_mesh()
     batch = config.batch_size
     ts.check_batch_config(batch, config.queue_size, config.bn_group_size, mesh.size)
@@ -309,6 +310,18 @@ def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mes
                                i.num_workers, i.prefetch)
     return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
                               progress=False, seed=config.seed, inputs=inputs)
+
+
+def check_evals(config) -> None:
+    """ValueError saying what to change for a `config.evals` entry of an unknown protocol or
+    without a positive `every_epochs`."""
+    for name, cfg in config.evals.items():
+        protocol = cfg.get("type", name)
+        if protocol not in evaluators.PROTOCOLS:
+            raise ValueError(f"config.evals.{name}: unknown evaluator {protocol!r}; known: "
+                             f"{', '.join(evaluators.PROTOCOLS)} (or set its 'type')")
+        if int(cfg.get("every_epochs", 0)) < 1:
+            raise ValueError(f"config.evals.{name}.every_epochs must be >= 1, got {cfg.get('every_epochs')}")
 
 
 def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> dict[str, Any]:

@@ -20,6 +20,7 @@ def test_config_is_consistent(name):
     trainer.objective_config(c)  # validates semantics, positive, sampler, switches
     assert 0 <= c.warmup_epochs <= c.epochs
     assert len(c.augment.mean) == len(c.augment.std)
+    trainer.check_evals(c)
     if not levels:  # a baseline without prototypes must not ask for prototype terms
         assert not c.objective.proto_loss and not c.objective.prototype_selection
 
@@ -55,3 +56,16 @@ def test_imagenet_configs_hold_the_published_settings():
     local = imagenet_hcsc_multicrop_200ep.get_config().augment.local_views
     assert tuple((s, tuple(sc)) for s, sc in local) == (
         (192, (0.172, 0.86)), (160, (0.143, 0.715)), (128, (0.114, 0.571)), (96, (0.086, 0.429)))
+
+
+def test_bad_evals_say_what_to_change():
+    from configs import digits
+
+    c = digits.get_config()
+    c.evals.nope = dict(every_epochs=1)
+    with pytest.raises(ValueError, match=r"config.evals.nope: unknown evaluator 'nope'; known: knn, linear"):
+        trainer.check_evals(c)
+    c = digits.get_config()
+    c.evals.knn.every_epochs = 0
+    with pytest.raises(ValueError, match=r"every_epochs must be >= 1"):
+        trainer.check_evals(c)

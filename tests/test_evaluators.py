@@ -348,7 +348,9 @@ def test_semisup_fraction_lr_history(grey_encoder, tmp_path):
 def test_eval_configs_load():
     assert eval_digits.get_config().knn.ks == (10, 20, 100, 200)
     c = eval_imagenet.get_config("semisup10")
-    assert c.semisup.split_file.endswith("10percent.txt") and c.linear.lr == 5.0 and c.linear.epochs == 100
+    assert c.semisup.split_file == "splits/10percent.txt" and c.linear.lr == 5.0 and c.linear.epochs == 100
+    c.split_dir = "/data/splits"  # the split file follows its folder
+    assert c.semisup.split_file == "/data/splits/10percent.txt"
     assert c.linear.milestones == (60, 80) and c.linear.momentum == 0.9 and c.knn.temperature == 0.07
     with pytest.raises(ValueError, match="unknown variant"):
         eval_imagenet.get_config("nope")
