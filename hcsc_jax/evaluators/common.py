@@ -121,6 +121,12 @@ class Context:
         return int(inp.num_classes or max(self.labels(self.data.train_split).max(),
                                           self.labels(self.data.eval_split).max()) + 1)
 
+    def feature_dim(self) -> int:
+        """F of the pooled features (from shapes only, nothing computed)."""
+        e, size = self.encoder, self.data.image_size
+        x = jax.ShapeDtypeStruct((1, size, size, int(e.meta["in_channels"])), np.float32)
+        return int(jax.eval_shape(lambda x: ts.apply_model(e.graphdef, e.params, e.stats, x, False)[0], x).shape[1])
+
     def feature_path(self, split: str) -> str | None:
         if self.out_dir is None:
             return None

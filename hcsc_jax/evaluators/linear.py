@@ -179,7 +179,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     step = lambda head, opt_state, key, *inputs: frozen_step(head, opt_state, key, e.params, e.stats, *inputs)
 
     assign = labels[:, None].astype(np.int32)
-    feat_dim = ctx.features(d.eval_split).shape[1]
+    feat_dim = ctx.feature_dim()
     head, history = train_head(ctx, cfg, "linear", feat_dim, ctx.num_classes(), train.steps_per_epoch,
                                lambda epoch, first: train.steps(epoch, first, assign), step)
     res = evaluate_head(head, ctx.features(d.eval_split), ctx.labels(d.eval_split))

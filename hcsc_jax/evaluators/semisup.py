@@ -108,7 +108,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     aug = ctx.crop_config(cfg.scale, cfg.flip)
     replicated = NamedSharding(ctx.mesh, P())
     key = jax.random.PRNGKey(ctx.seed)
-    feat_dim = ctx.features(d.eval_split).shape[1]
+    feat_dim = ctx.feature_dim()
     params = jax.device_put({"trunk": e.params, "head": linear.init_head(jax.random.fold_in(key, 1 << 30), feat_dim,
                                                                          ctx.num_classes())}, replicated)
     stats, opt_state = e.stats, jax.device_put(tx.init(params), replicated)
