@@ -34,7 +34,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     ours = console.setup()
-    from hcsc_jax import distributed, trainer  # after flag parsing, so --help is fast
+    from hcsc_jax import distributed, resume, trainer  # after flag parsing, so --help is fast
+    from hcsc_jax import workdir as workdir_lib
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():
         ours.setLevel(logging.WARNING)
@@ -47,6 +48,12 @@ def main(argv):
     except trainer.NonFiniteLossError as err:
         ours.error("%s", err)
         sys.exit(1)
+    except resume.Preempted as err:
+        ours.warning("%s", err)
+        sys.exit(0)
+    except (workdir_lib.WorkdirError, resume.ConfigMismatch, ImportError) as err:  # one line: what to change
+        ours.error("%s", err)
+        sys.exit(2)
     if distributed.is_main():
         print(json.dumps(summary, indent=2, sort_keys=True))
 
