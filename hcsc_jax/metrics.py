@@ -127,8 +127,9 @@ class MetricsWriter:
             keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
             self.lines = [json.dumps(r, sort_keys=True) + "\n" for r in keep]
         self._rewrite()
-        self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),
-                                purge_step=resume_step + 1 if resume_step else None, flush_secs=30)
+        self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),  # one event file per session:
+                                purge_step=resume_step + 1 if resume_step else None, flush_secs=30,
+                                filename_suffix=f".{os.getpid()}.step{resume_step}")  # names differ within a second
         self.wandb = _wandb_run(config, workdir) if config is not None and config.get("wandb", {}).get("project") else None
         self.closed = False
         atexit.register(self.close)  # also on a NaN stop or preemption: flush what was written

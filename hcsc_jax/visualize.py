@@ -107,17 +107,23 @@ def num_levels(arrays: dict[str, np.ndarray]) -> int:
     return len({k.split("/")[0] for k in arrays})
 
 
+def image_counts(arrays: dict[str, np.ndarray], level: int) -> np.ndarray:
+    """Training images per cluster of `level` (the `counts` field counts member centroids above
+    level 0)."""
+    return np.bincount(arrays[f"level{level}/assignments"], minlength=len(arrays[f"level{level}/centroids"]))
+
+
 def clusters_figure(hierarchies: list[tuple[int, dict[str, np.ndarray]]]) -> Figure:
-    """Per level: cluster sizes (min / median / max, empty clusters) and phi (min / median /
+    """Per level: images per cluster (min / median / max, empty clusters) and phi (min / median /
     max) against the epoch."""
     levels = num_levels(hierarchies[0][1])
     fig = Figure(figsize=(3.6 * levels, 5.4), dpi=80, layout="constrained")
     epochs = [e for e, _ in hierarchies]
     for l in range(levels):
-        counts = [h[f"level{l}/counts"] for _, h in hierarchies]
+        counts = [image_counts(h, l) for _, h in hierarchies]
         phis = [h[f"level{l}/temperatures"][h[f"level{l}/valid"]] for _, h in hierarchies]
         size_ax, phi_ax = fig.add_subplot(2, levels, l + 1), fig.add_subplot(2, levels, levels + l + 1)
-        for ax, values, name in ((size_ax, counts, "cluster size"), (phi_ax, phis, "phi")):
+        for ax, values, name in ((size_ax, counts, "images per cluster"), (phi_ax, phis, "phi")):
             ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], alpha=0.25,
                             label="min-max")
             ax.plot(epochs, [np.median(v) for v in values], lw=1.5, label="median")
@@ -177,11 +183,11 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
 
 def tree_rows(arrays: dict[str, np.ndarray], top: int, branch: int) -> list[tuple[int, int, int]]:
     """(depth, level, prototype) rows of the hierarchy figure, depth first: the `top` largest
-    top-level prototypes, under each its `branch` largest children level by level."""
+    top-level prototypes (most images), under each its `branch` largest children level by level."""
     levels = num_levels(arrays)
 
     def largest(level, ids):
-        counts = arrays[f"level{level}/counts"][ids]
+        counts = image_counts(arrays, level)[ids]
         return [int(i) for i in np.asarray(ids)[np.argsort(-counts, kind="stable")][:branch]]
 
     def visit(level, proto, depth):
@@ -194,7 +200,7 @@ def tree_rows(arrays: dict[str, np.ndarray], top: int, branch: int) -> list[tupl
 
     top_level = levels - 1
     valid = np.flatnonzero(arrays[f"level{top_level}/valid"])
-    tops = valid[np.argsort(-arrays[f"level{top_level}/counts"][valid], kind="stable")][:top]
+    tops = valid[np.argsort(-image_counts(arrays, top_level)[valid], kind="stable")][:top]
     return [row for t in tops for row in visit(top_level, int(t), 0)]
 
 
@@ -218,8 +224,8 @@ def hierarchy_figure(arrays, idx, images, proj, top: int = 3, branch: int = 2, s
         ax.imshow(row[..., 0] if c == 1 else row, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
-        count = int(arrays[f"level{level}/counts"][proto])
-        ax.set_ylabel(f"{'   ' * depth}level {level} #{proto} ({count})", rotation=0, ha="right", va="center",
+        count = int(image_counts(arrays, level)[proto])
+        ax.set_ylabel(f"{'   ' * depth}level {level} #{proto} ({count} images)", rotation=0, ha="right", va="center",
                       fontsize=8, fontweight="bold" if depth == 0 else "normal")
     fig.suptitle("prototypes, top level first; each row: the sample images nearest to it", fontsize=9)
     return fig
