@@ -76,7 +76,7 @@ def check_config(workdir: epath.Path, config_json: str):
                           for k in fields)
         raise ConfigMismatch(
             f"{workdir} holds checkpoints of a run with another config ({diffs}); resume with the "
-            f"same values or use a new --workdir (safe to change: {', '.join(SAFE_TO_CHANGE)})")
+            f"same values or use a new --workdir (safe to change: {', '.join(s + '*' * s.endswith('.') for s in SAFE_TO_CHANGE)})")
 
 
 def preempted(mngr, watch: "PreemptionWatch", step: int) -> Preempted:
