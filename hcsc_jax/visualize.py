@@ -221,7 +221,8 @@ def hierarchy_figure(arrays, idx, images, proj, top: int = 3, branch: int = 2, s
         row = np.full((h, strip * w, c), 255, np.uint8)
         for j, m in enumerate(nearest_members(arrays, level, proto, idx, proj, strip)):
             row[:, j * w:(j + 1) * w] = images[m]
-        ax.imshow(row[..., 0] if c == 1 else row, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+        ax.imshow(row[..., 0] if c == 1 else row, cmap="gray" if c == 1 else None, vmin=0, vmax=255,
+                  interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         count = int(image_counts(arrays, level)[proto])
