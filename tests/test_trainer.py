@@ -119,7 +119,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
         np.testing.assert_array_equal(a, b)
     # metrics.jsonl has no duplicate steps after the replay.
-    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") != "epoch"]
+    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") is None]
     assert steps == sorted(set(steps))
 
 
@@ -266,7 +266,7 @@ def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     c.input.update(pipeline="stream", num_workers=2)
     c.eval.num_clusters = (10,)
     summary = trainer.train_and_evaluate(c, str(tmp_path))
-    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") != "epoch"]
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") is None]
     warm = [r for r in records if r["epoch"] == 0]
     proto = [r for r in records if r["epoch"] == 1]
     assert warm and proto
@@ -354,3 +354,17 @@ def test_unwritable_workdir_is_one_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert "cannot write to workdir" in last and "pass a --workdir that exists" in last
     assert "Traceback" not in done.stderr
+
+
+def test_visualize_cli_writes_every_figure(finished_run, tmp_path):
+    workdir, _ = finished_run
+    out = tmp_path / "figures"
+    done = subprocess.run([sys.executable, "-m", "hcsc_jax.visualize", workdir, "--out", str(out), "--sample", "400"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ["clusters.png", "curves.png", "embedding.png", "hierarchy.png"]
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and 10_000 < len(data) < 200_000, name
