@@ -65,12 +65,15 @@ def has_checkpoint(workdir: epath.Path) -> bool:
 
 def check_config(workdir: epath.Path, config_json: str):
     """Raises ConfigMismatch naming the fields when `config_json` (the new run's) would change the
-    meaning of the checkpoints in `workdir` (those written under its `config.json`)."""
+    meaning of the checkpoints in `workdir` (those written under its `config.json`). Every
+    process checks, then waits for the others, so none reads the file process 0 writes next."""
     saved = workdir / workdir_lib.CONFIG_FILE
-    if not (saved.exists() and has_checkpoint(workdir)):
-        return
-    old, new = json.loads(saved.read_text()), json.loads(config_json)
-    fields = changed_fields(old, new)
+    fields = []
+    if saved.exists() and has_checkpoint(workdir):
+        old, new = json.loads(saved.read_text()), json.loads(config_json)
+        fields = changed_fields(old, new)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("config checked")
     if fields:
         diffs = ", ".join(f"{k}: {flatten(old).get(k, '<absent>')!r} -> {flatten(new).get(k, '<absent>')!r}"
                           for k in fields)
