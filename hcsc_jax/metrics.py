@@ -21,16 +21,13 @@ from typing import Any
 from etils import epath
 from tensorboardX import SummaryWriter, record_writer
 
+from hcsc_jax import workdir as workdir_lib
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _REMOTE_FLUSH_SECS = 30  # object stores cannot append: metrics.jsonl is rewritten at most this often
-
-
-def is_local(path: epath.Path) -> bool:
-    """Whether `path` is on the local filesystem (not `gs://`, `s3://`, ...)."""
-    return "://" not in os.fspath(path)
 
 
 def read_records(path: epath.Path) -> list[dict[str, Any]]:
@@ -108,7 +105,7 @@ def _wandb_run(config, workdir: epath.Path):
     run_id = hashlib.sha1(os.fspath(workdir).encode()).hexdigest()[:16]
     return wandb.init(project=w.project, entity=w.entity, name=w.name or workdir.name, mode=w.mode,
                       id=run_id, resume="allow", config=config.to_dict(),
-                      dir=os.fspath(workdir) if is_local(workdir) else None)
+                      dir=os.fspath(workdir) if workdir_lib.is_local(workdir) else None)
 
 
 class MetricsWriter:
@@ -121,7 +118,7 @@ class MetricsWriter:
         if not enabled:
             return
         self.path = workdir / METRICS_FILE
-        self.local = is_local(self.path)
+        self.local = workdir_lib.is_local(self.path)
         self.lines = []
         if self.path.exists():
             keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]

@@ -24,6 +24,11 @@ class WorkdirError(OSError):
     """The run directory cannot be created or written."""
 
 
+def is_local(p: epath.Path) -> bool:
+    """Whether `p` is on the local filesystem (not `gs://`, `s3://`, ...)."""
+    return "://" not in os.fspath(p)
+
+
 def path(p: str | os.PathLike) -> epath.Path:
     """`p` as an absolute epath (local relative paths are made absolute; URIs stay)."""
     p = epath.Path(p)
@@ -35,7 +40,8 @@ def prepare(p: str | os.PathLike) -> epath.Path:
     WorkdirError with one line saying what to change when it cannot (permissions, missing bucket)."""
     p = path(p)
     try:
-        p.mkdir(parents=True, exist_ok=True)
+        if is_local(p):  # buckets have no directories (and gcsfs would create a missing bucket)
+            p.mkdir(parents=True, exist_ok=True)
         probe = p / ".write_test"
         probe.write_text("")
         probe.unlink()

@@ -1,6 +1,6 @@
 """A `gs://` filesystem in memory, for tests without network: fsspec's MemoryFileSystem
 registered as fsspec's "gs"/"gcs" protocol (the one etils.epath uses for gs:// when TensorFlow
-is absent). Like GCS it has no append mode."""
+is absent). Like GCS it has no append mode; only the bucket "bucket" exists."""
 
 import fsspec
 from fsspec.registry import _registry
@@ -24,6 +24,8 @@ class FakeGCS(MemoryFileSystem):
     def _open(self, path, mode="rb", **kwargs):
         if "a" in mode:
             raise NotImplementedError("GCS objects cannot be appended to")
+        if "w" in mode and self._strip_protocol(path).split("/")[0] != "bucket":
+            raise FileNotFoundError(f"bucket of {path} does not exist (only gs://bucket does)")
         return super()._open(path, mode, **kwargs)
 
 
