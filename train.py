@@ -7,8 +7,10 @@ A run resumes automatically from the newest readable checkpoint in --workdir.
 Several processes (one per host): the same command on each, with --coordinator_address,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID); SLURM, Open MPI and Cloud TPU VMs are detected. See README "Multi-host and pods".
-Outputs in --workdir: config.json, metrics.jsonl, hierarchy/epoch_*.npz, checkpoints/,
-summary.json (kNN top-1 on the held-out split, NMI of each prototype level).
+Outputs in --workdir (a local path or a bucket, gs://...): config.json, metrics.jsonl,
+tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (kNN top-1 on the held-out
+split, NMI of each prototype level), figures/. On SIGTERM (preemption) the run saves a
+checkpoint at the next step and exits 0; the same command resumes it.
 """
 
 import json
