@@ -117,6 +117,7 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
+        self.wandb = _wandb_run(config, workdir) if config is not None and config.get("wandb", {}).get("project") else None
         self.path = workdir / METRICS_FILE
         self.local = workdir_lib.is_local(self.path)
         self.lines = []
@@ -127,7 +128,6 @@ class MetricsWriter:
         self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),  # one event file per session:
                                 purge_step=resume_step + 1 if resume_step else None, flush_secs=30,
                                 filename_suffix=f".{os.getpid()}.step{resume_step}")  # names differ within a second
-        self.wandb = _wandb_run(config, workdir) if config is not None and config.get("wandb", {}).get("project") else None
         self.closed = False
         atexit.register(self.close)  # also on a NaN stop or preemption: flush what was written
 

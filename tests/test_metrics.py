@@ -118,8 +118,11 @@ def test_wandb_gets_the_same_scalars(tmp_path, monkeypatch):
 
 def test_wandb_project_without_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import raises ImportError
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
     with pytest.raises(ImportError, match="wandb is not installed; pip install wandb, or leave config.wandb.project unset"):
         metrics.MetricsWriter(epath.Path(tmp_path), 0, wandb_config(project="hcsc"))
+    # Nothing of the run is lost: the records past the resume step are still there, no events written.
+    assert (tmp_path / "metrics.jsonl").read_text().count("step") == 2 and not (tmp_path / "tensorboard").exists()
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
