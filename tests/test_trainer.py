@@ -66,7 +66,9 @@ def test_run_writes_outputs_and_learns_something(finished_run):
     epochs = [r for r in records if r.get("type") == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert "loss_proto" not in epochs[0] and "loss_proto" in epochs[1]  # warm-up, then prototypes
-    assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(np.isfinite(r["loss"]) for r in records if r.get("type") != "eval")
+    assert records[-1] == {"type": "eval", "step": summary["step"], "epoch": 3, "knn_top1": summary["knn_top1"],
+                           "nmi_per_level": summary["nmi_per_level"]}
     assert json.load(open(os.path.join(workdir, "config.json")))["queue_size"] == 256
     # One hierarchy per prototype epoch, a valid tree over the training set.
     files = sorted(os.listdir(os.path.join(workdir, "hierarchy")))
