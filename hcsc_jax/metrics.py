@@ -117,7 +117,8 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        self.wandb = _wandb_run(config, workdir) if config is not None and config.get("wandb", {}).get("project") else None
+        wandb_on = config is not None and config.get("wandb", {}).get("project")
+        self.wandb = _wandb_run(config, workdir) if wandb_on else None
         self.path = workdir / METRICS_FILE
         self.local = workdir_lib.is_local(self.path)
         self.lines = []
@@ -125,9 +126,11 @@ class MetricsWriter:
             keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
             self.lines = [json.dumps(r, sort_keys=True) + "\n" for r in keep]
         self._rewrite()
-        self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),  # one event file per session:
+        # One event file per session (the suffix keeps names apart within a second); purge_step
+        # makes TensorBoard drop the old events of the replayed steps.
+        self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),
                                 purge_step=resume_step + 1 if resume_step else None, flush_secs=30,
-                                filename_suffix=f".{os.getpid()}.step{resume_step}")  # names differ within a second
+                                filename_suffix=f".{os.getpid()}.step{resume_step}")
         self.closed = False
         atexit.register(self.close)  # also on a NaN stop or preemption: flush what was written
 

@@ -54,7 +54,8 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of the fields that differ between two config dicts and are not safe to change."""
     a, b = flatten(old), flatten(new)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    return [k for k in differ if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_TO_CHANGE)]
+    safe = lambda k: any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_TO_CHANGE)
+    return [k for k in differ if not safe(k)]
 
 
 def has_checkpoint(workdir: epath.Path) -> bool:
@@ -79,10 +80,14 @@ def check_config(workdir: epath.Path, config_json: str):
                           for k in fields)
         raise ConfigMismatch(
             f"{workdir} holds checkpoints of a run with another config ({diffs}); resume with the "
-            f"same values or use a new --workdir (safe to change: {', '.join(s + '*' * s.endswith('.') for s in SAFE_TO_CHANGE)})")
+            f"same values or use a new --workdir (safe to change: {_safe_list()})")
 
 
-def preempted(mngr, watch: "PreemptionWatch", step: int) -> Preempted:
+def _safe_list() -> str:
+    return ", ".join(s + "*" * s.endswith(".") for s in SAFE_TO_CHANGE)
+
+
+def preempted(mngr, watch: PreemptionWatch, step: int) -> Preempted:
     """After the save at `step`: waits for it to commit, restores the SIGTERM handler and
     returns the `Preempted` to raise."""
     mngr.wait_until_finished()

@@ -1,12 +1,10 @@
 """hcsc_jax.metrics: metrics.jsonl, TensorBoard events read back by tensorboard's own reader,
 resume (cut lines, purged steps), optional W&B, and a gs:// workdir (in-memory fake)."""
 
-import json
 import sys
 import types
 
 import ml_collections
-import numpy as np
 import pytest
 from etils import epath
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

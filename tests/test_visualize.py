@@ -4,7 +4,6 @@ nearest images, PNGs on local and gs:// workdirs, and a workdir without a hierar
 import json
 
 import numpy as np
-import pytest
 from etils import epath
 
 from hcsc_jax import visualize, workdir as workdir_lib
