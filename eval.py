@@ -55,6 +55,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
     from hcsc_jax import distributed, evaluators, train_step  # after flag parsing, so --help is fast
+    from hcsc_jax import workdir as workdir_lib
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
@@ -69,14 +70,13 @@ def main(argv):
         sys.exit(1)
     if not distributed.is_main():
         return
-    result = dict(ctx.common(), checkpoint=os.path.abspath(_CHECKPOINT.value), mode=mode, **result,
+    result = dict(ctx.common(), checkpoint=os.fspath(workdir_lib.path(_CHECKPOINT.value)), mode=mode, **result,
                   config=config.to_dict())
-    os.makedirs(ctx.out_dir, exist_ok=True)
-    path = os.path.join(ctx.out_dir, f"{mode}_step{ctx.encoder.step}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    path = ctx.out_dir / f"{mode}_step{ctx.encoder.step}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    tmp.rename(path)
     print(line)
     print(f"results: {path}")
 

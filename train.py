@@ -7,8 +7,10 @@ A run resumes automatically from the newest readable checkpoint in --workdir.
 Several processes (one per host): the same command on each, with --coordinator_address,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID); SLURM, Open MPI and Cloud TPU VMs are detected. See README "Multi-host and pods".
-Outputs in --workdir: config.json, metrics.jsonl, hierarchy/epoch_*.npz, checkpoints/,
-summary.json (kNN top-1 on the held-out split, NMI of each prototype level).
+Outputs in --workdir (a local path or a bucket, gs://...): config.json, metrics.jsonl,
+tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (kNN top-1 on the held-out
+split, NMI of each prototype level), figures/. On SIGTERM (preemption) the run saves a
+checkpoint at the next step and exits 0; the same command resumes it.
 """
 
 import json
@@ -34,7 +36,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     ours = console.setup()
-    from hcsc_jax import distributed, trainer  # after flag parsing, so --help is fast
+    from hcsc_jax import distributed, resume, trainer  # after flag parsing, so --help is fast
+    from hcsc_jax import workdir as workdir_lib
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():
         ours.setLevel(logging.WARNING)
@@ -47,6 +50,12 @@ def main(argv):
     except trainer.NonFiniteLossError as err:
         ours.error("%s", err)
         sys.exit(1)
+    except resume.Preempted as err:
+        ours.warning("%s", err)
+        sys.exit(0)
+    except (workdir_lib.WorkdirError, resume.ConfigMismatch, ImportError) as err:  # one line: what to change
+        ours.error("%s", err)
+        sys.exit(2)
     if distributed.is_main():
         print(json.dumps(summary, indent=2, sort_keys=True))
 

@@ -70,6 +70,16 @@ def get_config() -> ml_collections.ConfigDict:
     # not the protocol's). They also run after the last epoch.
     c.evals = ml_collections.ConfigDict()
 
+    # Metrics go to metrics.jsonl and TensorBoard event files (<workdir>/tensorboard); also to
+    # Weights & Biases when wandb.project is set (pip install wandb; mode "offline" writes to the
+    # workdir for `wandb sync` later).
+    c.wandb = ml_collections.ConfigDict(dict(
+        project=ml_collections.config_dict.placeholder(str), entity=ml_collections.config_dict.placeholder(str),
+        name=ml_collections.config_dict.placeholder(str), mode="online"))
+    # Training-curve and cluster figures in <workdir>/figures at the end of a run (all figures:
+    # python -m hcsc_jax.visualize WORKDIR).
+    c.figures_at_end = True
+
     # Bookkeeping.
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.clustering import Hierarchy
 from hcsc_jax.models import Encoder, make_encoder
 
@@ -30,10 +31,10 @@ log = logging.getLogger(__name__)
 _ITEMS = ("state", "meta", "hierarchy")
 
 
-def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
     """An asynchronous CheckpointManager keeping the last `max_to_keep` steps."""
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        workdir_lib.path(workdir) / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=_ITEMS,
     )
@@ -108,7 +109,7 @@ def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
     """Writes an encoder-only Orbax checkpoint: parameters and BN statistics (pure dicts) and
     `meta` (from `encoder_meta`) as JSON. `load_encoder` reads it back."""
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
-    with ocp.CheckpointManager(os.path.abspath(directory), item_names=_ENCODER_ITEMS) as mngr:
+    with ocp.CheckpointManager(workdir_lib.path(directory), item_names=_ENCODER_ITEMS) as mngr:
         mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),
                   force=True)
         mngr.wait_until_finished()
@@ -119,8 +120,8 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
     query encoder, or the momentum encoder with which="key") or from an `export_encoder`
     directory. -> (Encoder with the restored weights, meta). Raises FileNotFoundError with what
     was expected when `path` holds neither."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = workdir_lib.path(path)
+    if (path / "checkpoints").is_dir():
         mngr = manager(path)
         steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
         if not steps or (step is not None and step not in mngr.all_steps()):
@@ -137,7 +138,7 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
                     raise
                 log.warning("encoder at step %d of %s could not be restored (%s); trying the previous one", s, path, err)
         raise RuntimeError(f"no checkpoint in {path}/checkpoints could be restored")
-    if not os.path.isdir(path) or not os.listdir(path):
+    if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(
             f"{path} is neither a training workdir (with checkpoints/) nor an exported encoder; "
             "pass the --workdir of a train.py run or a directory written by export_encoder")

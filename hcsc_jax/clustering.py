@@ -15,8 +15,9 @@ Everything is vectorised NumPy; the only Python loop is over levels.
 Results are bit-identical across calls with the same faiss thread count. Another thread count
 (`faiss.omp_set_num_threads`) gave the same assignments and centroids in our checks, but faiss's
 final squared distances, hence phi, differ in the last float32 bits (BLAS blocking).
-faiss prints "WARNING clustering n points to k centroids" to stderr whenever
-n < k * min_points_per_centroid, which is always the case for upper levels; it is harmless.
+faiss would print "WARNING clustering n points to k centroids" to stderr whenever
+n < k * min_points_per_centroid (always the case for upper levels; harmless): it is told 0 and
+`hierarchical_kmeans` logs one line naming the under-filled levels instead.
 
 backend="jax" replaces only the k-means of each level (the rest is shared): the same
 `faiss.Clustering` algorithm (its subsample and random initialisation, bit for bit, Lloyd
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "Hierarchy", "Level", "concentration", "hierarchical_kmeans"]
 
@@ -236,14 +240,14 @@ def _check_inputs(features, num_clusters, temperature) -> tuple[int, ...]:
 def _kmeans_faiss(x, k, *, niter, nredo, seed, max_points_per_centroid, min_points_per_centroid,
                   mesh):
     """faiss k-means of x (n, d) float32: returns centroids (k, d), sq_dists (n,), assign (n,)."""
-    del mesh
+    del mesh, min_points_per_centroid
     d = x.shape[1]
     clus = faiss.Clustering(d, k)
     clus.niter = niter
     clus.nredo = nredo
     clus.seed = seed
     clus.max_points_per_centroid = max_points_per_centroid
-    clus.min_points_per_centroid = min_points_per_centroid
+    clus.min_points_per_centroid = 0  # its only use is a stderr warning; `_log_underfilled` logs it
     clus.verbose = False
     index = faiss.IndexFlatL2(d)
     clus.train(x, index)
@@ -413,6 +417,17 @@ def _kmeans_jax(x, k, *, niter, nredo, seed, max_points_per_centroid, min_points
 _KMEANS = {"faiss": _kmeans_faiss, "jax": _kmeans_jax}
 
 
+def _log_underfilled(n: int, sizes: Sequence[int], min_points_per_centroid: int):
+    """One log line for the levels whose k-means gets fewer than `min_points_per_centroid`
+    points per centroid (level l clusters the M_{l-1} centroids below; faiss's warning)."""
+    points = [n, *sizes[:-1]]
+    low = [f"level {l}: {m} points for {k} centroids" for l, (m, k) in enumerate(zip(points, sizes))
+           if m < k * min_points_per_centroid]
+    if low:
+        log.info("k-means under min_points_per_centroid=%d (harmless for upper levels): %s",
+                 min_points_per_centroid, "; ".join(low))
+
+
 def hierarchical_kmeans(
     features: np.ndarray,
     num_clusters: Sequence[int],
@@ -446,6 +461,7 @@ def hierarchical_kmeans(
         min_points_per_centroid=min_points_per_centroid, mesh=mesh,
     )
     x = np.ascontiguousarray(features)
+    _log_underfilled(len(x), sizes, min_points_per_centroid)
     fields = []  # Level kwargs per level; parents are filled in by the level above
     for l, k in enumerate(sizes):
         centroids, sq_dists, member_assign = kmeans(x, k, seed=seed + l)

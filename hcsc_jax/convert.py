@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -309,22 +310,21 @@ def encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict[str
 # ----------------------------------------------------------------------------- files
 
 
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+def load_torch_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a ``.pth`` file (torch needed) -> {key: float NumPy array or int array}, unwrapping
-    ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers."""
+    ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers. Only tensors and plain containers are
+    unpickled unless `trust_pickle` (which runs whatever code the file names: trusted files only)."""
     import torch
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such PyTorch checkpoint file: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - e.g. an argparse.Namespace among the saved objects
-        log.warning(
-            "torch.load(weights_only=True) failed (%s); retrying with weights_only=False "
-            "(only do this for files you trust)",
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-        )
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as err:  # e.g. an argparse.Namespace among the saved objects
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses ({first}); "
+            "if you trust the file, pass --trust-pickle (it runs code named in the file)") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -350,9 +350,10 @@ def save_torch_state_dict(
     torch.save(obj, path)
 
 
-def import_torch(pth: str, out_dir: str, *, seed: int = 0, **meta_kw) -> dict[str, Any]:
+def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = False,
+                 **meta_kw) -> dict[str, Any]:
     """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta."""
-    sd = load_torch_state_dict(pth)
+    sd = load_torch_state_dict(pth, trust_pickle)
     meta = infer_meta(sd, converted_from=os.path.abspath(pth), **meta_kw)
     model = torch_to_encoder(sd, meta, seed=seed)
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--hidden-dim", type=int, default=None, help="head hidden dim when the file has no head")
     imp.add_argument("--bn-group-size", type=int, default=32, help="recorded in meta, for fine-tuning")
     imp.add_argument("--seed", type=int, default=0, help="initialisation of a head absent from the file")
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="unpickle any object in the file (runs code it names): only for files you trust")
     exp = sub.add_parser("export-torch", help="train workdir or exported encoder -> torchvision-named .pth")
     exp.add_argument("checkpoint")
     exp.add_argument("out_pth")
@@ -414,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.pth,
                 args.out_dir,
                 seed=args.seed,
+                trust_pickle=args.trust_pickle,
                 embed_dim=args.embed_dim,
                 hidden_dim=args.hidden_dim,
                 bn_group_size=args.bn_group_size,

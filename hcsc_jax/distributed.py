@@ -34,9 +34,20 @@ def _cluster_with_several_processes() -> bool:
         return int(os.environ["SLURM_NTASKS"]) > 1
     if "OMPI_MCA_orte_hnp_uri" in os.environ:
         return _env_int("OMPI_COMM_WORLD_SIZE") != 1
-    from jax._src import cloud_tpu_init  # set when `import jax` found TPU chips and libtpu
+    return _on_cloud_tpu_vm()  # a single-host TPU VM initializes as 1 process
 
-    return cloud_tpu_init.running_in_cloud_tpu_vm  # a single-host TPU VM initializes as 1 process
+
+def _on_cloud_tpu_vm() -> bool:
+    """Whether `import jax` found TPU chips and libtpu. jax has no public API for it: its private
+    flag is read when present; if a jax release moves it, a warning and False (no auto-detection)."""
+    try:
+        from jax._src import cloud_tpu_init
+
+        return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+    except (ImportError, AttributeError) as err:
+        log.warning("cannot tell whether this is a Cloud TPU VM (%s); for a multi-host TPU run pass "
+                    "--coordinator_address, --num_processes and --process_id", err)
+        return False
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

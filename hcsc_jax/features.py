@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hcsc_jax import distributed
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augment as augment_lib
 from hcsc_jax.data import pipeline
@@ -89,22 +89,21 @@ def weights_digest(*trees) -> str:
     return h.hexdigest()
 
 
-def cached(path: str | None, key: dict, compute) -> np.ndarray:
-    """`compute()` (an array), saved to / read from the .npz `path` under `key` (a JSON-able
-    dict naming everything the array depends on); a file with another key is recomputed and
-    replaced. `path` None: no cache. Process 0 writes; with several processes every process
-    computes (they all take part in the sharded pass)."""
-    if path is not None and jax.process_count() == 1 and os.path.isfile(path):
-        with np.load(path) as z:
-            if json.loads(str(z["key"])) == key:
-                log.info("features from %s", path)
-                return z["array"]
+def cached(path, key: dict, compute) -> np.ndarray:
+    """`compute()` (an array), saved to / read from the .npz `path` (an epath, local or a bucket)
+    under `key` (a JSON-able dict naming everything the array depends on); a file with another key
+    is recomputed and replaced. `path` None: no cache. Process 0 writes; with several processes
+    every process computes (they all take part in the sharded pass)."""
+    if path is not None and jax.process_count() == 1 and path.exists():
+        z = workdir_lib.load_npz(path)
+        if json.loads(str(z["key"])) == key:
+            log.info("features from %s", path)
+            return z["array"]
     t0 = time.perf_counter()
     array = compute()
-    log.info("computed %s in %.1fs", os.path.basename(path) if path else "features", time.perf_counter() - t0)
+    log.info("computed %s in %.1fs", path.name if path is not None else "features", time.perf_counter() - t0)
     if path is not None and distributed.is_main():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, array=array, key=json.dumps(key))
-        os.replace(tmp, path)
+        tmp = path.with_name(path.name + ".tmp")
+        workdir_lib.save_npz(tmp, dict(array=array, key=np.asarray(json.dumps(key))))
+        tmp.rename(path)
     return array

@@ -15,10 +15,8 @@ metrics and summaries, and all processes write the checkpoints together.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -29,7 +27,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, clustering, distributed, evaluators, objective, train_step as ts
+from hcsc_jax import checkpoints, clustering, distributed, evaluators, objective, resume
+from hcsc_jax import metrics as metrics_lib
+from hcsc_jax import train_step as ts
+from hcsc_jax import visualize
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.features import embed_input
 from hcsc_jax.data import augment as augment_lib
 from hcsc_jax.data import pipeline
@@ -132,25 +134,6 @@ def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) 
     return clustering.Hierarchy.from_arrays(distributed.broadcast_arrays(arrays))
 
 
-class MetricsWriter:
-    """Appends JSON lines to `<workdir>/metrics.jsonl`; on resume drops records past the checkpoint.
-    Writes nothing on processes other than 0."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl") if distributed.is_main() else None
-        if self.path and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-
-    def write(self, record: dict[str, Any]):
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
     keys = per_step[0].keys()
     return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
@@ -170,10 +153,11 @@ def _check_finite(per_step: list[dict], first_step: int):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict."""
     main = distributed.is_main()
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
+    config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+    resume.check_config(workdir, config_json)
     if main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        (workdir / workdir_lib.CONFIG_FILE).write_text(config_json)
 
     check_evals(config)
     mesh = ts.make_mesh()
@@ -213,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         hierarchy_epoch = meta.get("hierarchy_epoch", -1)
         log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), start_epoch, start_in_epoch)
     global_step = int(state.step)  # host copy: no device sync per step
-    writer = MetricsWriter(workdir, global_step)
+    writer = metrics_lib.MetricsWriter(workdir, global_step, config, enabled=main)
+    preemption = resume.PreemptionWatch()
 
     view_q, view_k, view_local, (mean, std) = view_configs(config, channels, train_set.streaming)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
@@ -222,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w, train_set.streaming) for w in (True, False)}
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
-    hierarchy_dir = os.path.join(workdir, "hierarchy")
+    hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
 
     for epoch in range(start_epoch, config.epochs):
         protos, assignments = None, np.zeros((n, max(num_levels, 1)), np.int32)
@@ -235,8 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 hierarchy, hierarchy_epoch = cluster(config, proj, epoch, mesh=mesh), epoch
                 cluster_seconds = time.perf_counter() - t0
                 if main:
-                    os.makedirs(hierarchy_dir, exist_ok=True)
-                    np.savez(os.path.join(hierarchy_dir, f"epoch_{epoch:04d}.npz"), **hierarchy.to_arrays())
+                    workdir_lib.save_npz(hierarchy_dir / f"epoch_{epoch:04d}.npz", hierarchy.to_arrays())
         first = start_in_epoch if epoch == start_epoch else 0
         if hierarchy is not None and hierarchy_epoch == epoch:
             protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
@@ -244,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if first == 0:  # (resumed mid-epoch, the restored state already holds the cache)
                 state = refresh_lse(state, protos)
         step_fn = step_fns[protos is None]
-        pending, epoch_metrics = [], []
+        pending, epoch_metrics, save_now, stop = [], [], False, False
         bar = tqdm(zip(range(first, steps_per_epoch), train_set.steps(epoch, first, assignments)),
                    total=steps_per_epoch - first, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="step", leave=False, dynamic_ncols=True, disable=not (config.progress_bar and main))
@@ -253,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = step_fn(state, *inputs, protos)
             global_step += 1
             pending.append(metrics)
-            save_now = config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0
+            stop = preemption.reached(global_step)
+            save_now = stop or (config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0)
             if len(pending) == config.log_every_steps or s == steps_per_epoch - 1 or save_now:
                 per_step = jax.device_get(pending)
                 _check_finite(per_step, global_step - len(per_step) + 1)
@@ -269,6 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if save_now and s < steps_per_epoch - 1:  # mid-epoch; epoch ends are saved below
                 meta = dict(epoch=epoch, step_in_epoch=s + 1, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
                 checkpoints.save(mngr, state, meta, hierarchy if protos is not None else None)
+                if stop:
+                    raise resume.preempted(mngr, preemption, global_step)
         bar.close()
         if epoch_metrics:
             summary = _mean_metrics(epoch_metrics)
@@ -277,15 +264,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
                          "instance only" if protos is None else f"{num_levels} prototype levels")
         last = epoch == config.epochs - 1
-        if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
+        if last or save_now or (epoch + 1) % config.checkpoint_every_epochs == 0:
             meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
             checkpoints.save(mngr, state, meta, hierarchy)
-        if config.evals:  # after the save: an eval interrupted by a kill is not redone on resume
+        if config.evals and not stop:  # after the save: an eval cut by a kill or SIGTERM is not redone
             ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, global_step, mesh,
                                eval_inputs)
             record = run_evals(config, ctx, epoch, last)
             if record:
                 writer.write(dict(record, type="eval", epoch=epoch, step=global_step))
+        if stop:
+            raise resume.preempted(mngr, preemption, global_step)
+    preemption.close()
     if mngr.latest_step() is None:  # epochs=0: keep the initial encoder, e.g. for eval.py
         meta = dict(epoch=config.epochs, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
         checkpoints.save(mngr, state, meta, hierarchy)
@@ -294,9 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, int(state.step), mesh,
                        eval_inputs)
     summary = evaluate(config, ctx, state, mesh)
+    writer.close()
     if main:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+        workdir_lib.write_json(workdir / workdir_lib.SUMMARY_FILE, summary)
+        if config.figures_at_end:
+            visualize.write_run_figures(workdir)
     return summary
 
 

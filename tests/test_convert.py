@@ -341,3 +341,21 @@ def _convert_cli(*args):
         [sys.executable, "-m", "hcsc_jax.convert", *args], check=False, capture_output=True, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
+
+
+def test_pickled_objects_need_trust_pickle(tmp_path, capsys):
+    """A file with non-tensor objects (the authors' files carry an argparse.Namespace) is refused
+    by the safe load, with the flag to pass; --trust-pickle then reads it."""
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    net = _torch_resnet("resnet18", small_stem=True, width=0.25, hidden_dim=32, out_dim=16)
+    pth = tmp_path / "with_args.pth"
+    torch.save({"args": argparse.Namespace(lr=0.03), "state_dict": net.state_dict()}, pth)
+    with pytest.raises(ValueError, match="pass --trust-pickle"):
+        convert.load_torch_state_dict(str(pth))
+    assert convert.main(["import-torch", str(pth), str(tmp_path / "refused")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    sd = convert.load_torch_state_dict(str(pth), trust_pickle=True)
+    np.testing.assert_array_equal(sd["conv1.weight"], net.state_dict()["conv1.weight"].numpy())
+    assert convert.main(["import-torch", str(pth), str(tmp_path / "trusted"), "--trust-pickle"]) == 0

@@ -15,7 +15,7 @@ from flax import nnx
 
 import imagenet_like
 from configs import eval_digits, eval_imagenet
-from hcsc_jax import checkpoints, train_step
+from hcsc_jax import checkpoints, train_step, workdir
 from hcsc_jax.data import sources
 from hcsc_jax.evaluators import EvalError, cluster, common, knn, linear, semisup, voc
 
@@ -207,7 +207,7 @@ def _ctx(encoder_dir, tmp_path, **overrides):
     cfg.progress_bar = False
     cfg.update(overrides)
     out = common.from_checkpoint(cfg, encoder_dir, None, train_step.make_mesh())
-    out.out_dir = None if tmp_path is None else str(tmp_path)
+    out.out_dir = None if tmp_path is None else workdir.path(tmp_path)
     return out, cfg
 
 
@@ -342,7 +342,7 @@ def test_semisup_fraction_lr_history(grey_encoder, tmp_path):
     h = res["history"]
     assert h[0]["trunk_lr"] == pytest.approx(0.005 * scale) and h[0]["head_lr"] == pytest.approx(0.02 * scale)
     assert h[1]["trunk_lr"] == pytest.approx(0.0005 * scale) and h[1]["head_lr"] == pytest.approx(0.002 * scale)
-    assert os.path.isfile(tmp_path / "semisup_subset_0.05_seed0.npy") and "72 labelled images" in line
+    assert os.path.isfile(tmp_path / "semisup_subset_0.05_seed0.npz") and "72 labelled images" in line
 
 
 def test_eval_configs_load():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits
-from hcsc_jax import checkpoints, clustering, trainer
+from hcsc_jax import checkpoints, clustering, metrics, resume, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
@@ -66,6 +68,8 @@ def test_run_writes_outputs_and_learns_something(finished_run):
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert "loss_proto" not in epochs[0] and "loss_proto" in epochs[1]  # warm-up, then prototypes
     assert all(np.isfinite(r["loss"]) for r in records if r.get("type") != "eval")
+    evals = [r for r in records if r.get("type") == "eval"]
+    assert records[-1] == evals[-1] and evals[-1]["step"] == summary["step"]  # the last evaluators' record
     assert json.load(open(os.path.join(workdir, "config.json")))["queue_size"] == 256
     # One hierarchy per prototype epoch, a valid tree over the training set.
     files = sorted(os.listdir(os.path.join(workdir, "hierarchy")))
@@ -95,28 +99,39 @@ def test_evaluators_during_training_match_eval_py(finished_run):
     assert res["per_k"]["20"]["top1"] == evals[-1]["knn/per_k/20/top1"] == pytest.approx(100 * summary["knn_top1"])
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
-    reference_dir, reference = finished_run
-    workdir = str(tmp_path / "killed")
+def tiny_command(workdir, *extra):
+    """train.py with the TINY config, as a subprocess command."""
     overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [
         "--config.model.width=0.125", "--config.model.embed_dim=16", "--config.model.hidden_dim=32",
         "--config.clustering.num_clusters=(20,8,4)", "--config.clustering.nredo=1",
-        "--config.clustering.niter=10", "--config.eval.num_clusters=(20,10)",
-        "--config.checkpoint_every_steps=5",  # so the kill can land after a mid-epoch save
-    ]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.py"),
-           "--workdir", workdir] + overrides
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        "--config.clustering.niter=10", "--config.eval.num_clusters=(20,10)", *extra]
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.py"),
+            "--workdir", str(workdir)] + overrides
+
+
+def start_and_signal(cmd, workdir, sig):
+    """Starts `cmd`, waits for the end of epoch 1 (step 22) to be committed, then a second into
+    epoch 2 (its clustering or first steps) sends `sig`. -> the finished process's stderr."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(os.path.join(ckpt_dir, "22")):  # end of epoch 1 committed
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(1.0)  # into epoch 2 (its clustering or first steps)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
+    reference_dir, reference = finished_run
+    workdir = str(tmp_path / "killed")
+    cmd = tiny_command(workdir, "--config.checkpoint_every_steps=5")  # the kill can land after a mid-epoch save
+    returncode, _ = start_and_signal(cmd, workdir, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,6 +144,30 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     # metrics.jsonl has no duplicate steps after the replay.
     steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "type" not in r]
     assert steps == sorted(set(steps))
+
+
+def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run, tmp_path):
+    reference_dir, reference = finished_run
+    workdir = str(tmp_path / "preempted")
+    cmd = tiny_command(workdir)  # no mid-epoch saves: the one at the SIGTERM is the only one in epoch 2
+    returncode, err = start_and_signal(cmd, workdir, signal.SIGTERM)
+    assert returncode == 0, err[-3000:]
+    match = re.search(r"preempted \(SIGTERM\): saved the checkpoint of step (\d+) in .*; run the same command", err)
+    assert match, err[-3000:]
+    step = int(match.group(1))
+    assert 22 < step < 44
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [22, step]
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    logged = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") is None]
+    assert logged[-1] == step  # the metrics up to the save are flushed
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == reference
+    final = [_restore_raw(os.path.join(d, "checkpoints"), 66) for d in (reference_dir, workdir)]
+    for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 def _restore_raw(directory, step):
@@ -264,3 +303,91 @@ def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     h = clustering.Hierarchy.from_arrays(np.load(tmp_path / "hierarchy" / "epoch_0001.npz"))
     assert h.assignments().shape == (1437, 3)
     assert 0.0 < summary["nmi_per_level"][0] <= 1.0
+
+
+def test_tensorboard_events_hold_the_metrics_jsonl_values(finished_run):
+    """Every number of every metrics.jsonl record, read back by tensorboard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = finished_run
+    acc = EventAccumulator(os.path.join(workdir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tb = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    expected = {(tag, r["step"]): v for r in records for tag, v in metrics.scalars(r).items()}
+    assert {"train/loss", "train/proto_acc/0", "train/instance_keep/2", "train/lr", "train/images_per_sec",
+            "epoch/clustering_seconds", "eval/knn_top1", "eval/nmi_per_level/1"} <= set(tb)
+    assert len(expected) == sum(len(v) for v in tb.values())
+    for (tag, step), value in expected.items():
+        assert tb[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (tag, step)
+    assert sorted(os.listdir(os.path.join(workdir, "figures"))) == ["clusters.png", "curves.png"]
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tensorboard", "figures"))
+    return str(dst)
+
+
+def test_resume_drops_a_cut_metrics_line(finished_run, tmp_path):
+    workdir = _copy_run(finished_run[0], tmp_path / "run")
+    path = os.path.join(workdir, "metrics.jsonl")
+    before = read_jsonl(path)
+    with open(path, "a") as f:
+        f.write('{"epoch": 3, "loss": 7.1, "st')  # the kill landed mid-line
+    summary = trainer.train_and_evaluate(tiny_config(), workdir)
+    assert summary == finished_run[1]
+    after = read_jsonl(path)
+    assert after[:len(before)] == before and after[-1]["type"] == "eval"
+
+
+def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_run, tmp_path):
+    workdir = _copy_run(finished_run[0], tmp_path / "run")
+    saved = open(os.path.join(workdir, "config.json")).read()
+    changed = tiny_config(batch_size=128, epochs=4)
+    changed.clustering.num_clusters = (20, 8)
+    with pytest.raises(resume.ConfigMismatch, match=r"batch_size: 64 -> 128, clustering.num_clusters: \[20, 8, 4\] -> "
+                       r"\[20, 8\], epochs: 3 -> 4\); .* \(safe to change: log_every_steps, .* eval.\*, wandb.\*\)"):
+        trainer.train_and_evaluate(changed, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == saved
+    # Logging, checkpoint cadence and the final evaluation may change.
+    ok = tiny_config(log_every_steps=7, keep_checkpoints=5)
+    ok.eval.num_clusters = (10,)
+    assert trainer.train_and_evaluate(ok, workdir)["num_clusters"] == [10]
+    assert json.load(open(os.path.join(workdir, "config.json")))["log_every_steps"] == 7
+
+
+def test_step_checkpoint_on_an_epochs_last_step_is_saved(tmp_path):
+    steps_per_epoch = 1437 // 64
+    c = tiny_config(epochs=2, warmup_epochs=2, checkpoint_every_epochs=5, checkpoint_every_steps=steps_per_epoch,
+                    figures_at_end=False)
+    c.eval.num_clusters = ()
+    trainer.train_and_evaluate(c, str(tmp_path))
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert steps == [steps_per_epoch, 2 * steps_per_epoch]
+    meta = checkpoints.manager(str(tmp_path)).restore(
+        steps_per_epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 0)
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    done = subprocess.run(tiny_command(tmp_path / "file" / "run"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "cannot write to workdir" in last and "pass a --workdir that exists" in last
+    assert "Traceback" not in done.stderr
+
+
+def test_visualize_cli_writes_every_figure(finished_run, tmp_path):
+    workdir, _ = finished_run
+    out = tmp_path / "figures"
+    done = subprocess.run([sys.executable, "-m", "hcsc_jax.visualize", workdir, "--out", str(out), "--sample", "400"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ["clusters.png", "curves.png", "embedding.png", "hierarchy.png"]
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and 10_000 < len(data) < 200_000, name

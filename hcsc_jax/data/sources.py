@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 
 from hcsc_jax.data.resize import resize_uint8
 
@@ -192,8 +193,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     then the big-endian data. Raises ValueError naming the file when anything is off.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = epath.Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -225,9 +225,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def _find_file(directory: str, stem: str) -> str | None:
     for candidate in (stem, stem + ".gz"):
-        path = os.path.join(directory, candidate)
-        if os.path.isfile(path):
-            return path
+        path = epath.Path(directory) / candidate
+        if path.is_file():
+            return os.fspath(path)
     return None
 
 
@@ -398,8 +398,8 @@ _SPLIT_DIRS = {
 }
 
 
-def _class_dirs(root: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def _class_dirs(root: epath.Path) -> list[str]:
+    return sorted(e.name for e in root.iterdir() if not e.name.startswith(".") and e.is_dir())
 
 
 def _import_pil():
@@ -418,32 +418,32 @@ def _folder_files(spec: str | None, split: str, data_dir: str | None):
     """
     if spec is None:
         raise ValueError("use 'folder:<path>'")
-    root = spec if data_dir is None or os.path.isabs(spec) else os.path.join(data_dir, spec)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-    present = [d for d in ("train", "val", "validation", "test")
-               if os.path.isdir(os.path.join(root, d))]
+    root = epath.Path(spec) if data_dir is None else epath.Path(data_dir) / spec  # (an absolute spec wins)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {os.fspath(root)!r} does not exist")
+    present = [d for d in ("train", "val", "validation", "test") if (root / d).is_dir()]
     if present:
         chosen = next((d for d in _SPLIT_DIRS.get(split, (split,)) if d in present), None)
         if chosen is None:
-            raise ValueError(f"image folder {root!r} has split folders {present}, none for "
+            raise ValueError(f"image folder {os.fspath(root)!r} has split folders {present}, none for "
                              f"split {split!r}")
-        split_root = os.path.join(root, chosen)
+        split_root = root / chosen
         # One label space for all splits: the union of the class folders of every split.
-        classes = sorted({c for d in present for c in _class_dirs(os.path.join(root, d))})
+        classes = sorted({c for d in present for c in _class_dirs(root / d)})
     else:
         split_root = root
         classes = _class_dirs(root)
+    split_root = os.fspath(split_root)
     if not classes:
         raise ValueError(f"image folder {split_root!r} has no class sub-folders")
     paths, labels = [], []
     for label, cls in enumerate(classes):
-        cls_dir = os.path.join(split_root, cls)
-        if not os.path.isdir(cls_dir):
+        cls_dir = epath.Path(split_root) / cls
+        if not cls_dir.is_dir():
             continue
-        names = sorted(f for f in os.listdir(cls_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(cls_dir, f) for f in names]
-        labels += [label] * len(names)
+        files = sorted(os.fspath(f) for f in cls_dir.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS))
+        paths += files
+        labels += [label] * len(files)
     if not paths:
         raise ValueError(f"image folder {split_root!r}: no {'/'.join(IMAGE_EXTENSIONS)} files")
     return split_root, paths, np.asarray(labels, np.int32), tuple(classes)
@@ -452,7 +452,7 @@ def _folder_files(spec: str | None, split: str, data_dir: str | None):
 def _open_image(Image, path: str):
     """The decoded PIL image at `path`; ValueError naming the file if it cannot be decoded."""
     try:
-        with Image.open(path) as im:
+        with epath.Path(path).open("rb") as f, Image.open(f) as im:
             im.load()
             return im
     except Exception as e:
@@ -547,8 +547,7 @@ class FolderSource:
         self.name = f"folder:{spec}"
         self.num_examples = len(self.paths)
         self.num_classes = len(self.class_names)
-        with self._image.open(self.paths[0]) as im:
-            self._mode = "L" if im.mode in GREY_MODES else "RGB"
+        self._mode = "L" if _open_image(self._image, self.paths[0]).mode in GREY_MODES else "RGB"
         self.channels = 1 if self._mode == "L" else 3
         self.file_names = tuple(os.path.basename(p) for p in self.paths)
 

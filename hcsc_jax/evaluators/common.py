@@ -7,8 +7,6 @@ An evaluator is a module with `run(ctx: Context, cfg) -> (result dict, one-line 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Any
 
@@ -19,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hcsc_jax import checkpoints
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augment as augment_lib
 from hcsc_jax.data import pipeline
 from hcsc_jax.data import stream as stream_lib
@@ -63,7 +62,8 @@ class Context:
                  progress: bool = True, seed: int = 0, inputs: dict | None = None):
         """`inputs`: split name -> feature-pass input already open, shared (and filled) across
         contexts, e.g. the trainer's from epoch to epoch."""
-        self.encoder, self.data, self.mesh, self.out_dir = encoder, data, mesh, out_dir
+        self.encoder, self.data, self.mesh = encoder, data, mesh
+        self.out_dir = None if out_dir is None else workdir_lib.path(out_dir)  # an epath
         self.batch, self.progress, self.seed = batch, progress, seed
         self._inputs: dict[str, Any] = {} if inputs is None else inputs
         self._features: dict[str, np.ndarray] = {}
@@ -127,11 +127,12 @@ class Context:
         x = jax.ShapeDtypeStruct((1, size, size, int(e.meta["in_channels"])), np.float32)
         return int(jax.eval_shape(lambda x: ts.apply_model(e.graphdef, e.params, e.stats, x, False)[0], x).shape[1])
 
-    def feature_path(self, split: str) -> str | None:
+    def feature_path(self, split: str):
+        """The epath of the feature cache of `split` (None without an out_dir)."""
         if self.out_dir is None:
             return None
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.data.dataset}_{split}").strip("_")
-        return os.path.join(self.out_dir, f"features_step{self.encoder.step}_{name}.npz")
+        return workdir_lib.path(self.out_dir) / f"features_step{self.encoder.step}_{name}.npz"
 
     def features(self, split: str) -> np.ndarray:
         """(N, F) float32 pooled centre-crop features of `split`, in index order."""
@@ -212,14 +213,11 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
 
 def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
     """A Context for the query encoder of a train.py workdir (newest readable step, or `step`) or
-    an exported encoder directory; outputs go to `<path>/eval/`."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    an exported encoder directory (local or a bucket); outputs go to `<path>/eval/`."""
+    path = workdir_lib.path(path)
+    if not path.exists():
         raise EvalError(f"checkpoint path {path} does not exist")
-    run_config = None
-    if os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            run_config = json.load(f)
+    run_config = workdir_lib.read_json(path / "config.json") if (path / "config.json").exists() else None
     data = data_spec(config, run_config)
     try:
         model, meta = checkpoints.load_encoder(path, step)
@@ -234,5 +232,5 @@ def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
     graphdef, params, stats = ts.split_model(model)
     params, stats = jax.device_put((params, stats), NamedSharding(mesh, P()))
     encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))
-    return Context(encoder, data, mesh, os.path.join(path, "eval"), int(config.embed_batch), bool(config.progress_bar),
+    return Context(encoder, data, mesh, path / "eval", int(config.embed_batch), bool(config.progress_bar),
                    int(config.seed))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +90,7 @@ def train_head(ctx: common.Context, cfg, name: str, feat_dim: int, num_classes: 
     meta = dict(global_step=0, history=[], epoch_losses=[])
     mngr = None
     if ctx.out_dir is not None:
-        mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(ctx.out_dir), f"{name}_step{ctx.encoder.step}_ckpt"),
+        mngr = ocp.CheckpointManager(ctx.out_dir / f"{name}_step{ctx.encoder.step}_ckpt",
                                      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
                                      item_names=("train", "meta"))
         if mngr.all_steps():

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from hcsc_jax import checkpoints, distributed
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import sources
@@ -30,12 +31,12 @@ from hcsc_jax.evaluators import common, linear
 
 
 def read_split_file(path: str) -> list[str]:
-    """The file names listed in a split file, one per line (blank lines ignored)."""
-    if not os.path.isfile(path):
+    """The file names listed in a split file (local or a bucket), one per line (blank lines ignored)."""
+    path = workdir_lib.path(path)
+    if not path.is_file():
         raise common.EvalError(f"split file {path} does not exist; use the authors' 1percent.txt / 10percent.txt "
                                "(--config.semisup.split_file) or a --config.semisup.fraction without one")
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names:
         raise common.EvalError(f"split file {path} lists no file names")
     return names
@@ -92,9 +93,8 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     if batch == 0:
         raise common.EvalError(f"{n} labelled images are fewer than the {devices} devices; label more")
     if ctx.out_dir is not None and distributed.is_main():  # the labelled subset, for reuse and audit
-        os.makedirs(ctx.out_dir, exist_ok=True)
         tag = os.path.basename(cfg.split_file) if cfg.get("split_file") else f"{cfg.fraction:g}_seed{ctx.seed}"
-        np.save(os.path.join(ctx.out_dir, f"semisup_subset_{tag}.npy"), subset)
+        workdir_lib.save_npz(ctx.out_dir / f"semisup_subset_{tag}.npz", dict(indices=subset))
     train = ctx.input(d.train_split, crops=(stream_lib.CropSpec(d.image_size, tuple(cfg.scale)),), batch=batch,
                       indices=subset)
     spe = train.steps_per_epoch

@@ -1,0 +1,168 @@
+"""A run's metric records, behind one `MetricsWriter.write`: `metrics.jsonl`, TensorBoard event
+files and, when `config.wandb.project` is set, Weights & Biases.
+
+Records are dicts with a `step`; `type` is absent for training steps, `"epoch"` for an epoch's
+means and `"eval"` for evaluator results. Every number of a record (lists: one per index) becomes
+a TensorBoard scalar tagged `<type>/<key>` (`train/` for steps) at the record's step, written by
+tensorboardX into `<workdir>/tensorboard/`; view with `tensorboard --logdir <workdir>`. Every
+file goes through `etils.epath`, so the workdir may be local or a bucket (`gs://...`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from etils import epath
+from tensorboardX import SummaryWriter, record_writer
+
+from hcsc_jax import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_REMOTE_FLUSH_SECS = 30  # object stores cannot append: metrics.jsonl is rewritten at most this often
+
+
+def read_records(path: epath.Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file. A last line cut short by a kill is dropped (with a
+    warning); an unreadable line elsewhere raises ValueError with its number."""
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                log.warning("dropping the unfinished last line of %s (%s)", path, err)
+                break
+            raise ValueError(f"{path} line {i + 1} is not JSON ({err}); fix or delete that line") from err
+    return records
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of a record: `<type>/<key>` -> value for every number (a list
+    gives `<type>/<key>/<index>`); `step`, `epoch` and `type` are not scalars."""
+    prefix = record.get("type", "train")
+    out = {}
+    for key, value in record.items():
+        if key in ("step", "epoch", "type"):
+            continue
+        values = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{prefix}/{key}" + ("" if i is None else f"/{i}")] = float(v)
+    return out
+
+
+class _EpathEventFile:
+    """tensorboardX's record-file interface over epath, for object stores: keeps the bytes and
+    rewrites the object at each flush (they cannot append)."""
+
+    def __init__(self, path: str):
+        self.path, self.data = epath.Path(path), bytearray()
+
+    def write(self, data: bytes):
+        self.data += data
+
+    def flush(self):
+        self.path.write_bytes(bytes(self.data))
+
+    def close(self):
+        self.flush()
+
+
+class _EpathEventFiles:
+    """tensorboardX writer factory for `gs://` through epath (fsspec's gcsfs), instead of its
+    own, which needs google-cloud-storage."""
+
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str):
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+record_writer.register_writer_factory("gs", _EpathEventFiles())
+
+
+def _wandb_run(config, workdir: epath.Path):
+    """A W&B run for `config.wandb` (project, entity, name, mode "online" / "offline"), resumed
+    across restarts of the same workdir."""
+    try:
+        import wandb  # optional: pip install "hcsc-jax[wandb]"
+    except ImportError:
+        raise ImportError(
+            f"config.wandb.project is {config.wandb.project!r} but wandb is not installed; "
+            "pip install wandb, or leave config.wandb.project unset") from None
+    w = config.wandb
+    run_id = hashlib.sha1(os.fspath(workdir).encode()).hexdigest()[:16]
+    return wandb.init(project=w.project, entity=w.entity, name=w.name or workdir.name, mode=w.mode,
+                      id=run_id, resume="allow", config=config.to_dict(),
+                      dir=os.fspath(workdir) if workdir_lib.is_local(workdir) else None)
+
+
+class MetricsWriter:
+    """Writes records to `<workdir>/metrics.jsonl`, TensorBoard and (if `config.wandb.project`)
+    W&B. On resume at `resume_step` drops the records past it (TensorBoard: `purge_step`).
+    Writes nothing unless `enabled` (process 0)."""
+
+    def __init__(self, workdir: epath.Path, resume_step: int, config=None, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        wandb_on = config is not None and config.get("wandb", {}).get("project")
+        self.wandb = _wandb_run(config, workdir) if wandb_on else None
+        self.path = workdir / METRICS_FILE
+        self.local = workdir_lib.is_local(self.path)
+        self.lines = []
+        if self.path.exists():
+            keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+            self.lines = [json.dumps(r, sort_keys=True) + "\n" for r in keep]
+        self._rewrite()
+        # One event file per session (the suffix keeps names apart within a second); purge_step
+        # makes TensorBoard drop the old events of the replayed steps.
+        self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),
+                                purge_step=resume_step + 1 if resume_step else None, flush_secs=30,
+                                filename_suffix=f".{os.getpid()}.step{resume_step}")
+        self.closed = False
+        atexit.register(self.close)  # also on a NaN stop or preemption: flush what was written
+
+    def _rewrite(self):
+        self.path.write_text("".join(self.lines))
+        self.flushed = time.monotonic()
+
+    def write(self, record: dict[str, Any]):
+        """Appends `record` (with a `step`) to every destination."""
+        if not self.enabled:
+            return
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if self.local:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self.lines.append(line)
+            if time.monotonic() - self.flushed > _REMOTE_FLUSH_SECS:
+                self._rewrite()
+        values = scalars(record)
+        for tag, value in values.items():
+            self.tb.add_scalar(tag, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(values, step=record["step"])
+
+    def close(self):
+        """Flushes and closes every destination (idempotent)."""
+        if not self.enabled or self.closed:
+            return
+        self.closed = True
+        if not self.local:
+            self._rewrite()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

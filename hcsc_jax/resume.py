@@ -1,0 +1,124 @@
+"""Stopping and resuming a run safely: the config a checkpoint was written under, and SIGTERM.
+
+A resumed run must mean the same run: `check_config` refuses a config whose fields differ from
+the workdir's `config.json` (batch size, epochs, queue, levels, architecture, ...) except those in
+`SAFE_TO_CHANGE` (logging, checkpoint cadence, worker counts, the final evaluation and the evaluators during training, data_dir).
+
+`PreemptionWatch` turns SIGTERM (what TPU / GCE preemption and SLURM send before killing) into a
+checkpoint at the next step boundary; with several processes jax's preemption service picks the
+same step on all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import jax
+from etils import epath
+from jax.experimental import multihost_utils
+
+from hcsc_jax import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+# Config fields (dotted; a trailing "." covers a whole group) that a resumed run may change.
+SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
+                  "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch", "eval.", "evals.",
+                  "wandb.")
+
+
+class ConfigMismatch(ValueError):
+    """A resumed run's config changes the meaning of the workdir's checkpoints."""
+
+
+class Preempted(Exception):
+    """SIGTERM was received and a checkpoint saved; running the same command resumes."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields that differ between two config dicts and are not safe to change."""
+    a, b = flatten(old), flatten(new)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    safe = lambda k: any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_TO_CHANGE)
+    return [k for k in differ if not safe(k)]
+
+
+def has_checkpoint(workdir: epath.Path) -> bool:
+    """Whether `workdir/checkpoints` holds a committed step."""
+    d = workdir / "checkpoints"
+    return d.exists() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def check_config(workdir: epath.Path, config_json: str):
+    """Raises ConfigMismatch naming the fields when `config_json` (the new run's) would change the
+    meaning of the checkpoints in `workdir` (those written under its `config.json`). Every
+    process checks, then waits for the others, so none reads the file process 0 writes next."""
+    saved = workdir / workdir_lib.CONFIG_FILE
+    fields = []
+    if saved.exists() and has_checkpoint(workdir):
+        old, new = json.loads(saved.read_text()), json.loads(config_json)
+        fields = changed_fields(old, new)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("config checked")
+    if fields:
+        diffs = ", ".join(f"{k}: {flatten(old).get(k, '<absent>')!r} -> {flatten(new).get(k, '<absent>')!r}"
+                          for k in fields)
+        raise ConfigMismatch(
+            f"{workdir} holds checkpoints of a run with another config ({diffs}); resume with the "
+            f"same values or use a new --workdir (safe to change: {_safe_list()})")
+
+
+def _safe_list() -> str:
+    return ", ".join(s + "*" * s.endswith(".") for s in SAFE_TO_CHANGE)
+
+
+def preempted(mngr, watch: PreemptionWatch, step: int) -> Preempted:
+    """After the save at `step`: waits for it to commit, restores the SIGTERM handler and
+    returns the `Preempted` to raise."""
+    mngr.wait_until_finished()
+    watch.close()
+    return Preempted(f"preempted (SIGTERM): saved the checkpoint of step {step} in {mngr.directory}; "
+                     "run the same command to resume")
+
+
+class PreemptionWatch:
+    """Notes SIGTERM; `reached(step)` says whether to save and stop after `step`. One process:
+    a Python handler (installed from the main thread). Several: jax's preemption sync point,
+    the same step on every process."""
+
+    def __init__(self):
+        self.received = False
+        self.multiprocess = jax.process_count() > 1
+        self.previous = None
+        if not self.multiprocess and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        if self.multiprocess:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def close(self):
+        """Restores the previous SIGTERM handler."""
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None

@@ -1,0 +1,130 @@
+"""hcsc_jax.metrics: metrics.jsonl, TensorBoard events read back by tensorboard's own reader,
+resume (cut lines, purged steps), optional W&B, and a gs:// workdir (in-memory fake)."""
+
+import sys
+import types
+
+import ml_collections
+import pytest
+from etils import epath
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hcsc_jax import metrics
+from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
+
+
+def tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+    """tag -> step -> value, as TensorBoard loads them."""
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def records(n=5, offset=0.0):
+    return [{"step": s, "epoch": 0, "loss": 1.0 / s + offset, "proto_acc/0": 0.1 * s, "lr": 0.03} for s in range(1, n + 1)]
+
+
+def test_scalars_tags_and_skips():
+    r = {"step": 3, "epoch": 1, "type": "eval", "knn/top1_k20": 0.9, "nmi_per_level": [0.5, 0.25],
+         "name": "x", "flag": True}
+    assert metrics.scalars(r) == {"eval/knn/top1_k20": 0.9, "eval/nmi_per_level/0": 0.5, "eval/nmi_per_level/1": 0.25}
+    assert metrics.scalars({"step": 1, "loss": 2}) == {"train/loss": 2.0}
+
+
+def test_cut_last_line_is_dropped_and_a_bad_middle_line_named(tmp_path, caplog):
+    path = epath.Path(tmp_path) / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert metrics.read_records(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert "dropping the unfinished last line" in caplog.text
+    path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        metrics.read_records(path)
+
+
+def test_tensorboard_holds_the_jsonl_values_and_resume_purges(tmp_path):
+    workdir = epath.Path(tmp_path)
+    writer = metrics.MetricsWriter(workdir, 0)
+    for r in records(5):
+        writer.write(r)
+    writer.write({"step": 5, "epoch": 0, "type": "epoch", "loss": 0.7})
+    writer.close()
+    assert metrics.read_records(workdir / "metrics.jsonl")[-1]["type"] == "epoch"
+    tb = tensorboard_scalars(workdir / "tensorboard")
+    assert set(tb) == {"train/loss", "train/proto_acc/0", "train/lr", "epoch/loss"}
+    for r in records(5):
+        assert tb["train/loss"][r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+        assert tb["train/proto_acc/0"][r["step"]] == pytest.approx(r["proto_acc/0"], rel=1e-6)
+    # A kill cut the last line; the run resumes from step 3 and logs steps 4-5 anew (other values).
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    writer = metrics.MetricsWriter(workdir, 3)
+    for r in records(5, offset=10.0)[3:]:
+        writer.write(r)
+    writer.close()
+    steps = [r["step"] for r in metrics.read_records(workdir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+    tb = tensorboard_scalars(workdir / "tensorboard")
+    assert tb["train/loss"][3] == pytest.approx(1 / 3) and tb["train/loss"][5] == pytest.approx(10.2)
+    assert sorted(tb["train/loss"]) == [1, 2, 3, 4, 5]
+    assert tb["epoch/loss"] == {}  # its step 5 was past the resume point
+
+
+def test_gs_workdir(fake_gcs, tmp_path):  # noqa: F811
+    workdir = epath.Path("gs://bucket/run")
+    writer = metrics.MetricsWriter(workdir, 0)
+    for r in records(3):
+        writer.write(r)
+    writer.close()
+    assert metrics.read_records(workdir / "metrics.jsonl") == records(3)
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and "bucket/run/metrics.jsonl" in fake_gcs
+    local = epath.Path(tmp_path) / "copy"
+    local.mkdir()
+    (local / events[0].name).write_bytes(events[0].read_bytes())
+    assert tensorboard_scalars(local)["train/loss"] == pytest.approx({1: 1.0, 2: 0.5, 3: 1 / 3})
+    # Resuming on the bucket (no append there) keeps the records up to the checkpoint.
+    writer = metrics.MetricsWriter(workdir, 2)
+    writer.write(records(3, offset=1.0)[2])
+    writer.close()
+    assert [r["loss"] for r in metrics.read_records(workdir / "metrics.jsonl")] == [1.0, 0.5, 1 / 3 + 1.0]
+
+
+def wandb_config(**wandb):
+    c = ml_collections.ConfigDict({"lr": 0.03, "wandb": dict(dict(project=None, entity=None, name=None, mode="online"), **wandb)})
+    return c
+
+
+def test_wandb_gets_the_same_scalars(tmp_path, monkeypatch):
+    calls = []
+    run = types.SimpleNamespace(log=lambda values, step: calls.append(("log", values, step)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    workdir = epath.Path(tmp_path)
+    writer = metrics.MetricsWriter(workdir, 0, wandb_config(project="hcsc", mode="offline"))
+    writer.write(records(1)[0])
+    writer.close()
+    (_, init), (_, values, step), finish = calls
+    assert init["project"] == "hcsc" and init["mode"] == "offline" and init["resume"] == "allow"
+    assert init["config"]["lr"] == 0.03 and init["dir"] == str(workdir)
+    assert step == 1 and values == {"train/loss": 1.0, "train/proto_acc/0": 0.1, "train/lr": 0.03}
+    assert finish == ("finish",)
+    # Off by default: no project, no import.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    metrics.MetricsWriter(workdir, 0, wandb_config()).close()
+
+
+def test_wandb_project_without_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import raises ImportError
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ImportError, match="wandb is not installed; pip install wandb, or leave config.wandb.project unset"):
+        metrics.MetricsWriter(epath.Path(tmp_path), 0, wandb_config(project="hcsc"))
+    # Nothing of the run is lost: the records past the resume step are still there, no events written.
+    assert (tmp_path / "metrics.jsonl").read_text().count("step") == 2 and not (tmp_path / "tensorboard").exists()
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = metrics.MetricsWriter(epath.Path(tmp_path), 0, enabled=False)
+    writer.write(records(1)[0])
+    writer.close()
+    assert not list(epath.Path(tmp_path).iterdir())

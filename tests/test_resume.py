@@ -1,0 +1,52 @@
+"""hcsc_jax.resume: which config changes a resumed run refuses, and the SIGTERM watch."""
+
+import json
+import os
+import signal
+
+import pytest
+from etils import epath
+
+from configs import digits
+from hcsc_jax import resume
+
+
+def test_changed_fields_ignores_what_is_safe():
+    old = {"batch_size": 64, "log_every_steps": 5, "eval": {"knn_k": 20}, "model": {"arch": "resnet18"},
+           "input": {"num_workers": 0, "pipeline": "memory"}}
+    new = {"batch_size": 64, "log_every_steps": 7, "eval": {"knn_k": 200}, "model": {"arch": "resnet50"},
+           "input": {"num_workers": 4, "pipeline": "stream"}, "wandb": {"project": "x"}, "extra": 1}
+    assert resume.changed_fields(old, new) == ["extra", "input.pipeline", "model.arch"]
+
+
+def _workdir(tmp_path, config, with_checkpoint=True):
+    workdir = epath.Path(tmp_path)
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    if with_checkpoint:
+        (workdir / "checkpoints" / "22").mkdir(parents=True)
+    return workdir
+
+
+def test_check_config_only_when_there_is_a_checkpoint(tmp_path):
+    old, new = digits.get_config(), digits.get_config()
+    new.queue_size = 2048
+    new.model.width = 0.5
+    resume.check_config(_workdir(tmp_path / "a", old, with_checkpoint=False), new.to_json_best_effort())
+    with pytest.raises(resume.ConfigMismatch, match=r"model.width: 0.25 -> 0.5, queue_size: 1024 -> 2048\)"):
+        resume.check_config(_workdir(tmp_path / "b", old), new.to_json_best_effort())
+    safe = digits.get_config()
+    safe.update(log_every_steps=1, progress_bar=False)
+    safe.wandb.project = "hcsc"
+    resume.check_config(_workdir(tmp_path / "c", old), safe.to_json_best_effort())
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["log_every_steps"] == 11
+
+
+def test_sigterm_is_noted_not_fatal_and_the_handler_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    watch = resume.PreemptionWatch()
+    assert not watch.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)  # would end pytest without the watch
+    assert watch.reached(2)
+    watch.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,0 +1,23 @@
+"""hcsc_jax.workdir: run directories that cannot be written, locally and on a bucket."""
+
+import numpy as np
+import pytest
+
+from hcsc_jax import workdir
+from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
+
+
+def test_prepare_creates_local_and_accepts_an_existing_bucket(tmp_path, fake_gcs):  # noqa: F811
+    assert workdir.prepare(tmp_path / "a" / "b").is_dir()
+    run = workdir.prepare("gs://bucket/run")
+    assert str(run) == "gs://bucket/run" and not fake_gcs  # the write probe is removed
+    workdir.save_npz(run / "hierarchy" / "epoch_0001.npz", {"x": np.arange(3)})
+    np.testing.assert_array_equal(workdir.load_npz(run / "hierarchy" / "epoch_0001.npz")["x"], np.arange(3))
+    assert [f.name for f in workdir.hierarchy_files(run)] == ["epoch_0001.npz"]
+
+
+def test_unwritable_workdirs_say_what_to_change(tmp_path, fake_gcs):  # noqa: F811
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file" / "run", "gs://no-such-bucket/run"):
+        with pytest.raises(workdir.WorkdirError, match=r"cannot write to workdir .*; pass a --workdir that exists"):
+            workdir.prepare(bad)
