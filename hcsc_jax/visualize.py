@@ -158,7 +158,7 @@ def write_run_figures(workdir: str | epath.Path, out: epath.Path | None = None) 
 def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     """A sample of the run's training set: (indices (n,), centre-cropped uint8 images,
     L2-normalised key projections (n, d), labels or None)."""
-    from hcsc_jax import checkpoints, trainer  # jax and the model only for these figures
+    from hcsc_jax import checkpoints, features, trainer  # jax and the model only for these figures
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import pipeline, sources, stream
     import jax
@@ -175,8 +175,8 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     graphdef, params, stats = ts.split_model(model)
     params, stats = jax.device_put((params, stats), NamedSharding(mesh, P()))
     _, _, _, (mean, std) = trainer.view_configs(config, images.shape[-1])
-    _, proj = trainer.embed_batches(graphdef, params, stats, pipeline.array_batches(images, mesh, 256),
-                                    len(images), config.image_size, mean, std, precropped=True)
+    _, proj = features.embed_batches(graphdef, params, stats, pipeline.array_batches(images, mesh, 256),
+                                     len(images), config.image_size, mean, std, precropped=True)
     labels = None if source.labels is None else np.asarray(source.labels)[idx]
     return idx, images, proj / np.linalg.norm(proj, axis=1, keepdims=True), labels
 

@@ -316,7 +316,7 @@ def test_tensorboard_events_hold_the_metrics_jsonl_values(finished_run):
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     expected = {(tag, r["step"]): v for r in records for tag, v in metrics.scalars(r).items()}
     assert {"train/loss", "train/proto_acc/0", "train/instance_keep/2", "train/lr", "train/images_per_sec",
-            "epoch/clustering_seconds", "eval/knn_top1", "eval/nmi_per_level/1"} <= set(tb)
+            "epoch/clustering_seconds", "eval/knn/per_k/20/top1", "eval/knn/best_top1"} <= set(tb)
     assert len(expected) == sum(len(v) for v in tb.values())
     for (tag, step), value in expected.items():
         assert tb[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (tag, step)
@@ -346,7 +346,7 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
     changed = tiny_config(batch_size=128, epochs=4)
     changed.clustering.num_clusters = (20, 8)
     with pytest.raises(resume.ConfigMismatch, match=r"batch_size: 64 -> 128, clustering.num_clusters: \[20, 8, 4\] -> "
-                       r"\[20, 8\], epochs: 3 -> 4\); .* \(safe to change: log_every_steps, .* eval.\*, wandb.\*\)"):
+                       r"\[20, 8\], epochs: 3 -> 4\); .* \(safe to change: log_every_steps, .* eval.\*, evals.\*, wandb.\*\)"):
         trainer.train_and_evaluate(changed, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == saved
     # Logging, checkpoint cadence and the final evaluation may change.
