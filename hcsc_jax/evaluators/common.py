@@ -160,6 +160,13 @@ class Context:
                     image_size=d.image_size, model=self.encoder.meta["model"], weights_sha256=self.digest)
 
 
+def check_ks(ks, n: int, what: str, where: str, flag: str) -> None:
+    """EvalError saying what to change when a k of `ks` exceeds the `n` samples of `where`."""
+    too_big = [int(k) for k in ks if k > n]
+    if too_big:
+        raise EvalError(f"{what} k = {too_big} larger than the {n} training samples of {where}; set smaller {flag}")
+
+
 def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig, streaming: bool):
     """A training batch of a `pipeline` input whose `steps` were given the labels as (N, 1)
     "assignments" -> (augmented views (B, S, S, C) float32, labels (B,) int32). Resident: the
