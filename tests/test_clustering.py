@@ -271,3 +271,45 @@ X_BAD[9, 0] = -np.inf
 def test_bad_input_raises(features, num_clusters, temperature, match):
     with pytest.raises(ValueError, match=match):
         hierarchical_kmeans(features, num_clusters, temperature=temperature)
+
+
+# ------------------------------------------------------------------------------------------
+# PCL's independent clusterings (mode="independent")
+
+
+def test_independent_clusterings_are_independent(random_features):
+    x = random_features
+    kw = dict(niter=10, nredo=1, seed=3, temperature=T)
+    h = hierarchical_kmeans(x, [12, 12, 40], mode="independent", **kw)  # any sizes, any order
+    assert h.num_clusters == (12, 12, 40) and not h.is_hierarchical
+    assert all(lv.parents is None for lv in h.levels)  # no parent links
+    # Same k, different seeds (seed + l): different centroids and partitions.
+    assert not np.allclose(h.levels[0].centroids, h.levels[1].centroids)
+    assert not np.array_equal(h.levels[0].assignments, h.levels[1].assignments)
+    for l, lv in enumerate(h.levels):
+        # Each level is exactly a flat k-means of the samples with seed + l, on its own.
+        flat = hierarchical_kmeans(x, [lv.num_clusters], niter=10, nredo=1, seed=3 + l, temperature=T).levels[0]
+        np.testing.assert_array_equal(lv.centroids, flat.centroids)
+        np.testing.assert_array_equal(lv.assignments, flat.assignments)
+        np.testing.assert_array_equal(lv.temperatures, flat.temperatures)  # same concentration estimate
+        assert lv.counts.sum() == len(x)  # members are samples, not centroids
+        np.testing.assert_allclose(lv.temperatures.mean(), T, rtol=1e-5)
+    # The npz round trip keeps them independent.
+    back = Hierarchy.from_arrays(h.to_arrays())
+    _assert_same(h, back)
+    assert not back.is_hierarchical
+    # A hierarchy still needs strictly decreasing sizes; independent ones still need <= N clusters.
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        hierarchical_kmeans(x, [12, 40], **kw)
+    with pytest.raises(ValueError, match="fewer clusters than samples"):
+        hierarchical_kmeans(x, [12, 601], mode="independent", **kw)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hierarchical_kmeans(x, [12], mode="flat", **kw)
+    # Mixed parents (some levels with, some without) are not a valid Hierarchy.
+    lv = h.levels
+    with pytest.raises(ValueError, match="needs parents"):
+        Hierarchy((lv[0], Level(**{**_fields(lv[1]), "parents": np.zeros(12, np.int32)}), lv[2]))
+
+
+def _fields(level):
+    return {f: getattr(level, f) for f in ("centroids", "assignments", "temperatures", "valid", "parents", "counts")}
