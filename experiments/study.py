@@ -176,8 +176,35 @@ def _tail(path, lines=15) -> str:
         return ""
 
 
+def _lock(workdir: str) -> bool:
+    """Claims a run for this process (<workdir>/study.lock with its pid); False if another live
+    study process holds it. A lock left by a dead process is taken over."""
+    path = os.path.join(workdir, "study.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                try:
+                    os.remove(path)  # stale
+                except FileNotFoundError:
+                    pass
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def execute(setting: Setting, root: str, extra=(), only=None, log=print) -> list[dict]:
-    """Trains and evaluates every planned run not yet complete. -> failures (dicts)."""
+    """Trains and evaluates every planned run not yet complete. -> failures (dicts).
+    Several study processes may work on one root at once: each run is claimed by a lock file."""
     failures = []
     for method, seed in plan(setting):
         if only and slug(method.name) not in only:
@@ -189,33 +216,46 @@ def execute(setting: Setting, root: str, extra=(), only=None, log=print) -> list
             log(f"[skip] {name}: complete ({workdir})")
             continue
         os.makedirs(workdir, exist_ok=True)
-        log_path = os.path.join(workdir, "study.log")
-        times_path = os.path.join(workdir, "study_times.json")
-        times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
-        if not trained(workdir):
-            cmd = train_command(setting, method, seed, workdir, extra)
-            log(f"[train] {name}: {' '.join(cmd)}")
-            rc, secs = _run(cmd, log_path)
-            times["train_seconds"] = times.get("train_seconds", 0.0) + secs
-            times["train_command"] = " ".join(cmd[1:])
-            json.dump(times, open(times_path, "w"), indent=2)
-            if rc != 0 or not trained(workdir):
-                failures.append(dict(run=name, workdir=workdir, stage="train", command=" ".join(cmd), returncode=rc,
-                                     log=log_path, log_tail=_tail(log_path)))
-                log(f"[FAILED] {name}: train.py exited with {rc}; see {log_path}:\n{_tail(log_path, 5)}")
-                continue
-        for mode in todo:
-            cmd = eval_command(setting, mode, workdir)
-            rc, secs = _run(cmd, log_path)
-            times[f"eval_{mode}_seconds"] = secs
-            json.dump(times, open(times_path, "w"), indent=2)
-            if rc != 0 or eval_result(workdir, mode) is None:
-                failures.append(dict(run=name, workdir=workdir, stage=f"eval {mode}", command=" ".join(cmd),
-                                     returncode=rc, log=log_path, log_tail=_tail(log_path)))
-                log(f"[FAILED] {name}: eval.py --mode={mode} exited with {rc}; see {log_path}")
-                break
-        else:
-            log(f"[done] {name} ({times.get('train_seconds', 0):.0f} s training)")
+        if not _lock(workdir):
+            log(f"[busy] {name}: another study process is running it")
+            continue
+        try:
+            failures += _execute_run(setting, method, seed, workdir, name, todo, extra, log)
+        finally:
+            os.remove(os.path.join(workdir, "study.lock"))
+    return failures
+
+
+def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list[dict]:
+    """Trains (or resumes) one run and runs its missing evals. -> its failures."""
+    failures = []
+    log_path = os.path.join(workdir, "study.log")
+    times_path = os.path.join(workdir, "study_times.json")
+    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    if not trained(workdir):
+        cmd = train_command(setting, method, seed, workdir, extra)
+        log(f"[train] {name}: {' '.join(cmd)}")
+        rc, secs = _run(cmd, log_path)
+        times["train_seconds"] = times.get("train_seconds", 0.0) + secs
+        times["train_command"] = " ".join(cmd[1:])
+        json.dump(times, open(times_path, "w"), indent=2)
+        if rc != 0 or not trained(workdir):
+            failures.append(dict(run=name, workdir=workdir, stage="train", command=" ".join(cmd), returncode=rc,
+                                 log=log_path, log_tail=_tail(log_path)))
+            log(f"[FAILED] {name}: train.py exited with {rc}; see {log_path}:\n{_tail(log_path, 5)}")
+            return failures
+    for mode in todo:
+        cmd = eval_command(setting, mode, workdir)
+        rc, secs = _run(cmd, log_path)
+        times[f"eval_{mode}_seconds"] = secs
+        json.dump(times, open(times_path, "w"), indent=2)
+        if rc != 0 or eval_result(workdir, mode) is None:
+            failures.append(dict(run=name, workdir=workdir, stage=f"eval {mode}", command=" ".join(cmd),
+                                 returncode=rc, log=log_path, log_tail=_tail(log_path)))
+            log(f"[FAILED] {name}: eval.py --mode={mode} exited with {rc}; see {log_path}")
+            break
+    else:
+        log(f"[done] {name} ({times.get('train_seconds', 0):.0f} s training)")
     return failures
 
 

@@ -110,3 +110,12 @@ def test_level_nmi_reads_the_last_hierarchy(tmp_path):
     np.testing.assert_allclose(out["level_nmi"][0], 1.0)
     np.testing.assert_allclose(out["top_level_coarse_nmi"], 1.0)  # the 4-cluster level vs the 4 groups
     assert study.level_nmi(str(tmp_path / "none"), labels) == {}
+
+
+def test_run_lock(tmp_path):
+    lock = tmp_path / "study.lock"
+    assert study._lock(str(tmp_path)) and lock.read_text() == str(os.getpid())
+    lock.write_text(str(os.getppid()))  # a live other process holds it
+    assert not study._lock(str(tmp_path))
+    lock.write_text("999999999")  # a dead one: taken over
+    assert study._lock(str(tmp_path)) and lock.read_text() == str(os.getpid())
