@@ -18,7 +18,7 @@ finished and exits with status 1.
 
 Outputs in --out (default: <root>/<setting>/report): results.json (one row per finished run),
 tables.md (mean +- std over seeds, paired differences to MoCo v2), PNG figures; --results_md
-also writes the whole RESULTS.md section.
+also writes RESULTS.md (every setting found under --root; figures under results/).
 """
 
 from __future__ import annotations
@@ -374,31 +374,40 @@ def tables(setting: Setting, rows: list[dict]) -> str:
             out.append(f"| {m.name} | {len(rs)} / {len(m.seeds)} (seeds {seeds or '-'}) | " + " | ".join(cells)
                        + f" | {lvl} | {t} |")
         out.append("")
-    # Paired differences to MoCo v2 over the seeds both have.
-    base = {r["seed"]: r for r in by_method.get("MoCo v2", [])}
-    if base:
-        out.append("#### Paired difference to MoCo v2 (same seed): method − MoCo v2\n")
-        out.append("| method | paired seeds | " + " | ".join(f"Δ {h}" for _, h in METRICS) + " |")
-        out.append("|" + " --- |" * (len(METRICS) + 2))
-        for m in setting.methods:
-            if m.name == "MoCo v2":
-                continue
-            pairs = [(r, base[r["seed"]]) for r in by_method[m.name] if r["seed"] in base]
+    # Paired differences over the seeds both have: every method vs MoCo v2; the ablations also vs
+    # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
+    no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
+    for base_name, methods in (("MoCo v2", [m.name for m in setting.methods if m.name != "MoCo v2"]),
+                               (no_sel, [m.name for m in setting.methods if m.group == "ablation" and m.name != no_sel])):
+        base = {r["seed"]: r for r in by_method.get(base_name, [])}
+        if not base:
+            continue
+        lines = []
+        for name in methods:
+            pairs = [(r, base[r["seed"]]) for r in by_method[name] if r["seed"] in base]
             if not pairs:
                 continue
             cells = []
             for k, _ in METRICS:
                 d = [a[k] - b[k] for a, b in pairs]
                 cells.append(_ms(d, _digits(k)) + " [" + ", ".join(f"{x:+.{_digits(k)}f}" for x in d) + "]")
-            out.append(f"| {m.name} | {len(pairs)} | " + " | ".join(cells) + " |")
-        out.append("")
+            lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+        if lines:
+            out.append(f"#### Paired difference to {base_name} (same seed): method − {base_name}, "
+                       "mean ± std [per seed]\n")
+            out.append("| method | paired seeds | " + " | ".join(f"Δ {h}" for _, h in METRICS) + " |")
+            out.append("|" + " --- |" * (len(METRICS) + 2))
+            out += lines + [""]
     return "\n".join(out)
 
 
 def verdicts(setting: Setting, rows: list[dict]) -> list[str]:
-    """Plain sentences: where HCSC does / does not beat each baseline (means, and paired signs)."""
+    """Plain sentences: where HCSC does / does not beat each baseline: the paired mean difference,
+    its 95% t-interval over seeds and the number of seeds HCSC is ahead on."""
+    from scipy import stats
+
     by = {m.name: {r["seed"]: r for r in rows if r["method"] == m.name} for m in setting.methods}
-    lines = []
+    lines = ["#### Where HCSC wins and where it does not (paired over common seeds)", ""]
     for other in ("MoCo v2", "PCL"):
         if not by.get("HCSC") or not by.get(other):
             continue
@@ -407,14 +416,18 @@ def verdicts(setting: Setting, rows: list[dict]) -> list[str]:
             continue
         for k, h in METRICS:
             d = np.array([by["HCSC"][s][k] - by[other][s][k] for s in seeds])
-            wins = int((d > 0).sum())
-            std = d.std(ddof=1) if len(d) > 1 else float("nan")
-            verdict = ("HCSC higher" if d.mean() > 0 else "HCSC NOT higher")
-            clear = len(d) > 1 and abs(d.mean()) > 2 * std / np.sqrt(len(d))
-            lines.append(f"- {h}: HCSC − {other} = {d.mean():+.{_digits(k)}f} (paired std {std:.{_digits(k)}f}, "
-                         f"HCSC ahead on {wins}/{len(d)} seeds): {verdict}"
-                         + ("" if clear else ", within 2 standard errors of zero (not distinguishable from noise)"))
-    return lines
+            wins, n, f = int((d > 0).sum()), len(d), _digits(k)
+            if n > 1:
+                half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
+                ci = f"95% CI [{d.mean() - half:+.{f}f}, {d.mean() + half:+.{f}f}]"
+                clear = abs(d.mean()) > half
+            else:
+                ci, clear = "one seed, no interval", False
+            verdict = ("HCSC higher" if d.mean() > 0 else "HCSC **not** higher") + (
+                " (the interval excludes 0)" if clear else "; not distinguishable from seed noise")
+            lines.append(f"- {h}: HCSC − {other} = {d.mean():+.{f}f}, {ci}, HCSC ahead on {wins}/{n} seeds: "
+                         f"{verdict}")
+    return lines if len(lines) > 2 else []
 
 
 def figures(setting: Setting, rows: list[dict], out_dir: str) -> list[str]:
@@ -443,7 +456,7 @@ def figures(setting: Setting, rows: list[dict], out_dir: str) -> list[str]:
         ax.set_xticks(x, [m.replace(", ", ",\n").replace(" (", "\n(") for m in methods], rotation=60, ha="right",
                       fontsize=6)
         ax.set_title(h, fontsize=8)
-    fig.suptitle(f"{setting.name}: mean ± std over seeds (dots: seeds)", fontsize=9)
+    fig.suptitle(f"{setting.name}: mean ± std over seeds (dots: seeds; y axes do not start at 0)", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f"{setting.name}_bars.png")
     fig.savefig(path, dpi=80)
@@ -516,6 +529,72 @@ def report(setting: Setting, root: str, out_dir: str, failures: list[dict], comm
     return dict(rows=rows, text=text, figures=figs, env=env)
 
 
+DESCRIPTION = {
+    "digits": (
+        "scikit-learn's digits (1,437 train / 360 test 8x8 images, upsampled to 16 px by the crops), the "
+        "`configs/digits.py` budget for every method: narrow small-stem ResNet-18 (width 0.25), 40 epochs "
+        "(10 warm-up epochs of InfoNCE only), batch 128, queue 1024, prototype levels / clusterings 60/30/10. "
+        "MoCo v2 = `configs/digits_mocov2.py`, PCL = `configs/digits_pcl.py` (independent k-means 60/30/10, "
+        "r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = `configs/digits.py` "
+        "(paper semantics); the ablations are `configs/digits.py` with the overrides in their commands."),
+    "fashion_mnist": (
+        "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist*.py`: small-stem ResNet-18 "
+        "(width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, levels / clusterings 200/50/10; "
+        "PCL with r = 64. Top-level NMI is also reported against 4 coarse groups: "
+        + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}" for g, m in FASHION_COARSE.items()) + "."),
+}
+METRIC_NOTES = (
+    "Metrics per run, all from `eval.py` on the final checkpoint unless said otherwise: kNN top-1 on the "
+    "held-out split (k = 20 and 200, T = 0.07, pooled features of the query encoder); **linear_fast** top-1 "
+    "(`eval.py --mode=linear_fast`: the linear protocol's classifier on cached centre-crop features, no "
+    "augmentation; not the full linear protocol); NMI / AMI of faiss k-means of the pooled train features "
+    "with k = number of classes (`--mode=cluster`); for PCL and HCSC the NMI of each prototype level / "
+    "clustering of the run's last `hierarchy/epoch_XXXX.npz` against the train labels. Means ± sample std "
+    "over the seeds that finished; paired differences are taken seed by seed against MoCo v2 (same seed = "
+    "same initialisation and data order), listed per seed in brackets. Train wall time includes compilation, "
+    "the final in-train evaluation, and contention: runs shared the machine with other jobs.")
+
+
+def results_md(root: str, path: str, command: str, names=("digits", "fashion_mnist")) -> str:
+    """RESULTS.md: one section per setting from <root>/<setting>/report (figures copied next to
+    `path` under results/), or a note where a setting has no finished run."""
+    import shutil
+
+    fig_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
+    parts = ["# Results: HCSC vs MoCo v2 and PCL, with the paper's ablations", "",
+             f"Written by `{command}` from the runs' own outputs (see `experiments/study.py`).", "",
+             METRIC_NOTES, ""]
+    notes = os.path.join(REPO, "experiments", "RESULTS_NOTES.md")
+    if os.path.isfile(notes):
+        parts += [open(notes).read().strip(), ""]
+    for name in names:
+        setting = SETTINGS[name]
+        parts += [f"## {name}", "", DESCRIPTION.get(name, ""), ""]
+        report_dir = os.path.join(root, name, "report")
+        tables_path = os.path.join(report_dir, "tables.md")
+        res_path = os.path.join(report_dir, "results.json")
+        rows = json.load(open(res_path))["rows"] if os.path.isfile(res_path) else []
+        if not rows:
+            parts += [
+                "**Not run yet.**" + (" This setting needs a GPU (about 52 images/s on the 2-core CPU, i.e. days "
+                                      "for 9 runs) and none was available to this study; it waits for one." if
+                                      setting.needs_gpu else ""),
+                "", f"Command: `python experiments/study.py --setting={name} --root=<runs dir> "
+                    f"--results_md=RESULTS.md` (MoCo v2, PCL, HCSC x seeds "
+                    f"{', '.join(map(str, setting.methods[0].seeds))}).", ""]
+            continue
+        parts += [open(tables_path).read().strip(), ""]
+        os.makedirs(fig_dir, exist_ok=True)
+        for png in sorted(glob.glob(os.path.join(report_dir, "*.png"))):
+            shutil.copy(png, fig_dir)
+            rel = os.path.relpath(os.path.join(fig_dir, os.path.basename(png)), os.path.dirname(os.path.abspath(path)))
+            parts += [f"![{os.path.basename(png)}]({rel})", ""]
+    text = "\n".join(parts)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="digits")
@@ -524,6 +603,7 @@ def main(argv=None):
     p.add_argument("--report_only", action="store_true", help="only collect what finished and write the report")
     p.add_argument("--only", default="", help="comma-separated method slugs to run (e.g. moco_v2,hcsc)")
     p.add_argument("--extra", action="append", default=[], help="extra train.py flag for every run")
+    p.add_argument("--results_md", default=None, help="also write RESULTS.md (every setting's report under --root)")
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]
     root = os.path.abspath(args.root)
@@ -542,6 +622,9 @@ def main(argv=None):
     res = report(setting, root, out_dir, failures, command)
     print(res["text"])
     print(f"report: {out_dir}")
+    if args.results_md:
+        results_md(root, args.results_md, command)
+        print(f"wrote {args.results_md}")
     if failures:
         print(f"{len(failures)} run(s) failed: " + "; ".join(f"{f['run']} ({f['stage']})" for f in failures),
               file=sys.stderr)

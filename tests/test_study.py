@@ -44,6 +44,19 @@ def test_smoke_study_produces_rows(smoke_root):
     assert "| HCSC | 1 / 1 (seeds 0) |" in tables and "| MoCo v2 | 0 / 1" in tables
     assert os.path.isfile(os.path.join(report, "smoke_bars.png"))
     assert res["environment"]["versions"]["jax"]
+    # RESULTS.md: the finished setting's tables and figure; Fashion-MNIST marked as not run.
+    md = _write_md(smoke_root)
+    text = open(md).read()
+    assert "| HCSC | 1 / 1 (seeds 0) |" in text and "](results/smoke_bars.png)" in text
+    assert "## fashion_mnist" in text and "**Not run yet.** This setting needs a GPU" in text
+    assert os.path.isfile(os.path.join(os.path.dirname(md), "results", "smoke_bars.png"))
+
+
+def _write_md(root):
+    path = os.path.join(root, "md", "RESULTS.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    study.results_md(root, path, "python experiments/study.py --setting=smoke", names=("smoke", "fashion_mnist"))
+    return path
 
 
 def test_failed_run_is_reported_and_finished_runs_kept(smoke_root, capsys):
