@@ -41,13 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict(dict(
         semantics="paper", positive="assignment", temperature=0.2, instance_selection=True,
         prototype_selection=True, instance_loss=True, proto_loss=True, sampler="hash",
-        selection_on_local=False))  # multi-crop: local InfoNCE with the instance masks too
+        selection_on_local=False,  # multi-crop: local InfoNCE with the instance masks too
+        proto_negatives=0))  # PCL's r: sampled negative prototypes per level (0: all, HCSC)
 
     # Hierarchical k-means between epochs (faiss, spec §1). Empty num_clusters = no prototypes.
     c.clustering = ml_collections.ConfigDict(dict(
         num_clusters=(3000, 2000, 1000), temperature=0.2, niter=20, nredo=5,
         max_points_per_centroid=1000, min_points_per_centroid=10,
-        backend="faiss"))  # "faiss" (host CPU) or "jax" (Lloyd on the accelerators)
+        backend="faiss",  # "faiss" (host CPU) or "jax" (Lloyd on the accelerators)
+        mode="hierarchical"))  # or "independent": flat k-means per level, no parents (PCL)
 
     # Augmentation (MoCo v2, spec §6).
     c.augment = ml_collections.ConfigDict(dict(

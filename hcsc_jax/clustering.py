@@ -105,7 +105,11 @@ class Level:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Hierarchy:
-    """Levels from finest (0) to coarsest; all levels share the same N samples."""
+    """Levels from finest (0) to coarsest; all levels share the same N samples.
+
+    Either a hierarchy (every level but the top has parents) or, with no parents at all,
+    independent flat clusterings of the same samples (PCL's, `mode="independent"`).
+    """
 
     levels: tuple[Level, ...]
 
@@ -113,13 +117,19 @@ class Hierarchy:
         object.__setattr__(self, "levels", tuple(self.levels))
         if not self.levels:
             raise ValueError("Hierarchy needs at least one level")
+        independent = all(lv.parents is None for lv in self.levels)
         for l, (lo, hi) in enumerate(zip(self.levels[:-1], self.levels[1:])):
-            if lo.parents is None:
+            if lo.parents is None and not independent:
                 raise ValueError(f"level {l} is not the top level, so it needs parents")
             if lo.assignments.shape != hi.assignments.shape:
                 raise ValueError(f"levels {l} and {l + 1} assign different numbers of samples")
         if self.levels[-1].parents is not None:
             raise ValueError("the top level must have parents=None")
+
+    @property
+    def is_hierarchical(self) -> bool:
+        """False for independent clusterings (no parent links), True otherwise (one level: True)."""
+        return len(self.levels) == 1 or self.levels[0].parents is not None
 
     @property
     def num_levels(self) -> int:
@@ -156,8 +166,8 @@ class Hierarchy:
                 key = f"level{l}/{name}"
                 if key in arrays:
                     fields[name] = np.asarray(arrays[key])
-                elif name == "parents" and l == num_levels - 1:
-                    fields[name] = None
+                elif name == "parents" and (l == num_levels - 1 or "level0/parents" not in arrays):
+                    fields[name] = None  # the top level, or independent clusterings
                 else:
                     raise ValueError(f"from_arrays: missing key {key!r}")
             levels.append(Level(**fields))
@@ -190,7 +200,7 @@ def concentration(
     return (temperature * phi / mean).astype(np.float32)
 
 
-def _check_inputs(features, num_clusters, temperature) -> tuple[int, ...]:
+def _check_inputs(features, num_clusters, temperature, hierarchical=True) -> tuple[int, ...]:
     if not isinstance(features, np.ndarray) or features.ndim != 2:
         got = (f"shape {features.shape}" if isinstance(features, np.ndarray)
                else type(features).__name__)
@@ -225,7 +235,11 @@ def _check_inputs(features, num_clusters, temperature) -> tuple[int, ...]:
             f"cannot cluster N={n} samples into M_0={sizes[0]} clusters; "
             "use fewer clusters than samples"
         )
-    for l in range(len(sizes) - 1):
+    if not hierarchical and n < max(sizes):
+        raise ValueError(
+            f"cannot cluster N={n} samples into {max(sizes)} clusters; use fewer clusters than samples"
+        )
+    for l in range(len(sizes) - 1 if hierarchical else 0):
         if sizes[l + 1] >= sizes[l]:
             raise ValueError(
                 f"num_clusters must be strictly decreasing: level {l + 1} has "
@@ -416,11 +430,14 @@ def _kmeans_jax(x, k, *, niter, nredo, seed, max_points_per_centroid, min_points
 
 _KMEANS = {"faiss": _kmeans_faiss, "jax": _kmeans_jax}
 
+MODES = ("hierarchical", "independent")
 
-def _log_underfilled(n: int, sizes: Sequence[int], min_points_per_centroid: int):
+
+def _log_underfilled(n: int, sizes: Sequence[int], min_points_per_centroid: int, hierarchical: bool = True):
     """One log line for the levels whose k-means gets fewer than `min_points_per_centroid`
-    points per centroid (level l clusters the M_{l-1} centroids below; faiss's warning)."""
-    points = [n, *sizes[:-1]]
+    points per centroid (faiss's warning): in a hierarchy level l clusters the M_{l-1} centroids
+    below, independent clusterings all cluster the n samples."""
+    points = [n, *sizes[:-1]] if hierarchical else [n] * len(sizes)
     low = [f"level {l}: {m} points for {k} centroids" for l, (m, k) in enumerate(zip(points, sizes))
            if m < k * min_points_per_centroid]
     if low:
@@ -440,17 +457,23 @@ def hierarchical_kmeans(
     min_points_per_centroid: int = 10,
     backend: str = "faiss",
     mesh: jax.sharding.Mesh | None = None,
+    mode: str = "hierarchical",
 ) -> Hierarchy:
     """Hierarchical k-means of features (N, d) float32 into levels of num_clusters[l] clusters.
 
     num_clusters must be strictly decreasing (upper levels cluster the centroids below).
     Level l uses seed `seed + l`. backend "faiss" runs faiss on the host; "jax" runs the same
     k-means on the devices of `mesh` (1-D axis "data"; None: all devices), rows sharded.
+    mode "independent" (PCL): every level is its own k-means of the N features (seed `seed + l`,
+    any sizes and order), with the same concentration phi and no parents.
     Returns a Hierarchy with len(num_clusters) levels.
     """
     if backend not in _KMEANS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    sizes = _check_inputs(features, num_clusters, temperature)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    hierarchical = mode == "hierarchical"
+    sizes = _check_inputs(features, num_clusters, temperature, hierarchical)
     if backend == "jax":
         mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
                                      axis_types=(jax.sharding.AxisType.Auto,))
@@ -460,12 +483,14 @@ def hierarchical_kmeans(
         _KMEANS[backend], niter=niter, nredo=nredo, max_points_per_centroid=max_points_per_centroid,
         min_points_per_centroid=min_points_per_centroid, mesh=mesh,
     )
-    x = np.ascontiguousarray(features)
-    _log_underfilled(len(x), sizes, min_points_per_centroid)
+    features = x = np.ascontiguousarray(features)
+    _log_underfilled(len(x), sizes, min_points_per_centroid, hierarchical)
     fields = []  # Level kwargs per level; parents are filled in by the level above
     for l, k in enumerate(sizes):
+        if not hierarchical:
+            x = features  # every clustering sees the samples, not the centroids below
         centroids, sq_dists, member_assign = kmeans(x, k, seed=seed + l)
-        if l == 0:
+        if l == 0 or not hierarchical:
             sample_assign = member_assign
         else:
             fields[l - 1]["parents"] = member_assign

@@ -122,6 +122,78 @@ def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", 
     return loss.mean(), correct.mean(dtype=jnp.float32)
 
 
+def _groups(batch: int, group_size) -> int:
+    group = batch if group_size is None else group_size
+    if batch % group:
+        raise ValueError(
+            f"batch {batch} is not a multiple of group_size {group}: change the batch size or "
+            "bn_group_size"
+        )
+    return group
+
+
+def sample_negative_prototypes(key, labels, valid, num_negatives: int, semantics="paper", group_size=None):
+    """PCL's random subset of r = `num_negatives` negative prototypes of one clustering.
+
+    labels (B,) positive prototype of each query, valid (M,) bool -> (B, M) bool, True for the
+    sampled negatives (uniform without replacement; fewer than r when fewer are eligible):
+    - "paper" (PCL's eq. ProtoNCE): per query, from the valid prototypes but its own positive;
+    - "official" (PCL's code, `sample(neg_proto_id, r)`): one draw per group of `group_size`
+      consecutive queries (the code's per-GPU batch), from the valid prototypes that are no
+      group member's positive (those enter `pcl_proto_nce` as the group's positive columns).
+    """
+    check_semantics(semantics)
+    batch, num_protos = labels.shape[0], valid.shape[0]
+    positive = labels[:, None] == jnp.arange(num_protos)[None, :]  # (B, M)
+    if semantics == "paper":
+        excluded, repeat = positive | ~valid[None, :], 1
+    else:
+        repeat = _groups(batch, group_size)
+        used = positive.reshape(batch // repeat, repeat, num_protos).any(axis=1)  # (G, M)
+        excluded = used | ~valid[None, :]
+    r = min(int(num_negatives), num_protos)
+    scores = jnp.where(excluded, -1.0, jax.random.uniform(key, excluded.shape))  # eligible in [0, 1)
+    top, idx = jax.lax.top_k(scores, r)  # a uniform random r-subset of the eligible ones
+    rows = jnp.arange(excluded.shape[0])[:, None]
+    sampled = jnp.zeros(excluded.shape, bool).at[rows, idx].set(top >= 0)
+    return jnp.repeat(sampled, repeat, axis=0) if repeat > 1 else sampled
+
+
+def pcl_proto_nce(q, centroids, temperatures, labels, sampled, semantics="paper", group_size=None):
+    """PCL's ProtoNCE of one clustering (Li et al., ICLR 2021), `sampled` from
+    `sample_negative_prototypes`. Logit of prototype c is q.c / phi_c.
+
+    - "paper": -log exp(s_pos) / (exp(s_pos) + sum over the query's r sampled negatives).
+    - "official" (PCL's code): the logits of query i are [its group's positive prototypes (one
+      column per group member, duplicates included), the group's r sampled negatives] with
+      target column i; so the denominator holds every group positive as often as it occurs.
+    Returns (loss, accuracy) means over the batch; a query is correct when its positive scores at
+    least as high as every other prototype in its denominator.
+    """
+    check_semantics(semantics)
+    if q.ndim != 2 or centroids.ndim != 2 or q.shape[1] != centroids.shape[1]:
+        raise ValueError(
+            f"q must be (B, d) and centroids (M, d) with the same d, got {tuple(q.shape)} and "
+            f"{tuple(centroids.shape)}"
+        )
+    if sampled.shape != (q.shape[0], centroids.shape[0]):
+        raise ValueError(f"sampled must be (B, M) = {(q.shape[0], centroids.shape[0])}, got {tuple(sampled.shape)}")
+    centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
+    batch, num_protos = q.shape[0], centroids.shape[0]
+    logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)
+    positive = labels[:, None] == jnp.arange(num_protos)[None, :]
+    pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    if semantics == "paper":
+        weight = (positive | (sampled & ~positive)).astype(jnp.float32)
+    else:
+        group = _groups(batch, group_size)
+        counts = positive.reshape(batch // group, group, num_protos).sum(axis=1, dtype=jnp.float32)
+        weight = jnp.repeat(counts, group, axis=0) + (sampled & (jnp.repeat(counts, group, axis=0) == 0))
+    loss = jax.nn.logsumexp(logits, axis=-1, b=weight) - pos
+    others = jnp.where((weight > 0) & ~positive, logits, -jnp.inf)
+    return loss.mean(), (pos >= others.max(axis=-1)).mean(dtype=jnp.float32)
+
+
 def proto_candidates(labels, valid, semantics="paper", group_size=None):
     """Candidate negative prototypes of each query (spec §3). labels (B,), valid (M,) -> (B, M).
 

@@ -26,7 +26,8 @@ class Prototypes:
 
     centroids[l] (M_l, d) L2-normalised; temperatures[l] (M_l,) phi; valid[l] (M_l,) bool;
     parents[l] (M_l,) int32 for l < L-1; selection_tables[l] (M_l, M_{l+1}) the PCSC table of
-    `selection.prototype_selection_table`, for l < L-1.
+    `selection.prototype_selection_table`, for l < L-1. Independent clusterings (PCL) have no
+    parents and no tables (empty tuples).
     """
 
     centroids: tuple[jax.Array, ...]
@@ -52,19 +53,20 @@ def make_prototypes(centroids, temperatures, valid, parents, sharding=None) -> P
     """Builds `Prototypes` from per-level host arrays (as in `clustering.Hierarchy`).
 
     centroids/temperatures/valid: sequences of L arrays; parents: L-1 arrays (levels below the
-    top). `sharding` (e.g. a replicated NamedSharding) places every array; None = default device.
+    top), or none for independent clusterings. `sharding` (e.g. a replicated NamedSharding)
+    places every array; None = default device.
     """
-    if not (len(centroids) == len(temperatures) == len(valid) == len(parents) + 1):
+    if not (len(centroids) == len(temperatures) == len(valid) and len(parents) in (0, len(centroids) - 1)):
         raise ValueError(
-            f"need L centroids/temperatures/valid and L-1 parents, got {len(centroids)}, "
-            f"{len(temperatures)}, {len(valid)}, {len(parents)}"
+            f"need L centroids/temperatures/valid and L-1 parents (or none: independent clusterings), "
+            f"got {len(centroids)}, {len(temperatures)}, {len(valid)}, {len(parents)}"
         )
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
     c = tuple(put(np.asarray(x, np.float32)) for x in centroids)
     t = tuple(put(np.asarray(x, np.float32)) for x in temperatures)
     v = tuple(put(np.asarray(x, bool)) for x in valid)
     p = tuple(put(np.asarray(x, np.int32)) for x in parents)
-    return Prototypes(c, t, v, p, _selection_tables(c, t, v))
+    return Prototypes(c, t, v, p, _selection_tables(c, t, v) if p else ())
 
 
 def prototypes_from_hierarchy(hierarchy, sharding=None) -> Prototypes:
@@ -74,7 +76,7 @@ def prototypes_from_hierarchy(hierarchy, sharding=None) -> Prototypes:
         [lv.centroids for lv in levels],
         [lv.temperatures for lv in levels],
         [lv.valid for lv in levels],
-        [lv.parents for lv in levels[:-1]],
+        [lv.parents for lv in levels[:-1]] if hierarchy.is_hierarchical else [],
         sharding,
     )
 
@@ -97,7 +99,11 @@ class ObjectiveConfig:
     temperature: instance temperature T; group_size: group whose positives are removed from
     the prototype candidates in "official" mode; sampler: see `selection.bernoulli_mask`;
     selection_on_local: multi-crop local views use the global query's instance masks (one
-    InfoNCE per level and view) instead of one plain InfoNCE per view (spec §6).
+    InfoNCE per level and view) instead of one plain InfoNCE per view (spec §6);
+    proto_negatives: PCL's r, 0 = every candidate prototype is a negative (HCSC). r > 0 replaces
+    the prototype term by PCL's ProtoNCE against r randomly sampled negative prototypes per
+    level (`losses.sample_negative_prototypes`, `losses.pcl_proto_nce`; "official" = PCL's
+    code, "paper" = PCL's equation); it excludes prototype selection.
     """
 
     semantics: str = "paper"
@@ -110,6 +116,7 @@ class ObjectiveConfig:
     group_size: int | None = 32
     sampler: str = "hash"
     selection_on_local: bool = False
+    proto_negatives: int = 0
 
     def __post_init__(self):
         losses.check_semantics(self.semantics)
@@ -121,6 +128,13 @@ class ObjectiveConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not (self.instance_loss or self.proto_loss):
             raise ValueError("at least one of instance_loss and proto_loss must be on")
+        if self.proto_negatives < 0:
+            raise ValueError(f"proto_negatives must be >= 0, got {self.proto_negatives}")
+        if self.proto_negatives and self.prototype_selection:
+            raise ValueError(
+                "proto_negatives > 0 (PCL's sampled negative prototypes) replaces prototype selection; "
+                "set prototype_selection=False"
+            )
 
 
 def positive_prototypes(q, prototypes: Prototypes, labels, positive: str) -> list[jax.Array]:
@@ -173,6 +187,11 @@ def prototype_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig
     p, num_levels = prototypes, prototypes.num_levels
     if not cfg.prototype_selection:
         return tuple([None] * num_levels for _ in range(num_views))
+    if num_levels > 1 and not p.parents:
+        raise ValueError(
+            "prototype selection needs a hierarchy (parents); these are independent clusterings "
+            "(clustering.mode='independent'): set prototype_selection=False"
+        )
     _, proto_key = jax.random.split(rng)
     probs = [
         selection.prototype_selection_probs(
@@ -219,6 +238,32 @@ def _proto_term(q, prototypes: Prototypes, positives, keep, candidates, cfg: Obj
         losses.proto_nce(
             q, p.centroids[l], p.temperatures[l], positives[l], keep[l], cfg.semantics, candidates[l]
         )
+        for l in range(p.num_levels)
+    ))
+    return jnp.mean(jnp.stack(level_losses)), level_losses, accs
+
+
+def pcl_negative_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, view: int = 0):
+    """PCL's sampled negative prototypes (cfg.proto_negatives per level) of one view: L masks
+    (B, M_l) bool (`losses.sample_negative_prototypes`). rng: the objective's key; view 0 is the
+    global query, view v >= 1 the local view v - 1 (a fresh draw)."""
+    key = jax.random.fold_in(jax.random.split(rng)[1], 0x9C1)
+    if view:
+        key = jax.random.fold_in(key, view)
+    return [
+        losses.sample_negative_prototypes(jax.random.fold_in(key, l), positives[l], prototypes.valid[l],
+                                          cfg.proto_negatives, cfg.semantics, cfg.group_size)
+        for l in range(prototypes.num_levels)
+    ]
+
+
+def _pcl_proto_term(q, prototypes: Prototypes, positives, sampled, cfg: ObjectiveConfig):
+    """PCL's ProtoNCE of q (B, d) at every level (clustering) against the `sampled` negatives
+    (L masks). Returns (mean over levels, L losses, L accuracies)."""
+    p = prototypes
+    level_losses, accs = zip(*(
+        losses.pcl_proto_nce(q, p.centroids[l], p.temperatures[l], positives[l], sampled[l], cfg.semantics,
+                             cfg.group_size)
         for l in range(p.num_levels)
     ))
     return jnp.mean(jnp.stack(level_losses)), level_losses, accs
@@ -299,7 +344,19 @@ def hcsc_objective(
             )
             terms.append(metrics["loss_local_instance"])
 
-    if cfg.proto_loss:
+    if cfg.proto_loss and cfg.proto_negatives:  # PCL: r sampled negatives, no selection
+        sampled = pcl_negative_masks(p, positives, rng, cfg)
+        metrics["loss_proto"], level_losses, accs = _pcl_proto_term(q, p, positives, sampled, cfg)
+        for l in range(num_levels):
+            metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = level_losses[l], accs[l]
+        terms.append(metrics["loss_proto"])
+        if local_q:
+            metrics["loss_local_proto"] = sum(
+                _pcl_proto_term(x, p, positives, pcl_negative_masks(p, positives, rng, cfg, v + 1), cfg)[0]
+                for v, x in enumerate(local_q)
+            )
+            terms.append(metrics["loss_local_proto"])
+    elif cfg.proto_loss:
         keeps = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
         candidates = [
             losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)

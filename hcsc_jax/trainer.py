@@ -59,6 +59,7 @@ def objective_config(config) -> objective.ObjectiveConfig:
         instance_selection=o.instance_selection, prototype_selection=o.prototype_selection,
         instance_loss=o.instance_loss, proto_loss=o.proto_loss, group_size=config.bn_group_size,
         sampler=o.sampler, selection_on_local=o.selection_on_local,
+        proto_negatives=o.get("proto_negatives", 0),
     )
 
 
@@ -117,14 +118,16 @@ def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) 
     """Hierarchy of the projections; level sizes from the config unless given. Backend
     `config.clustering.backend`: "faiss" runs on process 0 and the result is broadcast; "jax"
     runs on the devices of `mesh`, every process taking part. Every process gets the same
-    hierarchy."""
+    hierarchy. `clustering.mode` ("hierarchical" or PCL's "independent") applies to the training
+    clusterings; the evaluation's (`num_clusters` given) is always hierarchical."""
     c = config.clustering
     backend = c.backend
     kmeans = functools.partial(
         clustering.hierarchical_kmeans, np.ascontiguousarray(proj, np.float32),
         list(num_clusters or c.num_clusters), temperature=c.temperature, niter=c.niter, nredo=c.nredo,
         seed=config.seed + 1000 * epoch, max_points_per_centroid=c.max_points_per_centroid,
-        min_points_per_centroid=c.min_points_per_centroid, backend=backend)
+        min_points_per_centroid=c.min_points_per_centroid, backend=backend,
+        mode=c.get("mode", "hierarchical") if num_clusters is None else "hierarchical")
     if backend == "jax":
         return kmeans(mesh=mesh)
     hierarchy = kmeans() if distributed.is_main() else None

@@ -117,3 +117,29 @@ def local_terms(local_q, k, queue, levels, labels, inst_keep, local_proto_keep, 
             for l, lv in enumerate(levels)
         ])
     return inst, proto
+
+
+def pcl_proto_nce(q, centroids, phi, labels, sampled, semantics, group_size):
+    """PCL's ProtoNCE (Li et al., ICLR 2021) of one clustering, literally as its code builds it.
+
+    sampled (B, M) bool: the drawn negatives (per query for "paper"; for "official" the rows of a
+    group are equal and exclude every group positive). "official" (PCL's code): per group of
+    `group_size` queries, logits of query i = [q_i.c/phi_c for c in (positives of the group's
+    queries, in order), then the group's sampled negatives], target = i's own column. "paper":
+    [positive, the query's sampled negatives], target 0. Mean loss and accuracy (correct: the
+    positive is >= every other prototype's logit in the row; duplicates of the positive do not
+    count against it)."""
+    out = []
+    for i in range(len(q)):
+        if semantics == "official":
+            g0 = (i // group_size) * group_size
+            columns = list(labels[g0 : g0 + group_size]) + [c for c in range(len(centroids)) if sampled[i, c]]
+            target = i - g0
+        else:
+            columns = [labels[i]] + [c for c in range(len(centroids)) if sampled[i, c] and c != labels[i]]
+            target = 0
+        logits = np.array([q[i] @ centroids[c] / phi[c] for c in columns], np.float64)
+        others = [logits[j] for j, c in enumerate(columns) if c != labels[i]]
+        out.append((-log_softmax_at(logits, target), bool(not others or logits[target] >= max(others))))
+    loss, acc = zip(*out)
+    return np.mean(loss), np.mean(acc)

@@ -282,3 +282,45 @@ def test_faiss_warnings_become_one_log_line(capfd, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "hcsc_jax.clustering"]
     assert lines == ["k-means under min_points_per_centroid=10 (harmless for upper levels): level 0: 200 points "
                      "for 40 centroids; level 1: 40 points for 20 centroids; level 2: 20 points for 5 centroids"]
+
+
+# ------------------------------------------------------------------------------------------
+# PCL's independent clusterings (mode="independent")
+
+
+def test_independent_clusterings_are_independent(random_features):
+    x = random_features
+    kw = dict(niter=10, nredo=1, seed=3, temperature=T)
+    h = hierarchical_kmeans(x, [12, 12, 40], mode="independent", **kw)  # any sizes, any order
+    assert h.num_clusters == (12, 12, 40) and not h.is_hierarchical
+    assert all(lv.parents is None for lv in h.levels)  # no parent links
+    # Same k, different seeds (seed + l): different centroids and partitions.
+    assert not np.allclose(h.levels[0].centroids, h.levels[1].centroids)
+    assert not np.array_equal(h.levels[0].assignments, h.levels[1].assignments)
+    for l, lv in enumerate(h.levels):
+        # Each level is exactly a flat k-means of the samples with seed + l, on its own.
+        flat = hierarchical_kmeans(x, [lv.num_clusters], niter=10, nredo=1, seed=3 + l, temperature=T).levels[0]
+        np.testing.assert_array_equal(lv.centroids, flat.centroids)
+        np.testing.assert_array_equal(lv.assignments, flat.assignments)
+        np.testing.assert_array_equal(lv.temperatures, flat.temperatures)  # same concentration estimate
+        assert lv.counts.sum() == len(x)  # members are samples, not centroids
+        np.testing.assert_allclose(lv.temperatures.mean(), T, rtol=1e-5)
+    # The npz round trip keeps them independent.
+    back = Hierarchy.from_arrays(h.to_arrays())
+    _assert_same(h, back)
+    assert not back.is_hierarchical
+    # A hierarchy still needs strictly decreasing sizes; independent ones still need <= N clusters.
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        hierarchical_kmeans(x, [12, 40], **kw)
+    with pytest.raises(ValueError, match="fewer clusters than samples"):
+        hierarchical_kmeans(x, [12, 601], mode="independent", **kw)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        hierarchical_kmeans(x, [12], mode="flat", **kw)
+    # Mixed parents (some levels with, some without) are not a valid Hierarchy.
+    lv = h.levels
+    with pytest.raises(ValueError, match="needs parents"):
+        Hierarchy((lv[0], Level(**{**_fields(lv[1]), "parents": np.zeros(12, np.int32)}), lv[2]))
+
+
+def _fields(level):
+    return {f: getattr(level, f) for f in ("centroids", "assignments", "temperatures", "valid", "parents", "counts")}

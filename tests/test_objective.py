@@ -174,4 +174,50 @@ def test_label_shape_error(problem):
     with pytest.raises(ValueError, match=r"labels must be \(B, L\) = \(8, 3\)"):
         run(problem, ObjectiveConfig(), labels=problem["labels"][:, :2])
     with pytest.raises(ValueError, match="need L centroids/temperatures/valid and L-1 parents"):
-        objective.make_prototypes([np.zeros((2, 3))] * 2, [np.ones(2)] * 2, [np.ones(2, bool)] * 2, [])
+        objective.make_prototypes([np.zeros((2, 3))] * 3, [np.ones(2)] * 3, [np.ones(2, bool)] * 3, [np.zeros(2)])
+
+
+# ------------------------------------------------------------------------------------------
+# PCL: independent clusterings (no parents), InfoNCE + mean ProtoNCE with r sampled negatives
+
+
+@pytest.fixture(scope="module")
+def pcl_problem():
+    rng = np.random.default_rng(3)
+    sizes = (5, 9, 3)  # independent clusterings: any sizes, any order
+    centroids = [unit(rng, m, D) for m in sizes]
+    phi = [rng.uniform(0.05, 0.4, m).astype(np.float32) for m in sizes]
+    valid = [np.ones(m, bool) for m in sizes]
+    labels = np.stack([rng.integers(0, m, B) for m in sizes], 1).astype(np.int32)  # unrelated per level
+    return dict(q=unit(rng, B, D), k=unit(rng, B, D), queue=unit(rng, K, D), labels=labels,
+                protos=objective.make_prototypes(centroids, phi, valid, []),
+                levels=[dict(centroids=c, phi=t) for c, t in zip(centroids, phi)])
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_pcl_objective_matches_reference(pcl_problem, semantics):
+    pb = pcl_problem
+    cfg = ObjectiveConfig(semantics=semantics, instance_selection=False, prototype_selection=False,
+                          proto_negatives=3, group_size=4)
+    loss, metrics = run(pb, cfg)
+    positives = [pb["labels"][:, l] for l in range(3)]
+    sampled = [np.asarray(m) for m in objective.pcl_negative_masks(pb["protos"], positives, jax.random.key(7), cfg)]
+    inst = ref.info_nce(pb["q"], pb["k"], pb["queue"], None, 0.2, semantics)[0]
+    proto = [ref.pcl_proto_nce(pb["q"], lv["centroids"], lv["phi"], pb["labels"][:, l], sampled[l], semantics, 4)[0]
+             for l, lv in enumerate(pb["levels"])]
+    np.testing.assert_allclose(loss, inst + np.mean(proto), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_proto"], np.mean(proto), rtol=1e-5)
+    assert all(m.sum(-1).max() <= 3 for m in sampled)
+    # Another key draws other negatives, hence (almost surely) another loss.
+    other, _ = run(pb, cfg, rng=jax.random.key(8))
+    assert float(other) != float(loss)
+
+
+def test_pcl_config_errors(pcl_problem):
+    with pytest.raises(ValueError, match="replaces prototype selection"):
+        ObjectiveConfig(proto_negatives=4)
+    with pytest.raises(ValueError, match=">= 0"):
+        ObjectiveConfig(proto_negatives=-1, prototype_selection=False)
+    # Prototype selection needs parents: independent clusterings have none.
+    with pytest.raises(ValueError, match="needs a hierarchy"):
+        run(pcl_problem, ObjectiveConfig(instance_selection=False))

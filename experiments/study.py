@@ -1,0 +1,636 @@
+"""Multi-seed study: HCSC vs MoCo v2 and PCL, and the paper's Table-5 ablations (issue 12).
+
+  python experiments/study.py --setting=digits --root=/tmp/study          # train + eval + report
+  python experiments/study.py --setting=fashion_mnist --root=/data/study  # needs a GPU
+  python experiments/study.py --setting=digits --root=/tmp/study --report_only
+
+Every run is `python train.py --config <config> --workdir <root>/<setting>/<run> --config.seed=S
+<overrides>` followed by `python eval.py --mode=knn|linear_fast|cluster --checkpoint=<workdir>`;
+the tables are built from the files those commands write (eval/<mode>_step<N>.json, the last
+hierarchy/epoch_XXXX.npz) and nothing else. Runs go in the order of `plan()`: the main methods
+seed by seed (so partial results stay balanced), then the ablations.
+
+Resuming: a run whose train and eval outputs all exist is skipped; a half-trained run continues
+from its newest checkpoint (train.py resumes by itself); missing evals are redone. A run that
+fails (missing dataset, NaN loss, ...) is reported with its command, exit code and the end of its
+log in <root>/<setting>/failures.json; the study goes on with the others, reports on what
+finished and exits with status 1.
+
+Outputs in --out (default: <root>/<setting>/report): results.json (one row per finished run),
+tables.md (mean +- std over seeds, paired differences to MoCo v2), PNG figures; --results_md
+also writes RESULTS.md (every setting found under --root; figures under results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_MODES = ("knn", "linear_fast", "cluster")
+
+# Fashion-MNIST's 10 classes in 4 coarse groups, for the NMI of the top prototype level.
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+FASHION_COARSE = {"tops": (0, 2, 4, 6), "trousers & dresses": (1, 3), "footwear": (5, 7, 9), "bags": (8,)}
+
+
+def fashion_coarse_labels(labels: np.ndarray) -> np.ndarray:
+    table = np.zeros(10, np.int32)
+    for g, members in enumerate(FASHION_COARSE.values()):
+        table[list(members)] = g
+    return table[labels]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # row label
+    config: str  # configs/<file>
+    overrides: tuple[str, ...] = ()
+    group: str = "main"  # "main" or "ablation"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    reuse: str | None = None  # take the runs of this method (same seeds) instead of training
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    dataset: str
+    num_classes: int
+    methods: tuple[Method, ...]
+    common: tuple[str, ...] = ()  # overrides added to every train command
+    eval_overrides: tuple[str, ...] = ()
+    coarse: str | None = None  # name of a coarse label grouping (fashion_mnist)
+    needs_gpu: bool = False
+
+
+ABL = ("--config.objective.instance_selection", "--config.objective.prototype_selection")
+
+
+def _digits_methods(main_seeds, abl_seeds):
+    return (
+        Method("MoCo v2", "digits_mocov2.py", seeds=main_seeds),
+        Method("PCL", "digits_pcl.py", seeds=main_seeds),
+        Method("HCSC", "digits.py", seeds=main_seeds),
+        Method("hier. prototypes, no selection", "digits.py", (f"{ABL[0]}=False", f"{ABL[1]}=False"),
+               "ablation", abl_seeds),
+        Method("+ ICSC only", "digits.py", (f"{ABL[1]}=False",), "ablation", abl_seeds),
+        Method("+ PCSC only", "digits.py", (f"{ABL[0]}=False",), "ablation", abl_seeds),
+        Method("+ ICSC + PCSC (= HCSC)", "digits.py", (), "ablation", abl_seeds, reuse="HCSC"),
+        Method("HCSC, official semantics", "digits.py", ("--config.objective.semantics=official",), "ablation",
+               abl_seeds),
+    )
+
+
+SETTINGS = {
+    "digits": Setting("digits", "digits", 10, _digits_methods((0, 1, 2, 3, 4), (0, 1, 2))),
+    "fashion_mnist": Setting(
+        "fashion_mnist", "fashion_mnist", 10,
+        (Method("MoCo v2", "fashion_mnist_mocov2.py", seeds=(0, 1, 2)),
+         Method("PCL", "fashion_mnist_pcl.py", seeds=(0, 1, 2)),
+         Method("HCSC", "fashion_mnist.py", seeds=(0, 1, 2))),
+        coarse="fashion_mnist", needs_gpu=True),
+    # CI smoke test: 2 epochs (1 warm-up), one seed, a tiny model, a short linear probe.
+    "smoke": Setting(
+        "smoke", "digits", 10,
+        (Method("MoCo v2", "digits_mocov2.py", seeds=(0,)), Method("PCL", "digits_pcl.py", seeds=(0,)),
+         Method("HCSC", "digits.py", seeds=(0,))),
+        common=("--config.epochs=2", "--config.warmup_epochs=1", "--config.model.width=0.125",
+                "--config.model.arch=resnet18", "--config.clustering.nredo=1", "--config.clustering.niter=5",
+                "--config.eval.num_clusters=(10,)"),
+        eval_overrides=("--config.linear.epochs=5",)),
+}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def plan(setting: Setting):
+    """-> [(method, seed)] in run order: main methods seed-major, then ablations seed-major."""
+    order = []
+    for group in ("main", "ablation"):
+        methods = [m for m in setting.methods if m.group == group and m.reuse is None]
+        for seed in sorted({s for m in methods for s in m.seeds}):
+            order += [(m, seed) for m in methods if seed in m.seeds]
+    return order
+
+
+def train_command(setting: Setting, method: Method, seed: int, workdir: str, extra=()) -> list[str]:
+    return [sys.executable, "train.py", f"--config=configs/{method.config}", f"--workdir={workdir}",
+            f"--config.seed={seed}", "--config.progress_bar=False", *setting.common, *method.overrides, *extra]
+
+
+def eval_command(setting: Setting, mode: str, workdir: str) -> list[str]:
+    cmd = [sys.executable, "eval.py", f"--mode={mode}", f"--checkpoint={workdir}", "--config.progress_bar=False"]
+    if mode == "knn":
+        cmd.append("--config.knn.ks=(20,200)")
+    if mode == "cluster":
+        cmd.append(f"--config.cluster.ks=({setting.num_classes},)")
+    return cmd + list(setting.eval_overrides)
+
+
+def run_dir(root: str, setting: Setting, method: Method, seed: int) -> str:
+    return os.path.join(root, setting.name, f"{slug(method.name)}_seed{seed}")
+
+
+def eval_result(workdir: str, mode: str):
+    """The newest-step eval/<mode>_step<N>.json of a workdir, or None."""
+    files = glob.glob(os.path.join(workdir, "eval", f"{mode}_step*.json"))
+    if not files:
+        return None
+    path = max(files, key=lambda p: int(re.search(r"_step(\d+)\.json$", p).group(1)))
+    with open(path) as f:
+        return json.load(f)
+
+
+def trained(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, "summary.json"))
+
+
+def _run(cmd, log_path) -> tuple[int, float]:
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return rc, time.time() - t0
+
+
+def _tail(path, lines=15) -> str:
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _lock(workdir: str) -> bool:
+    """Claims a run for this process (<workdir>/study.lock with its pid); False if another live
+    study process holds it. A lock left by a dead process is taken over."""
+    path = os.path.join(workdir, "study.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                try:
+                    os.remove(path)  # stale
+                except FileNotFoundError:
+                    pass
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def execute(setting: Setting, root: str, extra=(), only=None, log=print) -> list[dict]:
+    """Trains and evaluates every planned run not yet complete. -> failures (dicts).
+    Several study processes may work on one root at once: each run is claimed by a lock file."""
+    failures = []
+    for method, seed in plan(setting):
+        if only and slug(method.name) not in only:
+            continue
+        workdir = run_dir(root, setting, method, seed)
+        name = f"{method.name} seed {seed}"
+        todo = [m for m in EVAL_MODES if eval_result(workdir, m) is None]
+        if trained(workdir) and not todo:
+            log(f"[skip] {name}: complete ({workdir})")
+            continue
+        os.makedirs(workdir, exist_ok=True)
+        if not _lock(workdir):
+            log(f"[busy] {name}: another study process is running it")
+            continue
+        try:
+            failures += _execute_run(setting, method, seed, workdir, name, todo, extra, log)
+        finally:
+            os.remove(os.path.join(workdir, "study.lock"))
+    return failures
+
+
+def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list[dict]:
+    """Trains (or resumes) one run and runs its missing evals. -> its failures."""
+    failures = []
+    log_path = os.path.join(workdir, "study.log")
+    times_path = os.path.join(workdir, "study_times.json")
+    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    if not trained(workdir):
+        cmd = train_command(setting, method, seed, workdir, extra)
+        log(f"[train] {name}: {' '.join(cmd)}")
+        rc, secs = _run(cmd, log_path)
+        times["train_seconds"] = times.get("train_seconds", 0.0) + secs
+        times["train_command"] = " ".join(cmd[1:])
+        json.dump(times, open(times_path, "w"), indent=2)
+        if rc != 0 or not trained(workdir):
+            failures.append(dict(run=name, workdir=workdir, stage="train", command=" ".join(cmd), returncode=rc,
+                                 log=log_path, log_tail=_tail(log_path)))
+            log(f"[FAILED] {name}: train.py exited with {rc}; see {log_path}:\n{_tail(log_path, 5)}")
+            return failures
+    for mode in todo:
+        cmd = eval_command(setting, mode, workdir)
+        rc, secs = _run(cmd, log_path)
+        times[f"eval_{mode}_seconds"] = secs
+        json.dump(times, open(times_path, "w"), indent=2)
+        if rc != 0 or eval_result(workdir, mode) is None:
+            failures.append(dict(run=name, workdir=workdir, stage=f"eval {mode}", command=" ".join(cmd),
+                                 returncode=rc, log=log_path, log_tail=_tail(log_path)))
+            log(f"[FAILED] {name}: eval.py --mode={mode} exited with {rc}; see {log_path}")
+            break
+    else:
+        log(f"[done] {name} ({times.get('train_seconds', 0):.0f} s training)")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting and reporting
+
+
+def _labels(dataset: str, split: str = "train"):
+    sys.path.insert(0, REPO)
+    from hcsc_jax.data import sources  # the dataset's labels only
+
+    return sources.load_dataset(dataset, split).labels
+
+
+def level_nmi(workdir: str, labels, coarse=None) -> dict:
+    """NMI of each prototype level of the run's last hierarchy/epoch_XXXX.npz against the train
+    labels (and of the top level against a coarse grouping). {} without a hierarchy."""
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    files = sorted(glob.glob(os.path.join(workdir, "hierarchy", "epoch_*.npz")))
+    if not files:
+        return {}
+    with np.load(files[-1]) as z:
+        levels = []
+        while f"level{len(levels)}/assignments" in z:
+            levels.append(np.asarray(z[f"level{len(levels)}/assignments"]))
+        sizes = [int(z[f"level{l}/centroids"].shape[0]) for l in range(len(levels))]
+    out = {"hierarchy_file": os.path.basename(files[-1]), "level_sizes": sizes,
+           "level_nmi": [float(nmi(labels, a)) for a in levels]}
+    if coarse is not None:
+        top = int(np.argmin(sizes))
+        out["top_level_coarse_nmi"] = float(nmi(coarse, levels[top]))
+    return out
+
+
+def collect(setting: Setting, root: str) -> list[dict]:
+    """One row per finished run (train + every eval), from the runs' own files."""
+    labels = coarse = None
+    rows = []
+    for method in setting.methods:
+        source = next(m for m in setting.methods if m.name == method.reuse) if method.reuse else method
+        for seed in method.seeds:
+            workdir = run_dir(root, setting, source, seed)
+            results = {m: eval_result(workdir, m) for m in EVAL_MODES}
+            if not trained(workdir) or any(r is None for r in results.values()):
+                continue
+            knn, lin, clu = results["knn"]["per_k"], results["linear_fast"], results["cluster"]["per_k"]
+            k = str(setting.num_classes)
+            times = json.load(open(os.path.join(workdir, "study_times.json")))
+            row = dict(method=method.name, group=method.group, seed=seed, workdir=workdir,
+                       knn20=knn["20"]["top1"], knn200=knn["200"]["top1"], linear_fast=lin["top1"],
+                       nmi=clu[k]["nmi"], ami=clu[k]["ami"], train_seconds=times.get("train_seconds"),
+                       command=times.get("train_command"))
+            if labels is None:
+                labels = _labels(setting.dataset)
+                coarse = fashion_coarse_labels(labels) if setting.coarse == "fashion_mnist" else None
+            row.update(level_nmi(workdir, labels, coarse))
+            row.update(_curve(workdir))
+            rows.append(row)
+    return rows
+
+
+def _curve(workdir: str) -> dict:
+    """kNN-vs-epoch points, if the run's metrics.jsonl holds evaluator records (any numeric key
+    with "knn" and "top1" in its name on a record with an epoch)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    points = []
+    if os.path.isfile(path):
+        for line in open(path):
+            rec = json.loads(line)
+            keys = sorted(k for k, v in rec.items() if "knn" in k and "top1" in k and isinstance(v, (int, float)))
+            if keys and "epoch" in rec:
+                points.append((rec["epoch"], rec[keys[0]]))
+    return {"knn_curve": points} if points else {}
+
+
+METRICS = (("knn20", "kNN top-1 k=20 (%)"), ("knn200", "kNN top-1 k=200 (%)"),
+           ("linear_fast", "linear_fast top-1 (%)"), ("nmi", "NMI (k-means, k=#classes)"),
+           ("ami", "AMI (k-means, k=#classes)"))
+
+
+def _ms(values, digits=2):
+    v = np.asarray(values, np.float64)
+    if len(v) == 0:
+        return "-"
+    std = v.std(ddof=1) if len(v) > 1 else float("nan")
+    return f"{v.mean():.{digits}f} ± {std:.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
+def _digits(metric):
+    return 3 if metric in ("nmi", "ami") else 2
+
+
+def tables(setting: Setting, rows: list[dict]) -> str:
+    by_method = {m.name: [r for r in rows if r["method"] == m.name] for m in setting.methods}
+    out = []
+    for group, title in (("main", "Methods"), ("ablation", "Ablations (Table-5 style, digits config)")):
+        methods = [m for m in setting.methods if m.group == group]
+        if not methods:
+            continue
+        out.append(f"#### {title}\n")
+        out.append("| method | seeds done / planned | " + " | ".join(h for _, h in METRICS)
+                   + " | NMI per prototype level | train wall time (s) |")
+        out.append("|" + " --- |" * (len(METRICS) + 4))
+        for m in methods:
+            rs = by_method[m.name]
+            seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+            cells = [_ms([r[k] for r in rs], _digits(k)) for k, _ in METRICS]
+            lv = [r["level_nmi"] for r in rs if "level_nmi" in r]
+            lvl = " / ".join(_ms(col, 3) for col in zip(*lv)) if lv else "-"
+            if lv:
+                lvl += f" ({'/'.join(map(str, rs[0]['level_sizes']))})"
+            if any("top_level_coarse_nmi" in r for r in rs):
+                lvl += "; top vs coarse groups " + _ms([r["top_level_coarse_nmi"] for r in rs], 3)
+            t = _ms([r["train_seconds"] for r in rs if r.get("train_seconds")], 0)
+            out.append(f"| {m.name} | {len(rs)} / {len(m.seeds)} (seeds {seeds or '-'}) | " + " | ".join(cells)
+                       + f" | {lvl} | {t} |")
+        out.append("")
+    # Paired differences over the seeds both have: every method vs MoCo v2; the ablations also vs
+    # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
+    no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
+    for base_name, methods in (("MoCo v2", [m.name for m in setting.methods if m.name != "MoCo v2"]),
+                               (no_sel, [m.name for m in setting.methods if m.group == "ablation" and m.name != no_sel])):
+        base = {r["seed"]: r for r in by_method.get(base_name, [])}
+        if not base:
+            continue
+        lines = []
+        for name in methods:
+            pairs = [(r, base[r["seed"]]) for r in by_method[name] if r["seed"] in base]
+            if not pairs:
+                continue
+            cells = []
+            for k, _ in METRICS:
+                d = [a[k] - b[k] for a, b in pairs]
+                cells.append(_ms(d, _digits(k)) + " [" + ", ".join(f"{x:+.{_digits(k)}f}" for x in d) + "]")
+            lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+        if lines:
+            out.append(f"#### Paired difference to {base_name} (same seed): method − {base_name}, "
+                       "mean ± std [per seed]\n")
+            out.append("| method | paired seeds | " + " | ".join(f"Δ {h}" for _, h in METRICS) + " |")
+            out.append("|" + " --- |" * (len(METRICS) + 2))
+            out += lines + [""]
+    return "\n".join(out)
+
+
+def verdicts(setting: Setting, rows: list[dict]) -> list[str]:
+    """Plain sentences: where HCSC does / does not beat each baseline: the paired mean difference,
+    its 95% t-interval over seeds and the number of seeds HCSC is ahead on."""
+    from scipy import stats
+
+    by = {m.name: {r["seed"]: r for r in rows if r["method"] == m.name} for m in setting.methods}
+    lines = ["#### Where HCSC wins and where it does not (paired over common seeds)", ""]
+    for other in ("MoCo v2", "PCL"):
+        if not by.get("HCSC") or not by.get(other):
+            continue
+        seeds = sorted(set(by["HCSC"]) & set(by[other]))
+        if not seeds:
+            continue
+        for k, h in METRICS:
+            d = np.array([by["HCSC"][s][k] - by[other][s][k] for s in seeds])
+            wins, n, f = int((d > 0).sum()), len(d), _digits(k)
+            if n > 1:
+                half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n)
+                ci = f"95% CI [{d.mean() - half:+.{f}f}, {d.mean() + half:+.{f}f}]"
+                clear = abs(d.mean()) > half
+            else:
+                ci, clear = "one seed, no interval", False
+            verdict = ("HCSC higher" if d.mean() > 0 else "HCSC **not** higher") + (
+                " (the interval excludes 0)" if clear else "; not distinguishable from seed noise")
+            lines.append(f"- {h}: HCSC − {other} = {d.mean():+.{f}f}, {ci}, HCSC ahead on {wins}/{n} seeds: "
+                         f"{verdict}")
+    return lines if len(lines) > 2 else []
+
+
+def figures(setting: Setting, rows: list[dict], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    methods = [m.name for m in setting.methods if any(r["method"] == m.name for r in rows)]
+    if not methods:
+        return made
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.6))
+    for ax, (k, h) in zip(axes, METRICS):
+        vals = [[r[k] for r in rows if r["method"] == m] for m in methods]
+        means = [np.mean(v) for v in vals]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals]
+        x = np.arange(len(methods))
+        ax.bar(x, means, yerr=stds, capsize=3, color=["C0" if m in ("MoCo v2", "PCL", "HCSC") else "C7"
+                                                       for m in methods])
+        for xi, v in zip(x, vals):
+            ax.plot([xi] * len(v), v, "k.", ms=3)
+        lo = min(min(v) for v in vals)
+        hi = max(max(v) for v in vals)
+        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+        ax.set_xticks(x, [m.replace(", ", ",\n").replace(" (", "\n(") for m in methods], rotation=60, ha="right",
+                      fontsize=6)
+        ax.set_title(h, fontsize=8)
+    fig.suptitle(f"{setting.name}: mean ± std over seeds (dots: seeds; y axes do not start at 0)", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{setting.name}_bars.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    made.append(path)
+    curves = [r for r in rows if r.get("knn_curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for i, m in enumerate(methods):
+            for r in [r for r in curves if r["method"] == m]:
+                e, v = zip(*r["knn_curve"])
+                ax.plot(e, v, color=f"C{i}", alpha=0.6, label=m if r is curves[0] or True else None)
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=6)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("kNN top-1")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{setting.name}_knn_curves.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("jax", "flax", "faiss-cpu", "numpy", "scikit-learn", "optax"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = f"CPU: {cpu}, {os.cpu_count()} cores"
+    try:
+        out = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)"],
+                             capture_output=True, text=True, timeout=120)
+        device += f"; jax backend: {out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return dict(versions=versions, device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="minutes"))
+
+
+def report(setting: Setting, root: str, out_dir: str, failures: list[dict], command: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    rows = collect(setting, root)
+    env = environment()
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(setting=setting.name, rows=rows, environment=env, failures=failures, command=command), f,
+                  indent=2)
+    text = tables(setting, rows)
+    done = {m.name: sum(r["method"] == m.name for r in rows) for m in setting.methods}
+    header = [f"Command: `{command}`", "",
+              f"Date {env['date']}; {env['device']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+              "", "Finished runs per method: " + ", ".join(f"{k} {v}" for k, v in done.items()), ""]
+    if failures:
+        header += ["Failed runs:", ""] + [f"- {f['run']} ({f['stage']}, exit {f['returncode']}): see {f['log']}"
+                                          for f in failures] + [""]
+    text = "\n".join(header) + "\n" + text + "\n" + "\n".join(verdicts(setting, rows)) + "\n"
+    with open(os.path.join(out_dir, "tables.md"), "w") as f:
+        f.write(text)
+    figs = figures(setting, rows, out_dir)
+    return dict(rows=rows, text=text, figures=figs, env=env)
+
+
+DESCRIPTION = {
+    "digits": (
+        "scikit-learn's digits (1,437 train / 360 test 8x8 images, upsampled to 16 px by the crops), the "
+        "`configs/digits.py` budget for every method: narrow small-stem ResNet-18 (width 0.25), 40 epochs "
+        "(10 warm-up epochs of InfoNCE only), batch 128, queue 1024, prototype levels / clusterings 60/30/10. "
+        "MoCo v2 = `configs/digits_mocov2.py`, PCL = `configs/digits_pcl.py` (independent k-means 60/30/10, "
+        "r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = `configs/digits.py` "
+        "(paper semantics); the ablations are `configs/digits.py` with the overrides in their commands."),
+    "fashion_mnist": (
+        "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist*.py`: small-stem ResNet-18 "
+        "(width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, levels / clusterings 200/50/10; "
+        "PCL with r = 64. Top-level NMI is also reported against 4 coarse groups: "
+        + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}" for g, m in FASHION_COARSE.items()) + "."),
+}
+METRIC_NOTES = (
+    "Metrics per run, all from `eval.py` on the final checkpoint unless said otherwise: kNN top-1 on the "
+    "held-out split (k = 20 and 200, T = 0.07, pooled features of the query encoder); **linear_fast** top-1 "
+    "(`eval.py --mode=linear_fast`: the linear protocol's classifier on cached centre-crop features, no "
+    "augmentation; not the full linear protocol); NMI / AMI of faiss k-means of the pooled train features "
+    "with k = number of classes (`--mode=cluster`); for PCL and HCSC the NMI of each prototype level / "
+    "clustering of the run's last `hierarchy/epoch_XXXX.npz` against the train labels. Means ± sample std "
+    "over the seeds that finished; paired differences are taken seed by seed against MoCo v2 (same seed = "
+    "same initialisation and data order), listed per seed in brackets. Train wall time includes compilation, "
+    "the final in-train evaluation, and contention: runs shared the machine with other jobs.")
+
+
+def results_md(root: str, path: str, command: str, names=("digits", "fashion_mnist")) -> str:
+    """RESULTS.md: one section per setting from <root>/<setting>/report (figures copied next to
+    `path` under results/), or a note where a setting has no finished run."""
+    import shutil
+
+    fig_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
+    parts = ["# Results: HCSC vs MoCo v2 and PCL, with the paper's ablations", "",
+             f"Written by `{command}` from the runs' own outputs (see `experiments/study.py`).", "",
+             METRIC_NOTES, ""]
+    notes = os.path.join(REPO, "experiments", "RESULTS_NOTES.md")
+    if os.path.isfile(notes):
+        parts += [open(notes).read().strip(), ""]
+    for name in names:
+        setting = SETTINGS[name]
+        parts += [f"## {name}", "", DESCRIPTION.get(name, ""), ""]
+        report_dir = os.path.join(root, name, "report")
+        tables_path = os.path.join(report_dir, "tables.md")
+        res_path = os.path.join(report_dir, "results.json")
+        rows = json.load(open(res_path))["rows"] if os.path.isfile(res_path) else []
+        if not rows:
+            parts += [
+                "**Not run yet.**" + (" This setting needs a GPU (about 52 images/s on the 2-core CPU, i.e. days "
+                                      "for 9 runs) and none was available to this study; it waits for one." if
+                                      setting.needs_gpu else ""),
+                "", f"Command: `python experiments/study.py --setting={name} --root=<runs dir> "
+                    f"--results_md=RESULTS.md` (MoCo v2, PCL, HCSC x seeds "
+                    f"{', '.join(map(str, setting.methods[0].seeds))}).", ""]
+            continue
+        parts += [open(tables_path).read().strip(), ""]
+        os.makedirs(fig_dir, exist_ok=True)
+        for png in sorted(glob.glob(os.path.join(report_dir, "*.png"))):
+            shutil.copy(png, fig_dir)
+            rel = os.path.relpath(os.path.join(fig_dir, os.path.basename(png)), os.path.dirname(os.path.abspath(path)))
+            parts += [f"![{os.path.basename(png)}]({rel})", ""]
+    text = "\n".join(parts)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="digits")
+    p.add_argument("--root", default="runs/study", help="where the runs' workdirs go")
+    p.add_argument("--out", default=None, help="report folder (default <root>/<setting>/report)")
+    p.add_argument("--report_only", action="store_true", help="only collect what finished and write the report")
+    p.add_argument("--only", default="", help="comma-separated method slugs to run (e.g. moco_v2,hcsc)")
+    p.add_argument("--extra", action="append", default=[], help="extra train.py flag for every run")
+    p.add_argument("--results_md", default=None, help="also write RESULTS.md (every setting's report under --root)")
+    args = p.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    root = os.path.abspath(args.root)
+    out_dir = os.path.abspath(args.out or os.path.join(root, setting.name, "report"))
+    command = "python experiments/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    fail_path = os.path.join(root, setting.name, "failures.json")
+    failures = []
+    if not args.report_only:
+        os.makedirs(os.path.join(root, setting.name), exist_ok=True)
+        only = {s for s in args.only.split(",") if s}
+        failures = execute(setting, root, tuple(args.extra), only, log=lambda s: print(s, flush=True))
+        with open(fail_path, "w") as f:
+            json.dump(failures, f, indent=2)
+    elif os.path.isfile(fail_path):
+        failures = json.load(open(fail_path))
+    res = report(setting, root, out_dir, failures, command)
+    print(res["text"])
+    print(f"report: {out_dir}")
+    if args.results_md:
+        results_md(root, args.results_md, command)
+        print(f"wrote {args.results_md}")
+    if failures:
+        print(f"{len(failures)} run(s) failed: " + "; ".join(f"{f['run']} ({f['stage']})" for f in failures),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""experiments/study.py: a real two-epoch, one-seed smoke run (train.py + eval.py subprocesses)
+gives the table rows; a failed run is reported and the finished ones kept; a rerun skips them;
+paired differences and verdicts from synthetic rows."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import study  # noqa: E402
+
+SMOKE = study.SETTINGS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """The smoke setting, HCSC only (one train.py and three eval.py runs: ~1 min on 2 idle cores)."""
+    root = str(tmp_path_factory.mktemp("study"))
+    # The subprocesses run on one CPU device, not the 8 virtual ones of conftest.py.
+    saved = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = " ".join(f for f in (saved or "").split() if "device_count" not in f)
+    try:
+        assert study.main(["--setting=smoke", f"--root={root}", "--only=hcsc"]) == 0
+        yield root
+    finally:
+        os.environ["XLA_FLAGS"] = saved or ""
+
+
+def test_smoke_study_produces_rows(smoke_root):
+    report = os.path.join(smoke_root, "smoke", "report")
+    res = json.load(open(os.path.join(report, "results.json")))
+    (row,) = res["rows"]
+    assert row["method"] == "HCSC" and row["seed"] == 0
+    for key in ("knn20", "knn200", "linear_fast", "nmi", "ami"):
+        assert np.isfinite(row[key]), key
+    assert 0 <= row["knn20"] <= 100 and 0 <= row["nmi"] <= 1
+    assert row["level_sizes"] == [60, 30, 10] and len(row["level_nmi"]) == 3
+    assert row["hierarchy_file"] == "epoch_0001.npz"  # the last epoch's clustering
+    assert "--config.epochs=2" in row["command"] and row["train_seconds"] > 0
+    tables = open(os.path.join(report, "tables.md")).read()
+    assert "| HCSC | 1 / 1 (seeds 0) |" in tables and "| MoCo v2 | 0 / 1" in tables
+    assert os.path.isfile(os.path.join(report, "smoke_bars.png"))
+    assert res["environment"]["versions"]["jax"]
+    # RESULTS.md: the finished setting's tables and figure; Fashion-MNIST marked as not run.
+    md = _write_md(smoke_root)
+    text = open(md).read()
+    assert "| HCSC | 1 / 1 (seeds 0) |" in text and "](results/smoke_bars.png)" in text
+    assert "## fashion_mnist" in text and "**Not run yet.** This setting needs a GPU" in text
+    assert os.path.isfile(os.path.join(os.path.dirname(md), "results", "smoke_bars.png"))
+
+
+def _write_md(root):
+    path = os.path.join(root, "md", "RESULTS.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    study.results_md(root, path, "python experiments/study.py --setting=smoke", names=("smoke", "fashion_mnist"))
+    return path
+
+
+def test_failed_run_is_reported_and_finished_runs_kept(smoke_root, capsys):
+    # A missing dataset: the MoCo v2 run fails; the finished HCSC run is skipped, not redone.
+    rc = study.main(["--setting=smoke", f"--root={smoke_root}", "--only=moco_v2,hcsc",
+                     "--extra=--config.dataset=no_such_dataset"])
+    assert rc == 1
+    out, err = capsys.readouterr()
+    assert "[skip] HCSC seed 0: complete" in out
+    assert "[FAILED] MoCo v2 seed 0: train.py exited with" in out and "MoCo v2 seed 0 (train)" in err
+    (failure,) = json.load(open(os.path.join(smoke_root, "smoke", "failures.json")))
+    assert failure["run"] == "MoCo v2 seed 0" and failure["returncode"] != 0
+    assert "no_such_dataset" in failure["log_tail"]  # why: the end of its log
+    res = json.load(open(os.path.join(smoke_root, "smoke", "report", "results.json")))
+    assert [r["method"] for r in res["rows"]] == ["HCSC"]
+    assert "Failed runs:" in open(os.path.join(smoke_root, "smoke", "report", "tables.md")).read()
+
+
+def _rows(method, values, metric_shift=0.0):
+    return [dict(method=method, group="main", seed=s, knn20=v + metric_shift, knn200=v, linear_fast=v, nmi=v / 100,
+                 ami=v / 100, train_seconds=10.0) for s, v in enumerate(values)]
+
+
+def test_tables_paired_differences_and_verdicts():
+    rows = _rows("MoCo v2", [90.0, 91.0, 92.0]) + _rows("HCSC", [91.0, 93.0, 92.5]) + _rows("PCL", [89.0, 90.0])
+    text = study.tables(study.SETTINGS["digits"], rows)
+    assert "| HCSC | 3 / 5 (seeds 0,1,2) | 92.17 ± 1.04 |" in text
+    # HCSC - MoCo v2 per seed: +1, +2, +0.5 -> mean 1.17, std 0.76.
+    assert "| HCSC | 3 | 1.17 ± 0.76 [+1.00, +2.00, +0.50] |" in text
+    assert "| PCL | 2 | -1.00 ± 0.00 [-1.00, -1.00] |" in text
+    lines = study.verdicts(study.SETTINGS["digits"], rows)
+    knn_moco = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − MoCo v2"))
+    assert "+1.17" in knn_moco and "3/3 seeds" in knn_moco and "HCSC higher" in knn_moco
+
+
+def test_plan_order_and_commands():
+    order = [(m.name, s) for m, s in study.plan(study.SETTINGS["digits"])]
+    assert order[:3] == [("MoCo v2", 0), ("PCL", 0), ("HCSC", 0)] and len(order) == 15 + 12
+    assert ("+ ICSC + PCSC (= HCSC)", 0) not in order  # reuses the HCSC runs
+    m = next(m for m in study.SETTINGS["digits"].methods if m.name == "+ PCSC only")
+    cmd = study.train_command(study.SETTINGS["digits"], m, 2, "W")
+    assert "--config.objective.instance_selection=False" in cmd and "--config.seed=2" in cmd
+    fm = study.SETTINGS["fashion_mnist"]
+    assert [m.config for m in fm.methods] == ["fashion_mnist_mocov2.py", "fashion_mnist_pcl.py", "fashion_mnist.py"]
+    assert fm.needs_gpu and fm.coarse == "fashion_mnist"
+
+
+def test_fashion_coarse_groups():
+    coarse = study.fashion_coarse_labels(np.arange(10))
+    assert len(set(coarse.tolist())) == 4
+    assert coarse[5] == coarse[7] == coarse[9] and coarse[0] == coarse[2] == coarse[4] == coarse[6]
+    assert coarse[8] not in (coarse[0], coarse[5], coarse[1])
+
+
+def test_level_nmi_reads_the_last_hierarchy(tmp_path):
+    labels = np.repeat(np.arange(10), 6)
+    os.makedirs(tmp_path / "hierarchy")
+    for epoch, fine in ((1, np.zeros(60, np.int32)), (2, labels.astype(np.int32))):  # only the last counts
+        np.savez(tmp_path / "hierarchy" / f"epoch_{epoch:04d}.npz", **{
+            "level0/assignments": fine, "level0/centroids": np.zeros((10, 4), np.float32),
+            "level1/assignments": study.fashion_coarse_labels(labels), "level1/centroids": np.zeros((4, 4), np.float32)})
+    out = study.level_nmi(str(tmp_path), labels, study.fashion_coarse_labels(labels))
+    assert out["hierarchy_file"] == "epoch_0002.npz" and out["level_sizes"] == [10, 4]
+    np.testing.assert_allclose(out["level_nmi"][0], 1.0)
+    np.testing.assert_allclose(out["top_level_coarse_nmi"], 1.0)  # the 4-cluster level vs the 4 groups
+    assert study.level_nmi(str(tmp_path / "none"), labels) == {}
+
+
+def test_run_lock(tmp_path):
+    lock = tmp_path / "study.lock"
+    assert study._lock(str(tmp_path)) and lock.read_text() == str(os.getpid())
+    lock.write_text(str(os.getppid()))  # a live other process holds it
+    assert not study._lock(str(tmp_path))
+    lock.write_text("999999999")  # a dead one: taken over
+    assert study._lock(str(tmp_path)) and lock.read_text() == str(os.getpid())
