@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              shuffle_bn=config.shuffle_bn)
     step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w, train_set.streaming) for w in (True, False)}
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
+    final_ctx = None  # the context of the last epoch's evaluators, whose features the summary reuses
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
 
@@ -271,8 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
             checkpoints.save(mngr, state, meta, hierarchy)
         if config.evals and not stop:  # after the save: an eval cut by a kill or SIGTERM is not redone
-            ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, global_step, mesh,
-                               eval_inputs)
+            ctx = final_ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, global_step,
+                                           mesh, eval_inputs)
             record = run_evals(config, ctx, epoch, last)
             if record:
                 writer.write(dict(record, type="eval", epoch=epoch, step=global_step))
@@ -284,9 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save(mngr, state, meta, hierarchy)
     mngr.wait_until_finished()
 
-    ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, int(state.step), mesh,
-                       eval_inputs)
-    summary = evaluate(config, ctx, state, mesh)
+    if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
+        final_ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, int(state.step), mesh,
+                                 eval_inputs)
+    summary = evaluate(config, final_ctx, state, mesh)
     writer.close()
     if main:
         workdir_lib.write_json(workdir / workdir_lib.SUMMARY_FILE, summary)
