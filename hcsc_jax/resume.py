@@ -87,19 +87,17 @@ def _safe_list() -> str:
     return ", ".join(s + "*" * s.endswith(".") for s in SAFE_TO_CHANGE)
 
 
-def preempted(mngr, watch: PreemptionWatch, step: int) -> Preempted:
-    """After the save at `step`: waits for it to commit, restores the SIGTERM handler and
-    returns the `Preempted` to raise."""
+def preempted(mngr, step: int) -> Preempted:
+    """After the save at `step`: waits for it to commit and returns the `Preempted` to raise."""
     mngr.wait_until_finished()
-    watch.close()
     return Preempted(f"preempted (SIGTERM): saved the checkpoint of step {step} in {mngr.directory}; "
                      "run the same command to resume")
 
 
 class PreemptionWatch:
     """Notes SIGTERM; `reached(step)` says whether to save and stop after `step`. One process:
-    a Python handler (installed from the main thread). Several: jax's preemption sync point,
-    the same step on every process."""
+    a Python handler (installed from the main thread), restored when the `with` block is left,
+    however it is left. Several: jax's preemption sync point, the same step on every process."""
 
     def __init__(self):
         self.received = False
@@ -117,8 +115,10 @@ class PreemptionWatch:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.received
 
-    def close(self):
-        """Restores the previous SIGTERM handler."""
+    def __enter__(self) -> PreemptionWatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
             self.previous = None

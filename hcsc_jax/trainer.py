@@ -137,6 +137,25 @@ def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) 
     return clustering.Hierarchy.from_arrays(distributed.broadcast_arrays(arrays))
 
 
+def itstime(count: int, every: int, *, final: bool = False) -> bool:
+    """The loop's one "is it time?" predicate: whether a task done every `every` units (steps,
+    epochs, logged steps; 0: never) is due after `count` of them, or forced by `final`."""
+    return final or (every > 0 and count > 0 and count % every == 0)
+
+
+def flush_log(pending: list, step: int, epoch: int, lr: float, batch: int, since: float, writer, bar) -> list[dict]:
+    """Waits for the metrics of the steps in `pending` (the last is `step`, the first began after
+    `since`), stops on a non-finite loss, writes their mean with `lr` and images/s -> the
+    per-step metrics on the host."""
+    per_step = jax.device_get(pending)
+    _check_finite(per_step, step - len(per_step) + 1)
+    ips = len(per_step) * batch / (time.perf_counter() - since)
+    record = dict(_mean_metrics(per_step), step=step, epoch=epoch, lr=lr, images_per_sec=ips)
+    writer.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
+    return per_step
+
+
 def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
     keys = per_step[0].keys()
     return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
@@ -193,15 +212,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = checkpoints.restore_latest(mngr, abstract)
-    start_epoch, start_in_epoch, hierarchy, hierarchy_epoch = 0, 0, None, -1
+    hierarchy, hierarchy_epoch = None, -1
     if restored is not None:
         state, meta, hierarchy = restored
-        start_epoch, start_in_epoch = meta["epoch"], meta["step_in_epoch"]
         hierarchy_epoch = meta.get("hierarchy_epoch", -1)
-        log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), start_epoch, start_in_epoch)
-    global_step = int(state.step)  # host copy: no device sync per step
-    writer = metrics_lib.MetricsWriter(workdir, global_step, config, enabled=main)
-    preemption = resume.PreemptionWatch()
+        if meta["epoch"] * steps_per_epoch + meta["step_in_epoch"] != int(state.step):
+            raise ValueError(
+                f"the checkpoint of step {int(state.step)} was written at step {meta['step_in_epoch']} of epoch "
+                f"{meta['epoch']}, which is step {meta['epoch'] * steps_per_epoch + meta['step_in_epoch']} at "
+                f"{steps_per_epoch} steps per epoch: the training set has changed size; resume on the same data "
+                "or use a new --workdir")
+        log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), meta["epoch"],
+                 meta["step_in_epoch"])
+    writer = metrics_lib.MetricsWriter(workdir, int(state.step), config, enabled=main)
 
     view_q, view_k, view_local, (mean, std) = view_configs(config, channels, train_set.streaming)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
@@ -213,76 +236,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
 
-    for epoch in range(start_epoch, config.epochs):
-        protos, assignments = None, np.zeros((n, max(num_levels, 1)), np.int32)
-        cluster_seconds = 0.0
-        if uses_prototypes(config, epoch):
-            if hierarchy is None or hierarchy_epoch != epoch:
-                t0 = time.perf_counter()
-                _, proj = embed_input(graphdef, state.k_params, state.k_stats, train_set, config.image_size,
-                                      mean, std)
-                hierarchy, hierarchy_epoch = cluster(config, proj, epoch, mesh=mesh), epoch
-                cluster_seconds = time.perf_counter() - t0
-                if main:
-                    workdir_lib.save_npz(hierarchy_dir / f"epoch_{epoch:04d}.npz", hierarchy.to_arrays())
-        first = start_in_epoch if epoch == start_epoch else 0
-        if hierarchy is not None and hierarchy_epoch == epoch:
-            protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
-            assignments = hierarchy.assignments()
-            if first == 0:  # (resumed mid-epoch, the restored state already holds the cache)
-                state = refresh_lse(state, protos)
-        step_fn = step_fns[protos is None]
-        pending, epoch_metrics, save_now, stop = [], [], False, False
-        bar = tqdm(zip(range(first, steps_per_epoch), train_set.steps(epoch, first, assignments)),
-                   total=steps_per_epoch - first, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="step", leave=False, dynamic_ncols=True, disable=not (config.progress_bar and main))
-        t_log = time.perf_counter()
-        for s, inputs in bar:
-            state, metrics = step_fn(state, *inputs, protos)
-            global_step += 1
-            pending.append(metrics)
-            stop = preemption.reached(global_step)
-            save_now = stop or (config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0)
-            if len(pending) == config.log_every_steps or s == steps_per_epoch - 1 or save_now:
-                per_step = jax.device_get(pending)
-                _check_finite(per_step, global_step - len(per_step) + 1)
-                now = time.perf_counter()
-                ips = len(per_step) * batch / (now - t_log)
-                t_log = now
-                record = _mean_metrics(per_step)
-                record.update(step=global_step, epoch=epoch, lr=float(schedule(global_step - 1)), images_per_sec=ips)
-                writer.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
-                epoch_metrics.extend(per_step)
-                pending = []
-            if save_now and s < steps_per_epoch - 1:  # mid-epoch; epoch ends are saved below
-                meta = dict(epoch=epoch, step_in_epoch=s + 1, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
-                checkpoints.save(mngr, state, meta, hierarchy if protos is not None else None)
-                if stop:
-                    raise resume.preempted(mngr, preemption, global_step)
-        bar.close()
-        if epoch_metrics:
-            summary = _mean_metrics(epoch_metrics)
-            summary.update(step=global_step, epoch=epoch, type="epoch", clustering_seconds=cluster_seconds)
-            writer.write(summary)
-            log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
+    # One pass over the positions of the run (`step` steps done): first what is due after the step
+    # just taken (log, save, evaluate, stop), then at an epoch's start the clustering, then a step.
+    first_step = int(state.step)  # `step` is a host copy: no device sync per step
+    pending, epoch_metrics, metrics, protos, bar, t_log, cluster_seconds = [], [], None, None, None, 0.0, 0.0
+    with resume.PreemptionWatch() as preemption:
+        for step in range(first_step, total_steps + 1):
+            epochs_done, in_epoch = divmod(step, steps_per_epoch)
+            epoch = (step - 1) // steps_per_epoch  # of the step just taken
+            trained = step > first_step
+            epoch_done, last = trained and in_epoch == 0, step == total_steps
+            stop = trained and preemption.reached(step)
+            save = (trained and (stop or last or itstime(step, config.checkpoint_every_steps)
+                                 or epoch_done and itstime(epochs_done, config.checkpoint_every_epochs))
+                    or last and mngr.latest_step() is None)  # epochs=0: keep the initial encoder
+            if trained:
+                pending.append(metrics)
+                if itstime(len(pending), config.log_every_steps, final=epoch_done or save):
+                    epoch_metrics += flush_log(pending, step, epoch, float(schedule(step - 1)), batch, t_log,
+                                               writer, bar)
+                    pending, t_log = [], time.perf_counter()
+            if epoch_done:
+                bar.close()
+                summary = dict(_mean_metrics(epoch_metrics), step=step, epoch=epoch, type="epoch",
+                               clustering_seconds=cluster_seconds)
+                writer.write(summary)
+                log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
                          "instance only" if protos is None else f"{num_levels} prototype levels")
-        last = epoch == config.epochs - 1
-        if last or save_now or (epoch + 1) % config.checkpoint_every_epochs == 0:
-            meta = dict(epoch=epoch + 1, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
-            checkpoints.save(mngr, state, meta, hierarchy)
-        if config.evals and not stop:  # after the save: an eval cut by a kill or SIGTERM is not redone
-            ctx = final_ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, global_step,
-                                           mesh, eval_inputs)
-            record = run_evals(config, ctx, epoch, last)
-            if record:
-                writer.write(dict(record, type="eval", epoch=epoch, step=global_step))
-        if stop:
-            raise resume.preempted(mngr, preemption, global_step)
-    preemption.close()
-    if mngr.latest_step() is None:  # epochs=0: keep the initial encoder, e.g. for eval.py
-        meta = dict(epoch=config.epochs, step_in_epoch=0, hierarchy_epoch=hierarchy_epoch, encoder=enc_meta)
-        checkpoints.save(mngr, state, meta, hierarchy)
+            if save:
+                meta = dict(epoch=epochs_done, step_in_epoch=in_epoch, hierarchy_epoch=hierarchy_epoch,
+                            encoder=enc_meta)
+                checkpoints.save(mngr, state, meta, hierarchy)
+            if epoch_done and config.evals and not stop:  # after the save: an eval cut short is not redone
+                final_ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, step, mesh,
+                                         eval_inputs)
+                record = run_evals(config, final_ctx, epoch, last)
+                if record:
+                    writer.write(dict(record, type="eval", epoch=epoch, step=step))
+            if stop:
+                raise resume.preempted(mngr, step)
+            if last:
+                break
+
+            if in_epoch == 0 or not trained:  # epoch `epochs_done` starts (or resumes mid-way)
+                protos, assignments, cluster_seconds = None, np.zeros((n, max(num_levels, 1)), np.int32), 0.0
+                if uses_prototypes(config, epochs_done) and (hierarchy is None or hierarchy_epoch != epochs_done):
+                    t0 = time.perf_counter()
+                    _, proj = embed_input(graphdef, state.k_params, state.k_stats, train_set, config.image_size,
+                                          mean, std)
+                    hierarchy, hierarchy_epoch = cluster(config, proj, epochs_done, mesh=mesh), epochs_done
+                    cluster_seconds = time.perf_counter() - t0
+                    if main:
+                        workdir_lib.save_npz(hierarchy_dir / f"epoch_{epochs_done:04d}.npz", hierarchy.to_arrays())
+                if hierarchy is not None and hierarchy_epoch == epochs_done:
+                    protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
+                    assignments = hierarchy.assignments()
+                    if in_epoch == 0:  # (resumed mid-epoch, the restored state already holds the cache)
+                        state = refresh_lse(state, protos)
+                batches, epoch_metrics = train_set.steps(epochs_done, in_epoch, assignments), []
+                bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epochs_done + 1}/{config.epochs}",
+                           unit="step", leave=False, dynamic_ncols=True, disable=not (config.progress_bar and main))
+                t_log = time.perf_counter()
+            state, metrics = step_fns[protos is None](state, *next(batches), protos)
+            bar.update()
     mngr.wait_until_finished()
 
     if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
@@ -326,7 +342,7 @@ def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> dict[
     one flat record {"<name>/<metric>": value} of their scalar results."""
     record = {}
     for name, cfg in config.evals.items():
-        if not (final or (epoch + 1) % cfg.every_epochs == 0):
+        if not itstime(epoch + 1, cfg.every_epochs, final=final):
             continue
         result, line = evaluators.run(cfg.get("type", name), ctx, cfg)
         log.info("%s", line)

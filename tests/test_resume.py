@@ -44,9 +44,17 @@ def test_check_config_only_when_there_is_a_checkpoint(tmp_path):
 
 def test_sigterm_is_noted_not_fatal_and_the_handler_restored():
     before = signal.getsignal(signal.SIGTERM)
-    watch = resume.PreemptionWatch()
-    assert not watch.reached(1)
-    os.kill(os.getpid(), signal.SIGTERM)  # would end pytest without the watch
-    assert watch.reached(2)
-    watch.close()
+    with resume.PreemptionWatch() as watch:
+        assert not watch.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest without the watch
+        assert watch.reached(2)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_handler_is_restored_when_the_run_stops_with_an_error():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="NaN"):
+        with resume.PreemptionWatch():
+            assert signal.getsignal(signal.SIGTERM) is not before
+            raise RuntimeError("NaN loss")  # what the trainer's NonFiniteLossError does
     assert signal.getsignal(signal.SIGTERM) is before
