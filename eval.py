@@ -54,7 +54,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
-    from hcsc_jax import distributed, evaluators, train_step  # after flag parsing, so --help is fast
+    from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
     from hcsc_jax import workdir as workdir_lib
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -63,7 +63,7 @@ def main(argv):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     config, mode = _CONFIG.value, _MODE.value
     try:
-        ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, train_step.make_mesh())
+        ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh())
         result, line = evaluators.run(mode, ctx, config[SECTION.get(mode, mode)])
     except evaluators.EvalError as err:
         print(f"eval.py: error: {err}", file=sys.stderr)

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from hcsc_jax import clustering, features
+from hcsc_jax import clustering, features, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.models import make_encoder
 
@@ -57,7 +57,7 @@ def time_features(n, image_size):
     images = np.random.default_rng(0).integers(0, 256, (n, image_size, image_size, 3), np.uint8)
     start = time.perf_counter()
     _, proj = features.embed_dataset(graphdef, params, stats, images, image_size, IMAGENET_MEAN,
-                                    IMAGENET_STD, ts.make_mesh())
+                                    IMAGENET_STD, sharding.make_mesh())
     return time.perf_counter() - start, proj
 
 

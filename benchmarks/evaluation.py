@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.input import write_folder
-from hcsc_jax import features, train_step
+from hcsc_jax import features, sharding
 from hcsc_jax.data import pipeline
 from hcsc_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from hcsc_jax.evaluators import knn
@@ -46,7 +46,7 @@ def embed_rate() -> float:
 
     with tempfile.TemporaryDirectory() as root:
         write_folder(root, FLAGS.images, 375, 500, 90)
-        mesh = train_step.make_mesh()
+        mesh = sharding.make_mesh()
         data = pipeline.open_input("stream", f"folder:{root}", "train", None, mesh, FLAGS.embed_batch, 0)
         graphdef, params, stats = nnx.split(make_encoder("resnet50", rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
         run = lambda: features.embed_input(graphdef, params, stats, data, 224, IMAGENET_MEAN, IMAGENET_STD,

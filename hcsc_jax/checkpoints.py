@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hcsc_jax import sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.clustering import Hierarchy
 from hcsc_jax.models import Encoder, make_encoder
@@ -154,8 +154,8 @@ def restore_replicated(mngr: ocp.CheckpointManager, step: int, item: str):
     """A `StandardSave`d item of `step` as a pytree of dicts, replicated over all devices of this
     run: also when the checkpoint was written by another number of devices or processes."""
     tree = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / item)
-    sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("devices",)), P())
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    everywhere = sharding.replicated(sharding.make_mesh())
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere), tree)
     return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
 
 

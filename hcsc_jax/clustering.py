@@ -43,8 +43,11 @@ import faiss
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+
 from jax.sharding import PartitionSpec as P
+
+from hcsc_jax import sharding
+from hcsc_jax.sharding import DATA_AXIS
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +356,7 @@ def _lloyd_fn(mesh, niter: int):
         x = x.reshape(b, nc, c, -1)
 
         def stats(cent):
-            sums, counts, obj = jax.lax.all_gather(_block_stats(x, mask, cent), "data", tiled=True)
+            sums, counts, obj = jax.lax.all_gather(_block_stats(x, mask, cent), DATA_AXIS, tiled=True)
             return sums.sum(0), counts.sum(0), obj.sum()
 
         def body(state):
@@ -370,7 +373,7 @@ def _lloyd_fn(mesh, niter: int):
         _, centroids, obj, _ = jax.lax.while_loop(more, body, (0, centroids, inf, inf))
         return centroids, obj
 
-    data = P("data")
+    data = P(DATA_AXIS)
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(data, data, P(), P()),
                                  out_specs=(P(), P()), check_vma=False))
 
@@ -383,9 +386,9 @@ def _assign_fn(mesh, chunk: int):
     def local(x, centroids):
         c_sq = jnp.sum(centroids * centroids, axis=1)
         out = jax.lax.map(lambda xc: _assign_chunk(xc, centroids, c_sq), x.reshape(-1, chunk, x.shape[1]))
-        return jax.lax.all_gather(out, "data", tiled=True)
+        return jax.lax.all_gather(out, DATA_AXIS, tiled=True)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P(), P()),
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=(P(), P()),
                                  check_vma=False))
 
 
@@ -397,8 +400,8 @@ def _shard_rows(x: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
     n_pad = math.prod(layout)
     mask = (np.arange(n_pad) < n).astype(np.float32).reshape(layout)
     x = np.concatenate([x, np.zeros((n_pad - n, x.shape[1]), np.float32)])
-    sharding = NamedSharding(mesh, P("data"))
-    return jax.device_put(x, sharding), jax.device_put(mask, sharding)
+    sharded = sharding.batch_sharded(mesh)
+    return jax.device_put(x, sharded), jax.device_put(mask, sharded)
 
 
 def _kmeans_jax(x, k, *, niter, nredo, seed, max_points_per_centroid, min_points_per_centroid,
@@ -475,10 +478,9 @@ def hierarchical_kmeans(
     hierarchical = mode == "hierarchical"
     sizes = _check_inputs(features, num_clusters, temperature, hierarchical)
     if backend == "jax":
-        mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
-                                     axis_types=(jax.sharding.AxisType.Auto,))
-        if mesh.axis_names != ("data",):
-            raise ValueError(f"mesh must have the single axis ('data',), got {mesh.axis_names}")
+        mesh = mesh or sharding.make_mesh()
+        if mesh.axis_names != (DATA_AXIS,):
+            raise ValueError(f"mesh must have the single axis ({DATA_AXIS!r},), got {mesh.axis_names}")
     kmeans = functools.partial(
         _KMEANS[backend], niter=niter, nredo=nredo, max_points_per_centroid=max_points_per_centroid,
         min_points_per_centroid=min_points_per_centroid, mesh=mesh,

@@ -80,13 +80,6 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def fetch(x: jax.Array) -> np.ndarray:
-    """The whole of a (possibly sharded over several processes) array, on every process's host."""
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(x)
-    return multihost_utils.process_allgather(x, tiled=True)
-
-
 def broadcast_arrays(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """Process 0's dict of host arrays on every process, bit for bit (others may pass None).
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed
+from hcsc_jax import distributed, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augment as augment_lib
@@ -55,7 +55,7 @@ def embed_batches(graphdef, params, stats, batches, n: int, crop, mean, std, pre
                disable=progress is None or not distributed.is_main())
     for images, idx, valid in batches:
         f, p = embed(params, stats, images)
-        f, p = distributed.fetch(f)[valid], distributed.fetch(p)[valid]
+        f, p = sharding.to_host(f)[valid], sharding.to_host(p)[valid]
         if feats is None:
             feats, projs = np.zeros((n, f.shape[1]), f.dtype), np.zeros((n, p.shape[1]), p.dtype)
         feats[idx[valid]], projs[idx[valid]] = f, p
@@ -83,7 +83,7 @@ def weights_digest(*trees) -> str:
     h = hashlib.sha256()
     for tree in trees:
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            a = np.ascontiguousarray(distributed.fetch(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf))
+            a = np.ascontiguousarray(sharding.to_host(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf))
             h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()

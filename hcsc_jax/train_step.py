@@ -19,12 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hcsc_jax import objective
+from hcsc_jax import objective, sharding
 from hcsc_jax.data import augment as augment_lib
-
-DATA_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -60,13 +57,6 @@ class StepConfig:
     view_local: tuple = ()
     ema_momentum: float = 0.999
     shuffle_bn: bool = True
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh over `devices` (default: all) with the `data` axis, GSPMD (Auto) axis type."""
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
 
 
 def check_batch_config(global_batch: int, queue_size: int, bn_group_size: int, num_devices: int):
@@ -142,12 +132,16 @@ def enqueue(queue, ptr, keys):
 def make_views(key_q, key_k, images, cfg: StepConfig):
     """Augmented views -> (x_q, x_k, tuple of local views), float32 normalised.
 
-    images: uint8 (B, H, W, C) from which every view is cropped on the device, or a tuple of
-    2 + len(cfg.view_local) uint8 arrays (B, S_v, S_v, C) the host already cropped (query, key,
-    local views; their configs then have random_crop=False). Local view v draws from
-    fold_in(key_q, v + 1)."""
+    images, as a `data.pipeline` input yields them: uint8 (B, H, W, C) whole images, from which
+    every view is cropped here, or a tuple of 2 + len(cfg.view_local) uint8 views (B, S_v, S_v, C)
+    the host already cropped (query, key, local views), which only get the flip and the
+    photometric ops (`random_crop=False`). Local view v draws from fold_in(key_q, v + 1)."""
     configs = (cfg.view_q, cfg.view_k) + tuple(cfg.view_local)
-    per_view = images if isinstance(images, (tuple, list)) else (images,) * len(configs)
+    if isinstance(images, (tuple, list)):
+        per_view = tuple(images)
+        configs = tuple(dataclasses.replace(c, random_crop=False) for c in configs)
+    else:
+        per_view = (images,) * len(configs)
     if len(per_view) != len(configs):
         raise ValueError(f"got {len(per_view)} view arrays for {len(configs)} views "
                          "(query, key and the local views)")
@@ -172,7 +166,7 @@ def _query_forward(graphdef, params, stats, x_q, x_local):
 
 
 def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels, prototypes):
-    """One HCSC step. images: uint8 (B, H, W, C) raw images, or a tuple of host-cropped uint8
+    """One HCSC step. images: uint8 (B, H, W, C) whole images, or a tuple of host-cropped uint8
     views (see `make_views`); labels (B, L) int32 k-means assignments (ignored in warm-up);
     prototypes: `objective.Prototypes` or None (warm-up). -> (new state, metrics dict of scalars)."""
     key_q, key_k, key_shuffle, key_obj = step_keys(state)
@@ -216,31 +210,18 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     return new_state, metrics
 
 
-def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool, streaming: bool = False) -> Callable:
-    """The jitted step, state donated; `warmup=True` compiles the instance-only variant
-    (prototypes are ignored).
+def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool) -> Callable:
+    """The jitted step (state, images, labels (B, L) int32, prototypes) -> (state, metrics), the
+    state donated and replicated, `images` (see `make_views`) and `labels` batch-sharded as a
+    `data.pipeline` input yields them. `warmup=True` compiles the instance-only variant
+    (prototypes are ignored)."""
+    replicated, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
-    Resident data (default): (state, indices (B,), images (N, H, W, C) uint8, assignments (N, L)
-    int32, prototypes) -> (state, metrics): the dataset lives on the devices (replicated) and
-    the step gathers its global batch from the sharded `indices`.
-    `streaming=True`: (state, views, labels (B, L) int32, prototypes) -> (state, metrics) with
-    `views` the tuple of host-cropped uint8 views (B, S_v, S_v, C), batch-sharded."""
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-    protos = lambda p: None if warmup else p
+    def step(state, images, labels, prototypes):
+        return train_step(graphdef, tx, cfg, state, images, labels, None if warmup else prototypes)
 
-    if streaming:
-        def step(state, views, labels, prototypes):
-            return train_step(graphdef, tx, cfg, state, tuple(views), labels, protos(prototypes))
-
-        in_shardings = (replicated, sharded, sharded, replicated)
-    else:
-        def step(state, indices, images, assignments, prototypes):
-            return train_step(graphdef, tx, cfg, state, images[indices], assignments[indices],
-                              protos(prototypes))
-
-        in_shardings = (replicated, sharded, replicated, replicated, replicated)
-    return jax.jit(step, in_shardings=in_shardings, out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(replicated, sharded, sharded, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def refresh_queue_lse(state: TrainState, prototypes) -> TrainState:

@@ -24,10 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, clustering, distributed, evaluators, objective, resume
+from hcsc_jax import checkpoints, clustering, distributed, evaluators, objective, resume, sharding
 from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import visualize
@@ -63,13 +62,12 @@ def objective_config(config) -> objective.ObjectiveConfig:
     )
 
 
-def view_configs(config, channels: int, streaming: bool = False):
-    """-> (query view, key view, tuple of local views, (mean, std)) augmentation configs. With
-    `streaming` the host has cropped every view already (`random_crop=False`)."""
+def view_configs(config, channels: int):
+    """-> (query view, key view, tuple of local views, (mean, std)) augmentation configs."""
     a = config.augment
     mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     base = dict(jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
-                flip=a.flip, mean=mean, std=std, random_crop=not streaming)
+                flip=a.flip, mean=mean, std=std)
     view = augment_lib.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
     local = tuple(augment_lib.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
                   for size, scale in a.local_views)
@@ -182,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         (workdir / workdir_lib.CONFIG_FILE).write_text(config_json)
 
     check_evals(config)
-    mesh = ts.make_mesh()
+    mesh = sharding.make_mesh()
     batch = config.batch_size
     ts.check_batch_config(batch, config.queue_size, config.bn_group_size, mesh.size)
     train_set = make_input(config, config.train_split, mesh)
@@ -205,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         init_from(model, config.init_encoder)
     graphdef = ts.split_model(model)[0]
     tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
-    replicated = NamedSharding(mesh, P())
+    replicated = sharding.replicated(mesh)
     state = jax.device_put(
         ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed), replicated)
 
@@ -226,11 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  meta["step_in_epoch"])
     writer = metrics_lib.MetricsWriter(workdir, int(state.step), config, enabled=main)
 
-    view_q, view_k, view_local, (mean, std) = view_configs(config, channels, train_set.streaming)
+    view_q, view_k, view_local, (mean, std) = view_configs(config, channels)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
                              view_local=view_local, ema_momentum=config.ema_momentum,
                              shuffle_bn=config.shuffle_bn)
-    step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w, train_set.streaming) for w in (True, False)}
+    step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w) for w in (True, False)}
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     final_ctx = None  # the context of the last epoch's evaluators, whose features the summary reuses
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))

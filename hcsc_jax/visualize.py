@@ -158,12 +158,10 @@ def write_run_figures(workdir: str | epath.Path, out: epath.Path | None = None) 
 def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     """A sample of the run's training set: (indices (n,), centre-cropped uint8 images,
     L2-normalised key projections (n, d), labels or None)."""
-    from hcsc_jax import checkpoints, features, trainer  # jax and the model only for these figures
+    from hcsc_jax import checkpoints, features, sharding, trainer  # jax and the model only for these figures
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import pipeline, sources, stream
-    import jax
     import ml_collections
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
     source = sources.open_source(config.dataset, config.train_split, config.get("data_dir"))
@@ -171,9 +169,9 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     idx = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
     images = np.stack([stream.center_crop_image(source.load(int(i)), config.image_size) for i in idx])
     model, _ = checkpoints.load_encoder(workdir, which="key")
-    mesh = ts.make_mesh()
+    mesh = sharding.make_mesh()
     graphdef, params, stats = ts.split_model(model)
-    params, stats = jax.device_put((params, stats), NamedSharding(mesh, P()))
+    params, stats = sharding.replicate((params, stats), mesh)
     _, _, _, (mean, std) = trainer.view_configs(config, images.shape[-1])
     _, proj = features.embed_batches(graphdef, params, stats, pipeline.array_batches(images, mesh, 256),
                                      len(images), config.image_size, mean, std, precropped=True)

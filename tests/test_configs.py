@@ -31,10 +31,9 @@ def test_config_views_build(name):
     """Every view (global and multi-crop local) is a valid augmentation for both pipelines."""
     c = importlib.import_module(f"configs.{name}").get_config()
     channels = len(c.augment.mean)
-    for streaming in (False, True):
-        q, k, local, _ = trainer.view_configs(c, channels, streaming)
-        assert q.crop_size == k.crop_size == c.image_size and q.random_crop == (not streaming)
-        assert [v.crop_size for v in local] == [size for size, _ in c.augment.local_views]
+    q, k, local, _ = trainer.view_configs(c, channels)
+    assert q.crop_size == k.crop_size == c.image_size and q.random_crop
+    assert [v.crop_size for v in local] == [size for size, _ in c.augment.local_views]
     assert len(trainer.host_crops(c)) == 2 + len(c.augment.local_views)
     assert c.input.pipeline in ("memory", "stream") and c.clustering.backend in ("faiss", "jax")
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 import imagenet_like
 from configs import eval_digits, eval_imagenet
-from hcsc_jax import checkpoints, train_step, workdir
+from hcsc_jax import checkpoints, sharding, workdir
 from hcsc_jax.data import sources
 from hcsc_jax.evaluators import EvalError, cluster, common, knn, linear, semisup, voc
 
@@ -206,7 +206,7 @@ def _ctx(encoder_dir, tmp_path, **overrides):
     cfg = eval_imagenet.get_config("runlocal")
     cfg.progress_bar = False
     cfg.update(overrides)
-    out = common.from_checkpoint(cfg, encoder_dir, None, train_step.make_mesh())
+    out = common.from_checkpoint(cfg, encoder_dir, None, sharding.make_mesh())
     out.out_dir = None if tmp_path is None else workdir.path(tmp_path)
     return out, cfg
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hcsc_jax import sharding
 from hcsc_jax.data import augment, stream
 from hcsc_jax.data.resize import resize_uint8
 from hcsc_jax.data.sources import ArrayDataset, ArraySource, load_dataset, open_source
@@ -287,7 +288,7 @@ def test_to_global_and_prefetch_to_device():
     src = _varied(32, seed=5)
     train = TrainStream(src, CROPS[:2], 16, 0, process_index=0, process_count=1)
     host = _collect(train.epoch(0))
-    idx, views = stream.to_global(mesh, host[0])
+    idx, views = sharding.to_global(mesh, host[0])
     assert idx.shape == (16,) and views[0].shape == (16, 12, 12, 3)
     assert idx.sharding.spec == jax.sharding.PartitionSpec("data")
     np.testing.assert_array_equal(np.asarray(idx), host[0][0])

@@ -18,12 +18,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from hcsc_jax import losses, objective
+from hcsc_jax import losses, objective, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import pipeline
 from hcsc_jax.models import make_encoder
 
 B = 64  # global batch
@@ -159,7 +158,8 @@ class _Run:
 
     def __init__(self, s, mesh):
         self.mesh = mesh
-        self.rep, shd = NamedSharding(mesh, P()), NamedSharding(mesh, P(ts.DATA_AXIS))
+        self.rep, shd = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        self.batch = pipeline.gather_batch(mesh)
         self.proto_fn = ts.jit_train_step(s["graphdef"], s["tx"], s["cfg"], mesh, warmup=False)
         self.images = jax.device_put(s["images"], self.rep)
         self.assign = jax.device_put(s["assignments"], self.rep)
@@ -177,14 +177,14 @@ class _Run:
 
     def step(self, host_state, i, protos=None, fn=None):
         fn = fn or self.proto_fn
-        st, m = fn(self.put(host_state), self.idx[i], self.images, self.assign, protos or self.protos_a)
+        st, m = fn(self.put(host_state), *self.batch(self.images, self.assign, self.idx[i]), protos or self.protos_a)
         return _host(st), _host(m)
 
 
 @pytest.fixture(scope="module")
 def runs(setup):
-    one = _Run(setup, ts.make_mesh(jax.devices()[:1]))
-    eight = _Run(setup, ts.make_mesh())
+    one = _Run(setup, sharding.make_mesh(jax.devices()[:1]))
+    eight = _Run(setup, sharding.make_mesh())
     assert one.mesh.size == 1 and eight.mesh.size == 8
     return one, eight
 
@@ -503,28 +503,24 @@ def test_multicrop_step_matches_separate_local_forwards(setup, runs, multicrop):
 
 
 def test_streaming_views_equal_resident_crops(setup, runs):
-    """Host-cropped views (random_crop=False) through the streaming step give the same state as
-    the resident step cropping the same pixels on the device (whole-image crops)."""
+    """One step function, both inputs: host-cropped views (a tuple, streamed) give the same state
+    as whole images (resident) whose views are cropped on the device (whole-image crops)."""
     whole = dataclasses.replace(setup["cfg"].view_q, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    pre = dataclasses.replace(whole, random_crop=False)
-    cfg_dev = dataclasses.replace(setup["cfg"], view_q=whole, view_k=whole, view_local=(whole,))
-    cfg_host = dataclasses.replace(setup["cfg"], view_q=pre, view_k=pre, view_local=(pre,))
+    cfg = dataclasses.replace(setup["cfg"], view_q=whole, view_k=whole, view_local=(whole,))
     eight = runs[1]
-    resident = ts.jit_train_step(setup["graphdef"], setup["tx"], cfg_dev, eight.mesh, warmup=False)
-    streaming = ts.jit_train_step(setup["graphdef"], setup["tx"], cfg_host, eight.mesh, warmup=False,
-                                  streaming=True)
-    s_dev, m_dev = eight.step(eight.s0, 0, fn=resident)
+    step = ts.jit_train_step(setup["graphdef"], setup["tx"], cfg, eight.mesh, warmup=False)
+    s_dev, m_dev = eight.step(eight.s0, 0, fn=step)
     idx = setup["idx"][0]
-    shd = NamedSharding(eight.mesh, P(ts.DATA_AXIS))
+    shd = sharding.batch_sharded(eight.mesh)
     views = tuple(jax.device_put(setup["images"][idx], shd) for _ in range(3))
     labels = jax.device_put(setup["assignments"][idx], shd)
-    s_host, m_host = _host(streaming(eight.put(eight.s0), views, labels, eight.protos_a))
+    s_host, m_host = _host(step(eight.put(eight.s0), views, labels, eight.protos_a))
     for k in m_dev:
         np.testing.assert_allclose(m_host[k], m_dev[k], err_msg=k, **REC_TOL)
     for field in ("queue", "queue_lse", "q_params", "q_stats", "k_params", "k_stats"):
         _assert_tree_close(getattr(s_host, field), getattr(s_dev, field), field, **REC_TOL)
     with pytest.raises(ValueError, match="got 2 view arrays for 3 views"):
-        streaming(eight.put(eight.s0), views[:2], labels, eight.protos_a)
+        step(eight.put(eight.s0), views[:2], labels, eight.protos_a)
 
 
 # ----------------------------------------------------------------------------- mixed precision

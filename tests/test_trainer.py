@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits
-from hcsc_jax import checkpoints, clustering, metrics, resume, trainer
+from hcsc_jax import checkpoints, clustering, metrics, resume, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
@@ -91,7 +91,7 @@ def test_evaluators_during_training_match_eval_py(finished_run):
     assert set(evals[-1]) >= {"knn/per_k/5/top1", "knn/per_k/20/top5", "knn/best_top1"}
     cfg = eval_digits.get_config()
     cfg.progress_bar = False
-    ctx = evaluators.common.from_checkpoint(cfg, workdir, None, trainer.ts.make_mesh())
+    ctx = evaluators.common.from_checkpoint(cfg, workdir, None, sharding.make_mesh())
     ctx.out_dir = None
     cfg.knn.ks = (5, 20)
     res, _ = evaluators.knn.run(ctx, cfg.knn)

@@ -34,7 +34,6 @@ from hcsc_jax.data.stream import (
     center_crop_batches,
     epoch_permutation,
     prefetch_to_device,
-    to_global,
 )
 
 __all__ = [
@@ -63,5 +62,4 @@ __all__ = [
     "register",
     "resize_uint8",
     "sample_crop_box",
-    "to_global",
 ]

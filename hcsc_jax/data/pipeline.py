@@ -1,15 +1,18 @@
 """Where the train step's images come from: resident on the devices, or streamed from the host.
 
 Both inputs visit `stream.epoch_permutation(seed, epoch, N)` in order, `global_batch` examples per
-step, and can start an epoch at any step (resume). `steps(epoch, start, assignments)` yields the
-step's arguments before the prototypes (see `train_step.jit_train_step`), and
-`center_crops(crop, batch)` the batches of the clustering / evaluation feature pass:
-(images sharded over the mesh, indices (b,), valid (b,)) with every index once, in order.
+step, and can start an epoch at any step (resume). `steps(epoch, start, assignments)` yields
+what a step takes, `(images, labels)`, batch-sharded (see `train_step.jit_train_step`): the
+global batch's images and its rows of `assignments` (N, L). `center_crops(crop, batch)` yields
+the batches of the clustering / evaluation feature pass: (images batch-sharded, indices (b,),
+valid (b,)) with every index once, in order.
 
 - `ResidentInput`: the decoded dataset is replicated on every device (digits, Fashion-MNIST,
-  CIFAR); a step receives the indices of its global batch and every crop is taken on the device.
+  CIFAR); a step's images are the whole images (B, H, W, C), gathered on the devices, and every
+  view is cropped on the device.
 - `StreamInput`: each process decodes its share of every batch and takes the random-resized
-  crops on the host (`stream.TrainStream`); flip and photometric ops run on the device.
+  crops on the host (`stream.TrainStream`); a step's images are the tuple of views, and the
+  flip and photometric ops run on the device.
 """
 
 from __future__ import annotations
@@ -19,14 +22,11 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hcsc_jax import distributed
+from hcsc_jax import sharding
 from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.data import sources
 from hcsc_jax.data.sources import ArrayDataset, RandomAccessSource
-
-DATA_AXIS = stream_lib.DATA_AXIS
 
 
 def open_input(pipeline: str, dataset: str, split: str, data_dir, mesh, global_batch: int, seed: int,
@@ -52,7 +52,6 @@ def open_input(pipeline: str, dataset: str, split: str, data_dir, mesh, global_b
 class ResidentInput:
     """A dataset held on the devices. `precropped = False`: feature batches are whole images."""
 
-    streaming = False
     precropped = False
 
     def __init__(self, dataset: ArrayDataset, mesh, global_batch: int, seed: int):
@@ -61,8 +60,7 @@ class ResidentInput:
         self.labels, self.num_classes = dataset.labels, dataset.num_classes
         self.num_examples, self.channels = len(dataset.images), dataset.images.shape[-1]
         self.steps_per_epoch = self.num_examples // global_batch
-        self._replicated = NamedSharding(mesh, P())
-        self._sharded = NamedSharding(mesh, P(DATA_AXIS))
+        self._replicated = sharding.replicated(mesh)
 
     @functools.cached_property
     def images(self) -> jax.Array:
@@ -71,16 +69,23 @@ class ResidentInput:
         return jax.device_put(self.host_images, self._replicated)
 
     def steps(self, epoch: int, start_step: int, assignments: np.ndarray) -> Iterator[tuple]:
-        """-> (indices (B,) sharded, images (N, H, W, C), assignments (N, L)) per step."""
+        """-> (images (B, H, W, C) uint8, labels (B, L) int32) per step, batch-sharded."""
         assign = jax.device_put(assignments, self._replicated)
         perm = stream_lib.epoch_permutation(self.seed, epoch, self.num_examples)
         b = self.batch
         for s in range(start_step, self.steps_per_epoch):
-            yield jax.device_put(perm[s * b:(s + 1) * b].astype(np.int32), self._sharded), self.images, assign
+            yield gather_batch(self.mesh)(self.images, assign, perm[s * b:(s + 1) * b].astype(np.int32))
 
     def center_crops(self, crop: int, batch: int) -> Iterator[tuple]:
         del crop  # cropped on the device
         return array_batches(self.host_images, self.mesh, batch)
+
+
+@functools.cache
+def gather_batch(mesh):
+    """jitted (images (N, H, W, C), assignments (N, L), indices (B,)) -> (images, labels): their rows
+    at `indices`, batch-sharded over `mesh` (a resident input's step batch)."""
+    return jax.jit(lambda images, assign, idx: (images[idx], assign[idx]), out_shardings=sharding.batch_sharded(mesh))
 
 
 def array_batches(images: np.ndarray, mesh, batch: int) -> Iterator[tuple]:
@@ -88,7 +93,7 @@ def array_batches(images: np.ndarray, mesh, batch: int) -> Iterator[tuple]:
     b = `batch` rounded to the device count; the last batch is padded (valid False)."""
     n_dev, n = mesh.size, len(images)
     batch = max(n_dev, (batch // n_dev) * n_dev)
-    sharded = NamedSharding(mesh, P(DATA_AXIS))
+    sharded = sharding.batch_sharded(mesh)
     for start in range(0, n, batch):
         idx = np.arange(start, start + batch)
         valid = idx < n
@@ -99,7 +104,6 @@ class StreamInput:
     """A random-access source streamed through host-side decoding and cropping, per process.
     `precropped = True`: feature batches are already centre-cropped on the host."""
 
-    streaming = True
     precropped = True
 
     def __init__(self, source: RandomAccessSource, mesh, global_batch: int, seed: int,
@@ -115,7 +119,7 @@ class StreamInput:
         self.steps_per_epoch = self.stream.steps_per_epoch if crops else 0
 
     def steps(self, epoch: int, start_step: int, assignments: np.ndarray) -> Iterator[tuple]:
-        """-> (views: tuple of uint8 (B, S_v, S_v, C), labels (B, L) int32), batch-sharded."""
+        """-> (images: tuple of uint8 views (B, S_v, S_v, C), labels (B, L) int32), batch-sharded."""
         local = ((views, assignments[idx]) for idx, views in self.stream.epoch(epoch, start_step))
         yield from stream_lib.prefetch_to_device(local, self.prefetch, self.mesh)
 
@@ -126,5 +130,5 @@ class StreamInput:
         for idx, images, valid in stream_lib.center_crop_batches(
                 self.source, crop, per_process * jax.process_count(), process_index=jax.process_index(),
                 process_count=jax.process_count(), num_workers=self.num_workers, prefetch=self.prefetch):
-            images, idx, valid = stream_lib.to_global(self.mesh, (images, idx, valid))
-            yield images, distributed.fetch(idx), distributed.fetch(valid)
+            images, idx, valid = sharding.to_global(self.mesh, (images, idx, valid))
+            yield images, sharding.to_host(idx), sharding.to_host(valid)

@@ -9,8 +9,8 @@ step; view v of example i in epoch e draws from `np.random.default_rng([seed, e,
 trailing 1 keeps it apart from the epoch order's `[seed, e]`: numpy drops trailing zero words). So a
 batch depends only on (seed, epoch, step): not on threads, prefetching, the process count, or
 whether the epoch was resumed at `start_step`. Process p of P gets rows [p*b, (p+1)*b) of every
-global batch, b = global_batch // P; `to_global` assembles the process-local parts into one
-array sharded over the mesh's "data" axis.
+global batch, b = global_batch // P; `sharding.to_global` assembles the process-local parts into
+one batch-sharded array.
 
 Crops follow torchvision: `RandomResizedCrop.get_params` (10 attempts, then the centre-crop
 fallback; same uniforms layout as `augment.sample_crop_box`), then crop-then-resize with
@@ -32,10 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from hcsc_jax import sharding
 from hcsc_jax.data.augment import CROP_UNIFORMS, center_crop_geometry, check_crop_params
 from hcsc_jax.data.sources import RandomAccessSource
 
@@ -49,10 +48,8 @@ __all__ = [
     "prefetch_to_device",
     "random_resized_crops",
     "resized_crop",
-    "to_global",
 ]
 
-DATA_AXIS = "data"  # = train_step.DATA_AXIS (train_step imports this package, so not imported)
 ATTEMPTS = (CROP_UNIFORMS - 2) // 2  # torchvision's 10
 
 
@@ -265,21 +262,14 @@ def center_crop_batches(source: RandomAccessSource, crop: int, batch: int, *,
 
 # ----------------------------------------------------------------------------- device
 
-def to_global(mesh: jax.sharding.Mesh, tree):
-    """Process-local numpy arrays (b, ...) -> global jax arrays (b * process_count, ...) sharded
-    over the mesh's "data" axis (rows of process p at [p*b, (p+1)*b))."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
-
-
 def prefetch_to_device(iterator: Iterable, size: int, mesh: jax.sharding.Mesh):
-    """`to_global` of each item of `iterator`, with `size` further items already transferred
+    """`sharding.to_global` of each item of `iterator`, with `size` further items already transferred
     (device_put is asynchronous) while the consumer works on the one yielded."""
     queue = collections.deque()
     iterator = iter(iterator)
 
     def enqueue(k):
-        queue.extend(to_global(mesh, item) for item in itertools.islice(iterator, k))
+        queue.extend(sharding.to_global(mesh, item) for item in itertools.islice(iterator, k))
 
     enqueue(size)
     while queue:

@@ -12,9 +12,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hcsc_jax import checkpoints
+from hcsc_jax import checkpoints, sharding
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
@@ -167,15 +166,16 @@ def check_ks(ks, n: int, what: str, where: str, flag: str) -> None:
         raise EvalError(f"{what} k = {too_big} larger than the {n} training samples of {where}; set smaller {flag}")
 
 
-def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig, streaming: bool):
-    """A training batch of a `pipeline` input whose `steps` were given the labels as (N, 1)
-    "assignments" -> (augmented views (B, S, S, C) float32, labels (B,) int32). Resident: the
-    crop is taken on the device; streamed: on the host, only the flip here."""
-    if streaming:
-        (view,), labels = inputs
-        return augment_lib.augment(key, view, dataclasses.replace(cfg, random_crop=False)), labels[:, 0]
-    indices, images, labels = inputs
-    return augment_lib.augment(key, images[indices], cfg, indices), labels[indices, 0]
+def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig):
+    """A training batch `(images, labels)` of a `pipeline` input whose `steps` were given the class
+    labels as (N, 1) "assignments" -> (augmented views (B, S, S, C) float32, labels (B,) int32).
+    Whole images (resident) are cropped here; a host-cropped `(view,)` (streamed) only gets the
+    flip."""
+    images, labels = inputs
+    if isinstance(images, (tuple, list)):
+        (images,) = images
+        cfg = dataclasses.replace(cfg, random_crop=False)
+    return augment_lib.augment(key, images, cfg), labels[:, 0]
 
 
 def topk_accuracy(scores, labels, k: int) -> float:
@@ -237,7 +237,7 @@ def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
         raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; pass the "
                         f"right checkpoint or --config.expect_arch={arch}")
     graphdef, params, stats = ts.split_model(model)
-    params, stats = jax.device_put((params, stats), NamedSharding(mesh, P()))
+    params, stats = sharding.replicate((params, stats), mesh)
     encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))
     return Context(encoder, data, mesh, path / "eval", int(config.embed_batch), bool(config.progress_bar),
                    int(config.seed))

@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed
+from hcsc_jax import distributed, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.evaluators import common
@@ -82,7 +81,7 @@ def train_head(ctx: common.Context, cfg, name: str, feat_dim: int, num_classes: 
     schedule = lr_schedule(cfg.lr, cfg.batch_size, steps_per_epoch, tuple(cfg.milestones), cfg.gamma)
     tx = optax.sgd(schedule, momentum=cfg.momentum)
     key = jax.random.PRNGKey(ctx.seed)
-    replicated = NamedSharding(ctx.mesh, P())
+    replicated = sharding.replicated(ctx.mesh)
     head = init_head(jax.random.fold_in(key, 1 << 30), feat_dim, num_classes)
     state = jax.device_put(dict(head=head, opt=tx.init(head)), replicated)
     protocol = dict(cfg.to_dict(), mode=name, dataset=ctx.data.dataset, train_split=ctx.data.train_split,
@@ -171,7 +170,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
 
     @jax.jit
     def frozen_step(head, opt_state, key, params, stats, *inputs):
-        x, y = common.labelled_views(key, inputs, aug, train.streaming)
+        x, y = common.labelled_views(key, inputs, aug)
         feats = jax.lax.stop_gradient(ts.apply_model(e.graphdef, params, stats, x, train=False)[0])
         return _sgd_update(tx, head, opt_state, feats.astype(jnp.float32), y)
 

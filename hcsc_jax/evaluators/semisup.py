@@ -18,14 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, distributed
+from hcsc_jax import checkpoints, distributed, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import sources
+from hcsc_jax.data import pipeline, sources
 from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.evaluators import common, linear
 
@@ -74,7 +73,7 @@ def labelled_subset(ctx: common.Context, cfg) -> np.ndarray:
     if cfg.get("split_file"):
         names = read_split_file(cfg.split_file)
         inp = ctx.input(d.train_split)  # a streamed input has its source; a resident one keeps no names
-        source = inp.source if inp.streaming else sources.open_source(d.dataset, d.train_split, d.data_dir)
+        source = inp.source if isinstance(inp, pipeline.StreamInput) else sources.open_source(d.dataset, d.train_split, d.data_dir)
         return match_names(names, source.file_names, f"{d.dataset}:{d.train_split}")
     try:
         return label_subset(ctx.labels(d.train_split), cfg.fraction, ctx.seed)
@@ -106,7 +105,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     graphdef_ft = nnx.split(checkpoints.build_encoder(dict(e.meta, bn_group_size=None), abstract=True),
                             nnx.Param, nnx.BatchStat)[0]
     aug = ctx.crop_config(cfg.scale, cfg.flip)
-    replicated = NamedSharding(ctx.mesh, P())
+    replicated = sharding.replicated(ctx.mesh)
     key = jax.random.PRNGKey(ctx.seed)
     feat_dim = ctx.feature_dim()
     params = jax.device_put({"trunk": e.params, "head": linear.init_head(jax.random.fold_in(key, 1 << 30), feat_dim,
@@ -115,7 +114,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
 
     @jax.jit
     def step(params, opt_state, stats, key, *inputs):
-        x, y = common.labelled_views(key, inputs, aug, train.streaming)
+        x, y = common.labelled_views(key, inputs, aug)
 
         def loss_fn(p):
             feats, _, new_stats = ts.apply_model(graphdef_ft, p["trunk"], stats, x, train=True)
