@@ -52,14 +52,8 @@ def build_encoder(config: ml_collections.ConfigDict, in_channels: int, seed: int
 
 
 def objective_config(config) -> objective.ObjectiveConfig:
-    o = config.objective
-    return objective.ObjectiveConfig(
-        semantics=o.semantics, positive=o.positive, temperature=o.temperature,
-        instance_selection=o.instance_selection, prototype_selection=o.prototype_selection,
-        instance_loss=o.instance_loss, proto_loss=o.proto_loss, group_size=config.bn_group_size,
-        sampler=o.sampler, selection_on_local=o.selection_on_local,
-        proto_negatives=o.get("proto_negatives", 0),
-    )
+    """`config.objective` as the step's static `ObjectiveConfig` (its fields, plus the BN group)."""
+    return objective.ObjectiveConfig(**config.objective, group_size=config.bn_group_size)
 
 
 def view_configs(config, channels: int):
