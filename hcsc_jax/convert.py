@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hcsc_jax import checkpoints
+from hcsc_jax import checkpoints, models
 from hcsc_jax.models import Encoder, ProjectionHead
 from hcsc_jax.models.resnet import Bottleneck
 
@@ -153,7 +153,7 @@ def infer_meta(
     dtype: str = "float32",
     **extra,
 ) -> dict[str, Any]:
-    """`checkpoints.encoder_meta` for a (normalised or raw) torch state dict, from tensor shapes:
+    """`models.encoder_meta` for a (normalised or raw) torch state dict, from tensor shapes:
     arch (resnet18/34/50 from block type and counts), width (stem channels / 64), small_stem (3x3
     stem), in_channels, and the head's hidden/out dims (``embed_dim``/``hidden_dim`` are used only
     when the dict has no head)."""
@@ -199,7 +199,7 @@ def infer_meta(
         "hidden_dim": None if hidden_dim is None else int(hidden_dim),
         "dtype": dtype,
     }
-    return checkpoints.encoder_meta(model, int(stem[1]), bn_group_size, **extra)
+    return models.encoder_meta(model, int(stem[1]), bn_group_size, **extra)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -217,7 +217,7 @@ def torch_to_encoder(
     state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0
 ) -> Encoder:
     """An :class:`Encoder` holding the weights of a torch state dict (values: NumPy arrays or
-    anything ``np.asarray`` takes). ``meta``: a `checkpoints.encoder_meta` dict; inferred from the
+    anything ``np.asarray`` takes). ``meta``: a `models.encoder_meta` dict; inferred from the
     shapes (:func:`infer_meta`) when None. Without head keys the head is freshly initialised as
     ``ProjectionHead(F, hidden_dim, embed_dim, rngs=nnx.Rngs(seed))``. Raises ValueError listing
     missing / unexpected keys (first 20 of each, with counts) and shape mismatches."""
@@ -233,7 +233,7 @@ def torch_to_encoder(
             "fresh initialisation (ProjectionHead, nnx.Rngs(%d))",
             seed,
         )
-    model = checkpoints.build_encoder(meta, abstract=True)
+    model = models.build_encoder(meta, abstract=True)
     expected = _expected_keys(model, with_head)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in set(expected)]

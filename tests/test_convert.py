@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hcsc_jax import checkpoints, convert
+from hcsc_jax import checkpoints, convert, models
 from hcsc_jax.models import ProjectionHead
 
 
 def _meta(arch="resnet18", width=0.25, small_stem=True, embed_dim=16, hidden_dim=32, in_channels=3):
-    return checkpoints.encoder_meta(
+    return models.encoder_meta(
         {
             "arch": arch,
             "width": width,
@@ -46,7 +46,7 @@ def _random_stats_encoder(meta, seed=1):
     into an abstract model (a real JAX initialisation costs ~25 s of compiles on a cold CPU)."""
     import jax
 
-    graphdef, p, s = nnx.split(checkpoints.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    graphdef, p, s = nnx.split(models.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):

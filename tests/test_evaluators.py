@@ -15,7 +15,7 @@ from flax import nnx
 
 import imagenet_like
 from configs import eval_digits, eval_imagenet
-from hcsc_jax import checkpoints, train_step, workdir
+from hcsc_jax import checkpoints, models, train_step, workdir
 from hcsc_jax.data import sources
 from hcsc_jax.evaluators import EvalError, cluster, common, knn, linear, semisup, voc
 
@@ -179,10 +179,10 @@ def _random_weights(abstract_state, seed=0):
 
 
 def export_random_encoder(path, channels):
-    meta = checkpoints.encoder_meta(
+    meta = models.encoder_meta(
         dict(arch="resnet18", width=0.0625, small_stem=True, embed_dim=16, hidden_dim=32, dtype="float32"),
         in_channels=channels, bn_group_size=8)
-    _, params, stats = nnx.split(checkpoints.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    _, params, stats = nnx.split(models.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
     checkpoints.export_encoder(str(path), meta, _random_weights(params), _random_weights(stats, 1))
     return str(path)
 

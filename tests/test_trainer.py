@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits
-from hcsc_jax import checkpoints, clustering, metrics, resume, trainer
+from hcsc_jax import checkpoints, clustering, metrics, models, resume, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
@@ -276,7 +276,8 @@ def test_streaming_input_trains_like_resident_input(tmp_path):
 
 
 def _final_params_of_untrained():
-    model = trainer.build_encoder(tiny_config(), 1, 0)
+    config = tiny_config()
+    model = models.build_encoder(models.encoder_meta(config.model.to_dict(), 1, config.bn_group_size), seed=0)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

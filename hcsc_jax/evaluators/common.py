@@ -45,7 +45,7 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """A frozen encoder: `train_step.split_model` parts (replicated), its `encoder_meta`, step."""
+    """A frozen encoder: `train_step.split_model` parts (replicated), its `models.encoder_meta`, step."""
 
     graphdef: Any
     params: Any

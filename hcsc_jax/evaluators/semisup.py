@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, distributed
+from hcsc_jax import distributed, models
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
@@ -103,7 +103,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     tx = optax.multi_transform({p: optax.sgd(s, momentum=cfg.momentum) for p, s in scheds.items()},
                                {"trunk": "trunk", "head": "head"})
     # BN in train mode over the whole global batch (no BN groups): the same weights.
-    graphdef_ft = nnx.split(checkpoints.build_encoder(dict(e.meta, bn_group_size=None), abstract=True),
+    graphdef_ft = nnx.split(models.build_encoder(dict(e.meta, bn_group_size=None), abstract=True),
                             nnx.Param, nnx.BatchStat)[0]
     aug = ctx.crop_config(cfg.scale, cfg.flip)
     replicated = NamedSharding(ctx.mesh, P())
