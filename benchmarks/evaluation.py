@@ -26,7 +26,7 @@ from absl import app, flags
 from benchmarks.input import write_folder
 from hcsc_jax import features, train_step
 from hcsc_jax.data import pipeline
-from hcsc_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from hcsc_jax.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from hcsc_jax.evaluators import knn
 from hcsc_jax.models import make_encoder
 

@@ -60,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 from hcsc_jax import objective
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.models import make_encoder
 
 flags.DEFINE_enum("arch", "resnet50", ["resnet18", "resnet34", "resnet50"], "backbone")
@@ -97,8 +97,8 @@ FLAGS = flags.FLAGS
 NOMINAL_GMACS_224 = {"resnet18": 1.82, "resnet34": 3.67, "resnet50": 4.1}
 
 
-def _no_augment(key, images, cfg: augment_lib.AugmentConfig, indices=None):
-    """Ablation stand-in for `augment_lib.augment`: top-left crop, float, normalise."""
+def _no_augment(key, images, cfg: augmentations.AugmentConfig, indices=None):
+    """Ablation stand-in for `augmentations.augment`: top-left crop, float, normalise."""
     del key, indices
     s = cfg.crop_size
     x = images[:, :s, :s].astype(jnp.float32) / 255.0
@@ -228,7 +228,7 @@ def main(argv):
           f"objective {f.objective}" + (f" levels {levels} d={f.embed_dim}" if f.objective == "hcsc" else "")
           + f" | augment {'MoCo v2 on device' if f.augment else 'OFF (ablation)'}")
     if not f.augment:
-        ts.augment_lib.augment = _no_augment  # the step looks the function up at trace time
+        ts.augmentations.augment = _no_augment  # the step looks the function up at trace time
 
     model = make_encoder(f.arch, out_dim=f.embed_dim, small_stem=f.small_stem, width=f.width,
                          bn_group_size=f.bn_group_size, dtype=dtype, in_channels=3,
@@ -255,8 +255,8 @@ def main(argv):
     indices = [jax.device_put(rng.permutation(n)[: f.batch].astype(np.int32), sharded) for _ in range(total)]
     jax.block_until_ready((state, images, assignments, protos, indices))
 
-    view = augment_lib.AugmentConfig(crop_size=size)
-    local = tuple(augment_lib.AugmentConfig(crop_size=round(size * s / 224), scale=sc)
+    view = augmentations.AugmentConfig(crop_size=size)
+    local = tuple(augmentations.AugmentConfig(crop_size=round(size * s / 224), scale=sc)
                   for s, sc in MULTICROP) if f.multicrop else ()
     cfg = ts.StepConfig(
         objective=objective.ObjectiveConfig(group_size=f.bn_group_size), view_q=view, view_k=view,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from hcsc_jax import distributed
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
 
     @jax.jit
     def embed(params, stats, x):
-        x = augment_lib.normalize(x, mean, std) if precropped else augment_lib.center_crop(x, crop, mean, std)
+        x = augmentations.normalize(x, mean, std) if precropped else augmentations.center_crop(x, crop, mean, std)
         feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
         return feats, proj
 

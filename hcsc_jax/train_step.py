@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hcsc_jax import objective
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 
 DATA_AXIS = "data"
 
@@ -55,8 +55,8 @@ class StepConfig:
     encoder only, spec §6); local views of one crop size go through the encoder as one batch."""
 
     objective: objective.ObjectiveConfig
-    view_q: augment_lib.AugmentConfig
-    view_k: augment_lib.AugmentConfig
+    view_q: augmentations.AugmentConfig
+    view_k: augmentations.AugmentConfig
     view_local: tuple = ()
     ema_momentum: float = 0.999
     shuffle_bn: bool = True
@@ -152,7 +152,7 @@ def make_views(key_q, key_k, images, cfg: StepConfig):
         raise ValueError(f"got {len(per_view)} view arrays for {len(configs)} views "
                          "(query, key and the local views)")
     keys = [key_q, key_k] + [jax.random.fold_in(key_q, v + 1) for v in range(len(cfg.view_local))]
-    views = [augment_lib.augment(k, x, c) for k, x, c in zip(keys, per_view, configs)]
+    views = [augmentations.augment(k, x, c) for k, x, c in zip(keys, per_view, configs)]
     return views[0], views[1], tuple(views[2:])
 
 

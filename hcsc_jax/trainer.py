@@ -33,7 +33,7 @@ from hcsc_jax import train_step as ts
 from hcsc_jax import visualize
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.features import embed_input
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 from hcsc_jax.data import stream as stream_lib
 
@@ -62,8 +62,8 @@ def view_configs(config, channels: int, streaming: bool = False):
     mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     base = dict(jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
                 flip=a.flip, mean=mean, std=std, random_crop=not streaming)
-    view = augment_lib.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
-    local = tuple(augment_lib.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
+    view = augmentations.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
+    local = tuple(augmentations.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
                   for size, scale in a.local_views)
     return view, view, local, (mean, std)
 

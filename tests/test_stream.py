@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hcsc_jax.data import augment, stream
+from hcsc_jax.data import augmentations, stream
 from hcsc_jax.data.resize import resize_uint8
 from hcsc_jax.data.sources import ArrayDataset, ArraySource, load_dataset, open_source
 from hcsc_jax.data.stream import CropSpec, TrainStream, center_crop_batches, epoch_permutation
@@ -141,8 +141,8 @@ def test_crop_box_statistics_and_device_sampler():
     ratio = (3 / 4, 4 / 3)
     for height, width, scale in [(60, 80, (0.2, 1.0)), (80, 60, (0.2, 1.0)), (30, 200, (0.2, 1.0)),
                                  (50, 50, (0.2, 0.5))]:
-        us = rng.random((100, augment.CROP_UNIFORMS))
-        device = np.stack(jax.vmap(augment._crop_box, (0, None, None, None, None))(
+        us = rng.random((100, augmentations.CROP_UNIFORMS))
+        device = np.stack(jax.vmap(augmentations._crop_box, (0, None, None, None, None))(
             us.astype(np.float32), height, width, scale, ratio), 1)
         same, fractions, log_aspects = 0, [], []
         for u, dev in zip(us, device):
@@ -165,7 +165,7 @@ def test_crop_box_statistics_and_device_sampler():
             assert abs(np.mean(fractions) - 0.35) < 0.03 and abs(np.mean(log_aspects)) < 0.04
             assert min(fractions) < 0.22 and max(fractions) > 0.48
     # Fallback cases: largest centred box with the aspect ratio clamped to `ratio`.
-    u = rng.random(augment.CROP_UNIFORMS)
+    u = rng.random(augmentations.CROP_UNIFORMS)
     assert stream.crop_box(u, 10, 100, (0.9, 1.0), ratio) == (0, 43, 10, 13)
     assert stream.crop_box(u, 100, 10, (0.9, 1.0), ratio) == (43, 0, 13, 10)
     assert stream.crop_box(u, 10, 12, (1.5, 1.5), ratio) == (0, 0, 10, 12)  # in ratio: whole image
@@ -177,7 +177,7 @@ def test_random_resized_crops_are_pillow_crop_then_resize(channels):
     views = stream.random_resized_crops(image, CROPS, seed=5, epoch=3, index=11)
     pil = Image.fromarray(image if channels == 3 else image[..., 0])
     for v, (view, crop) in enumerate(zip(views, CROPS, strict=True)):
-        u = np.random.default_rng([5, 3, 11, v, 1]).random(augment.CROP_UNIFORMS)
+        u = np.random.default_rng([5, 3, 11, v, 1]).random(augmentations.CROP_UNIFORMS)
         top, left, h, w = stream.crop_box(u, 37, 53, crop.scale, crop.ratio)
         want = np.asarray(pil.crop((left, top, left + w, top + h)).resize((crop.size,) * 2,
                                                                              Image.BILINEAR))
@@ -275,7 +275,7 @@ def test_center_crop_batches(count):
     # Pixels: the device's center_crop (an independent implementation), un-normalised.
     for i in range(3):  # one compile per image size
         img = src.load(i)
-        want = augment.center_crop(img[None], 14, mean=(0.0,) * 3, std=(1 / 255,) * 3)[0]
+        want = augmentations.center_crop(img[None], 14, mean=(0.0,) * 3, std=(1 / 255,) * 3)[0]
         assert np.abs(images[i].astype(np.float32) - np.asarray(want)).max() <= 1.01
     assert len({np.sign(src.load(i).shape[0] - src.load(i).shape[1]) for i in range(3)}) == 2
 
@@ -327,4 +327,4 @@ def test_bad_crop_specs_say_what_to_change():
         with pytest.raises(ValueError, match=msg):
             CropSpec(*bad)
         with pytest.raises(ValueError, match=msg):
-            augment.AugmentConfig(*bad)
+            augmentations.AugmentConfig(*bad)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from hcsc_jax import losses, objective
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.models import make_encoder
 
 B = 64  # global batch
@@ -126,7 +126,7 @@ def setup():
     graphdef = ts.split_model(model)[0]
     tx, _ = ts.make_optimizer(BASE_LR, B, TOTAL_STEPS, weight_decay=1e-4, momentum=0.9)
     # random crop + flip: the photometric ops are off (skipped statically: much faster to compile)
-    view = augment_lib.AugmentConfig(crop_size=HW, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    view = augmentations.AugmentConfig(crop_size=HW, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     obj = objective.ObjectiveConfig(group_size=G)
     cfg = ts.StepConfig(objective=obj, view_q=view, view_k=view, ema_momentum=M)
     assert cfg.shuffle_bn
@@ -145,7 +145,7 @@ def setup():
     @jax.jit
     def views(state, batch):
         key_q, key_k, key_shuffle, key_obj = ts.step_keys(state)
-        return (augment_lib.augment(key_q, batch, cfg.view_q), augment_lib.augment(key_k, batch, cfg.view_k),
+        return (augmentations.augment(key_q, batch, cfg.view_q), augmentations.augment(key_k, batch, cfg.view_k),
                 key_shuffle, key_obj)
 
     return dict(graphdef=graphdef, tx=tx, cfg=cfg, cfg_plain=cfg_plain, state0=state0, images=images,
@@ -480,7 +480,7 @@ def test_multicrop_step_matches_separate_local_forwards(setup, runs, multicrop):
     s0 = one.s0
     batch = jnp.asarray(setup["images"][setup["idx"][0]])
     key_q, _, _, key_obj = ts.step_keys(jax.device_put(s0))
-    x_local = [augment_lib.augment(jax.random.fold_in(key_q, v + 1), batch, c)
+    x_local = [augmentations.augment(jax.random.fold_in(key_q, v + 1), batch, c)
                for v, c in enumerate(cfg.view_local)]
     assert [x.shape[1] for x in x_local] == list(LOCAL)
     k_params = jax.tree.map(lambda k, q: M * k + (1 - M) * q, s0.k_params, s0.q_params)

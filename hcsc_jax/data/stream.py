@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from hcsc_jax.data.augment import CROP_UNIFORMS, center_crop_geometry, check_crop_params
+from hcsc_jax.data.augmentations import CROP_UNIFORMS, center_crop_geometry, check_crop_params
 from hcsc_jax.data.sources import RandomAccessSource
 
 __all__ = [

@@ -18,7 +18,7 @@ from hcsc_jax import checkpoints
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 from hcsc_jax.data import stream as stream_lib
 
@@ -148,10 +148,10 @@ class Context:
             self._features[split] = features_lib.cached(self.feature_path(split), key, compute)
         return self._features[split]
 
-    def crop_config(self, scale, flip: bool) -> augment_lib.AugmentConfig:
+    def crop_config(self, scale, flip: bool) -> augmentations.AugmentConfig:
         """RandomResizedCrop(image_size, scale) + flip, no photometric ops (linear / semi-sup)."""
         mean, std = self.mean_std
-        return augment_lib.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale), jitter_prob=0.0,
+        return augmentations.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale), jitter_prob=0.0,
                                          grayscale_prob=0.0, blur_prob=0.0, flip=bool(flip), mean=mean, std=std)
 
     def common(self) -> dict:
@@ -167,15 +167,15 @@ def check_ks(ks, n: int, what: str, where: str, flag: str) -> None:
         raise EvalError(f"{what} k = {too_big} larger than the {n} training samples of {where}; set smaller {flag}")
 
 
-def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig, streaming: bool):
+def labelled_views(key, inputs, cfg: augmentations.AugmentConfig, streaming: bool):
     """A training batch of a `pipeline` input whose `steps` were given the labels as (N, 1)
     "assignments" -> (augmented views (B, S, S, C) float32, labels (B,) int32). Resident: the
     crop is taken on the device; streamed: on the host, only the flip here."""
     if streaming:
         (view,), labels = inputs
-        return augment_lib.augment(key, view, dataclasses.replace(cfg, random_crop=False)), labels[:, 0]
+        return augmentations.augment(key, view, dataclasses.replace(cfg, random_crop=False)), labels[:, 0]
     indices, images, labels = inputs
-    return augment_lib.augment(key, images[indices], cfg, indices), labels[indices, 0]
+    return augmentations.augment(key, images[indices], cfg, indices), labels[indices, 0]
 
 
 def topk_accuracy(scores, labels, k: int) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hcsc_jax.data import augment as A
+from hcsc_jax.data import augmentations as A
 from hcsc_jax.data.resize import bilinear_weights
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
