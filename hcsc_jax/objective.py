@@ -208,18 +208,6 @@ def prototype_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig
     return tuple(draw(proto_key if v == 0 else jax.random.fold_in(proto_key, v)) for v in range(num_views))
 
 
-def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
-    """Bernoulli keep masks of the global query of one batch (spec §2, §3).
-
-    queue (K, d); positives: L arrays (B,); rng a jax.random key; queue_lse (L, K) or None.
-    Returns (instance: `instance_masks`, proto: view 0 of `prototype_masks`).
-    """
-    return (
-        instance_masks(queue, prototypes, positives, rng, cfg, queue_lse),
-        prototype_masks(prototypes, positives, rng, cfg)[0],
-    )
-
-
 def _instance_term(q, k, queue, keep, cfg: ObjectiveConfig):
     """ICSC of q (B, d) against k (B, d) and queue (K, d) with the L masks `keep` (or None: one
     plain InfoNCE). Returns (total: sum over levels "official", mean "paper"; losses, accuracies:

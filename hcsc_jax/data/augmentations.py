@@ -55,7 +55,6 @@ __all__ = [
     "hsv_to_rgb",
     "jitter_params",
     "normalize",
-    "rgb_to_grey",
     "rgb_to_hsv",
     "sample_crop_box",
 ]
@@ -217,11 +216,6 @@ def _hsv_to_rgb_cf(x: jax.Array) -> jax.Array:
 
 def _last_to_first(fn):
     return lambda x, *args: jnp.moveaxis(fn(jnp.moveaxis(jnp.asarray(x), -1, 0), *args), 0, -1)
-
-
-def rgb_to_grey(x: jax.Array) -> jax.Array:
-    """(..., 3) -> (..., 1) luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2)."""
-    return _last_to_first(_grey_cf)(x)
 
 
 def rgb_to_hsv(x: jax.Array) -> jax.Array:
