@@ -46,6 +46,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hcsc_jax.models import l2_normalize
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "Hierarchy", "Level", "concentration", "hierarchical_kmeans"]
@@ -496,8 +498,7 @@ def hierarchical_kmeans(
             fields[l - 1]["parents"] = member_assign
             sample_assign = member_assign[sample_assign]
         counts = np.bincount(member_assign, minlength=k).astype(np.int32)
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        x = np.ascontiguousarray(centroids / np.maximum(norms, 1e-12), dtype=np.float32)
+        x = np.ascontiguousarray(l2_normalize(centroids, axis=1), dtype=np.float32)
         fields.append(dict(
             centroids=x,
             assignments=np.ascontiguousarray(sample_assign, dtype=np.int32),

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hcsc_jax import objective
 from hcsc_jax.data import augmentations
+from hcsc_jax.models import l2_normalize
 
 DATA_AXIS = "data"
 
@@ -110,7 +111,7 @@ def init_state(model: nnx.Module, tx, queue_size: int, embed_dim: int, num_level
     _, params, stats = split_model(model)
     root = jax.random.key(seed)
     queue = jax.random.normal(jax.random.fold_in(root, 1), (queue_size, embed_dim), jnp.float32)
-    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
+    queue = l2_normalize(queue, axis=1)
     copy = lambda t: jax.tree.map(jnp.array, t)
     return TrainState(
         q_params=params, q_stats=stats, k_params=copy(params), k_stats=copy(stats),

@@ -161,6 +161,7 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     from hcsc_jax import checkpoints, features, trainer  # jax and the model only for these figures
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import pipeline, sources, stream
+    from hcsc_jax.models import l2_normalize
     import jax
     import ml_collections
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -178,7 +179,7 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     _, proj = features.embed_batches(graphdef, params, stats, pipeline.array_batches(images, mesh, 256),
                                      len(images), config.image_size, mean, std, precropped=True)
     labels = None if source.labels is None else np.asarray(source.labels)[idx]
-    return idx, images, proj / np.linalg.norm(proj, axis=1, keepdims=True), labels
+    return idx, images, l2_normalize(np.asarray(proj), axis=1), labels
 
 
 def tree_rows(arrays: dict[str, np.ndarray], top: int, branch: int) -> list[tuple[int, int, int]]:

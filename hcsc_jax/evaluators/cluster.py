@@ -11,6 +11,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from hcsc_jax.evaluators import common
+from hcsc_jax.models import l2_normalize
 
 
 def nmi(assignments, labels) -> float:
@@ -24,7 +25,7 @@ def evaluate(features, labels, ks, *, niter: int = 20, nredo: int = 1, seed: int
     import faiss
 
     x = np.asarray(features, np.float32)
-    x = np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    x = np.ascontiguousarray(l2_normalize(x, axis=1))
     labels = np.asarray(labels)
     too_big = [k for k in ks if k > len(x)]
     if too_big:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .heads import ProjectionHead
@@ -13,9 +14,11 @@ from .resnet import ARCHS, ResNet
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
-    """torch ``F.normalize``: x / max(||x||, eps)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """torch ``F.normalize``: x / max(||x||, eps). The one L2 normalization of the package: a
+    NumPy array is normalized by NumPy on the host (same formula), anything else by jax.numpy."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    norm = xp.sqrt(xp.sum(xp.square(x), axis=axis, keepdims=True))
+    return x / xp.maximum(norm, eps)
 
 
 class Encoder(nnx.Module):
