@@ -32,7 +32,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from hcsc_jax import console
+from hcsc_jax import console, distributed, evaluators, train_step
+from hcsc_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
@@ -54,9 +55,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
-    from hcsc_jax import distributed, evaluators, train_step  # after flag parsing, so --help is fast
-    from hcsc_jax import workdir as workdir_lib
-
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)
