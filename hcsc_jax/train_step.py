@@ -1,7 +1,7 @@
 """MoCo-style train state and the jitted HCSC train step (spec §6).
 
 The state is one pytree: query and key encoder parameters and BN statistics, optimizer state,
-the queue of keys (K, d) with its pointer, the ICSC normaliser cache (L, K), step and rng.
+the queue of keys (K, d) with its pointer, the ICSC normalizer cache (L, K), step and rng.
 A step: EMA of the key encoder, two augmented views (plus any multi-crop local views), key
 forward with ShuffleBN, query forward of the global and local views, HCSC objective, SGD update,
 enqueue of the global batch's keys. It runs under `jax.jit` on a
@@ -33,7 +33,7 @@ class TrainState:
     """Everything a step reads and writes. Arrays are replicated over the mesh.
 
     queue (K, d) float32 keys; queue_ptr () int32 next write row; queue_lse (L, K) float32 ICSC
-    normalisers of the queue under the current prototypes (zeros in warm-up; (1, K) when L = 0);
+    normalizers of the queue under the current prototypes (zeros in warm-up; (1, K) when L = 0);
     step () int32 global step; rng (2,) uint32 raw key data of the run's root key.
     """
 
@@ -100,7 +100,7 @@ def split_model(model: nnx.Module):
 
 
 def apply_model(graphdef, params, stats, x, train: bool):
-    """Runs the encoder functionally: -> (pooled features, L2-normalised projection, new stats)."""
+    """Runs the encoder functionally: -> (pooled features, L2-normalized projection, new stats)."""
     model = nnx.merge(graphdef, params, stats, copy=True)
     features, projection = model(x, train=train)
     return features, projection, nnx.state(model, nnx.BatchStat)
@@ -141,7 +141,7 @@ def enqueue(queue, ptr, keys):
 
 
 def make_views(key_q, key_k, images, cfg: StepConfig):
-    """Augmented views -> (x_q, x_k, tuple of local views), float32 normalised.
+    """Augmented views -> (x_q, x_k, tuple of local views), float32 normalized.
 
     images: uint8 (B, H, W, C) from which every view is cropped on the device, or a tuple of
     2 + len(cfg.view_local) uint8 arrays (B, S_v, S_v, C) the host already cropped (query, key,

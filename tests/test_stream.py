@@ -49,15 +49,15 @@ def _assert_batches_equal(a, b):
 # ----------------------------------------------------------------------------- sources
 
 def _write_folder(root):
-    """3 classes of RGB JPEG/PNG files of varied sizes, a grey JPEG and a stray text file."""
+    """3 classes of RGB JPEG/PNG files of varied sizes, a gray JPEG and a stray text file."""
     rng = np.random.default_rng(1)
     files = {}
     for cls, names in {"b_cls": ["x.png", "a.jpg"], "a_cls": ["k.jpeg", "c.png", "z.jpg"],
-                       "c_cls": ["grey.jpg"]}.items():
+                       "c_cls": ["gray.jpg"]}.items():
         (root / cls).mkdir(parents=True)
         for name in names:
             shape = (int(rng.integers(9, 30)), int(rng.integers(9, 30)))
-            array = rng.integers(0, 256, shape + (() if name == "grey.jpg" else (3,)), dtype=np.uint8)
+            array = rng.integers(0, 256, shape + (() if name == "gray.jpg" else (3,)), dtype=np.uint8)
             Image.fromarray(array).save(root / cls / name, quality=90)
             files[(cls, name)] = array
     (root / "a_cls" / "notes.txt").write_text("not an image")
@@ -68,7 +68,7 @@ def test_folder_source_matches_in_memory_loader(tmp_path):
     files = _write_folder(tmp_path)
     src = open_source(f"folder:{tmp_path}", "train")
     order = [("a_cls", "c.png"), ("a_cls", "k.jpeg"), ("a_cls", "z.jpg"), ("b_cls", "a.jpg"),
-             ("b_cls", "x.png"), ("c_cls", "grey.jpg")]
+             ("b_cls", "x.png"), ("c_cls", "gray.jpg")]
     assert src.num_examples == 6 and src.channels == 3 and src.num_classes == 3
     assert src.class_names == ("a_cls", "b_cls", "c_cls")
     np.testing.assert_array_equal(src.labels, [0, 0, 0, 1, 1, 2])
@@ -77,7 +77,7 @@ def test_folder_source_matches_in_memory_loader(tmp_path):
         assert img.dtype == np.uint8 and img.shape[:2] == files[key].shape[:2] and img.shape[2] == 3
         if key[1].endswith(".png"):  # lossless
             np.testing.assert_array_equal(img, files[key])
-    assert (images[5] == images[5][..., :1]).all()  # the grey JPEG, converted to RGB
+    assert (images[5] == images[5][..., :1]).all()  # the gray JPEG, converted to RGB
     # Same examples, labels and order as the in-memory loader (which needs one size).
     ds = load_dataset(f"folder:{tmp_path}", "train", image_size=(8, 7))
     np.testing.assert_array_equal(ds.labels, src.labels)
@@ -150,7 +150,7 @@ def test_crop_box_statistics_and_device_sampler():
             assert 0 <= top <= height - h and 0 <= left <= width - w
             same += tuple(dev) == box
             fit = _first_fit(u, height, width, scale, ratio)
-            if fit is None:  # fallback: the largest centred box, aspect clamped to 4/3
+            if fit is None:  # fallback: the largest centered box, aspect clamped to 4/3
                 assert (height, width) == (30, 200) and box == (0, 80, 30, 40)
                 continue
             tol = 2 / min(h, w)  # w and h are rounded
@@ -164,7 +164,7 @@ def test_crop_box_statistics_and_device_sampler():
             assert len(fractions) == 100
             assert abs(np.mean(fractions) - 0.35) < 0.03 and abs(np.mean(log_aspects)) < 0.04
             assert min(fractions) < 0.22 and max(fractions) > 0.48
-    # Fallback cases: largest centred box with the aspect ratio clamped to `ratio`.
+    # Fallback cases: largest centered box with the aspect ratio clamped to `ratio`.
     u = rng.random(augmentations.CROP_UNIFORMS)
     assert stream.crop_box(u, 10, 100, (0.9, 1.0), ratio) == (0, 43, 10, 13)
     assert stream.crop_box(u, 100, 10, (0.9, 1.0), ratio) == (43, 0, 13, 10)
@@ -272,7 +272,7 @@ def test_center_crop_batches(count):
     np.testing.assert_array_equal(valid, np.arange(12) < 11)
     np.testing.assert_array_equal(idx, np.r_[np.arange(11), 0])
     assert (images[11] == 0).all()
-    # Pixels: the device's center_crop (an independent implementation), un-normalised.
+    # Pixels: the device's center_crop (an independent implementation), un-normalized.
     for i in range(3):  # one compile per image size
         img = src.load(i)
         want = augmentations.center_crop(img[None], 14, mean=(0.0,) * 3, std=(1 / 255,) * 3)[0]

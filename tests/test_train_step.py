@@ -40,7 +40,7 @@ TOTAL_STEPS = 10
 # 1 vs 8 devices: per-device shapes differ (64 vs 8 samples), so XLA may order some reductions
 # (gradient all-reduce, loss mean) differently; after two steps the states agree to <= 3e-6 (the
 # largest: the SGD momentum buffers; loss/metrics to ~1e-6), so rtol = atol = 1e-5 holds. (With 8x8 images the last stage is 1x1 and a BN group of 4 samples
-# normalises 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
+# normalizes 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
 # the next gradient by ~1e-4 relative, and the 2nd step agrees only to ~1e-3. 16x16 avoids this.)
 DEV_TOL = dict(rtol=1e-5, atol=1e-5)
 # Recomputations outside the fused step (separately jitted encoder / objective): same ops,
@@ -71,7 +71,7 @@ def _max_tree_diff(a, b):
 
 
 def _make_protos_host(seed):
-    """Random L2-normalised centroids, phi in [0.1, 0.3], parents; one invalid prototype on the
+    """Random L2-normalized centroids, phi in [0.1, 0.3], parents; one invalid prototype on the
     lower levels. Same shapes for every seed."""
     rng = np.random.default_rng(seed)
     cents, temps, valid, parents = [], [], [], []
@@ -315,7 +315,7 @@ def test_queue_rows_pointer_and_lse(setup, runs):
         np.testing.assert_allclose(after.queue[new], keys, **REC_TOL)
         np.testing.assert_allclose(np.linalg.norm(after.queue[new], axis=1), 1.0, rtol=1e-5)
         np.testing.assert_array_equal(after.queue[old], before.queue[old])
-        # the ICSC cache: new rows = normalisers of the new keys, other rows unchanged
+        # the ICSC cache: new rows = normalizers of the new keys, other rows unchanged
         np.testing.assert_allclose(after.queue_lse[:, new], lse(keys), **REC_TOL)
         np.testing.assert_array_equal(after.queue_lse[:, old], before.queue_lse[:, old])
         np.testing.assert_allclose(after.queue_lse, lse(after.queue), **REC_TOL)
@@ -529,7 +529,7 @@ def test_streaming_views_equal_resident_crops(setup, runs):
 
 # ----------------------------------------------------------------------------- mixed precision
 # bfloat16 keeps 8 bits of mantissa: activations carry ~0.4% relative error per op; through the
-# network, the L2-normalised embeddings and a temperature of 0.2 the step's losses moved by at most
+# network, the L2-normalized embeddings and a temperature of 0.2 the step's losses moved by at most
 # 0.23% here (loss 0.11%, instance 0.23%, proto 0.05%). Stated tolerance: 1% of the float32 loss.
 BF16_RTOL = 1e-2
 

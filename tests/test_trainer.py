@@ -284,7 +284,7 @@ def _final_params_of_untrained():
 def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     """Multi-crop through the streaming path with prototypes: every logged loss is the sum of the
     global and local terms, the local terms are there in warm-up and after, and the hierarchy is
-    built from the host's centre crops."""
+    built from the host's center crops."""
     c = tiny_config(epochs=2, warmup_epochs=1)
     c.augment.local_views = ((6, (0.3, 0.8)), (6, (0.3, 0.8)), (4, (0.2, 0.5)))
     c.input.update(pipeline="stream", num_workers=2)

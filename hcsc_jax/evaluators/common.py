@@ -29,13 +29,13 @@ class EvalError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Where an evaluation's images come from and how they are cropped and normalised."""
+    """Where an evaluation's images come from and how they are cropped and normalized."""
 
     dataset: str
     data_dir: str | None
     train_split: str
     eval_split: str
-    image_size: int  # crop size; centre crops resize the shorter side to image_size * 256 / 224
+    image_size: int  # crop size; center crops resize the shorter side to image_size * 256 / 224
     mean: tuple
     std: tuple
     pipeline: str = "memory"  # "memory" (decoded once, on the devices) or "stream" (host decoding)
@@ -135,7 +135,7 @@ class Context:
         return workdir_lib.path(self.out_dir) / f"features_step{self.encoder.step}_{name}.npz"
 
     def features(self, split: str) -> np.ndarray:
-        """(N, F) float32 pooled centre-crop features of `split`, in index order."""
+        """(N, F) float32 pooled center-crop features of `split`, in index order."""
         if split not in self._features:
             d, inp = self.data, self.input(split)
             mean, std = self.mean_std

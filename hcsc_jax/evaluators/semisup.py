@@ -6,7 +6,7 @@ matched against the dataset's file names: an image folder's, or TFDS's "file_nam
 class-balanced random `cfg.fraction` of the training split (any dataset). The encoder and a
 linear head are fine-tuned on RandomResizedCrop + flip of the subset with BN in train mode over
 the whole batch: SGD momentum 0.9, no weight decay, trunk lr 0.005 and head lr 0.02 (x batch /
-256), 70 epochs, x0.1 at 30 and 60; top-1 / top-5 on centre crops of the eval split.
+256), 70 epochs, x0.1 at 30 and 60; top-1 / top-5 on center crops of the eval split.
 """
 
 from __future__ import annotations

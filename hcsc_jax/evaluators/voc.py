@@ -1,7 +1,7 @@
 """PASCAL VOC 2007 classification with linear SVMs on frozen features (transfer, spec §7).
 
-The protocol of PCL / HCSC's transfer table (Goyal et al.'s benchmark): L2-normalised pooled
-centre-crop features of VOC07 trainval and test; for each of the 20 classes a linear SVM
+The protocol of PCL / HCSC's transfer table (Goyal et al.'s benchmark): L2-normalized pooled
+center-crop features of VOC07 trainval and test; for each of the 20 classes a linear SVM
 (scikit-learn LinearSVC, squared hinge, class weight 2 on positives) with the cost chosen from
 `costs` by `folds`-fold cross-validation on trainval (mean AP), trained on the whole of trainval;
 AP on test (scikit-learn's average precision), mean over classes. Objects marked difficult only

@@ -25,7 +25,7 @@ class Encoder(nnx.Module):
     """Backbone + projection head (MoCo ``encoder_q`` / ``encoder_k``).
 
     ``__call__(x NHWC, *, train) -> (features (B, F), projection (B, out))``, both float32;
-    the projection is L2-normalised along the last axis. Torch names: ``backbone.X`` <-> ``X``,
+    the projection is L2-normalized along the last axis. Torch names: ``backbone.X`` <-> ``X``,
     ``head.fc0``/``head.fc2`` <-> ``fc.0``/``fc.2``.
 
     Functional use inside ``jax.jit``/``jax.grad`` (train mode updates the BN stats in place)::
