@@ -6,14 +6,14 @@
       --config.data_dir=~/tensorflow_datasets
 
 --checkpoint is a train.py workdir (its newest readable step, or --step) or a directory written
-by checkpoints.export_encoder / `convert import-torch`. Dataset, splits, crop size, normalisation
+by checkpoints.export_encoder / `convert import-torch`. Dataset, splits, crop size, normalization
 and input pipeline come from the eval config; fields left unset there are read from
 <checkpoint>/config.json. Modes (hcsc_jax/evaluators/, one module each):
 
   knn          weighted kNN, k in config.knn.ks, T = 0.07, chunked over the training features
   linear       the linear protocol (frozen encoder, crops + flips streamed, SGD lr 5.0, 100 epochs,
                x0.1 at 60 / 80), resumable: start the same command again after a kill
-  linear_fast  the same classifier on cached centre-crop features (a quick read, not the protocol)
+  linear_fast  the same classifier on cached center-crop features (a quick read, not the protocol)
   semisup      fine-tuning on a split file's images (config.semisup.split_file, e.g. 1percent.txt)
                or a class-balanced config.semisup.fraction
   cluster      k-means of the frozen features, NMI / AMI per k in config.cluster.ks
@@ -32,7 +32,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from hcsc_jax import console
+from hcsc_jax import console, distributed, evaluators, sharding
+from hcsc_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
@@ -54,9 +55,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
-    from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
-    from hcsc_jax import workdir as workdir_lib
-
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)

@@ -2,7 +2,7 @@
 
 (a) Feature pass: `features.embed_input` of a streamed image folder (generated ImageNet-like
     500x375 JPEGs, `benchmarks/input.write_folder`) through a ResNet-50 at 224 px (resize 256 ->
-    centre crop 224 on the host, the model in inference mode): images/s of the whole pass.
+    center crop 224 on the host, the model in inference mode): images/s of the whole pass.
 (b) kNN: `evaluators.knn.knn_scores` of --queries synthetic test features against --train
     synthetic training features (F = 2048, k = 10/20/100/200); the time is linear in the number of
     queries, so it is also given scaled to ImageNet's 50,000 validation images.
@@ -26,7 +26,7 @@ from absl import app, flags
 from benchmarks.input import write_folder
 from hcsc_jax import features, sharding
 from hcsc_jax.data import pipeline
-from hcsc_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from hcsc_jax.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from hcsc_jax.evaluators import knn
 from hcsc_jax.models import make_encoder
 

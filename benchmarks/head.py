@@ -2,9 +2,9 @@
 
 Paper shapes by default (B=256, K=16384, d=128, levels 3000/2000/1000). A "step" is what the
 train step does with the embeddings: positives, Bernoulli masks for every level, ICSC + PCSC
-losses, d loss / d q, and the cached queue normalisers of the B new keys (written at enqueue).
+losses, d loss / d q, and the cached queue normalizers of the B new keys (written at enqueue).
 
-  python benchmarks/head.py                      # both semantics, cached normalisers, hash masks
+  python benchmarks/head.py                      # both semantics, cached normalizers, hash masks
   python benchmarks/head.py --sampler=threefry --uncached
 """
 
@@ -25,7 +25,7 @@ flags.DEFINE_integer("queue", 16384, "K")
 flags.DEFINE_integer("dim", 128, "d")
 flags.DEFINE_list("levels", ["3000", "2000", "1000"], "M_l per level")
 flags.DEFINE_enum("sampler", "hash", selection.SAMPLERS, "Bernoulli sampler")
-flags.DEFINE_bool("uncached", False, "recompute the queue normalisers every step (no cache)")
+flags.DEFINE_bool("uncached", False, "recompute the queue normalizers every step (no cache)")
 flags.DEFINE_integer("steps", 20, "timed steps (after 3 warm-up steps)")
 FLAGS = flags.FLAGS
 
@@ -54,7 +54,7 @@ def make_inputs(rng, batch, queue, dim, sizes):
 
 
 def head_step(cfg: objective.ObjectiveConfig, cached: bool):
-    """jitted (q, k, queue, protos, labels, queue_lse, rng) -> (loss, dloss/dq, new-key normalisers)."""
+    """jitted (q, k, queue, protos, labels, queue_lse, rng) -> (loss, dloss/dq, new-key normalizers)."""
 
     def step(q, k, queue, protos, labels, queue_lse, rng):
         lse = queue_lse if cached else None
@@ -85,7 +85,7 @@ def main(_):
     lse = objective.queue_log_normalizers(inp["queue"], inp["protos"])
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
           f"B={FLAGS.batch} K={FLAGS.queue} d={FLAGS.dim} levels={sizes} sampler={FLAGS.sampler} "
-          f"queue normalisers={'cached' if cached else 'recomputed'}")
+          f"queue normalizers={'cached' if cached else 'recomputed'}")
     for semantics in ("paper", "official"):
         cfg = objective.ObjectiveConfig(semantics=semantics, sampler=FLAGS.sampler)
         fn = head_step(cfg, cached)

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from hcsc_jax.data import augment
+from hcsc_jax.data import augmentations
 from hcsc_jax.data.sources import open_source
 from hcsc_jax.data.stream import CropSpec, TrainStream
 
@@ -77,7 +77,7 @@ def decode_per_s(source, n) -> float:
 
 
 def augment_ms(cfg, images, runs) -> float:
-    fn = jax.jit(augment.augment, static_argnums=2)
+    fn = jax.jit(augmentations.augment, static_argnums=2)
     for i in range(2):
         jax.block_until_ready(fn(jax.random.key(i), images, cfg))
     times = []
@@ -108,10 +108,10 @@ def main(_):
 
     images = np.random.default_rng(0).integers(0, 256, (FLAGS.device_batch, 224, 224, 3), np.uint8)
     images = jax.device_put(images)
-    rows = [("AugmentConfig(224)", augment.AugmentConfig(224))]
-    if "random_crop" in {f.name for f in dataclasses.fields(augment.AugmentConfig)}:
+    rows = [("AugmentConfig(224)", augmentations.AugmentConfig(224))]
+    if "random_crop" in {f.name for f in dataclasses.fields(augmentations.AugmentConfig)}:
         rows.append(("AugmentConfig(224, random_crop=False)",
-                     augment.AugmentConfig(224, random_crop=False)))
+                     augmentations.AugmentConfig(224, random_crop=False)))
     else:
         print("  (AugmentConfig has no random_crop field yet: that row is skipped)")
     for name, cfg in rows:

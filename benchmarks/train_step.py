@@ -3,7 +3,7 @@
 One step, as in training after the warm-up epochs: gather the global batch of uint8 images by
 index, two MoCo v2 views augmented on device, EMA of the key encoder, key forward with ShuffleBN,
 query forward + backward, the HCSC objective with every prototype level (and the queue's cached
-ICSC normalisers), SGD update, enqueue. The step is compiled ahead of time (compilation is timed
+ICSC normalizers), SGD update, enqueue. The step is compiled ahead of time (compilation is timed
 separately and excluded), run `--warmup_steps` times, then timed two ways over `--steps` steps:
   blocked:   each step dispatched, waited for (`jax.block_until_ready` on state and metrics) and
              timed on its own; median step time, images/s = batch / median (the headline figure);
@@ -18,14 +18,14 @@ forward + backward = 3, key forward = 1). The forward cost is reported two ways:
   XLA:     the FLOP count of XLA's cost analysis of the encoder forward (train mode), lowered
            for CPU (on the GPU host with jax 0.11.2 that cost analysis returned None: skipped).
 MFU = achieved model TFLOP/s / --peak_tflops (default 989: H100 SXM bf16 dense tensor core).
-Augmentation, BN, the objective and the optimiser are not counted as model FLOPs.
+Augmentation, BN, the objective and the optimizer are not counted as model FLOPs.
 
   # paper setting (ResNet-50, 224 px, batch 256, K = 16384, 3000/2000/1000 prototypes):
   python benchmarks/train_step.py --dtype=bfloat16
   # small CPU config (compilation dominates: 24-54 s of a 66-102 s run on 2 busy cores):
   python benchmarks/train_step.py --arch=resnet18 --width=0.25 --image_size=32 --small_stem \
       --batch=64 --bn_group_size=16 --queue=4096 --levels=300,100,30 --steps=10 --warmup_steps=2
-  # ablations: no augmentation (images pre-cropped, only normalised), MoCo v2 objective,
+  # ablations: no augmentation (images pre-cropped, only normalized), MoCo v2 objective,
   # one BN group per batch; kernel-time breakdown from a profiler trace
   python benchmarks/train_step.py --dtype=bfloat16 --noaugment
   python benchmarks/train_step.py --dtype=bfloat16 --objective=moco
@@ -58,7 +58,7 @@ from flax import nnx
 
 from hcsc_jax import objective, sharding
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 from hcsc_jax.models import make_encoder
 
@@ -81,7 +81,7 @@ flags.DEFINE_bool("shuffle_bn", True, "ShuffleBN for the key forward")
 flags.DEFINE_enum("objective", "hcsc", ["hcsc", "moco"],
                   "hcsc: all prototype levels; moco: the warm-up step (plain InfoNCE, no prototypes)")
 flags.DEFINE_bool("augment", True, "MoCo v2 augmentation on device; --noaugment replaces it "
-                  "(ablation) by a top-left crop + normalisation of images stored at the crop size")
+                  "(ablation) by a top-left crop + normalization of images stored at the crop size")
 flags.DEFINE_bool("multicrop", False, "add the published local views 192/160/128/96 (query encoder only)")
 flags.DEFINE_bool("memory_only", False, "compile, print XLA's memory analysis of the step and stop")
 flags.DEFINE_float("peak_tflops", 989.0, "peak TFLOP/s for MFU (989 = H100 SXM bf16 dense)")
@@ -96,8 +96,8 @@ FLAGS = flags.FLAGS
 NOMINAL_GMACS_224 = {"resnet18": 1.82, "resnet34": 3.67, "resnet50": 4.1}
 
 
-def _no_augment(key, images, cfg: augment_lib.AugmentConfig, indices=None):
-    """Ablation stand-in for `augment_lib.augment`: top-left crop, float, normalise."""
+def _no_augment(key, images, cfg: augmentations.AugmentConfig, indices=None):
+    """Ablation stand-in for `augmentations.augment`: top-left crop, float, normalize."""
     del key, indices
     s = cfg.crop_size
     x = images[:, :s, :s].astype(jnp.float32) / 255.0
@@ -136,7 +136,7 @@ _KERNEL_CLASSES = [
     ("reduce_window fusions (max-pool forward)", re.compile(r"reduce_window")),
     ("reduction fusions (BN statistics, objective reductions)", re.compile(r"reduce")),
     ("layout transposes", re.compile(r"nchwToNhwc|nhwcToNchw|transpose", re.IGNORECASE)),
-    ("loop/elementwise fusions (BN normalise, ReLU, adds, casts, augmentation, SGD)", re.compile(r"")),
+    ("loop/elementwise fusions (BN normalize, ReLU, adds, casts, augmentation, SGD)", re.compile(r"")),
 ]
 
 
@@ -227,7 +227,7 @@ def main(argv):
           f"objective {f.objective}" + (f" levels {levels} d={f.embed_dim}" if f.objective == "hcsc" else "")
           + f" | augment {'MoCo v2 on device' if f.augment else 'OFF (ablation)'}")
     if not f.augment:
-        ts.augment_lib.augment = _no_augment  # the step looks the function up at trace time
+        ts.augmentations.augment = _no_augment  # the step looks the function up at trace time
 
     model = make_encoder(f.arch, out_dim=f.embed_dim, small_stem=f.small_stem, width=f.width,
                          bn_group_size=f.bn_group_size, dtype=dtype, in_channels=3,
@@ -254,8 +254,8 @@ def main(argv):
     indices = [jax.device_put(rng.permutation(n)[: f.batch].astype(np.int32), sharded) for _ in range(total)]
     jax.block_until_ready((state, images, assignments, protos, indices))
 
-    view = augment_lib.AugmentConfig(crop_size=size)
-    local = tuple(augment_lib.AugmentConfig(crop_size=round(size * s / 224), scale=sc)
+    view = augmentations.AugmentConfig(crop_size=size)
+    local = tuple(augmentations.AugmentConfig(crop_size=round(size * s / 224), scale=sc)
                   for s, sc in MULTICROP) if f.multicrop else ()
     cfg = ts.StepConfig(
         objective=objective.ObjectiveConfig(group_size=f.bn_group_size), view_q=view, view_k=view,

@@ -546,12 +546,12 @@ DESCRIPTION = {
 METRIC_NOTES = (
     "Metrics per run, all from `eval.py` on the final checkpoint unless said otherwise: kNN top-1 on the "
     "held-out split (k = 20 and 200, T = 0.07, pooled features of the query encoder); **linear_fast** top-1 "
-    "(`eval.py --mode=linear_fast`: the linear protocol's classifier on cached centre-crop features, no "
+    "(`eval.py --mode=linear_fast`: the linear protocol's classifier on cached center-crop features, no "
     "augmentation; not the full linear protocol); NMI / AMI of faiss k-means of the pooled train features "
     "with k = number of classes (`--mode=cluster`); for PCL and HCSC the NMI of each prototype level / "
     "clustering of the run's last `hierarchy/epoch_XXXX.npz` against the train labels. Means ± sample std "
     "over the seeds that finished; paired differences are taken seed by seed against MoCo v2 (same seed = "
-    "same initialisation and data order), listed per seed in brackets. Train wall time includes compilation, "
+    "same initialization and data order), listed per seed in brackets. Train wall time includes compilation, "
     "the final in-train evaluation, and contention: runs shared the machine with other jobs.")
 
 

@@ -17,14 +17,13 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from hcsc_jax import sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.clustering import Hierarchy
-from hcsc_jax.models import Encoder, make_encoder
+from hcsc_jax.models import Encoder, build_encoder
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +88,9 @@ def _restore(mngr, step, abstract_state):
 _ENCODER_ITEMS = ("encoder", "meta")
 
 
-def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, **extra) -> dict[str, Any]:
-    """What `load_encoder` needs to rebuild an encoder: arch, width, small_stem, embed_dim,
-    hidden_dim, dtype (the `config.model` fields), in_channels, bn_group_size, plus `extra`."""
-    return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
-
-
-def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -> Encoder:
-    """The encoder described by `encoder_meta` (shapes only, no allocation, if `abstract`)."""
-    m = meta["model"]
-    make = lambda: make_encoder(
-        m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
-        width=m["width"], bn_group_size=meta.get("bn_group_size"), dtype=jnp.dtype(m.get("dtype", "float32")),
-        in_channels=meta["in_channels"], rngs=nnx.Rngs(seed))
-    return nnx.eval_shape(make) if abstract else make()
-
-
 def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
     """Writes an encoder-only Orbax checkpoint: parameters and BN statistics (pure dicts) and
-    `meta` (from `encoder_meta`) as JSON. `load_encoder` reads it back."""
+    `meta` (from `models.encoder_meta`) as JSON. `load_encoder` reads it back."""
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     with ocp.CheckpointManager(workdir_lib.path(directory), item_names=_ENCODER_ITEMS) as mngr:
         mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),

@@ -2,14 +2,14 @@
 
 Level 0 runs faiss k-means (exact `IndexFlatL2`, seed `seed`) on the N sample features and
 assigns every sample to its nearest centroid. Each level l > 0 runs k-means (seed `seed + l`) on
-the M_{l-1} L2-normalised centroids of the level below: those centroids are its members, and
+the M_{l-1} L2-normalized centroids of the level below: those centroids are its members, and
 their assignments are `parents` of level l-1. Sample assignments compose through the parents:
 `assign_{l+1}[n] = parent_l[assign_l[n]]`.
 
 Every cluster also gets a concentration phi (its temperature in the prototype softmax):
 `mean(sqrt(D)) / log(n + 10)` over its n > 1 members, D the squared distance to the
-un-normalised centroid; clusters with n <= 1 take the level's largest phi; then phi is clipped
-to its 10th/90th percentiles and rescaled to mean `temperature`. Centroids are normalised last.
+un-normalized centroid; clusters with n <= 1 take the level's largest phi; then phi is clipped
+to its 10th/90th percentiles and rescaled to mean `temperature`. Centroids are normalized last.
 Everything is vectorised NumPy; the only Python loop is over levels.
 
 Results are bit-identical across calls with the same faiss thread count. Another thread count
@@ -20,7 +20,7 @@ n < k * min_points_per_centroid (always the case for upper levels; harmless): it
 `hierarchical_kmeans` logs one line naming the under-filled levels instead.
 
 backend="jax" replaces only the k-means of each level (the rest is shared): the same
-`faiss.Clustering` algorithm (its subsample and random initialisation, bit for bit, Lloyd
+`faiss.Clustering` algorithm (its subsample and random initialization, bit for bit, Lloyd
 iterations, early stop on an unchanged objective, best of nredo by final objective, empty
 clusters split from a donor) run with jitted chunked matmul assignments on the devices of a
 1-D mesh, rows sharded over its "data" axis. The donor of an empty cluster is drawn from a JAX
@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from hcsc_jax import sharding
+from hcsc_jax.models import l2_normalize
 from hcsc_jax.sharding import DATA_AXIS
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _FIELDS = ("centroids", "assignments", "temperatures", "valid", "parents", "coun
 class Level:
     """One level of the hierarchy, M_l clusters of N samples in d dimensions.
 
-    centroids: (M_l, d) float32, L2-normalised.
+    centroids: (M_l, d) float32, L2-normalized.
     assignments: (N,) int32, every sample's cluster at this level.
     temperatures: (M_l,) float32, the concentration phi of spec §1.4.
     valid: (M_l,) bool, False for clusters without members.
@@ -183,7 +184,7 @@ def concentration(
     """Per-cluster concentration phi of spec §1.4, (num_clusters,) float32.
 
     sq_dists: (n,) squared L2 distance (>= 0, as faiss clamps it) of each member to its
-        un-normalised centroid.
+        un-normalized centroid.
     assignments: (n,) cluster of each member, in [0, num_clusters).
     Empty and singleton clusters get the largest phi of the n > 1 clusters (`temperature` if
     there is none); then clip to the 10th/90th percentiles and rescale to mean `temperature`.
@@ -407,7 +408,7 @@ def _shard_rows(x: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
 def _kmeans_jax(x, k, *, niter, nredo, seed, max_points_per_centroid, min_points_per_centroid,
                 mesh):
     """faiss.Clustering semantics on the devices of `mesh` (1-D axis "data"): same subsample and
-    random initialisation (faiss's RNG), Lloyd iterations with exact float32 L2 assignment, the
+    random initialization (faiss's RNG), Lloyd iterations with exact float32 L2 assignment, the
     restart with the lowest final objective. Only the donor choice for empty clusters uses another
     RNG. Returns centroids (k, d), sq_dists (n,), assign (n,) of all of x (n, d)."""
     del min_points_per_centroid  # faiss only warns with it
@@ -498,8 +499,7 @@ def hierarchical_kmeans(
             fields[l - 1]["parents"] = member_assign
             sample_assign = member_assign[sample_assign]
         counts = np.bincount(member_assign, minlength=k).astype(np.int32)
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-        x = np.ascontiguousarray(centroids / np.maximum(norms, 1e-12), dtype=np.float32)
+        x = np.ascontiguousarray(l2_normalize(centroids, axis=1), dtype=np.float32)
         fields.append(dict(
             centroids=x,
             assignments=np.ascontiguousarray(sample_assign, dtype=np.int32),

@@ -19,7 +19,7 @@ Accepted key layouts on import (:func:`normalize_keys`):
   the MLP head as ``fc.0``/``fc.2``; ``encoder_k``, ``queue`` and ``queue_ptr`` are ignored (as is
   anything else outside ``encoder_q``, with a note);
 * plain torchvision ResNet state dicts (optionally ``module.``-prefixed): the backbone is loaded,
-  the projection head keeps its fresh initialisation, and a single-layer ``fc.weight``/``fc.bias``
+  the projection head keeps its fresh initialization, and a single-layer ``fc.weight``/``fc.bias``
   (the 1000-class classifier) is ignored with a note.
 
 Command line::
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hcsc_jax import checkpoints
+from hcsc_jax import checkpoints, models
 from hcsc_jax.models import Encoder, ProjectionHead
 from hcsc_jax.models.resnet import Bottleneck
 
@@ -153,7 +153,7 @@ def infer_meta(
     dtype: str = "float32",
     **extra,
 ) -> dict[str, Any]:
-    """`checkpoints.encoder_meta` for a (normalised or raw) torch state dict, from tensor shapes:
+    """`models.encoder_meta` for a (normalized or raw) torch state dict, from tensor shapes:
     arch (resnet18/34/50 from block type and counts), width (stem channels / 64), small_stem (3x3
     stem), in_channels, and the head's hidden/out dims (``embed_dim``/``hidden_dim`` are used only
     when the dict has no head)."""
@@ -199,7 +199,7 @@ def infer_meta(
         "hidden_dim": None if hidden_dim is None else int(hidden_dim),
         "dtype": dtype,
     }
-    return checkpoints.encoder_meta(model, int(stem[1]), bn_group_size, **extra)
+    return models.encoder_meta(model, int(stem[1]), bn_group_size, **extra)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -217,8 +217,8 @@ def torch_to_encoder(
     state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0
 ) -> Encoder:
     """An :class:`Encoder` holding the weights of a torch state dict (values: NumPy arrays or
-    anything ``np.asarray`` takes). ``meta``: a `checkpoints.encoder_meta` dict; inferred from the
-    shapes (:func:`infer_meta`) when None. Without head keys the head is freshly initialised as
+    anything ``np.asarray`` takes). ``meta``: a `models.encoder_meta` dict; inferred from the
+    shapes (:func:`infer_meta`) when None. Without head keys the head is freshly initialized as
     ``ProjectionHead(F, hidden_dim, embed_dim, rngs=nnx.Rngs(seed))``. Raises ValueError listing
     missing / unexpected keys (first 20 of each, with counts) and shape mismatches."""
     sd, notes = normalize_keys(state_dict)
@@ -230,10 +230,10 @@ def torch_to_encoder(
     if not with_head:
         log.warning(
             "torch_to_encoder: no projection head (fc.0/fc.2) in the state dict; the head keeps its "
-            "fresh initialisation (ProjectionHead, nnx.Rngs(%d))",
+            "fresh initialization (ProjectionHead, nnx.Rngs(%d))",
             seed,
         )
-    model = checkpoints.build_encoder(meta, abstract=True)
+    model = models.build_encoder(meta, abstract=True)
     expected = _expected_keys(model, with_head)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in set(expected)]
@@ -266,7 +266,7 @@ def torch_to_encoder(
             node[leaf] = jnp.asarray(value)
     if bad:
         raise ValueError(f"shape mismatches ({_fmt_keys(bad)})")
-    if not with_head:  # only the head is initialised for real (cheap, unlike the whole encoder)
+    if not with_head:  # only the head is initialized for real (cheap, unlike the whole encoder)
         m = meta["model"]
         head = ProjectionHead(
             model.backbone.num_features,
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--embed-dim", type=int, default=128, help="head output dim when the file has no head")
     imp.add_argument("--hidden-dim", type=int, default=None, help="head hidden dim when the file has no head")
     imp.add_argument("--bn-group-size", type=int, default=32, help="recorded in meta, for fine-tuning")
-    imp.add_argument("--seed", type=int, default=0, help="initialisation of a head absent from the file")
+    imp.add_argument("--seed", type=int, default=0, help="initialization of a head absent from the file")
     imp.add_argument("--trust-pickle", action="store_true",
                      help="unpickle any object in the file (runs code it names): only for files you trust")
     exp = sub.add_parser("export-torch", help="train workdir or exported encoder -> torchvision-named .pth")

@@ -2,7 +2,7 @@
 
 Used by the clustering between epochs (key encoder projections) and by every evaluator (pooled
 features). Batches come from a `data.pipeline` input (`center_crops`): resident images are
-centre-cropped on the devices, streamed ones on the hosts (resize 256 -> crop 224 at 224 px,
+center-cropped on the devices, streamed ones on the hosts (resize 256 -> crop 224 at 224 px,
 `augment.center_crop_geometry`), each process decoding only its share; the batch is sharded over
 all devices of all processes and the outputs are gathered to every host. Host memory: N x F
 float32 per process (1.28M x 2048 = 10.5 GB for ImageNet's train split with a ResNet-50, plus
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from hcsc_jax import distributed, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
 
     @jax.jit
     def embed(params, stats, x):
-        x = augment_lib.normalize(x, mean, std) if precropped else augment_lib.center_crop(x, crop, mean, std)
+        x = augmentations.normalize(x, mean, std) if precropped else augmentations.center_crop(x, crop, mean, std)
         feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
         return feats, proj
 

@@ -208,12 +208,7 @@ def proto_candidates(labels, valid, semantics="paper", group_size=None):
     if semantics == "paper":
         return candidates
     batch = labels.shape[0]
-    group = batch if group_size is None else group_size
-    if batch % group:
-        raise ValueError(
-            f"batch {batch} is not a multiple of group_size {group}: change the batch size or "
-            "bn_group_size"
-        )
+    group = _groups(batch, group_size)
     used = positive.reshape(batch // group, group, num_protos).any(axis=1)  # (G, M)
     return candidates & ~jnp.repeat(used, group, axis=0)
 

@@ -24,7 +24,7 @@ POSITIVES = ("assignment", "nearest")
 class Prototypes:
     """One epoch's hierarchy on device. Level l has M_l prototypes of dimension d.
 
-    centroids[l] (M_l, d) L2-normalised; temperatures[l] (M_l,) phi; valid[l] (M_l,) bool;
+    centroids[l] (M_l, d) L2-normalized; temperatures[l] (M_l,) phi; valid[l] (M_l,) bool;
     parents[l] (M_l,) int32 for l < L-1; selection_tables[l] (M_l, M_{l+1}) the PCSC table of
     `selection.prototype_selection_table`, for l < L-1. Independent clusterings (PCL) have no
     parents and no tables (empty tuples).
@@ -208,18 +208,6 @@ def prototype_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig
     return tuple(draw(proto_key if v == 0 else jax.random.fold_in(proto_key, v)) for v in range(num_views))
 
 
-def selection_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
-    """Bernoulli keep masks of the global query of one batch (spec §2, §3).
-
-    queue (K, d); positives: L arrays (B,); rng a jax.random key; queue_lse (L, K) or None.
-    Returns (instance: `instance_masks`, proto: view 0 of `prototype_masks`).
-    """
-    return (
-        instance_masks(queue, prototypes, positives, rng, cfg, queue_lse),
-        prototype_masks(prototypes, positives, rng, cfg)[0],
-    )
-
-
 def _instance_term(q, k, queue, keep, cfg: ObjectiveConfig):
     """ICSC of q (B, d) against k (B, d) and queue (K, d) with the L masks `keep` (or None: one
     plain InfoNCE). Returns (total: sum over levels "official", mean "paper"; losses, accuracies:
@@ -280,12 +268,12 @@ def hcsc_objective(
 ) -> tuple[jax.Array, dict[str, Any]]:
     """HCSC loss of one batch and its metrics.
 
-    q (B, d) L2-normalised query embeddings (with local_q, the only inputs that receive
+    q (B, d) L2-normalized query embeddings (with local_q, the only inputs that receive
     gradients); k (B, d) keys; queue (K, d); prototypes: this epoch's `Prototypes`, or None
     during warm-up (then the loss is plain InfoNCE, as in MoCo v2); labels (B, L) int32 k-means
     assignments per level (ignored when cfg.positive == "nearest" or prototypes is None); rng a
     jax.random key; queue_lse (L, K) optional `queue_log_normalizers(queue, prototypes)` cache;
-    local_q: V arrays (B, d), the L2-normalised query embeddings of V local (multi-crop) views.
+    local_q: V arrays (B, d), the L2-normalized query embeddings of V local (multi-crop) views.
 
     Each local view adds (spec §6) an InfoNCE term against k and the queue (with the global
     query's per-level instance masks, reduced over levels like the global term, when

@@ -6,7 +6,7 @@ clusters) are masked out through a boolean `valid` vector instead of being remov
 
 Two exact shortcuts keep the per-step cost low (both give the same numbers as the direct
 formulas, and the tests check that):
-- ICSC needs, for every queue entry j, the normaliser log sum_c exp(Q_j . c / phi_c) over all
+- ICSC needs, for every queue entry j, the normalizer log sum_c exp(Q_j . c / phi_c) over all
   M_l prototypes. It depends only on Q_j and the epoch's prototypes, so the train step keeps a
   (L, K) cache of it, refreshed once per epoch and written for the B new keys at each enqueue
   (`queue_log_normalizer`). Without the cache it costs a K x M_l matmul per level per step.
@@ -114,7 +114,7 @@ def prototype_selection_probs(
 
 
 def _fmix32(x):
-    """MurmurHash3's 32-bit finaliser: a bijection on uint32 with full avalanche."""
+    """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x85EBCA6B)
     x = x ^ (x >> 13)
@@ -138,7 +138,7 @@ def bernoulli_mask(key, probs, sampler: str = "hash"):
 
     sampler="threefry": `jax.random.bernoulli` (the reference; on CPU it costs ~12 ns per draw,
     which dominates an ICSC step: 3 x 256 x 16384 draws). sampler="hash": a counter-based hash
-    (two keyed rounds of MurmurHash3's finaliser over the flat index) seeded with 64 bits from
+    (two keyed rounds of MurmurHash3's finalizer over the flat index) seeded with 64 bits from
     `key`; ~50x cheaper, 2**-24 resolution. Both depend on the global index only, so the mask is
     the same on 1 or N devices.
     """

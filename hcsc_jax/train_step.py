@@ -1,7 +1,7 @@
 """MoCo-style train state and the jitted HCSC train step (spec §6).
 
 The state is one pytree: query and key encoder parameters and BN statistics, optimizer state,
-the queue of keys (K, d) with its pointer, the ICSC normaliser cache (L, K), step and rng.
+the queue of keys (K, d) with its pointer, the ICSC normalizer cache (L, K), step and rng.
 A step: EMA of the key encoder, two augmented views (plus any multi-crop local views), key
 forward with ShuffleBN, query forward of the global and local views, HCSC objective, SGD update,
 enqueue of the global batch's keys. It runs under `jax.jit` on a
@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from hcsc_jax import objective, sharding
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
+from hcsc_jax.models import l2_normalize
 
 
 @flax.struct.dataclass
@@ -29,7 +30,7 @@ class TrainState:
     """Everything a step reads and writes. Arrays are replicated over the mesh.
 
     queue (K, d) float32 keys; queue_ptr () int32 next write row; queue_lse (L, K) float32 ICSC
-    normalisers of the queue under the current prototypes (zeros in warm-up; (1, K) when L = 0);
+    normalizers of the queue under the current prototypes (zeros in warm-up; (1, K) when L = 0);
     step () int32 global step; rng (2,) uint32 raw key data of the run's root key.
     """
 
@@ -52,8 +53,8 @@ class StepConfig:
     encoder only, spec §6); local views of one crop size go through the encoder as one batch."""
 
     objective: objective.ObjectiveConfig
-    view_q: augment_lib.AugmentConfig
-    view_k: augment_lib.AugmentConfig
+    view_q: augmentations.AugmentConfig
+    view_k: augmentations.AugmentConfig
     view_local: tuple = ()
     ema_momentum: float = 0.999
     shuffle_bn: bool = True
@@ -89,7 +90,7 @@ def split_model(model: nnx.Module):
 
 
 def apply_model(graphdef, params, stats, x, train: bool):
-    """Runs the encoder functionally: -> (pooled features, L2-normalised projection, new stats)."""
+    """Runs the encoder functionally: -> (pooled features, L2-normalized projection, new stats)."""
     model = nnx.merge(graphdef, params, stats, copy=True)
     features, projection = model(x, train=train)
     return features, projection, nnx.state(model, nnx.BatchStat)
@@ -100,7 +101,7 @@ def init_state(model: nnx.Module, tx, queue_size: int, embed_dim: int, num_level
     _, params, stats = split_model(model)
     root = jax.random.key(seed)
     queue = jax.random.normal(jax.random.fold_in(root, 1), (queue_size, embed_dim), jnp.float32)
-    queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
+    queue = l2_normalize(queue, axis=1)
     copy = lambda t: jax.tree.map(jnp.array, t)
     return TrainState(
         q_params=params, q_stats=stats, k_params=copy(params), k_stats=copy(stats),
@@ -130,7 +131,7 @@ def enqueue(queue, ptr, keys):
 
 
 def make_views(key_q, key_k, images, cfg: StepConfig):
-    """Augmented views -> (x_q, x_k, tuple of local views), float32 normalised.
+    """Augmented views -> (x_q, x_k, tuple of local views), float32 normalized.
 
     images, as a `data.pipeline` input yields them: uint8 (B, H, W, C) whole images, from which
     every view is cropped here, or a tuple of 2 + len(cfg.view_local) uint8 views (B, S_v, S_v, C)
@@ -146,7 +147,7 @@ def make_views(key_q, key_k, images, cfg: StepConfig):
         raise ValueError(f"got {len(per_view)} view arrays for {len(configs)} views "
                          "(query, key and the local views)")
     keys = [key_q, key_k] + [jax.random.fold_in(key_q, v + 1) for v in range(len(cfg.view_local))]
-    views = [augment_lib.augment(k, x, c) for k, x, c in zip(keys, per_view, configs)]
+    views = [augmentations.augment(k, x, c) for k, x, c in zip(keys, per_view, configs)]
     return views[0], views[1], tuple(views[2:])
 
 

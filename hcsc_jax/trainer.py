@@ -26,13 +26,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, clustering, distributed, evaluators, objective, resume, sharding
+from hcsc_jax import checkpoints, clustering, distributed, evaluators, models, objective, resume, sharding
 from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import visualize
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.features import embed_input
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 from hcsc_jax.data import stream as stream_lib
 
@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-def encoder_meta(config: ml_collections.ConfigDict, in_channels: int) -> dict:
-    return checkpoints.encoder_meta(config.model.to_dict(), in_channels, config.bn_group_size)
-
-
-def build_encoder(config: ml_collections.ConfigDict, in_channels: int, seed: int):
-    return checkpoints.build_encoder(encoder_meta(config, in_channels), seed=seed)
 
 
 def objective_config(config) -> objective.ObjectiveConfig:
@@ -62,8 +54,8 @@ def view_configs(config, channels: int):
     mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     base = dict(jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
                 flip=a.flip, mean=mean, std=std)
-    view = augment_lib.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
-    local = tuple(augment_lib.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
+    view = augmentations.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
+    local = tuple(augmentations.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
                   for size, scale in a.local_views)
     return view, view, local, (mean, std)
 
@@ -86,20 +78,14 @@ def make_input(config, split: str, mesh, train: bool = True):
 def init_from(model, path: str) -> None:
     """Overwrites `model`'s parameters and BN statistics with those of the encoder at `path`
     (a workdir or an exported / PyTorch-imported encoder); the architectures must match."""
-    source, _ = checkpoints.load_encoder(path)
+    source, meta = checkpoints.load_encoder(path)
     new, old = nnx.state(source), nnx.state(model)
     shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(t))
     if shapes(new) != shapes(old):
         raise ValueError(
             f"init_encoder {path} holds a different architecture than config.model "
-            f"({dict(config_model_of(source))}); set config.model to match it")
+            f"({meta['model']}, in_channels {meta['in_channels']}); set config.model to match it")
     nnx.update(model, new)
-
-
-def config_model_of(model) -> dict:
-    """A short description of an encoder for error messages."""
-    return {"num_features": model.backbone.num_features, "layers": [len(model.backbone.layer1), len(model.backbone.layer2),
-            len(model.backbone.layer3), len(model.backbone.layer4)]}
 
 
 def uses_prototypes(config, epoch: int) -> bool:
@@ -191,8 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = steps_per_epoch * config.epochs
 
     channels = train_set.channels
-    enc_meta = encoder_meta(config, channels)
-    model = build_encoder(config, channels, config.seed)
+    enc_meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size)
+    model = models.build_encoder(enc_meta, seed=config.seed)
     if config.get("init_encoder"):
         init_from(model, config.init_encoder)
     graphdef = ts.split_model(model)[0]

@@ -9,7 +9,7 @@
 - `hierarchy.png`: the paper's Fig. 3: for a few top-level prototypes, their child prototypes
   level by level, each shown as a strip of the training images nearest to it (among the sample
   images assigned to it, by cosine similarity of the final key encoder's projection).
-- `embedding.png`: t-SNE of the key projections of a sample of training images, coloured by
+- `embedding.png`: t-SNE of the key projections of a sample of training images, colored by
   label and by top-level cluster.
 
 The first two read only metrics.jsonl and hierarchy/ (cheap: written at the end of every run);
@@ -156,11 +156,12 @@ def write_run_figures(workdir: str | epath.Path, out: epath.Path | None = None) 
 
 
 def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
-    """A sample of the run's training set: (indices (n,), centre-cropped uint8 images,
-    L2-normalised key projections (n, d), labels or None)."""
+    """A sample of the run's training set: (indices (n,), center-cropped uint8 images,
+    L2-normalized key projections (n, d), labels or None)."""
     from hcsc_jax import checkpoints, features, sharding, trainer  # jax and the model only for these figures
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import pipeline, sources, stream
+    from hcsc_jax.models import l2_normalize
     import ml_collections
 
     config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
@@ -176,7 +177,7 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     _, proj = features.embed_batches(graphdef, params, stats, pipeline.array_batches(images, mesh, 256),
                                      len(images), config.image_size, mean, std, precropped=True)
     labels = None if source.labels is None else np.asarray(source.labels)[idx]
-    return idx, images, proj / np.linalg.norm(proj, axis=1, keepdims=True), labels
+    return idx, images, l2_normalize(np.asarray(proj), axis=1), labels
 
 
 def tree_rows(arrays: dict[str, np.ndarray], top: int, branch: int) -> list[tuple[int, int, int]]:
@@ -231,15 +232,15 @@ def hierarchy_figure(arrays, idx, images, proj, top: int = 3, branch: int = 2, s
 
 
 def embedding_figure(proj, labels, top_assign, seed: int = 0) -> Figure:
-    """t-SNE of the projections, coloured by label (when known) and by top-level cluster."""
+    """t-SNE of the projections, colored by label (when known) and by top-level cluster."""
     from sklearn.manifold import TSNE
 
     xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(proj) - 1) / 3), random_state=seed).fit_transform(proj)
     panels = ([("label", labels)] if labels is not None else []) + [("top-level cluster", top_assign)]
     fig = Figure(figsize=(4.6 * len(panels), 4.4), dpi=80, layout="constrained")
-    for i, (name, colour) in enumerate(panels):
+    for i, (name, color) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10" if colour.max() < 10 else "tab20", s=4, lw=0)
+        ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="tab10" if color.max() < 10 else "tab20", s=4, lw=0)
         ax.set_title(f"t-SNE of {len(proj)} key projections, by {name}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -15,11 +15,11 @@ SYNSETS = ("n01440764", "n01443537", "n01484850")
 
 
 def _image(rng, label: int, height: int, width: int) -> np.ndarray:
-    """A class-dependent picture: a bright square of the class's colour on noise."""
+    """A class-dependent picture: a bright square of the class's color on noise."""
     img = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-    colour = np.zeros(3, np.uint8)
-    colour[label % 3] = 230
-    img[height // 4:3 * height // 4, width // 4:3 * width // 4] = colour
+    color = np.zeros(3, np.uint8)
+    color[label % 3] = 230
+    img[height // 4:3 * height // 4, width // 4:3 * width // 4] = color
     return img
 
 

@@ -5,7 +5,7 @@ import numpy as np
 
 
 def unit(rng, *shape):
-    """Random L2-normalised float32 rows (a test input, not part of the reference)."""
+    """Random L2-normalized float32 rows (a test input, not part of the reference)."""
     x = rng.normal(size=shape)
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 

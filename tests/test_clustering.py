@@ -97,7 +97,7 @@ def test_blobs_recovered_at_both_levels(blobs):
     assert all(level.valid.all() for level in h.levels)
     np.testing.assert_array_equal(h.assignments(), np.stack([lvl0.assignments,
                                                              lvl1.assignments], 1))
-    # Centroids: unit norm, close to the normalised blob / super-group means.
+    # Centroids: unit norm, close to the normalized blob / super-group means.
     for level in h.levels:
         np.testing.assert_allclose(np.linalg.norm(level.centroids, axis=1), 1, atol=1e-6)
     unit = BLOB_MEANS / np.linalg.norm(BLOB_MEANS, axis=1, keepdims=True)
@@ -110,7 +110,7 @@ def test_blobs_recovered_at_both_levels(blobs):
 def test_level0_phi_matches_formula_on_samples(blobs):
     x, labels, h = blobs
     lvl0 = h.levels[0]
-    # k-means converged: the un-normalised centroid of each cluster is its members' mean.
+    # k-means converged: the un-normalized centroid of each cluster is its members' mean.
     means = np.stack([x[lvl0.assignments == c].mean(0) for c in range(4)])
     sq = ((x - means[lvl0.assignments]) ** 2).sum(1)
     expected = reference_phi(sq, lvl0.assignments, 4, T)

@@ -34,7 +34,7 @@ def inertia(members, assign, k):
 
 
 def members_per_level(x, h):
-    """Members clustered at each level: the samples, then the normalised centroids below."""
+    """Members clustered at each level: the samples, then the normalized centroids below."""
     return [x] + [level.centroids for level in h.levels[:-1]]
 
 
@@ -121,7 +121,7 @@ def test_blobs_tree_recovered():
     assert_consistent(x, h)
 
 
-def test_initialisation_and_subsample_are_faiss_s():
+def test_initialization_and_subsample_are_faiss_s():
     # niter=0: the centroids are the initial ones, faiss's random sample of k points of its
     # random subsample of k * max_points_per_centroid points (here 12 * 20 = 240 of 1000).
     x, _ = mixture(1000, 16, 12, seed=2)

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hcsc_jax import checkpoints, convert
+from hcsc_jax import checkpoints, convert, models
 from hcsc_jax.models import ProjectionHead
 
 
 def _meta(arch="resnet18", width=0.25, small_stem=True, embed_dim=16, hidden_dim=32, in_channels=3):
-    return checkpoints.encoder_meta(
+    return models.encoder_meta(
         {
             "arch": arch,
             "width": width,
@@ -43,10 +43,10 @@ def _pure(model):
 
 def _random_stats_encoder(meta, seed=1):
     """An encoder with random weights and non-trivial BN scale/bias/mean/var, filled from NumPy
-    into an abstract model (a real JAX initialisation costs ~25 s of compiles on a cold CPU)."""
+    into an abstract model (a real JAX initialization costs ~25 s of compiles on a cold CPU)."""
     import jax
 
-    graphdef, p, s = nnx.split(checkpoints.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    graphdef, p, s = nnx.split(models.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -76,7 +76,7 @@ def _assert_trees_equal(a, b):
 
 
 def _torch_resnet(arch, *, small_stem=False, width=1.0, in_channels=3, hidden_dim=None, out_dim=128):
-    """torchvision-layout ResNet + MoCo v2 head; forward -> (pooled features, L2-normalised z)."""
+    """torchvision-layout ResNet + MoCo v2 head; forward -> (pooled features, L2-normalized z)."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
 
@@ -257,7 +257,7 @@ def test_torchvision_dict_without_head_keeps_fresh_head(caplog):
     sd["fc.bias"] = np.zeros((1000,), np.float32)
     with caplog.at_level("WARNING"):
         got = convert.torch_to_encoder({f"module.{k}": v for k, v in sd.items()}, seed=5)
-    assert "fc.weight (1000, 128)" in caplog.text and "fresh initialisation" in caplog.text
+    assert "fc.weight (1000, 128)" in caplog.text and "fresh initialization" in caplog.text
     p, s = _pure(got)
     p0, s0 = _pure(model)
     _assert_trees_equal((p0["backbone"], s0), (p["backbone"], s))

@@ -195,7 +195,7 @@ def test_fashion_mnist_missing_names_debian_package(tmp_path):
 def test_tfds_mock_data_source_without_tensorflow():
     tfds = pytest.importorskip("tensorflow_datasets")
     rng = np.random.default_rng(2)
-    # (H, W) grey images, as some sources yield them, must come back as (H, W, 1).
+    # (H, W) gray images, as some sources yield them, must come back as (H, W, 1).
     examples = [{"image": rng.integers(0, 256, (28, 28), dtype=np.uint8), "label": np.int64(i % 10)}
                 for i in range(6)]
     calls = []
@@ -277,14 +277,14 @@ def test_image_folder_with_splits(tmp_path):
     np.testing.assert_array_equal(test.images, val.images)  # "test" falls back to val/
 
 
-def test_image_folder_flat_grey_and_sizes(tmp_path):
+def test_image_folder_flat_gray_and_sizes(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     a = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     _save(Image, tmp_path / "zero" / "a.png", a)
     _save(Image, tmp_path / "one" / "b.png", 255 - a)
     for split in ("train", "test"):  # no split folders: the whole folder for any split
         ds = load_dataset(f"folder:{tmp_path}", split)
-        assert ds.images.shape == (2, 3, 4, 1)  # grey PNGs -> C = 1
+        assert ds.images.shape == (2, 3, 4, 1)  # gray PNGs -> C = 1
         np.testing.assert_array_equal(ds.labels, [0, 1])  # "one" < "zero"
         np.testing.assert_array_equal(ds.images[..., 0], np.stack([255 - a, a]))
     _save(Image, tmp_path / "one" / "c.png", np.zeros((5, 4), np.uint8))
@@ -300,7 +300,7 @@ def test_image_folder_flat_grey_and_sizes(tmp_path):
 
 def test_resize_uint8_hand_computed():
     # 4 -> 2 is a 2x downscale: antialiased triangle of half-width 2 around 0.5 and 2.5,
-    # clipped to the image and renormalised: (3, 3, 1)/7 and (1, 3, 3)/7.
+    # clipped to the image and renormalized: (3, 3, 1)/7 and (1, 3, 3)/7.
     w = np.array([[3, 3, 1, 0], [0, 1, 3, 3]]) / 7
     np.testing.assert_allclose(bilinear_weights(4, 2), w, rtol=1e-6)
     img = np.random.default_rng(4).integers(0, 256, (4, 4, 2), dtype=np.uint8)

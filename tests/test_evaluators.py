@@ -15,7 +15,7 @@ from flax import nnx
 
 import imagenet_like
 from configs import eval_digits, eval_imagenet
-from hcsc_jax import checkpoints, sharding, workdir
+from hcsc_jax import checkpoints, models, sharding, workdir
 from hcsc_jax.data import sources
 from hcsc_jax.evaluators import EvalError, cluster, common, knn, linear, semisup, voc
 
@@ -179,22 +179,22 @@ def _random_weights(abstract_state, seed=0):
 
 
 def export_random_encoder(path, channels):
-    meta = checkpoints.encoder_meta(
+    meta = models.encoder_meta(
         dict(arch="resnet18", width=0.0625, small_stem=True, embed_dim=16, hidden_dim=32, dtype="float32"),
         in_channels=channels, bn_group_size=8)
-    _, params, stats = nnx.split(checkpoints.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    _, params, stats = nnx.split(models.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
     checkpoints.export_encoder(str(path), meta, _random_weights(params), _random_weights(stats, 1))
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def grey_encoder(tmp_path_factory):
-    return export_random_encoder(tmp_path_factory.mktemp("enc") / "grey", 1)
+def gray_encoder(tmp_path_factory):
+    return export_random_encoder(tmp_path_factory.mktemp("enc") / "gray", 1)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """(colour encoder, ImageNet-layout folder of varied sizes, same-size folder, TFDS data_dir)."""
+    """(color encoder, ImageNet-layout folder of varied sizes, same-size folder, TFDS data_dir)."""
     root = tmp_path_factory.mktemp("data")
     return dict(encoder=export_random_encoder(root / "rgb", 3),
                 folder=imagenet_like.make_folder(str(root / "imagenet")),
@@ -225,7 +225,7 @@ def test_tfds_labels_and_file_names_without_decoding_images(data, monkeypatch):
 
 
 def test_streamed_equals_resident(data, tmp_path):
-    """Same images both ways: the host's centre crop (Pillow) and the device's give the same
+    """Same images both ways: the host's center crop (Pillow) and the device's give the same
     features to uint8 rounding, hence the same kNN, clustering and linear_fast numbers."""
     ctxs = {p: _ctx(data["encoder"], None, dataset=f"folder:{data['same_size']}", pipeline=p)[0]
             for p in ("memory", "stream")}
@@ -239,12 +239,12 @@ def test_streamed_equals_resident(data, tmp_path):
         assert results[0][key] == results[1][key], name
 
 
-def test_bad_input_stops_with_what_to_change(data, grey_encoder, tmp_path):
+def test_bad_input_stops_with_what_to_change(data, gray_encoder, tmp_path):
     tmp_path = tmp_path / "out"
     tmp_path.mkdir()
     folder = f"folder:{data['folder']}"
     with pytest.raises(EvalError, match=r"3-channel images, the encoder takes 1"):
-        _ctx(grey_encoder, tmp_path, dataset=folder)[0].features("train")
+        _ctx(gray_encoder, tmp_path, dataset=folder)[0].features("train")
     with pytest.raises(EvalError, match=r"holds a resnet18 encoder, this eval config is for resnet50"):
         _ctx(data["encoder"], tmp_path, dataset=folder, expect_arch="resnet50")
     ctx, cfg = _ctx(data["encoder"], tmp_path, dataset=folder)
@@ -295,7 +295,7 @@ def test_readme_commands_on_generated_imagenet(data, tmp_path):
         res = read(os.path.join(enc, "eval", f"{mode}_step0.json"))
         assert res["mode"] == mode and res["model"]["arch"] == "resnet18"
     eval_dir = os.path.join(enc, "eval")
-    assert read(os.path.join(eval_dir, "knn_step0.json"))["per_k"]["2"]["top1"] > 60  # coloured squares: easy
+    assert read(os.path.join(eval_dir, "knn_step0.json"))["per_k"]["2"]["top1"] > 60  # colored squares: easy
     assert read(os.path.join(eval_dir, "semisup_step0.json"))["num_labelled"] == 6
     assert len(read(os.path.join(eval_dir, "voc_step0.json"))["ap"]) == 20
     assert read(os.path.join(eval_dir, "linear_step0.json"))["protocol"]["augmented"] is True
@@ -304,13 +304,13 @@ def test_readme_commands_on_generated_imagenet(data, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_linear_sigkilled_and_restarted_equals_uninterrupted(grey_encoder, tmp_path):
+def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_path):
     args = ["--mode=linear", "--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",
             "--config.image_size=8", "--config.mean=(0.5,)", "--config.std=(0.5,)", "--config.progress_bar=False",
             "--config.linear.epochs=3", "--config.linear.milestones=(2,)", "--config.linear.checkpoint_every_steps=2"]
     dirs = [str(tmp_path / name) for name in ("whole", "killed")]
     for d in dirs:
-        subprocess.run(["cp", "-r", grey_encoder, d], check=True)
+        subprocess.run(["cp", "-r", gray_encoder, d], check=True)
     proc = run_eval(f"--checkpoint={dirs[0]}", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = os.path.join(dirs[1], "eval", "linear_step0_ckpt")
@@ -332,8 +332,8 @@ def test_linear_sigkilled_and_restarted_equals_uninterrupted(grey_encoder, tmp_p
     assert proc.returncode == 1 and "other weights or settings; delete it" in proc.stderr
 
 
-def test_semisup_fraction_lr_history(grey_encoder, tmp_path):
-    ctx, cfg = _ctx(grey_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test", image_size=8,
+def test_semisup_fraction_lr_history(gray_encoder, tmp_path):
+    ctx, cfg = _ctx(gray_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test", image_size=8,
                     mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)
     cfg.semisup.update(split_file=None, fraction=0.05, epochs=2, milestones=(1,), batch_size=256)
     res, line = semisup.run(ctx, cfg.semisup)

@@ -31,7 +31,7 @@ def test_package_splits_are_the_published_dataset(train):
     assert train.num_classes == 10 and train.class_names[9] == "Ankle boot"
 
 
-def test_config_normalisation_matches_the_data(train):
+def test_config_normalization_matches_the_data(train):
     x = train.images.astype(np.float64) / 255.0
     aug = fashion_mnist.get_config().augment
     np.testing.assert_allclose(aug.mean[0], x.mean(), atol=1e-3)

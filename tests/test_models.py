@@ -14,7 +14,7 @@ from hcsc_jax.models.resnet import max_pool_3x3_s2
 
 # ----------------------------------------------------------------------------- helpers
 def np_grouped_bn(x, g, scale, bias, run_mean, run_var, eps=1e-5, momentum=0.1):
-    """Independent NumPy reference (float64): per-group normalisation + PyTorch running update."""
+    """Independent NumPy reference (float64): per-group normalization + PyTorch running update."""
     x = np.asarray(x, np.float64)
     b, c = x.shape[0], x.shape[-1]
     y = np.empty_like(x)
@@ -62,7 +62,7 @@ def forward(model, x, train=True):
 
 
 def rngs(seed=0):
-    # 'rbg' keys: eager per-shape initialiser compilations are ~2x cheaper than threefry on CPU.
+    # 'rbg' keys: eager per-shape initializer compilations are ~2x cheaper than threefry on CPU.
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
@@ -283,7 +283,7 @@ def test_parameter_counts_match_torchvision(tiny):
 # ----------------------------------------------------------------------------- sharding & dtypes
 @pytest.mark.parametrize("axis_type,g", [("Explicit", 4), ("Auto", 8)])
 def test_sharded_forward_equals_single_device(axis_type, g, tiny):
-    # 16x16 input: at 8x8, layer4 is 1x1 and normalising 4 values per group amplifies float32
+    # 16x16 input: at 8x8, layer4 is 1x1 and normalizing 4 values per group amplifies float32
     # rounding differences (XLA orders reductions differently per shape) to ~5e-5.
     model = tiny if g == 4 else tiny_encoder(bn_group_size=g)
     x = np.asarray(jax.random.normal(jax.random.key(3), (32, 16, 16, 3)))

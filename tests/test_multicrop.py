@@ -40,9 +40,9 @@ def test_local_terms_match_reference(problem, views, semantics, selection_on_loc
     cfg = ObjectiveConfig(semantics=semantics, group_size=4, selection_on_local=selection_on_local)
     loss, m = run(pb, cfg, RNG, local_q=views)
     inst, proto = masks(pb, cfg, len(views))
-    # Global masks are those of selection_masks; every view draws its own PCSC masks.
+    # Global masks are view 0 of prototype_masks; every view draws its own PCSC masks.
     positives = [pb["labels"][:, l] for l in range(3)]
-    _, global_proto = objective.selection_masks(pb["queue"], pb["protos"], positives, RNG, cfg)
+    global_proto = objective.prototype_masks(pb["protos"], positives, RNG, cfg)[0]
     np.testing.assert_array_equal(global_proto[0], proto[0][0])
     for a, b in [(0, 1), (0, 2), (1, 2)]:
         assert not np.array_equal(proto[a][0], proto[b][0]) and not np.array_equal(proto[a][1], proto[b][1])

@@ -44,7 +44,8 @@ def test_objective_matches_reference(problem, semantics):
     cfg = ObjectiveConfig(semantics=semantics, group_size=4)
     loss, metrics = run(pb, cfg)
     positives = [pb["labels"][:, l] for l in range(3)]
-    inst, proto = objective.selection_masks(pb["queue"], pb["protos"], positives, jax.random.key(7), cfg)
+    inst = objective.instance_masks(pb["queue"], pb["protos"], positives, jax.random.key(7), cfg)
+    proto = objective.prototype_masks(pb["protos"], positives, jax.random.key(7), cfg)[0]
     assert proto[2] is None  # top level: all candidates, no selection
     want = ref.hcsc_loss(
         pb["q"], pb["k"], pb["queue"], pb["levels"], pb["labels"], np.asarray(inst),
@@ -67,7 +68,7 @@ def test_masks_follow_selection_probabilities(problem):
     cfg = ObjectiveConfig()
     hits = np.zeros((B, K))
     for s in range(200):
-        inst, _ = objective.selection_masks(queue, protos, positives, jax.random.key(s), cfg)
+        inst = objective.instance_masks(queue, protos, positives, jax.random.key(s), cfg)
         hits += np.asarray(inst[0])
     assert hits[0, 0] == 0  # never selected
     rate = hits / 200

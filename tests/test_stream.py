@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hcsc_jax import sharding
-from hcsc_jax.data import augment, stream
+from hcsc_jax.data import augmentations, stream
 from hcsc_jax.data.resize import resize_uint8
 from hcsc_jax.data.sources import ArrayDataset, ArraySource, load_dataset, open_source
 from hcsc_jax.data.stream import CropSpec, TrainStream, center_crop_batches, epoch_permutation
@@ -50,15 +50,15 @@ def _assert_batches_equal(a, b):
 # ----------------------------------------------------------------------------- sources
 
 def _write_folder(root):
-    """3 classes of RGB JPEG/PNG files of varied sizes, a grey JPEG and a stray text file."""
+    """3 classes of RGB JPEG/PNG files of varied sizes, a gray JPEG and a stray text file."""
     rng = np.random.default_rng(1)
     files = {}
     for cls, names in {"b_cls": ["x.png", "a.jpg"], "a_cls": ["k.jpeg", "c.png", "z.jpg"],
-                       "c_cls": ["grey.jpg"]}.items():
+                       "c_cls": ["gray.jpg"]}.items():
         (root / cls).mkdir(parents=True)
         for name in names:
             shape = (int(rng.integers(9, 30)), int(rng.integers(9, 30)))
-            array = rng.integers(0, 256, shape + (() if name == "grey.jpg" else (3,)), dtype=np.uint8)
+            array = rng.integers(0, 256, shape + (() if name == "gray.jpg" else (3,)), dtype=np.uint8)
             Image.fromarray(array).save(root / cls / name, quality=90)
             files[(cls, name)] = array
     (root / "a_cls" / "notes.txt").write_text("not an image")
@@ -69,7 +69,7 @@ def test_folder_source_matches_in_memory_loader(tmp_path):
     files = _write_folder(tmp_path)
     src = open_source(f"folder:{tmp_path}", "train")
     order = [("a_cls", "c.png"), ("a_cls", "k.jpeg"), ("a_cls", "z.jpg"), ("b_cls", "a.jpg"),
-             ("b_cls", "x.png"), ("c_cls", "grey.jpg")]
+             ("b_cls", "x.png"), ("c_cls", "gray.jpg")]
     assert src.num_examples == 6 and src.channels == 3 and src.num_classes == 3
     assert src.class_names == ("a_cls", "b_cls", "c_cls")
     np.testing.assert_array_equal(src.labels, [0, 0, 0, 1, 1, 2])
@@ -78,7 +78,7 @@ def test_folder_source_matches_in_memory_loader(tmp_path):
         assert img.dtype == np.uint8 and img.shape[:2] == files[key].shape[:2] and img.shape[2] == 3
         if key[1].endswith(".png"):  # lossless
             np.testing.assert_array_equal(img, files[key])
-    assert (images[5] == images[5][..., :1]).all()  # the grey JPEG, converted to RGB
+    assert (images[5] == images[5][..., :1]).all()  # the gray JPEG, converted to RGB
     # Same examples, labels and order as the in-memory loader (which needs one size).
     ds = load_dataset(f"folder:{tmp_path}", "train", image_size=(8, 7))
     np.testing.assert_array_equal(ds.labels, src.labels)
@@ -142,8 +142,8 @@ def test_crop_box_statistics_and_device_sampler():
     ratio = (3 / 4, 4 / 3)
     for height, width, scale in [(60, 80, (0.2, 1.0)), (80, 60, (0.2, 1.0)), (30, 200, (0.2, 1.0)),
                                  (50, 50, (0.2, 0.5))]:
-        us = rng.random((100, augment.CROP_UNIFORMS))
-        device = np.stack(jax.vmap(augment._crop_box, (0, None, None, None, None))(
+        us = rng.random((100, augmentations.CROP_UNIFORMS))
+        device = np.stack(jax.vmap(augmentations._crop_box, (0, None, None, None, None))(
             us.astype(np.float32), height, width, scale, ratio), 1)
         same, fractions, log_aspects = 0, [], []
         for u, dev in zip(us, device):
@@ -151,7 +151,7 @@ def test_crop_box_statistics_and_device_sampler():
             assert 0 <= top <= height - h and 0 <= left <= width - w
             same += tuple(dev) == box
             fit = _first_fit(u, height, width, scale, ratio)
-            if fit is None:  # fallback: the largest centred box, aspect clamped to 4/3
+            if fit is None:  # fallback: the largest centered box, aspect clamped to 4/3
                 assert (height, width) == (30, 200) and box == (0, 80, 30, 40)
                 continue
             tol = 2 / min(h, w)  # w and h are rounded
@@ -165,8 +165,8 @@ def test_crop_box_statistics_and_device_sampler():
             assert len(fractions) == 100
             assert abs(np.mean(fractions) - 0.35) < 0.03 and abs(np.mean(log_aspects)) < 0.04
             assert min(fractions) < 0.22 and max(fractions) > 0.48
-    # Fallback cases: largest centred box with the aspect ratio clamped to `ratio`.
-    u = rng.random(augment.CROP_UNIFORMS)
+    # Fallback cases: largest centered box with the aspect ratio clamped to `ratio`.
+    u = rng.random(augmentations.CROP_UNIFORMS)
     assert stream.crop_box(u, 10, 100, (0.9, 1.0), ratio) == (0, 43, 10, 13)
     assert stream.crop_box(u, 100, 10, (0.9, 1.0), ratio) == (43, 0, 13, 10)
     assert stream.crop_box(u, 10, 12, (1.5, 1.5), ratio) == (0, 0, 10, 12)  # in ratio: whole image
@@ -178,7 +178,7 @@ def test_random_resized_crops_are_pillow_crop_then_resize(channels):
     views = stream.random_resized_crops(image, CROPS, seed=5, epoch=3, index=11)
     pil = Image.fromarray(image if channels == 3 else image[..., 0])
     for v, (view, crop) in enumerate(zip(views, CROPS, strict=True)):
-        u = np.random.default_rng([5, 3, 11, v, 1]).random(augment.CROP_UNIFORMS)
+        u = np.random.default_rng([5, 3, 11, v, 1]).random(augmentations.CROP_UNIFORMS)
         top, left, h, w = stream.crop_box(u, 37, 53, crop.scale, crop.ratio)
         want = np.asarray(pil.crop((left, top, left + w, top + h)).resize((crop.size,) * 2,
                                                                              Image.BILINEAR))
@@ -273,10 +273,10 @@ def test_center_crop_batches(count):
     np.testing.assert_array_equal(valid, np.arange(12) < 11)
     np.testing.assert_array_equal(idx, np.r_[np.arange(11), 0])
     assert (images[11] == 0).all()
-    # Pixels: the device's center_crop (an independent implementation), un-normalised.
+    # Pixels: the device's center_crop (an independent implementation), un-normalized.
     for i in range(3):  # one compile per image size
         img = src.load(i)
-        want = augment.center_crop(img[None], 14, mean=(0.0,) * 3, std=(1 / 255,) * 3)[0]
+        want = augmentations.center_crop(img[None], 14, mean=(0.0,) * 3, std=(1 / 255,) * 3)[0]
         assert np.abs(images[i].astype(np.float32) - np.asarray(want)).max() <= 1.01
     assert len({np.sign(src.load(i).shape[0] - src.load(i).shape[1]) for i in range(3)}) == 2
 
@@ -328,4 +328,4 @@ def test_bad_crop_specs_say_what_to_change():
         with pytest.raises(ValueError, match=msg):
             CropSpec(*bad)
         with pytest.raises(ValueError, match=msg):
-            augment.AugmentConfig(*bad)
+            augmentations.AugmentConfig(*bad)

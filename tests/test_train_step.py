@@ -21,7 +21,7 @@ from flax import nnx
 
 from hcsc_jax import losses, objective, sharding
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 from hcsc_jax.models import make_encoder
 
@@ -39,7 +39,7 @@ TOTAL_STEPS = 10
 # 1 vs 8 devices: per-device shapes differ (64 vs 8 samples), so XLA may order some reductions
 # (gradient all-reduce, loss mean) differently; after two steps the states agree to <= 3e-6 (the
 # largest: the SGD momentum buffers; loss/metrics to ~1e-6), so rtol = atol = 1e-5 holds. (With 8x8 images the last stage is 1x1 and a BN group of 4 samples
-# normalises 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
+# normalizes 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
 # the next gradient by ~1e-4 relative, and the 2nd step agrees only to ~1e-3. 16x16 avoids this.)
 DEV_TOL = dict(rtol=1e-5, atol=1e-5)
 # Recomputations outside the fused step (separately jitted encoder / objective): same ops,
@@ -70,7 +70,7 @@ def _max_tree_diff(a, b):
 
 
 def _make_protos_host(seed):
-    """Random L2-normalised centroids, phi in [0.1, 0.3], parents; one invalid prototype on the
+    """Random L2-normalized centroids, phi in [0.1, 0.3], parents; one invalid prototype on the
     lower levels. Same shapes for every seed."""
     rng = np.random.default_rng(seed)
     cents, temps, valid, parents = [], [], [], []
@@ -125,7 +125,7 @@ def setup():
     graphdef = ts.split_model(model)[0]
     tx, _ = ts.make_optimizer(BASE_LR, B, TOTAL_STEPS, weight_decay=1e-4, momentum=0.9)
     # random crop + flip: the photometric ops are off (skipped statically: much faster to compile)
-    view = augment_lib.AugmentConfig(crop_size=HW, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    view = augmentations.AugmentConfig(crop_size=HW, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     obj = objective.ObjectiveConfig(group_size=G)
     cfg = ts.StepConfig(objective=obj, view_q=view, view_k=view, ema_momentum=M)
     assert cfg.shuffle_bn
@@ -144,7 +144,7 @@ def setup():
     @jax.jit
     def views(state, batch):
         key_q, key_k, key_shuffle, key_obj = ts.step_keys(state)
-        return (augment_lib.augment(key_q, batch, cfg.view_q), augment_lib.augment(key_k, batch, cfg.view_k),
+        return (augmentations.augment(key_q, batch, cfg.view_q), augmentations.augment(key_k, batch, cfg.view_k),
                 key_shuffle, key_obj)
 
     return dict(graphdef=graphdef, tx=tx, cfg=cfg, cfg_plain=cfg_plain, state0=state0, images=images,
@@ -315,7 +315,7 @@ def test_queue_rows_pointer_and_lse(setup, runs):
         np.testing.assert_allclose(after.queue[new], keys, **REC_TOL)
         np.testing.assert_allclose(np.linalg.norm(after.queue[new], axis=1), 1.0, rtol=1e-5)
         np.testing.assert_array_equal(after.queue[old], before.queue[old])
-        # the ICSC cache: new rows = normalisers of the new keys, other rows unchanged
+        # the ICSC cache: new rows = normalizers of the new keys, other rows unchanged
         np.testing.assert_allclose(after.queue_lse[:, new], lse(keys), **REC_TOL)
         np.testing.assert_array_equal(after.queue_lse[:, old], before.queue_lse[:, old])
         np.testing.assert_allclose(after.queue_lse, lse(after.queue), **REC_TOL)
@@ -480,7 +480,7 @@ def test_multicrop_step_matches_separate_local_forwards(setup, runs, multicrop):
     s0 = one.s0
     batch = jnp.asarray(setup["images"][setup["idx"][0]])
     key_q, _, _, key_obj = ts.step_keys(jax.device_put(s0))
-    x_local = [augment_lib.augment(jax.random.fold_in(key_q, v + 1), batch, c)
+    x_local = [augmentations.augment(jax.random.fold_in(key_q, v + 1), batch, c)
                for v, c in enumerate(cfg.view_local)]
     assert [x.shape[1] for x in x_local] == list(LOCAL)
     k_params = jax.tree.map(lambda k, q: M * k + (1 - M) * q, s0.k_params, s0.q_params)
@@ -525,7 +525,7 @@ def test_streaming_views_equal_resident_crops(setup, runs):
 
 # ----------------------------------------------------------------------------- mixed precision
 # bfloat16 keeps 8 bits of mantissa: activations carry ~0.4% relative error per op; through the
-# network, the L2-normalised embeddings and a temperature of 0.2 the step's losses moved by at most
+# network, the L2-normalized embeddings and a temperature of 0.2 the step's losses moved by at most
 # 0.23% here (loss 0.11%, instance 0.23%, proto 0.05%). Stated tolerance: 1% of the float32 loss.
 BF16_RTOL = 1e-2
 

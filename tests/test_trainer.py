@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits
-from hcsc_jax import checkpoints, clustering, metrics, resume, sharding, trainer
+from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
@@ -276,14 +276,15 @@ def test_streaming_input_trains_like_resident_input(tmp_path):
 
 
 def _final_params_of_untrained():
-    model = trainer.build_encoder(tiny_config(), 1, 0)
+    config = tiny_config()
+    model = models.build_encoder(models.encoder_meta(config.model.to_dict(), 1, config.bn_group_size), seed=0)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     """Multi-crop through the streaming path with prototypes: every logged loss is the sum of the
     global and local terms, the local terms are there in warm-up and after, and the hierarchy is
-    built from the host's centre crops."""
+    built from the host's center crops."""
     c = tiny_config(epochs=2, warmup_epochs=1)
     c.augment.local_views = ((6, (0.3, 0.8)), (6, (0.3, 0.8)), (4, (0.2, 0.5)))
     c.input.update(pipeline="stream", num_workers=2)

@@ -1,12 +1,8 @@
-"""Datasets (in memory or streamed from the host) and MoCo v2 augmentation (on the device).
+"""Datasets (in memory or streamed from the host) and MoCo v2 augmentation (on the device,
+`augmentations.augment`)."""
 
-`hcsc_jax.data.augment` is the augmentation *module* (the function is
-`hcsc_jax.data.augment.augment`; the package does not re-export it, so the module stays
-importable as `from hcsc_jax.data import augment`).
-"""
-
-from hcsc_jax.data import augment
-from hcsc_jax.data.augment import (
+from hcsc_jax.data import augmentations
+from hcsc_jax.data.augmentations import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
@@ -49,7 +45,7 @@ __all__ = [
     "RandomAccessSource",
     "TfdsSource",
     "TrainStream",
-    "augment",
+    "augmentations",
     "bilinear_weights",
     "center_crop",
     "center_crop_batches",

@@ -102,7 +102,7 @@ def array_batches(images: np.ndarray, mesh, batch: int) -> Iterator[tuple]:
 
 class StreamInput:
     """A random-access source streamed through host-side decoding and cropping, per process.
-    `precropped = True`: feature batches are already centre-cropped on the host."""
+    `precropped = True`: feature batches are already center-cropped on the host."""
 
     precropped = True
 

@@ -6,11 +6,11 @@ exactly as cropping that interval and then resizing it with torchvision's
 `resize(..., interpolation=BILINEAR, antialias=True)` (equivalently PIL's `Image.resize`
 with `BILINEAR` and a `box`):
 
-* half-pixel centres: output pixel o samples the input at
+* half-pixel centers: output pixel o samples the input at
   `start + (o + 0.5) * length / out_size - 0.5`;
 * triangle kernel, widened by `length / out_size` when downscaling (the antialias filter),
   plain linear interpolation when upscaling;
-* pixels outside the interval get zero weight and every row is renormalised to sum to 1
+* pixels outside the interval get zero weight and every row is renormalized to sum to 1
   (this is what cropping first does; at the image border it equals edge clamping).
 
 The module works with NumPy (host, static sizes) and with `jax.numpy` (traced `start` and

@@ -1,7 +1,7 @@
 """In-memory image datasets behind a small registry.
 
 `load_dataset(name, split, data_dir=None, image_size=None)` returns an `ArrayDataset`: all images
-of one split as a (N, H, W, C) uint8 array (C = 1 for grey-level data, 3 for colour) with int32
+of one split as a (N, H, W, C) uint8 array (C = 1 for gray-level data, 3 for color) with int32
 labels. Registered sources:
 
 * `digits`: scikit-learn's 8x8 handwritten digits (ships with scikit-learn, no download);
@@ -64,7 +64,7 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-GREY_MODES = ("L", "1", "I;16", "I")
+GRAY_MODES = ("L", "1", "I;16", "I")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -470,8 +470,8 @@ def _load_folder(spec, split, data_dir, image_size):
     split_root, paths, labels, classes = _folder_files(spec, split, data_dir)
     Image = _import_pil()
     images = [_open_image(Image, p) for p in paths]
-    # Grey-level folder -> C=1; anything else (RGB, palette, RGBA, mixed) -> RGB.
-    mode = "L" if all(im.mode in GREY_MODES for im in images) else "RGB"
+    # Gray-level folder -> C=1; anything else (RGB, palette, RGBA, mixed) -> RGB.
+    mode = "L" if all(im.mode in GRAY_MODES for im in images) else "RGB"
     arrays = [_as_array(im, mode) for im in images]
     stacked = _stack_images(arrays, f"image folder {split_root!r}", image_size)
     return ArrayDataset(stacked, labels, len(classes), f"folder:{spec}", classes)
@@ -537,7 +537,7 @@ class SubsetSource:
 class FolderSource:
     """`folder:<path>`, decoded lazily with Pillow; same examples and order as `load_dataset`.
 
-    `channels` follows the first image (grey -> 1, else 3); every image is converted to that.
+    `channels` follows the first image (gray -> 1, else 3); every image is converted to that.
     Files are listed once, up front; decoding is thread-safe (Pillow releases the GIL).
     """
 
@@ -547,7 +547,7 @@ class FolderSource:
         self.name = f"folder:{spec}"
         self.num_examples = len(self.paths)
         self.num_classes = len(self.class_names)
-        self._mode = "L" if _open_image(self._image, self.paths[0]).mode in GREY_MODES else "RGB"
+        self._mode = "L" if _open_image(self._image, self.paths[0]).mode in GRAY_MODES else "RGB"
         self.channels = 1 if self._mode == "L" else 3
         self.file_names = tuple(os.path.basename(p) for p in self.paths)
 

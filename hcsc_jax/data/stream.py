@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from hcsc_jax import sharding
-from hcsc_jax.data.augment import CROP_UNIFORMS, center_crop_geometry, check_crop_params
+from hcsc_jax.data.augmentations import CROP_UNIFORMS, center_crop_geometry, check_crop_params
 from hcsc_jax.data.sources import RandomAccessSource
 
 __all__ = [

@@ -1,6 +1,6 @@
 """k-means of frozen features against the labels (spec §7): NMI and AMI for each k.
 
-faiss k-means on the L2-normalised pooled features of the training split (ImageNet: k = 1000 and
+faiss k-means on the L2-normalized pooled features of the training split (ImageNet: k = 1000 and
 25000). At that scale faiss trains on `max_points_per_centroid` x k sampled points (its default
 256) and then assigns every point.
 """
@@ -11,20 +11,21 @@ import numpy as np
 from sklearn import metrics as skm
 
 from hcsc_jax.evaluators import common
+from hcsc_jax.models import l2_normalize
 
 
 def nmi(assignments, labels) -> float:
-    """Normalised mutual information between a clustering and the labels (scikit-learn)."""
+    """Normalized mutual information between a clustering and the labels (scikit-learn)."""
     return float(skm.normalized_mutual_info_score(np.asarray(labels), np.asarray(assignments)))
 
 
 def evaluate(features, labels, ks, *, niter: int = 20, nredo: int = 1, seed: int = 0,
              max_points_per_centroid: int = 256) -> dict[int, dict]:
-    """faiss k-means of L2-normalised (N, F) features for each k -> {k: {"nmi", "ami"}}."""
+    """faiss k-means of L2-normalized (N, F) features for each k -> {k: {"nmi", "ami"}}."""
     import faiss
 
     x = np.asarray(features, np.float32)
-    x = np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    x = np.ascontiguousarray(l2_normalize(x, axis=1))
     labels = np.asarray(labels)
     too_big = [k for k in ks if k > len(x)]
     if too_big:

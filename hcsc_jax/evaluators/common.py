@@ -17,7 +17,7 @@ from hcsc_jax import checkpoints, sharding
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.data import augment as augment_lib
+from hcsc_jax.data import augmentations
 from hcsc_jax.data import pipeline
 from hcsc_jax.data import stream as stream_lib
 
@@ -28,13 +28,13 @@ class EvalError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Where an evaluation's images come from and how they are cropped and normalised."""
+    """Where an evaluation's images come from and how they are cropped and normalized."""
 
     dataset: str
     data_dir: str | None
     train_split: str
     eval_split: str
-    image_size: int  # crop size; centre crops resize the shorter side to image_size * 256 / 224
+    image_size: int  # crop size; center crops resize the shorter side to image_size * 256 / 224
     mean: tuple
     std: tuple
     pipeline: str = "memory"  # "memory" (decoded once, on the devices) or "stream" (host decoding)
@@ -44,7 +44,7 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """A frozen encoder: `train_step.split_model` parts (replicated), its `encoder_meta`, step."""
+    """A frozen encoder: `train_step.split_model` parts (replicated), its `models.encoder_meta`, step."""
 
     graphdef: Any
     params: Any
@@ -134,7 +134,7 @@ class Context:
         return workdir_lib.path(self.out_dir) / f"features_step{self.encoder.step}_{name}.npz"
 
     def features(self, split: str) -> np.ndarray:
-        """(N, F) float32 pooled centre-crop features of `split`, in index order."""
+        """(N, F) float32 pooled center-crop features of `split`, in index order."""
         if split not in self._features:
             d, inp = self.data, self.input(split)
             mean, std = self.mean_std
@@ -147,10 +147,10 @@ class Context:
             self._features[split] = features_lib.cached(self.feature_path(split), key, compute)
         return self._features[split]
 
-    def crop_config(self, scale, flip: bool) -> augment_lib.AugmentConfig:
+    def crop_config(self, scale, flip: bool) -> augmentations.AugmentConfig:
         """RandomResizedCrop(image_size, scale) + flip, no photometric ops (linear / semi-sup)."""
         mean, std = self.mean_std
-        return augment_lib.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale), jitter_prob=0.0,
+        return augmentations.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale), jitter_prob=0.0,
                                          grayscale_prob=0.0, blur_prob=0.0, flip=bool(flip), mean=mean, std=std)
 
     def common(self) -> dict:
@@ -166,7 +166,7 @@ def check_ks(ks, n: int, what: str, where: str, flag: str) -> None:
         raise EvalError(f"{what} k = {too_big} larger than the {n} training samples of {where}; set smaller {flag}")
 
 
-def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig):
+def labelled_views(key, inputs, cfg: augmentations.AugmentConfig):
     """A training batch `(images, labels)` of a `pipeline` input whose `steps` were given the class
     labels as (N, 1) "assignments" -> (augmented views (B, S, S, C) float32, labels (B,) int32).
     Whole images (resident) are cropped here; a host-cropped `(view,)` (streamed) only gets the
@@ -175,7 +175,7 @@ def labelled_views(key, inputs, cfg: augment_lib.AugmentConfig):
     if isinstance(images, (tuple, list)):
         (images,) = images
         cfg = dataclasses.replace(cfg, random_crop=False)
-    return augment_lib.augment(key, images, cfg), labels[:, 0]
+    return augmentations.augment(key, images, cfg), labels[:, 0]
 
 
 def topk_accuracy(scores, labels, k: int) -> float:

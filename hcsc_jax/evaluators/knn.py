@@ -1,6 +1,6 @@
 """Weighted kNN on frozen features (the authors' eval_knn.py, InstDisc / DINO protocol).
 
-L2-normalised pooled features, cosine similarity, the k nearest training samples vote for their
+L2-normalized pooled features, cosine similarity, the k nearest training samples vote for their
 class with weight exp(sim / T); top-1 / top-5 of the vote totals, for every k in `ks` from one
 similarity pass (the largest k's neighbours, sorted, hold every smaller k's).
 
@@ -60,7 +60,7 @@ def knn_scores(train_feats, train_labels, test_feats, *, ks=KS, temperature: flo
                num_classes: int | None = None, train_chunk: int = 16384, test_block: int = 1024
                ) -> dict[int, np.ndarray]:
     """Weighted kNN vote totals. train_feats (N, F), train_labels (N,) int, test_feats (T, F)
-    (any norm; normalised here) -> {k: (T, C) float32}. Raises ValueError if a k exceeds N."""
+    (any norm; normalized here) -> {k: (T, C) float32}. Raises ValueError if a k exceeds N."""
     train_labels = np.asarray(train_labels)
     n, ks = len(train_labels), tuple(int(k) for k in ks)
     if max(ks) > n:

@@ -2,9 +2,9 @@
 
 `run` is the protocol: the encoder in inference mode, RandomResizedCrop(image_size, scale
 0.08-1) + flip of the training split (crops on the hosts when streamed, on the devices when
-resident), a linear layer on the pooled features initialised N(0, 0.01), SGD momentum 0.9, no
+resident), a linear layer on the pooled features initialized N(0, 0.01), SGD momentum 0.9, no
 weight decay, lr 5.0 x batch / 256, 100 epochs, x0.1 at epochs 60 and 80 (step schedule, no
-cosine); top-1 / top-5 on centre crops of the eval split. Each epoch visits
+cosine); top-1 / top-5 on center crops of the eval split. Each epoch visits
 `stream.epoch_permutation(seed, epoch)` in whole batches (the last partial batch is dropped).
 
 It is resumable: head, optimizer state, step and history are saved with Orbax under
@@ -13,7 +13,7 @@ the data order is a function of (seed, epoch) and the augmentation of (seed, ste
 killed at any point and started again ends with the same numbers. A finished run's checkpoint is
 kept: running the command again only re-reads it.
 
-`run_fast` trains the same classifier on cached centre-crop features (no augmentation): a quick
+`run_fast` trains the same classifier on cached center-crop features (no augmentation): a quick
 read, not the protocol's number.
 """
 
@@ -187,7 +187,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
 
 
 def run_fast(ctx: common.Context, cfg) -> tuple[dict, str]:
-    """The same classifier and schedule on cached centre-crop features, no augmentation."""
+    """The same classifier and schedule on cached center-crop features, no augmentation."""
     d = ctx.data
     feats, labels = ctx.features(d.train_split), ctx.labels(d.train_split)
     n, b = len(labels), int(cfg.batch_size)

@@ -6,7 +6,7 @@ matched against the dataset's file names: an image folder's, or TFDS's "file_nam
 class-balanced random `cfg.fraction` of the training split (any dataset). The encoder and a
 linear head are fine-tuned on RandomResizedCrop + flip of the subset with BN in train mode over
 the whole batch: SGD momentum 0.9, no weight decay, trunk lr 0.005 and head lr 0.02 (x batch /
-256), 70 epochs, x0.1 at 30 and 60; top-1 / top-5 on centre crops of the eval split.
+256), 70 epochs, x0.1 at 30 and 60; top-1 / top-5 on center crops of the eval split.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, distributed, sharding
+from hcsc_jax import distributed, models, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
@@ -102,7 +102,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     tx = optax.multi_transform({p: optax.sgd(s, momentum=cfg.momentum) for p, s in scheds.items()},
                                {"trunk": "trunk", "head": "head"})
     # BN in train mode over the whole global batch (no BN groups): the same weights.
-    graphdef_ft = nnx.split(checkpoints.build_encoder(dict(e.meta, bn_group_size=None), abstract=True),
+    graphdef_ft = nnx.split(models.build_encoder(dict(e.meta, bn_group_size=None), abstract=True),
                             nnx.Param, nnx.BatchStat)[0]
     aug = ctx.crop_config(cfg.scale, cfg.flip)
     replicated = sharding.replicated(ctx.mesh)

@@ -1,7 +1,7 @@
 """PASCAL VOC 2007 classification with linear SVMs on frozen features (transfer, spec §7).
 
-The protocol of PCL / HCSC's transfer table (Goyal et al.'s benchmark): L2-normalised pooled
-centre-crop features of VOC07 trainval and test; for each of the 20 classes a linear SVM
+The protocol of PCL / HCSC's transfer table (Goyal et al.'s benchmark): L2-normalized pooled
+center-crop features of VOC07 trainval and test; for each of the 20 classes a linear SVM
 (scikit-learn LinearSVC, squared hinge, class weight 2 on positives) with the cost chosen from
 `costs` by `folds`-fold cross-validation on trainval (mean AP), trained on the whole of trainval;
 AP on test (scikit-learn's average precision), mean over classes. Objects marked difficult only
@@ -17,6 +17,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
 from hcsc_jax.evaluators import common
+from hcsc_jax.models import l2_normalize
 
 NUM_CLASSES = 20
 
@@ -47,8 +48,8 @@ def _cv_ap(x, y, cost: float, folds: int, seed: int) -> float:
 def evaluate(train_x, train_t, test_x, test_t, *, costs=(0.01, 0.1, 1.0, 10.0), folds: int = 3,
              seed: int = 0) -> dict:
     """Per-class SVMs -> {"map", "ap": per class, "cost": per class} (percent)."""
-    norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    train_x, test_x = norm(np.asarray(train_x, np.float32)), norm(np.asarray(test_x, np.float32))
+    train_x = l2_normalize(np.asarray(train_x, np.float32), axis=1)
+    test_x = l2_normalize(np.asarray(test_x, np.float32), axis=1)
     aps, chosen = [], []
     for c in range(train_t.shape[1]):
         keep, keep_test = train_t[:, c] != 0, test_t[:, c] != 0

@@ -1,8 +1,8 @@
-"""Batch normalisation with statistics computed per *BN group* of samples.
+"""Batch normalization with statistics computed per *BN group* of samples.
 
 MoCo computes BatchNorm statistics per device (32 samples on 8 GPUs). hcsc-jax makes this
 independent of the device count: a train-mode batch of B samples is viewed as B // g groups of g
-consecutive samples and each group is normalised with its own statistics. The computation is
+consecutive samples and each group is normalized with its own statistics. The computation is
 written in global-batch terms, so under ``jax.jit`` with the batch sharded over a 'data' mesh axis
 XLA partitions it; as long as each device holds a multiple of g samples no group spans devices,
 and the numbers do not depend on the number of devices (up to float32 rounding: XLA may order
@@ -109,14 +109,14 @@ class GroupedBatchNorm(nnx.Module):
     """BatchNorm over the last (channel) axis with per-group train-mode statistics.
 
     Train mode (``train=True``): input (B, ..., C) with B % g == 0 is viewed as (B//g, g, ..., C);
-    mean and biased variance over (g, ...) per group and channel normalise that group. The running
+    mean and biased variance over (g, ...) per group and channel normalize that group. The running
     statistics follow PyTorch (momentum 0.1): ``running = (1 - m) * running + m * stat``, where
     ``stat`` is the group statistic averaged over groups and the variance is the *unbiased* one
     (times n / (n - 1), n = g * prod(spatial)). Eval mode (``train=False``) uses the running stats.
 
     Statistics are always computed in float32, in one pass over the input (see ``_group_stats``);
-    the normalisation is ``x * a + b`` with per-(group, channel) float32 ``a``, ``b``, evaluated in
-    float32 inside the fusion and stored as ``dtype``. The train-mode normalisation has a custom
+    the normalization is ``x * a + b`` with per-(group, channel) float32 ``a``, ``b``, evaluated in
+    float32 inside the fusion and stored as ``dtype``. The train-mode normalization has a custom
     VJP (``_grouped_bn_train``) that saves only the input and per-(group, channel) vectors.
 
     Attributes (torch name in brackets): ``scale`` [weight], ``bias`` [bias] (``nnx.Param``),

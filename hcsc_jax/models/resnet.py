@@ -128,7 +128,7 @@ class ResNet(nnx.Module):
       width: multiplier on all channel counts, ``max(1, round(c * width))``.
       bn_group_size: samples per BN-statistics group in train mode (None: the whole batch).
       zero_init_residual: zero-init the last BN scale of each block (off, as in torchvision).
-      in_channels: image channels (3; 1 for grey datasets trained from scratch).
+      in_channels: image channels (3; 1 for gray datasets trained from scratch).
       dtype: compute dtype; parameters and BN statistics stay float32.
     """
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hcsc_jax.data import augment as A
+from hcsc_jax.data import augmentations as A
 from hcsc_jax.data.resize import bilinear_weights
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -36,7 +36,7 @@ def run(cfg, images, seed=0, key=None, indices=None):
     return np.asarray(_jitted(cfg)(key, jnp.asarray(images), jnp.asarray(indices, jnp.uint32)))
 
 
-# ----------------------------------------------------------------------------- crop / flip / grey
+# ----------------------------------------------------------------------------- crop / flip / gray
 
 H = 64          # ramp image: R = 4 * row, G = 4 * col, B = 255 - 2 * col (never R == G == B)
 S = 16          # crop size
@@ -50,7 +50,7 @@ def geometry():
     image = np.stack([4 * rows, 4 * cols, 255 - 2 * cols], -1).astype(np.uint8)
     cfg = A.AugmentConfig(crop_size=S, **{**OFF, "flip": True, "grayscale_prob": 0.2})
     out = run(cfg, np.broadcast_to(image, (N_GEOM, H, H, 3))) * 255.0
-    grey = np.abs(out[..., 0] - out[..., 1]).max((1, 2)) + np.abs(out[..., 1] - out[..., 2]).max((1, 2)) < 1e-3
+    gray = np.abs(out[..., 0] - out[..., 1]).max((1, 2)) + np.abs(out[..., 1] - out[..., 2]).max((1, 2)) < 1e-3
     # Bilinear resampling reproduces a linear function away from the crop border: the output
     # row o samples the input at top + (o + 0.5) * h / S - 0.5. Fit that line on interior rows.
     o = np.arange(4, S - 4)
@@ -65,21 +65,21 @@ def geometry():
     w = np.abs(slope_w)
     # A mirrored view samples column left + w - (o + 0.5) * w / S - 0.5 at output column o.
     left = np.where(flipped, icpt_w + 0.5 - w, icpt_w + 0.5)
-    return {"grey": grey, "h": h, "w": w, "top": top + 0.5, "left": left, "flipped": flipped}
+    return {"gray": gray, "h": h, "w": w, "top": top + 0.5, "left": left, "flipped": flipped}
 
 
 def test_grayscale_rate(geometry):
-    rate = geometry["grey"].mean()
+    rate = geometry["gray"].mean()
     assert abs(rate - 0.2) < 0.04, rate
 
 
 def test_flip_rate(geometry):
-    rate = geometry["flipped"][~geometry["grey"]].mean()
+    rate = geometry["flipped"][~geometry["gray"]].mean()
     assert abs(rate - 0.5) < 0.05, rate
 
 
 def test_recovered_crop_boxes_obey_scale_and_ratio(geometry):
-    keep = ~geometry["grey"]
+    keep = ~geometry["gray"]
     h, w = geometry["h"][keep], geometry["w"][keep]
     top, left = geometry["top"][keep], geometry["left"][keep]
     # Boxes are whole pixels: the fit recovers them to a fraction of a pixel.
@@ -163,13 +163,13 @@ def test_box_sampler_matches_torchvision_distribution(shape, scale, ratio):
         assert abs(got.std() - want.std()) < 0.02
     if ratio == (2.0, 3.0):
         # No candidate fits a square image (w >= sqrt(0.9 * 2) * 40 > 40): torchvision's
-        # fallback, width 40, height round(40 / 2), centred.
+        # fallback, width 40, height round(40 / 2), centered.
         assert (h == 20).all() and (w == 40).all() and (top == 10).all() and (left == 0).all()
 
 
-# ----------------------------------------------------------------------------- colour jitter
+# ----------------------------------------------------------------------------- color jitter
 
-def _np_grey(x):
+def _np_gray(x):
     return x[..., 0:1] * 0.299 + x[..., 1:2] * 0.587 + x[..., 2:3] * 0.114
 
 
@@ -183,17 +183,17 @@ def _np_hue(x, shift):
 
 def _np_jitter(x, order, factors):
     """torchvision ColorJitter on float images, ops in the given order."""
-    colour = x.shape[-1] == 3
+    color = x.shape[-1] == 3
     for op in order:
         f = factors[op]
         if op == 0:
             x = np.clip(f * x, 0, 1)
         elif op == 1:
-            m = _np_grey(x).mean() if colour else x.mean()
+            m = _np_gray(x).mean() if color else x.mean()
             x = np.clip(f * x + (1 - f) * m, 0, 1)
-        elif op == 2 and colour:
-            x = np.clip(f * x + (1 - f) * _np_grey(x), 0, 1)
-        elif op == 3 and colour:
+        elif op == 2 and color:
+            x = np.clip(f * x + (1 - f) * _np_gray(x), 0, 1)
+        elif op == 3 and color:
             x = _np_hue(x, f)
     return x
 
@@ -224,7 +224,7 @@ def test_color_jitter_matches_reference_in_drawn_order(channels):
 
 def test_hsv_round_trip_matches_colorsys():
     x = np.random.default_rng(6).uniform(0, 1, (50, 3)).astype(np.float32)
-    x[:5] = x[:5, :1]  # grey pixels: s = 0, h = 0
+    x[:5] = x[:5, :1]  # gray pixels: s = 0, h = 0
     hsv = np.asarray(A.rgb_to_hsv(jnp.asarray(x)))
     want = np.array([colorsys.rgb_to_hsv(*p) for p in x.astype(np.float64)])
     np.testing.assert_allclose(hsv, want, atol=1e-6)
@@ -291,7 +291,7 @@ def test_blur_probability_and_sigma_range():
 
 # ----------------------------------------------------------------------------- whole pipeline
 
-def test_identity_config_is_normalisation_only():
+def test_identity_config_is_normalization_only():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     cfg = A.AugmentConfig(crop_size=10, scale=(1.0, 1.0), ratio=(1.0, 1.0),
                           **{**OFF, "mean": mean, "std": std})
@@ -299,11 +299,11 @@ def test_identity_config_is_normalisation_only():
     out = run(cfg, images)
     assert out.dtype == np.float32 and out.shape == (4, 10, 10, 3)
     np.testing.assert_allclose(out, (images / 255.0 - np.array(mean)) / np.array(std), atol=1e-5)
-    grey_cfg = dataclasses.replace(cfg, mean=(0.5,), std=(0.25,))
-    grey = images[..., :1]
-    np.testing.assert_allclose(run(grey_cfg, grey), (grey / 255.0 - 0.5) / 0.25, atol=1e-5)
+    gray_cfg = dataclasses.replace(cfg, mean=(0.5,), std=(0.25,))
+    gray = images[..., :1]
+    np.testing.assert_allclose(run(gray_cfg, gray), (gray / 255.0 - 0.5) / 0.25, atol=1e-5)
     with pytest.raises(ValueError, match="1-tuples"):
-        A.augment(jax.random.key(0), grey, cfg)
+        A.augment(jax.random.key(0), gray, cfg)
 
 
 FULL = A.AugmentConfig(crop_size=16)
@@ -351,8 +351,8 @@ def test_full_pipeline_statistics(batch16):
     out = np.concatenate([run(FULL, imgs, seed=s) for s in range(40)])
     x = out * np.array(A.IMAGENET_STD) + np.array(A.IMAGENET_MEAN)  # back to [0, 1]
     assert x.min() >= -1e-5 and x.max() <= 1 + 1e-5
-    grey = np.abs(x[..., 0] - x[..., 1]).max((1, 2)) < 1e-5
-    assert abs(grey.mean() - 0.2) < 0.05
+    gray = np.abs(x[..., 0] - x[..., 1]).max((1, 2)) < 1e-5
+    assert abs(gray.mean() - 0.2) < 0.05
 
 
 # ----------------------------------------------------------------------------- center crop
@@ -375,7 +375,7 @@ def test_center_crop_hand_computed():
     img = rng.integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     # crop 7 -> resize shorter side to round(7 * 256 / 224) = 8: 16x24 -> 8x12 (2x down),
-    # then centre crop: top = round(0.5) = 0, left = round(2.5) = 2 (Python/torchvision rounding).
+    # then center crop: top = round(0.5) = 0, left = round(2.5) = 2 (Python/torchvision rounding).
     wy = _w_down2(16)[0:7]
     wx = _w_down2(24)[2:9]
     want = np.einsum("oh,bhwc,pw->bopc", wy, img / 255.0, wx)
@@ -383,7 +383,7 @@ def test_center_crop_hand_computed():
     got = np.asarray(A.center_crop(img, 7, mean, std))
     assert got.dtype == np.float32 and got.shape == (2, 7, 7, 3)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    # Upscaling (4x4 -> 8x8, crop 7 at offset 0): bilinear, half-pixel centres, clamped edges.
+    # Upscaling (4x4 -> 8x8, crop 7 at offset 0): bilinear, half-pixel centers, clamped edges.
     small = img[:1, :4, :4, :1]
     up = np.zeros((8, 4))
     for o in range(8):

@@ -1,24 +1,24 @@
 """MoCo v2 augmentation on the device: batched, jittable, static shapes (HCSC spec §6).
 
 `augment(key, images, cfg)` maps a (B, H, W, C) uint8 batch to (B, crop, crop, C) float32,
-normalised, applying per example and in this order (torchvision semantics, float images in
-[0, 1] until normalisation):
+normalized, applying per example and in this order (torchvision semantics, float images in
+[0, 1] until normalization):
 
 1. RandomResizedCrop(crop, scale, ratio) (skipped with `random_crop=False`, for views the host
    already cropped): `sample_crop_box` draws torchvision's 10 candidate
-   boxes at once and keeps the first valid one (else torchvision's centre-crop fallback); the box
+   boxes at once and keeps the first valid one (else torchvision's center-crop fallback); the box
    is resampled with antialiased bilinear weights (`resize.bilinear_weights`), i.e. exactly
    crop-then-resize, never reading pixels outside the box.
 2. RandomApply(ColorJitter(b, c, s, h), p=jitter_prob): factors b, c, s ~ U[max(0, 1-v), 1+v],
    hue shift ~ U[-h, h], the four ops in a random order per example; brightness, contrast
-   (blend with the mean grey level) and saturation (blend with the grey image) clip to [0, 1];
+   (blend with the mean gray level) and saturation (blend with the gray image) clip to [0, 1];
    hue rotates H in HSV. For C = 1 saturation and hue are the identity (as torchvision).
 3. RandomGrayscale(p=grayscale_prob): luma 0.299 R + 0.587 G + 0.114 B on all three channels.
 4. RandomApply(GaussianBlur, p=blur_prob): sigma ~ U(blur_sigma), odd kernel of ~10% of the crop
    (23 for 224), separable, reflect padding.
 5. RandomHorizontalFlip(p=0.5) when `flip` (folded into the resampling matrix: flipping commutes
    with steps 2-4).
-6. Normalise: (x - mean) / std per channel.
+6. Normalize: (x - mean) / std per channel.
 
 Randomness: example b uses `jax.random.fold_in(key, indices[b])` (indices defaults to
 arange(B)), so its view depends only on (key, its index): not on the batch size, on how the
@@ -55,7 +55,6 @@ __all__ = [
     "hsv_to_rgb",
     "jitter_params",
     "normalize",
-    "rgb_to_grey",
     "rgb_to_hsv",
     "sample_crop_box",
 ]
@@ -108,7 +107,7 @@ class AugmentConfig:
             raise ValueError("mean and std must have the same length")
 
 
-def _normalise(x: jax.Array, mean, std) -> jax.Array:
+def _normalize(x: jax.Array, mean, std) -> jax.Array:
     c = x.shape[-1]
     if len(mean) != c or len(std) != c:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {c}-channel images; "
@@ -128,7 +127,7 @@ def sample_crop_box(key, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4
     Draws `attempts` (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)) candidates,
     w = round(sqrt(area * r)), h = round(sqrt(area / r)), keeps the first with 0 < w <= width and
     0 < h <= height and places it uniformly; if none is valid, torchvision's fallback: the
-    largest centred box whose aspect ratio is clamped to `ratio`.
+    largest centered box whose aspect ratio is clamped to `ratio`.
     """
     u = jax.random.uniform(key, (2 * attempts + 2,))
     return _crop_box(u, height, width, scale, ratio)
@@ -172,12 +171,12 @@ def _resample(x: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
     return jnp.einsum("pw,cow->cop", wx, x, precision=_HIGHEST)
 
 
-# ----------------------------------------------------------------------------- colour
+# ----------------------------------------------------------------------------- color
 # Internally images are channel-first (C, H, W): per-channel planes are contiguous, which
 # XLA:CPU vectorises far better than a trailing axis of 3 (the blur runs ~4x faster). The
 # public helpers take channel-last arrays.
 
-def _grey_cf(x: jax.Array) -> jax.Array:
+def _gray_cf(x: jax.Array) -> jax.Array:
     """(3, ...) -> (1, ...) luma (ITU-R 601-2)."""
     return (LUMA[0] * x[0] + LUMA[1] * x[1] + LUMA[2] * x[2])[None]
 
@@ -217,11 +216,6 @@ def _hsv_to_rgb_cf(x: jax.Array) -> jax.Array:
 
 def _last_to_first(fn):
     return lambda x, *args: jnp.moveaxis(fn(jnp.moveaxis(jnp.asarray(x), -1, 0), *args), 0, -1)
-
-
-def rgb_to_grey(x: jax.Array) -> jax.Array:
-    """(..., 3) -> (..., 1) luma 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2)."""
-    return _last_to_first(_grey_cf)(x)
 
 
 def rgb_to_hsv(x: jax.Array) -> jax.Array:
@@ -276,7 +270,7 @@ def color_jitter(key, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
     """Always-applied ColorJitter of one float image (H, W, C) in [0, 1] (see jitter_params).
 
     Brightness, contrast and saturation are all blends `clip(f * x + (1 - f) * target)` with
-    target 0, the mean grey level, the grey image; they are applied through 3 slots before and
+    target 0, the mean gray level, the gray image; they are applied through 3 slots before and
     3 slots after the (single, expensive) hue op, each slot active or not by the drawn order.
     """
     return _last_to_first(lambda x: _color_jitter_cf(jitter_params(key, cfg), x, cfg))(x)
@@ -284,23 +278,23 @@ def color_jitter(key, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
 
 def _color_jitter_cf(params, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
     order, factors = params
-    colour = x.shape[0] == 3
+    color = x.shape[0] == 3
     position = jnp.argsort(order)             # position[op] = when op runs
     cheap_order = jnp.argsort(position[:3])   # brightness/contrast/saturation in run order
     hue_at = position[3]                      # number of cheap ops before the hue op
 
     def blend(img, op):
-        grey = _grey_cf(img) if colour else img
+        gray = _gray_cf(img) if color else img
         f = factors[op]
-        if not colour:  # saturation is the identity on 1-channel images
+        if not color:  # saturation is the identity on 1-channel images
             f = jnp.where(op == 2, 1.0, f)
-        # target: 0 (brightness), mean grey (contrast), grey image (saturation)
-        target = jnp.where(op == 2, 1.0, 0.0) * grey + jnp.where(op == 1, _exact_mean(grey), 0.0)
+        # target: 0 (brightness), mean gray (contrast), gray image (saturation)
+        target = jnp.where(op == 2, 1.0, 0.0) * gray + jnp.where(op == 1, _exact_mean(gray), 0.0)
         return jnp.clip(f * img + (1.0 - f) * target, 0.0, 1.0)
 
     for t in range(3):
         x = jnp.where(t < hue_at, blend(x, cheap_order[t]), x)
-    if colour and cfg.hue > 0:
+    if color and cfg.hue > 0:
         hsv = _rgb_to_hsv_cf(x)
         hsv = hsv.at[0].set(jnp.mod(hsv[0] + factors[3], 1.0))
         x = _hsv_to_rgb_cf(hsv)
@@ -342,7 +336,7 @@ def gaussian_blur(x: jax.Array, sigma, kernel_size: int) -> jax.Array:
 
 _U_CROP = slice(0, CROP_UNIFORMS)
 _U_JITTER = slice(CROP_UNIFORMS, CROP_UNIFORMS + JITTER_UNIFORMS)
-_U_FLIP, _U_JAPPLY, _U_GREY, _U_BAPPLY, _U_SIGMA = range(CROP_UNIFORMS + JITTER_UNIFORMS,
+_U_FLIP, _U_JAPPLY, _U_GRAY, _U_BAPPLY, _U_SIGMA = range(CROP_UNIFORMS + JITTER_UNIFORMS,
                                                         CROP_UNIFORMS + JITTER_UNIFORMS + 5)
 NUM_UNIFORMS = CROP_UNIFORMS + JITTER_UNIFORMS + 5
 
@@ -373,8 +367,8 @@ def _augment_one(key, image: jax.Array, cfg: AugmentConfig) -> jax.Array:
         jittered = _color_jitter_cf(_jitter_params(u[_U_JITTER], cfg), x, cfg)
         x = jnp.where(u[_U_JAPPLY] < cfg.jitter_prob, jittered, x)
     if channels == 3 and cfg.grayscale_prob > 0:
-        grey = jnp.broadcast_to(_grey_cf(x), x.shape)
-        x = jnp.where(u[_U_GREY] < cfg.grayscale_prob, grey, x)
+        gray = jnp.broadcast_to(_gray_cf(x), x.shape)
+        x = jnp.where(u[_U_GRAY] < cfg.grayscale_prob, gray, x)
     if cfg.blur_prob > 0:
         lo, hi = cfg.blur_sigma
         sigma = lo + (hi - lo) * u[_U_SIGMA]
@@ -384,7 +378,7 @@ def _augment_one(key, image: jax.Array, cfg: AugmentConfig) -> jax.Array:
 
 
 def augment(key, images, cfg: AugmentConfig, indices=None) -> jax.Array:
-    """MoCo v2 views of a uint8 batch (B, H, W, C) -> (B, crop, crop, C) float32, normalised.
+    """MoCo v2 views of a uint8 batch (B, H, W, C) -> (B, crop, crop, C) float32, normalized.
 
     Example b draws its randomness from `fold_in(key, indices[b])`; `indices` defaults to
     arange(B) (pass the examples' global positions when augmenting one shard of a batch).
@@ -402,12 +396,12 @@ def augment(key, images, cfg: AugmentConfig, indices=None) -> jax.Array:
         indices = jnp.arange(images.shape[0], dtype=jnp.uint32)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
     views = jax.vmap(lambda k, img: _augment_one(k, img, cfg))(keys, images)
-    return _normalise(views, cfg.mean, cfg.std)
+    return _normalize(views, cfg.mean, cfg.std)
 
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """uint8 (B, H, W, C) already cropped on the host -> float32 (x / 255 - mean) / std."""
-    return _normalise(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)
+    return _normalize(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)
 
 
 def center_crop_geometry(height: int, width: int, crop_size: int) -> tuple[int, int, int, int]:
@@ -434,4 +428,4 @@ def center_crop(images, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) ->
     wy = jnp.asarray(bilinear_weights(height, new_h)[top:top + crop_size])
     wx = jnp.asarray(bilinear_weights(width, new_w)[left:left + crop_size])
     x = jax.vmap(lambda img: _resample(img.astype(jnp.float32) / 255.0, wy, wx))(images)
-    return _normalise(jnp.moveaxis(x, 1, -1), mean, std)
+    return _normalize(jnp.moveaxis(x, 1, -1), mean, std)
