@@ -14,6 +14,7 @@ metrics and summaries, and all processes write the checkpoints together.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -49,14 +50,14 @@ def objective_config(config) -> objective.ObjectiveConfig:
 
 
 def view_configs(config, channels: int):
-    """-> (query view, key view, tuple of local views, (mean, std)) augmentation configs."""
-    a = config.augment
-    mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
-    base = dict(jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
-                flip=a.flip, mean=mean, std=std)
-    view = augmentations.AugmentConfig(crop_size=config.image_size, scale=tuple(a.scale), **base)
-    local = tuple(augmentations.AugmentConfig(crop_size=size, scale=tuple(scale), **base)
-                  for size, scale in a.local_views)
+    """-> (query view, key view, tuple of local views, (mean, std)) augmentation configs: the
+    fields of `config.augment` (mean and std cut to `channels`) at `config.image_size`, and each
+    `local_views` entry's (size, scale)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.augment.to_dict().items()}
+    local_views = fields.pop("local_views")
+    mean, std = fields.pop("mean")[:channels], fields.pop("std")[:channels]
+    view = augmentations.AugmentConfig(crop_size=config.image_size, mean=mean, std=std, **fields)
+    local = tuple(dataclasses.replace(view, crop_size=size, scale=tuple(scale)) for size, scale in local_views)
     return view, view, local, (mean, std)
 
 
