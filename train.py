@@ -2,6 +2,7 @@
 
   python train.py                                   # HCSC on scikit-learn's digits
   python train.py --config configs/digits.py --workdir runs/digits --config.epochs=5
+  python train.py --config configs/digits.py:pcl      # a variant of a config: runs/digits_pcl
 
 A run resumes automatically from the newest readable checkpoint in --workdir.
 Several processes (one per host): the same command on each, with --coordinator_address,
@@ -25,11 +26,17 @@ from hcsc_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
-    "Training configuration (a Python file with get_config()).", lock_config=True)
+    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def run_name(config_filename: str) -> str:
+    """configs/digits.py -> digits; configs/digits.py:pcl,runlocal -> digits_pcl_runlocal."""
+    path, _, arg = config_filename.partition(":")
+    return "_".join([os.path.splitext(os.path.basename(path))[0]] + [t.strip() for t in arg.split(",") if t.strip()])
 
 
 def main(argv):
@@ -42,8 +49,7 @@ def main(argv):
     if not distributed.is_main():
         ours.setLevel(logging.WARNING)
     config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join(
-        "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+    workdir = _WORKDIR.value or os.path.join("runs", run_name(flags.FLAGS["config"].config_filename))
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)

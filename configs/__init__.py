@@ -1,0 +1,39 @@
+"""Configs for train.py / eval.py, big_vision style: one file per dataset, `get_config(arg)` picks
+a variant, e.g. `--config=configs/digits.py:pcl`. `arg` is a comma-separated list of variant names
+(`digits.py:pcl,runlocal`); each module lists its names in `VARIANTS`."""
+
+
+def parse_variants(arg: str | None, variants: tuple[str, ...], module: str) -> set[str]:
+    """'pcl,runlocal' -> {'pcl', 'runlocal'}; None or '' -> set(). Unknown names -> ValueError
+    naming the known ones."""
+    names = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    unknown = [t for t in names if t not in variants]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r} of configs/{module}.py; variants: {', '.join(v for v in variants if v)} "
+                         f"(comma-separated, e.g. configs/{module}.py:{variants[-1]})")
+    return set(names)
+
+
+def one_of(chosen: set[str], options: tuple[str, ...], module: str, default: str) -> str:
+    """The one name of `options` in `chosen` (default when none); two -> ValueError."""
+    picked = [o for o in options if o in chosen]
+    if len(picked) > 1:
+        raise ValueError(f"configs/{module}.py: variants {' and '.join(picked)} exclude each other; pick one of "
+                         f"{', '.join(options)}")
+    return picked[0] if picked else default
+
+
+def apply_method(c, method: str, proto_negatives: int):
+    """Turns an HCSC config into its MoCo v2 or PCL baseline at the same budget ("hcsc": as is).
+    MoCo v2: no prototypes, plain InfoNCE every epoch, no selection. PCL: independent flat k-means
+    clusterings, InfoNCE + mean ProtoNCE against `proto_negatives` sampled negative prototypes per
+    clustering, PCL's code semantics, no selection (configs/digits.py says more)."""
+    if method == "mocov2":
+        c.clustering.num_clusters = ()  # no hierarchy: plain InfoNCE for every epoch
+        c.objective.update(instance_selection=False, prototype_selection=False, proto_loss=False)
+    elif method == "pcl":
+        c.clustering.mode = "independent"
+        c.objective.update(semantics="official", instance_selection=False, prototype_selection=False,
+                           proto_negatives=proto_negatives)
+    elif method != "hcsc":
+        raise ValueError(f"unknown method {method!r}")

@@ -2,12 +2,19 @@
 on a machine with network, then pass --config.data_dir).
 
   python train.py --config configs/cifar10.py --workdir runs/cifar10 --config.data_dir=~/tensorflow_datasets
+  python train.py --config configs/cifar10.py:runlocal --config.data_dir=~/tensorflow_datasets   # smoke run
+
+Variants (`--config=configs/cifar10.py:<variant>`): "" (the run above); runlocal: a smoke run on
+the first 256 / 128 images of the splits (TFDS slices), 2 epochs of a tiny model at 16 px.
 """
 
-from configs import default
+from configs import default, parse_variants
+
+VARIANTS = ("", "runlocal")
 
 
-def get_config():
+def get_config(arg=None):
+    chosen = parse_variants(arg, VARIANTS, "cifar10")
     c = default.get_config()
     c.dataset = "tfds:cifar10"
     c.train_split, c.eval_split = "train", "test"
@@ -23,4 +30,11 @@ def get_config():
     c.augment.update(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
     c.eval.num_clusters = (200, 50, 10)
     c.log_every_steps = 50
+    if "runlocal" in chosen:
+        c.train_split, c.eval_split = "train[:256]", "test[:128]"
+        c.update(epochs=2, warmup_epochs=1, image_size=16, batch_size=64, bn_group_size=8, queue_size=128,
+                 log_every_steps=1, checkpoint_every_epochs=1, progress_bar=False)
+        c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
+        c.clustering.update(num_clusters=(12, 6, 3), nredo=1, niter=5)
+        c.eval.num_clusters = (10,)
     return c

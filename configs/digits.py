@@ -1,12 +1,37 @@
-"""HCSC on scikit-learn's digits (1,797 8x8 images): the embedded default, ~minutes on a CPU.
+"""HCSC and its baselines on scikit-learn's digits (1,797 8x8 images): the embedded default,
+~minutes on a CPU. Variants (`--config=configs/digits.py:<variant>`, comma-separated):
 
-  python train.py --config configs/digits.py --workdir runs/digits
+  python train.py --config configs/digits.py --workdir runs/digits                # hcsc (default)
+  python train.py --config configs/digits.py:mocov2 --workdir runs/digits_mocov2  # MoCo v2 baseline
+  python train.py --config configs/digits.py:pcl --workdir runs/digits_pcl        # PCL baseline
+  python train.py --config configs/digits.py:pcl,runlocal                         # smoke run of any of them
+
+- hcsc: HCSC, paper semantics.
+- mocov2: the same budget with no prototypes: plain InfoNCE for every epoch, no selection.
+- pcl: PCL (Li et al., ICLR 2021) at the same budget, model and prototype counts: InfoNCE + mean
+  over clusterings of ProtoNCE, no selection. Independent flat k-means of the key features
+  (`clustering.mode="independent"`, seed + l per clustering, no parents), 60 / 30 / 10 clusters
+  like HCSC's levels (PCL's ImageNet settings: 25000 / 50000 / 100000 for 1.28M images), the
+  concentration phi of spec §1.4. ProtoNCE against r sampled negative prototypes per clustering
+  (`objective.proto_negatives`): PCL's r = 16384 is 16-66% of its clusterings; here r = 16, 27% of
+  the 60-cluster level. With groups of 32 queries (bn_group_size, PCL's per-GPU batch) whose
+  positives are excluded from the draw, the 30- and 10-cluster levels usually have fewer than 16
+  eligible prototypes left, and then all of them are negatives (PCL's code would stop there).
+  Semantics "official" = PCL's code: one negative draw per group, the group's positives in the
+  denominator (`losses.pcl_proto_nce`); "paper" = the ProtoNCE equation.
+- runlocal: a smoke run (3 epochs at 8 px, a tiny model, small queue and levels, kNN every 2
+  epochs, no progress bar); combines with the others. The tests train it (tests/test_trainer.py).
 """
 
-from configs import default
+from configs import apply_method, default, one_of, parse_variants
+
+VARIANTS = ("hcsc", "mocov2", "pcl", "runlocal")
+METHODS = ("hcsc", "mocov2", "pcl")
 
 
-def get_config():
+def get_config(arg=None):
+    chosen = parse_variants(arg, VARIANTS, "digits")
+    method = one_of(chosen, METHODS, "digits", "hcsc")
     c = default.get_config()
     c.dataset = "digits"
     c.train_split, c.eval_split = "train", "test"
@@ -24,4 +49,13 @@ def get_config():
     c.evals.knn = dict(every_epochs=5, ks=(20, 200), temperature=0.07)  # a kNN curve in metrics.jsonl
     c.log_every_steps = 11
     c.checkpoint_every_epochs = 10
+    if "runlocal" in chosen:
+        c.update(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
+                 log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
+        c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
+        c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
+        c.eval.num_clusters = (20, 10)
+        c.evals.knn.update(every_epochs=2, ks=(5, 20))
+    apply_method(c, method, proto_negatives=16)
     return c
+

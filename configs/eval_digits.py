@@ -6,13 +6,21 @@ is a train.py workdir; for an exported encoder without config.json set them on t
   python eval.py --mode=knn --checkpoint=runs/digits
   python eval.py --mode=knn --checkpoint=exported --config.dataset=digits --config.image_size=16 \
       --config.mean="(0.5,)" --config.std="(0.5,)"
+  python eval.py --config=configs/eval_digits.py:runlocal --mode=linear --checkpoint=runs/digits  # smoke run
+
+Variants (`--config=configs/eval_digits.py:<variant>`): "" (the published protocols); runlocal:
+every protocol shrunk to a smoke run (2 epochs of linear / semi-supervised training, small k).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from configs import parse_variants
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ("", "runlocal")
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    chosen = parse_variants(arg, VARIANTS, "eval_digits")
     c = ml_collections.ConfigDict()
     c.seed = 0
     # Data: None = taken from <checkpoint>/config.json (dataset, splits, image_size, augment.mean/std,
@@ -54,4 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.voc = ml_collections.ConfigDict(dict(
         dataset="tfds:voc/2007", train_split="train+validation", test_split="test", image_size=224,
         costs=(0.01, 0.1, 1.0, 10.0), folds=3))
+    if "runlocal" in chosen:
+        c.progress_bar = False
+        c.knn.ks = (5, 20)
+        c.linear.update(epochs=2, milestones=(1,))
+        c.semisup.update(epochs=2, milestones=(1,))
+        c.cluster.ks = (10,)
+        c.voc.update(image_size=32, costs=(1.0,), folds=2)
     return c

@@ -15,14 +15,14 @@ Streamed input: each host decodes its share; `num_workers` threads per host (0: 
 
 import ml_collections
 
-from configs import eval_digits
+from configs import eval_digits, one_of, parse_variants
 
-VARIANTS = ("", "semisup1", "semisup10", "places205", "runlocal")
+VARIANTS = ("", "semisup1", "semisup10", "places205", "runlocal")  # comma-separated: semisup1,runlocal
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(f"unknown variant {arg!r} of eval_imagenet.py; variants: {', '.join(VARIANTS[1:])}")
+    chosen = parse_variants(arg, VARIANTS, "eval_imagenet")
+    split = one_of(chosen, ("semisup1", "semisup10"), "eval_imagenet", None)
     c = eval_digits.get_config()
     c.dataset = "tfds:imagenet2012"
     c.train_split, c.eval_split = "train", "validation"
@@ -34,11 +34,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.split_dir = "splits"  # where 1percent.txt / 10percent.txt are (--config.split_dir=...)
     c.linear.update(checkpoint_every_steps=1000)  # the published protocol otherwise (eval_digits.py)
     c.cluster.update(ks=(1000, 25000), max_points_per_centroid=256)
-    if arg in ("semisup1", "semisup10"):
-        c.semisup.split_file = c.get_ref("split_dir") + f"/{arg[len('semisup'):]}percent.txt"
-    if arg == "places205":  # the same linear protocol on an image folder of Places205
+    if split:
+        c.semisup.split_file = c.get_ref("split_dir") + f"/{split[len('semisup'):]}percent.txt"
+    if "places205" in chosen:  # the same linear protocol on an image folder of Places205
         c.dataset, c.train_split, c.eval_split = "folder:/data/places205", "train", "val"
-    if arg == "runlocal":  # smoke test: a tiny image folder, two epochs of everything
+    if "runlocal" in chosen:  # smoke test: a tiny image folder, two epochs of everything
         c.dataset, c.eval_split, c.expect_arch = "folder:/tmp/imagenet_tiny", "val", None
         c.image_size, c.embed_batch = 32, 16
         c.knn.ks = (2, 4)

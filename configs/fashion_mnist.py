@@ -1,14 +1,31 @@
-"""HCSC on Fashion-MNIST (60,000 28x28 grey images, 10 classes with a natural hierarchy:
-tops / shoes / bags / trousers). Data: the Debian package `dataset-fashion-mnist`
+"""HCSC and its baselines on Fashion-MNIST (60,000 28x28 grey images, 10 classes with a natural
+hierarchy: tops / shoes / bags / trousers). Data: the Debian package `dataset-fashion-mnist`
 (`apt-get install dataset-fashion-mnist`) or the four IDX files in --config.data_dir.
+Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
 
-  python train.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist
+  python train.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist          # hcsc (default)
+  python train.py --config configs/fashion_mnist.py:mocov2 --workdir runs/fashion_mnist_mocov2
+  python train.py --config configs/fashion_mnist.py:pcl --workdir runs/fashion_mnist_pcl
+
+- hcsc: HCSC, paper semantics, levels 200 / 50 / 10.
+- mocov2: the same budget without prototypes or selection.
+- pcl: PCL at the same budget (200 / 50 / 10 clusters): independent flat k-means clusterings,
+  ProtoNCE against r = 64 sampled negative prototypes per clustering (32% of the finest
+  clustering; PCL's 16384 is 16-66% of its clusterings), PCL's code semantics, no selection
+  (configs/digits.py explains the choices).
+- runlocal: a smoke run on four tiny IDX files in /tmp/fashion_mnist_tiny (make them with
+  `python tests/imagenet_like.py`): 2 epochs of a tiny model at 16 px; combines with the others.
 """
 
-from configs import default
+from configs import apply_method, default, one_of, parse_variants
+
+VARIANTS = ("hcsc", "mocov2", "pcl", "runlocal")
+METHODS = ("hcsc", "mocov2", "pcl")
 
 
-def get_config():
+def get_config(arg=None):
+    chosen = parse_variants(arg, VARIANTS, "fashion_mnist")
+    method = one_of(chosen, METHODS, "fashion_mnist", "hcsc")
     c = default.get_config()
     c.dataset = "fashion_mnist"
     c.train_split, c.eval_split = "train", "test"
@@ -25,4 +42,12 @@ def get_config():
     c.eval.num_clusters = (200, 50, 10)
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5
+    if "runlocal" in chosen:
+        c.data_dir = "/tmp/fashion_mnist_tiny"
+        c.update(epochs=2, warmup_epochs=1, image_size=16, batch_size=64, bn_group_size=8, queue_size=128,
+                 log_every_steps=1, checkpoint_every_epochs=1, progress_bar=False)
+        c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
+        c.clustering.update(num_clusters=(12, 6, 3), nredo=1, niter=5)
+        c.eval.num_clusters = (10,)
+    apply_method(c, method, proto_negatives=64)
     return c

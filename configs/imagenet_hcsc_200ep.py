@@ -9,12 +9,21 @@ float32 parameters / statistics / loss, k-means on the accelerators.
 
   python train.py --config configs/imagenet_hcsc_200ep.py --workdir /shared/runs/hcsc_200ep \
       --config.data_dir=~/tensorflow_datasets
+  python train.py --config configs/imagenet_hcsc_200ep.py:runlocal   # smoke run, see below
+
+Variants (`--config=configs/imagenet_hcsc_200ep.py:<variant>`): "" (the run above); runlocal: a
+smoke run on a tiny image folder in ImageNet's layout, /tmp/imagenet_tiny (make it with
+`python tests/imagenet_like.py`; 30 train images: one step per epoch), 2 epochs of a tiny
+ResNet-50 at 32 px with levels 6 / 3, streamed, kNN after every epoch.
 """
 
-from configs import default
+from configs import default, parse_variants
+
+VARIANTS = ("", "runlocal")
 
 
-def get_config():
+def get_config(arg=None):
+    chosen = parse_variants(arg, VARIANTS, "imagenet_hcsc_200ep")
     c = default.get_config()  # the published settings
     c.dataset = "tfds:imagenet2012"
     c.model.dtype = "bfloat16"
@@ -25,4 +34,13 @@ def get_config():
     c.log_every_steps = 100
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 1000
+    if "runlocal" in chosen:
+        c.dataset = "folder:/tmp/imagenet_tiny"
+        c.update(image_size=32, epochs=2, warmup_epochs=1, batch_size=16, bn_group_size=2, queue_size=32,
+                 log_every_steps=1, checkpoint_every_epochs=1, checkpoint_every_steps=1, progress_bar=False)
+        c.model.update(width=0.0625, embed_dim=16, hidden_dim=32)
+        c.clustering.update(num_clusters=(6, 3), niter=5, nredo=1, min_points_per_centroid=1)
+        c.input.num_workers = 2
+        c.eval.update(knn_k=5, num_clusters=(3,))
+        c.evals.knn.update(every_epochs=1, ks=(2, 5))
     return c

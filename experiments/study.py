@@ -56,7 +56,7 @@ def fashion_coarse_labels(labels: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str  # row label
-    config: str  # configs/<file>
+    config: str  # configs/<file>[:<variant>]
     overrides: tuple[str, ...] = ()
     group: str = "main"  # "main" or "ablation"
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -80,8 +80,8 @@ ABL = ("--config.objective.instance_selection", "--config.objective.prototype_se
 
 def _digits_methods(main_seeds, abl_seeds):
     return (
-        Method("MoCo v2", "digits_mocov2.py", seeds=main_seeds),
-        Method("PCL", "digits_pcl.py", seeds=main_seeds),
+        Method("MoCo v2", "digits.py:mocov2", seeds=main_seeds),
+        Method("PCL", "digits.py:pcl", seeds=main_seeds),
         Method("HCSC", "digits.py", seeds=main_seeds),
         Method("hier. prototypes, no selection", "digits.py", (f"{ABL[0]}=False", f"{ABL[1]}=False"),
                "ablation", abl_seeds),
@@ -97,14 +97,14 @@ SETTINGS = {
     "digits": Setting("digits", "digits", 10, _digits_methods((0, 1, 2, 3, 4), (0, 1, 2))),
     "fashion_mnist": Setting(
         "fashion_mnist", "fashion_mnist", 10,
-        (Method("MoCo v2", "fashion_mnist_mocov2.py", seeds=(0, 1, 2)),
-         Method("PCL", "fashion_mnist_pcl.py", seeds=(0, 1, 2)),
+        (Method("MoCo v2", "fashion_mnist.py:mocov2", seeds=(0, 1, 2)),
+         Method("PCL", "fashion_mnist.py:pcl", seeds=(0, 1, 2)),
          Method("HCSC", "fashion_mnist.py", seeds=(0, 1, 2))),
         coarse="fashion_mnist", needs_gpu=True),
     # CI smoke test: 2 epochs (1 warm-up), one seed, a tiny model, a short linear probe.
     "smoke": Setting(
         "smoke", "digits", 10,
-        (Method("MoCo v2", "digits_mocov2.py", seeds=(0,)), Method("PCL", "digits_pcl.py", seeds=(0,)),
+        (Method("MoCo v2", "digits.py:mocov2", seeds=(0,)), Method("PCL", "digits.py:pcl", seeds=(0,)),
          Method("HCSC", "digits.py", seeds=(0,))),
         common=("--config.epochs=2", "--config.warmup_epochs=1", "--config.model.width=0.125",
                 "--config.model.arch=resnet18", "--config.clustering.nredo=1", "--config.clustering.niter=5",
@@ -534,12 +534,13 @@ DESCRIPTION = {
         "scikit-learn's digits (1,437 train / 360 test 8x8 images, upsampled to 16 px by the crops), the "
         "`configs/digits.py` budget for every method: narrow small-stem ResNet-18 (width 0.25), 40 epochs "
         "(10 warm-up epochs of InfoNCE only), batch 128, queue 1024, prototype levels / clusterings 60/30/10. "
-        "MoCo v2 = `configs/digits_mocov2.py`, PCL = `configs/digits_pcl.py` (independent k-means 60/30/10, "
+        "MoCo v2 = `configs/digits.py:mocov2`, PCL = `configs/digits.py:pcl` (independent k-means 60/30/10, "
         "r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = `configs/digits.py` "
         "(paper semantics); the ablations are `configs/digits.py` with the overrides in their commands."),
     "fashion_mnist": (
-        "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist*.py`: small-stem ResNet-18 "
-        "(width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, levels / clusterings 200/50/10; "
+        "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist.py` and its `:mocov2` / `:pcl` "
+        "variants: small-stem ResNet-18 (width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, levels / "
+        "clusterings 200/50/10; "
         "PCL with r = 64. Top-level NMI is also reported against 4 coarse groups: "
         + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}" for g, m in FASHION_COARSE.items()) + "."),
 }

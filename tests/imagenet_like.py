@@ -1,11 +1,18 @@
 """Tiny stand-ins for ImageNet and VOC07 made on the fly: an image folder in ImageNet's layout
 (synset folders, JPEGs of different sizes named <synset>_<n>.JPEG) and TFDS ArrayRecord builds
-(no TensorFlow needed: the images are handed to TFDS already JPEG-encoded)."""
+(no TensorFlow needed: the images are handed to TFDS already JPEG-encoded); also Fashion-MNIST's
+four IDX files with a few generated images.
+
+  python tests/imagenet_like.py   # the data of the runlocal configs: /tmp/imagenet_tiny, /tmp/fashion_mnist_tiny
+"""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import struct
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -100,3 +107,31 @@ def make_tfds(data_dir: str) -> str:
         cls(data_dir=data_dir, file_format="array_record").download_and_prepare(
             download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return data_dir
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """uint8 array -> IDX bytes (magic 0x0000 08 ndim, big-endian sizes)."""
+    return struct.pack(f">BBBB{array.ndim}I", 0, 0, 0x08, array.ndim, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def make_fashion_mnist(root: str, sizes=(128, 64)) -> str:
+    """Fashion-MNIST's four gzipped IDX files in root, `sizes` (train, test) 28x28 grey images of
+    10 classes (a class-dependent bright bar on noise) -> root."""
+    os.makedirs(root, exist_ok=True)
+    for (stem_images, stem_labels), n, seed in zip(
+            (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+            sizes, (0, 1)):
+        rng = np.random.default_rng(seed)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label:6 + 2 * label, 4:24] = 230
+        for stem, array in ((stem_images, images), (stem_labels, labels)):
+            with open(os.path.join(root, stem + ".gz"), "wb") as f:
+                f.write(gzip.compress(_idx(array)))
+    return root
+
+
+if __name__ == "__main__":
+    imagenet, fashion = sys.argv[1:3] if len(sys.argv) > 2 else ("/tmp/imagenet_tiny", "/tmp/fashion_mnist_tiny")
+    print(make_folder(imagenet), make_fashion_mnist(fashion))

@@ -1,19 +1,40 @@
-"""Every shipped config is consistent: batch, queue and BN groups fit, levels make a tree."""
+"""Every shipped config and each of its variants is consistent: batch, queue and BN groups fit,
+levels make a tree; variants are what they say (big_vision style `get_config(arg)`)."""
 
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
 
+import ml_collections
 import pytest
 
 from hcsc_jax import train_step, trainer
 
-CONFIGS = sorted(p.stem for p in pathlib.Path(__file__).parent.parent.joinpath("configs").glob("*.py")
-                 if p.stem not in ("__init__", "default") and not p.stem.startswith("eval"))
+ROOT = pathlib.Path(__file__).parent.parent
+MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py") if p.stem not in ("__init__", "default"))
+CONFIGS = [m for m in MODULES if not m.startswith("eval")]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_config_is_consistent(name):
-    c = importlib.import_module(f"configs.{name}").get_config()
+def variants(name):
+    """Every variant of a config module, and each of its methods combined with runlocal."""
+    declared = importlib.import_module(f"configs.{name}").VARIANTS
+    methods = importlib.import_module(f"configs.{name}").__dict__.get("METHODS", ())
+    return list(declared) + [f"{m},runlocal" for m in methods]
+
+
+VARIANTS = [(name, v) for name in CONFIGS for v in variants(name)]
+
+
+def load(name, variant=None):
+    module = importlib.import_module(f"configs.{name}")
+    return module.get_config() if variant is None else module.get_config(variant)
+
+
+@pytest.mark.parametrize("name,variant", VARIANTS)
+def test_config_is_consistent(name, variant):
+    c = load(name, variant)
     train_step.check_batch_config(c.batch_size, c.queue_size, c.bn_group_size, 1)
     levels = list(c.clustering.num_clusters)
     assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels)
@@ -26,10 +47,10 @@ def test_config_is_consistent(name):
 
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_config_views_build(name):
+@pytest.mark.parametrize("name,variant", VARIANTS)
+def test_config_views_build(name, variant):
     """Every view (global and multi-crop local) is a valid augmentation for both pipelines."""
-    c = importlib.import_module(f"configs.{name}").get_config()
+    c = load(name, variant)
     channels = len(c.augment.mean)
     q, k, local, _ = trainer.view_configs(c, channels)
     assert q.crop_size == k.crop_size == c.image_size and q.random_crop
@@ -68,3 +89,89 @@ def test_bad_evals_say_what_to_change():
     c.evals.knn.every_epochs = 0
     with pytest.raises(ValueError, match=r"every_epochs must be >= 1"):
         trainer.check_evals(c)
+
+
+def _flat(c, prefix=""):
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _changed(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    return {k: fb[k] for k in fa if fa[k] != fb[k]}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_config_declares_its_variants_and_a_runlocal(name):
+    module = importlib.import_module(f"configs.{name}")
+    assert "runlocal" in module.VARIANTS
+    default = _flat(load(name))
+    for variant in module.VARIANTS:
+        c = load(name, variant)
+        assert isinstance(c, ml_collections.ConfigDict)
+        # "" / the first name is the default: the same config as get_config().
+        assert (_flat(c) == default) == (variant in ("", module.VARIANTS[0])), variant
+    runlocal = load(name, "runlocal")
+    if not name.startswith("eval"):
+        assert runlocal.progress_bar is False and runlocal.epochs <= 3 and 0 < runlocal.warmup_epochs < runlocal.epochs
+        assert runlocal.model.width < load(name).model.width and runlocal.batch_size <= 64
+    with pytest.raises(ValueError, match=rf"unknown variant 'nope' of configs/{name}\.py; variants: "
+                       + ", ".join(v for v in module.VARIANTS if v)):
+        load(name, "runlocal,nope")
+
+
+def test_default_holds_no_variants():
+    """configs/default.py is the shared base, not a config of its own."""
+    from configs import default
+
+    assert not hasattr(default, "VARIANTS") and default.get_config().dataset == "tfds:imagenet2012"
+
+
+@pytest.mark.parametrize("name,negatives", [("digits", 16), ("fashion_mnist", 64)])
+def test_baseline_variants_are_the_old_baseline_files(name, negatives):
+    """digits.py:mocov2 / :pcl (ex digits_mocov2.py / digits_pcl.py) change these fields of the
+    HCSC config and nothing else; likewise fashion_mnist.py."""
+    hcsc = load(name)
+    assert _changed(hcsc, load(name, "hcsc")) == {}
+    assert _changed(hcsc, load(name, "mocov2")) == {
+        "clustering.num_clusters": (), "objective.instance_selection": False,
+        "objective.prototype_selection": False, "objective.proto_loss": False}
+    assert _changed(hcsc, load(name, "pcl")) == {
+        "clustering.mode": "independent", "objective.semantics": "official", "objective.instance_selection": False,
+        "objective.prototype_selection": False, "objective.proto_negatives": negatives}
+    # The same switches on top of runlocal, which keeps the method's fields of the HCSC config.
+    small = load(name, "runlocal")
+    assert _changed(small, load(name, "pcl,runlocal")) == _changed(hcsc, load(name, "pcl"))
+    assert _changed(small, load(name, "runlocal,mocov2")) == _changed(hcsc, load(name, "mocov2"))
+    assert small.objective == hcsc.objective and small.clustering.mode == "hierarchical"
+    with pytest.raises(ValueError, match="variants mocov2 and pcl exclude each other"):
+        load(name, "pcl,mocov2")
+
+
+def test_digits_runlocal_is_the_tests_tiny_run():
+    """tests/test_trainer.py asserts step counts, levels and eval epochs of exactly this config."""
+    c = load("digits", "runlocal")
+    assert (c.epochs, c.image_size, c.warmup_epochs, c.batch_size, c.bn_group_size, c.queue_size, c.lr) == (
+        3, 8, 1, 64, 8, 256, 0.03)
+    assert (c.log_every_steps, c.checkpoint_every_epochs, c.progress_bar) == (5, 1, False)
+    assert (c.model.arch, c.model.width, c.model.embed_dim, c.model.hidden_dim) == ("resnet18", 0.125, 16, 32)
+    assert (tuple(c.clustering.num_clusters), c.clustering.nredo, c.clustering.niter) == ((20, 8, 4), 1, 10)
+    assert tuple(c.eval.num_clusters) == (20, 10)
+    assert (c.evals.knn.every_epochs, tuple(c.evals.knn.ks)) == (2, (5, 20))
+    # Everything else is the digits config.
+    assert c.dataset == "digits" and c.augment == load("digits").augment and c.seed == 0
+
+
+def test_train_py_names_the_workdir_after_config_and_variants():
+    code = ("import train; print(train.run_name('configs/digits.py'), train.run_name('configs/digits.py:pcl,runlocal'),"
+            " train.run_name('/x/configs/imagenet_hcsc_200ep.py:runlocal'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["digits", "digits_pcl_runlocal", "imagenet_hcsc_200ep_runlocal"]

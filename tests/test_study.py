@@ -100,7 +100,7 @@ def test_plan_order_and_commands():
     cmd = study.train_command(study.SETTINGS["digits"], m, 2, "W")
     assert "--config.objective.instance_selection=False" in cmd and "--config.seed=2" in cmd
     fm = study.SETTINGS["fashion_mnist"]
-    assert [m.config for m in fm.methods] == ["fashion_mnist_mocov2.py", "fashion_mnist_pcl.py", "fashion_mnist.py"]
+    assert [m.config for m in fm.methods] == ["fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
     assert fm.needs_gpu and fm.coarse == "fashion_mnist"
 
 

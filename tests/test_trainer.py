@@ -21,17 +21,12 @@ from configs import digits
 from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
-            log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
 
 
 def tiny_config(**overrides):
-    c = digits.get_config()
-    c.update(dict(TINY, **overrides))
-    c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
-    c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
-    c.eval.num_clusters = (20, 10)
-    c.evals.knn.update(every_epochs=2, ks=(5, 20))
+    """configs/digits.py:runlocal (3 epochs at 8 px, a tiny model, levels 20/8/4) with overrides."""
+    c = digits.get_config("runlocal")
+    c.update(overrides)
     return c
 
 
@@ -89,24 +84,18 @@ def test_evaluators_during_training_match_eval_py(finished_run):
     evals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2] and evals[-1]["step"] == summary["step"]
     assert set(evals[-1]) >= {"knn/per_k/5/top1", "knn/per_k/20/top5", "knn/best_top1"}
-    cfg = eval_digits.get_config()
-    cfg.progress_bar = False
+    cfg = eval_digits.get_config("runlocal")  # kNN with k 5 and 20, no progress bar
     ctx = evaluators.common.from_checkpoint(cfg, workdir, None, sharding.make_mesh())
     ctx.out_dir = None
-    cfg.knn.ks = (5, 20)
     res, _ = evaluators.knn.run(ctx, cfg.knn)
     assert res["per_k"]["5"]["top1"] == evals[-1]["knn/per_k/5/top1"]
     assert res["per_k"]["20"]["top1"] == evals[-1]["knn/per_k/20/top1"] == pytest.approx(100 * summary["knn_top1"])
 
 
 def tiny_command(workdir, *extra):
-    """train.py with the TINY config, as a subprocess command."""
-    overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [
-        "--config.model.width=0.125", "--config.model.embed_dim=16", "--config.model.hidden_dim=32",
-        "--config.clustering.num_clusters=(20,8,4)", "--config.clustering.nredo=1",
-        "--config.clustering.niter=10", "--config.eval.num_clusters=(20,10)", *extra]
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/digits.py"),
-            "--workdir", str(workdir)] + overrides
+    """train.py with configs/digits.py:runlocal, as a subprocess command."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/digits.py:runlocal",
+            "--workdir", str(workdir), *extra]
 
 
 def start_and_signal(cmd, workdir, sig):
