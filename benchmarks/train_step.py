@@ -58,8 +58,7 @@ from flax import nnx
 
 from hcsc_jax import objective, sharding
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augmentations
-from hcsc_jax.data import pipeline
+from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.models import make_encoder
 
 flags.DEFINE_enum("arch", "resnet50", ["resnet18", "resnet34", "resnet50"], "backbone")

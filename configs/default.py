@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "validation"
     c.image_size = 224  # crop size of both views
 
-    # Optional initialisation of both encoders from an encoder checkpoint (a train.py workdir,
+    # Optional initialization of both encoders from an encoder checkpoint (a train.py workdir,
     # or a directory from `python -m hcsc_jax.convert import-torch`); architectures must match.
     c.init_encoder = ml_collections.config_dict.placeholder(str)
 

@@ -43,7 +43,7 @@ def get_config(arg=None):
     c.epochs = 40
     c.warmup_epochs = 10
     c.clustering.update(num_clusters=(60, 30, 10), niter=20, nredo=5)
-    # 8-px grey digits: milder crops, no flips (they change a digit's meaning), no blur.
+    # 8-px gray digits: milder crops, no flips (they change a digit's meaning), no blur.
     c.augment.update(scale=(0.4, 1.0), grayscale_prob=0.0, blur_prob=0.0, flip=False, mean=(0.5,), std=(0.5,))
     c.eval.update(num_clusters=(60, 30, 10))
     c.evals.knn = dict(every_epochs=5, ks=(20, 200), temperature=0.07)  # a kNN curve in metrics.jsonl

@@ -1,4 +1,4 @@
-"""HCSC and its baselines on Fashion-MNIST (60,000 28x28 grey images, 10 classes with a natural
+"""HCSC and its baselines on Fashion-MNIST (60,000 28x28 gray images, 10 classes with a natural
 hierarchy: tops / shoes / bags / trousers). Data: the Debian package `dataset-fashion-mnist`
 (`apt-get install dataset-fashion-mnist`) or the four IDX files in --config.data_dir.
 Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):

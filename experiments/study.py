@@ -503,7 +503,7 @@ def environment() -> dict:
         device += f"; jax backend: {out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
         pass
-    return dict(versions=versions, device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+    return dict(versions=versions, device=device, date=datetime.datetime.now(datetime.UTC).isoformat(
         timespec="minutes"))
 
 

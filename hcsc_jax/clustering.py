@@ -43,7 +43,6 @@ import faiss
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import PartitionSpec as P
 
 from hcsc_jax import sharding

@@ -22,10 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hcsc_jax import distributed, sharding
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augmentations
-from hcsc_jax.data import pipeline
+from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.data import augmentations, pipeline
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ per group of `bn_group_size` samples, so the numbers do not depend on the number
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

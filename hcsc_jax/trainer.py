@@ -27,15 +27,23 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, clustering, distributed, evaluators, models, objective, resume, sharding
+from hcsc_jax import (
+    checkpoints,
+    clustering,
+    distributed,
+    evaluators,
+    models,
+    objective,
+    resume,
+    sharding,
+    visualize,
+)
 from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
-from hcsc_jax import visualize
 from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.features import embed_input
-from hcsc_jax.data import augmentations
-from hcsc_jax.data import pipeline
+from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data import stream as stream_lib
+from hcsc_jax.features import embed_input
 
 log = logging.getLogger(__name__)
 

@@ -158,11 +158,12 @@ def write_run_figures(workdir: str | epath.Path, out: epath.Path | None = None) 
 def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     """A sample of the run's training set: (indices (n,), center-cropped uint8 images,
     L2-normalized key projections (n, d), labels or None)."""
+    import ml_collections
+
     from hcsc_jax import checkpoints, features, sharding, trainer  # jax and the model only for these figures
     from hcsc_jax import train_step as ts
     from hcsc_jax.data import pipeline, sources, stream
     from hcsc_jax.models import l2_normalize
-    import ml_collections
 
     config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
     source = sources.open_source(config.dataset, config.train_split, config.get("data_dir"))

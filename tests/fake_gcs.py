@@ -3,9 +3,9 @@ registered as fsspec's "gs"/"gcs" protocol (the one etils.epath uses for gs:// w
 is absent). Like GCS it has no append mode; only the bucket "bucket" exists."""
 
 import fsspec
-from fsspec.registry import _registry
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import _registry
 
 
 class FakeGCS(MemoryFileSystem):

@@ -115,7 +115,7 @@ def _idx(array: np.ndarray) -> bytes:
 
 
 def make_fashion_mnist(root: str, sizes=(128, 64)) -> str:
-    """Fashion-MNIST's four gzipped IDX files in root, `sizes` (train, test) 28x28 grey images of
+    """Fashion-MNIST's four gzipped IDX files in root, `sizes` (train, test) 28x28 gray images of
     10 classes (a class-dependent bright bar on noise) -> root."""
     os.makedirs(root, exist_ok=True)
     for (stem_images, stem_labels), n, seed in zip(

@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 
+import imagenet_like
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-import imagenet_like
 from configs import eval_digits, eval_imagenet
 from hcsc_jax import checkpoints, models, sharding, workdir
 from hcsc_jax.data import sources

@@ -3,11 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 import numpy_reference as ref
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from numpy_reference import unit
+
 from hcsc_jax import objective
 from hcsc_jax.objective import ObjectiveConfig
 

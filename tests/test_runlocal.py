@@ -5,10 +5,10 @@ dtype, k-means backend and evaluators. (digits.py:runlocal is tests/test_trainer
 import json
 import os
 
+import imagenet_like
 import numpy as np
 import pytest
 
-import imagenet_like
 from configs import cifar10, fashion_mnist, imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep
 from hcsc_jax import clustering, trainer
 

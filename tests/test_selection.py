@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
 import numpy_reference as ref
+import pytest
 from numpy_reference import unit
+
 from hcsc_jax import selection
 
 

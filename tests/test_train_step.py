@@ -21,8 +21,7 @@ from flax import nnx
 
 from hcsc_jax import losses, objective, sharding
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augmentations
-from hcsc_jax.data import pipeline
+from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.models import make_encoder
 
 B = 64  # global batch

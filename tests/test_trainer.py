@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.struct
-from flax import nnx
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from configs import digits
 from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, trainer

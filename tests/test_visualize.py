@@ -6,7 +6,8 @@ import json
 import numpy as np
 from etils import epath
 
-from hcsc_jax import visualize, workdir as workdir_lib
+from hcsc_jax import visualize
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.clustering import hierarchical_kmeans
 from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
 

@@ -18,14 +18,14 @@ valid (b,)) with every index once, in order.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 
 from hcsc_jax import sharding
-from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.data import sources
+from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.data.sources import ArrayDataset, RandomAccessSource
 
 

@@ -12,7 +12,7 @@ whether the epoch was resumed at `start_step`. Process p of P gets rows [p*b, (p
 global batch, b = global_batch // P; `sharding.to_global` assembles the process-local parts into
 one batch-sharded array.
 
-Crops follow torchvision: `RandomResizedCrop.get_params` (10 attempts, then the centre-crop
+Crops follow torchvision: `RandomResizedCrop.get_params` (10 attempts, then the center-crop
 fallback; same uniforms layout as `augment.sample_crop_box`), then crop-then-resize with
 Pillow's antialiased bilinear filter. JPEGs are decoded at full size: Pillow's `draft()` (DCT
 scaling by 1/2, 1/4, 1/8) would only apply when every view's box is at least 2x its output size,
@@ -79,7 +79,7 @@ def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> tuple[int,
     Attempt a takes area fraction scale-lerp(u[a]) and log aspect lerp(u[attempts + a]),
     w = round(sqrt(area * r)), h = round(sqrt(area / r)); the first box that fits is placed at
     floor(u[-2] * (height - h + 1)), floor(u[-1] * (width - w + 1)). Else the fallback: the
-    largest centred box with its aspect ratio clamped to `ratio`. Same uniforms, same box as
+    largest centered box with its aspect ratio clamped to `ratio`. Same uniforms, same box as
     the device's `augment.sample_crop_box` (up to float32 rounding there).
     """
     attempts = (len(u) - 2) // 2

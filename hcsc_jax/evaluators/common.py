@@ -17,8 +17,7 @@ from hcsc_jax import checkpoints, sharding
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.data import augmentations
-from hcsc_jax.data import pipeline
+from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data import stream as stream_lib
 
 

@@ -21,9 +21,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from hcsc_jax import distributed, models, sharding
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import pipeline, sources
 from hcsc_jax.data import stream as stream_lib
 from hcsc_jax.evaluators import common, linear
