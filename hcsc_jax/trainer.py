@@ -65,7 +65,8 @@ def view_configs(config, channels: int):
     local_views = fields.pop("local_views")
     mean, std = fields.pop("mean")[:channels], fields.pop("std")[:channels]
     view = augmentations.AugmentConfig(crop_size=config.image_size, mean=mean, std=std, **fields)
-    local = tuple(dataclasses.replace(view, crop_size=size, scale=tuple(scale)) for size, scale in local_views)
+    local = tuple(dataclasses.replace(view, crop_size=size, scale=tuple(scale))
+                  for size, scale in local_views)
     return view, view, local, (mean, std)
 
 
@@ -80,8 +81,9 @@ def make_input(config, split: str, mesh, train: bool = True):
     """The dataset `split` as `config.input.pipeline` says: "memory" (resident on the devices)
     or "stream" (host decoding and crops; `train=False`: the feature pass only)."""
     i = config.input
-    return pipeline.open_input(i.pipeline, config.dataset, split, config.get("data_dir"), mesh, config.batch_size,
-                               config.seed, host_crops(config) if train else (), i.num_workers, i.prefetch)
+    crops = host_crops(config) if train else ()
+    return pipeline.open_input(i.pipeline, config.dataset, split, config.get("data_dir"), mesh,
+                               config.batch_size, config.seed, crops, i.num_workers, i.prefetch)
 
 
 def init_from(model, path: str) -> None:
@@ -130,7 +132,8 @@ def itstime(count: int, every: int, *, final: bool = False) -> bool:
     return final or (every > 0 and count > 0 and count % every == 0)
 
 
-def flush_log(pending: list, step: int, epoch: int, lr: float, batch: int, since: float, writer, bar) -> list[dict]:
+def flush_log(pending: list, step: int, epoch: int, lr: float, batch: int, since: float, writer,
+              bar) -> list[dict]:
     """Waits for the metrics of the steps in `pending` (the last is `step`, the first began after
     `since`), stops on a non-finite loss, writes their mean with `lr` and images/s -> the
     per-step metrics on the host."""
@@ -141,6 +144,14 @@ def flush_log(pending: list, step: int, epoch: int, lr: float, batch: int, since
     writer.write(record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
     return per_step
+
+
+def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mesh,
+                  num_clusters=None) -> clustering.Hierarchy:
+    """The hierarchy (see `cluster`) of the key encoder's projections of the center crops of the
+    images of the `pipeline` input `inp`."""
+    _, proj = embed_input(graphdef, state.k_params, state.k_stats, inp, config.image_size, *mean_std)
+    return cluster(config, proj, epoch, num_clusters, mesh)
 
 
 def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
@@ -193,8 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     graphdef = ts.split_model(model)[0]
     tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
     replicated = sharding.replicated(mesh)
-    state = jax.device_put(
-        ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed), replicated)
+    state = ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed)
+    state = jax.device_put(state, replicated)
 
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -203,12 +214,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if restored is not None:
         state, meta, hierarchy = restored
         hierarchy_epoch = meta.get("hierarchy_epoch", -1)
-        if meta["epoch"] * steps_per_epoch + meta["step_in_epoch"] != int(state.step):
+        at = meta["epoch"] * steps_per_epoch + meta["step_in_epoch"]
+        if at != int(state.step):
             raise ValueError(
-                f"the checkpoint of step {int(state.step)} was written at step {meta['step_in_epoch']} of epoch "
-                f"{meta['epoch']}, which is step {meta['epoch'] * steps_per_epoch + meta['step_in_epoch']} at "
-                f"{steps_per_epoch} steps per epoch: the training set has changed size; resume on the same data "
-                "or use a new --workdir")
+                f"the checkpoint of step {int(state.step)} was written at step {meta['step_in_epoch']} of "
+                f"epoch {meta['epoch']}, which is step {at} at {steps_per_epoch} steps per epoch: the "
+                "training set has changed size; resume on the same data or use a new --workdir")
         log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), meta["epoch"],
                  meta["step_in_epoch"])
     writer = metrics_lib.MetricsWriter(workdir, int(state.step), config, enabled=main)
@@ -222,6 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final_ctx = None  # the context of the last epoch's evaluators, whose features the summary reuses
     refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
+    context = lambda step: eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, step, mesh,
+                                        eval_inputs)  # of the current query encoder
 
     # One pass over the positions of the run (`step` steps done): first what is due after the step
     # just taken (log, save, evaluate, stop), then at an epoch's start the clustering, then a step.
@@ -255,8 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             encoder=enc_meta)
                 checkpoints.save(mngr, state, meta, hierarchy)
             if epoch_done and config.evals and not stop:  # after the save: an eval cut short is not redone
-                final_ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, step, mesh,
-                                         eval_inputs)
+                final_ctx = context(step)
                 record = run_evals(config, final_ctx, epoch, last)
                 if record:
                     writer.write(dict(record, type="eval", epoch=epoch, step=step))
@@ -265,32 +277,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if last:
                 break
 
-            if in_epoch == 0 or not trained:  # epoch `epochs_done` starts (or resumes mid-way)
-                protos, assignments, cluster_seconds = None, np.zeros((n, max(num_levels, 1)), np.int32), 0.0
-                if uses_prototypes(config, epochs_done) and (hierarchy is None or hierarchy_epoch != epochs_done):
+            if in_epoch == 0 or not trained:  # epoch `e` starts (or resumes mid-way)
+                e, cluster_seconds = epochs_done, 0.0
+                if uses_prototypes(config, e) and (hierarchy is None or hierarchy_epoch != e):
                     t0 = time.perf_counter()
-                    _, proj = embed_input(graphdef, state.k_params, state.k_stats, train_set, config.image_size,
-                                          mean, std)
-                    hierarchy, hierarchy_epoch = cluster(config, proj, epochs_done, mesh=mesh), epochs_done
+                    hierarchy = key_hierarchy(config, state, graphdef, train_set, (mean, std), e, mesh)
+                    hierarchy_epoch = e
                     cluster_seconds = time.perf_counter() - t0
                     if main:
-                        workdir_lib.save_npz(hierarchy_dir / f"epoch_{epochs_done:04d}.npz", hierarchy.to_arrays())
-                if hierarchy is not None and hierarchy_epoch == epochs_done:
+                        workdir_lib.save_npz(hierarchy_dir / f"epoch_{e:04d}.npz", hierarchy.to_arrays())
+                protos, assignments = None, np.zeros((n, max(num_levels, 1)), np.int32)
+                if hierarchy is not None and hierarchy_epoch == e:
                     protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
                     assignments = hierarchy.assignments()
                     if in_epoch == 0:  # (resumed mid-epoch, the restored state already holds the cache)
                         state = refresh_lse(state, protos)
-                batches, epoch_metrics = train_set.steps(epochs_done, in_epoch, assignments), []
-                bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epochs_done + 1}/{config.epochs}",
-                           unit="step", leave=False, dynamic_ncols=True, disable=not (config.progress_bar and main))
+                batches, epoch_metrics = train_set.steps(e, in_epoch, assignments), []
+                bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {e + 1}/{config.epochs}",
+                           unit="step", leave=False, dynamic_ncols=True,
+                           disable=not (config.progress_bar and main))
                 t_log = time.perf_counter()
             state, metrics = step_fns[protos is None](state, *next(batches), protos)
             bar.update()
     mngr.wait_until_finished()
 
     if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
-        final_ctx = eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, int(state.step), mesh,
-                                 eval_inputs)
+        final_ctx = context(int(state.step))
     summary = evaluate(config, final_ctx, state, mesh)
     writer.close()
     if main:
@@ -300,14 +312,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
-def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mesh, inputs: dict) -> evaluators.Context:
+def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mesh,
+                 inputs: dict) -> evaluators.Context:
     """An evaluators.Context for the encoder (params, stats) on the run's data; `inputs` maps split
     names to `pipeline` inputs already open (reused and filled, not re-read)."""
     channels = enc_meta["in_channels"]
     a, i = config.augment, config.input
+    mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
-                               config.image_size, tuple(a.mean)[:channels], tuple(a.std)[:channels], i.pipeline,
-                               i.num_workers, i.prefetch)
+                               config.image_size, mean, std, i.pipeline, i.num_workers, i.prefetch)
     return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
                               progress=False, seed=config.seed, inputs=inputs)
 
@@ -351,14 +364,14 @@ def evaluate(config, ctx: evaluators.Context, state, mesh) -> dict[str, Any]:
     summary: dict[str, Any] = {"step": int(state.step), "epochs": config.epochs}
     train_set = ctx.input(config.train_split)
     if train_set.labels is not None and ctx.input(config.eval_split).labels is not None:
-        knn_cfg = ml_collections.ConfigDict(dict(ks=(config.eval.knn_k,), temperature=config.eval.knn_temperature))
+        e = config.eval
+        knn_cfg = ml_collections.ConfigDict(dict(ks=(e.knn_k,), temperature=e.knn_temperature))
         res, _ = evaluators.knn.run(ctx, knn_cfg)
         summary["knn_top1"] = res["best_top1"] / 100
     if train_set.labels is not None and config.eval.num_clusters:
-        mean, std = ctx.mean_std
-        _, proj = embed_input(ctx.encoder.graphdef, state.k_params, state.k_stats, train_set, config.image_size,
-                              mean, std)
-        final = cluster(config, proj, config.epochs, config.eval.num_clusters, mesh)
-        summary["nmi_per_level"] = [evaluators.cluster.nmi(lv.assignments, train_set.labels) for lv in final.levels]
+        final = key_hierarchy(config, state, ctx.encoder.graphdef, train_set, ctx.mean_std, config.epochs,
+                              mesh, config.eval.num_clusters)
+        labels = train_set.labels
+        summary["nmi_per_level"] = [evaluators.cluster.nmi(lv.assignments, labels) for lv in final.levels]
         summary["num_clusters"] = list(final.num_clusters)
     return summary
