@@ -1,11 +1,13 @@
-"""The epoch loop: clustering between epochs, sharded steps, metrics, checkpoints, final eval.
+"""The run: one loop over its steps, clustering between epochs, metrics, checkpoints, final eval.
 
-Before each epoch after warm-up, the key encoder (inference mode) embeds a center crop of every
-training image, k-means builds the hierarchy (faiss on the host, or the "jax" backend on the
-devices), and its arrays are put on every device. The images reach the step through a
-`data.pipeline` input (`config.input.pipeline`): "memory" keeps the dataset on the devices and
-a step receives only the indices of its global batch; "stream" decodes and crops on the host,
-each process its share. Per-sample k-means labels travel with the batch.
+After each step one predicate, `itstime`, says what is due: a log line, the checkpoint (one
+save call), the evaluators of `config.evals`, a stop on SIGTERM. Before each epoch after
+warm-up, the key encoder (inference mode) embeds a center crop of every training image, k-means
+builds the hierarchy (faiss on the host, or the "jax" backend on the devices), and its arrays
+are put on every device. The images reach the step through a `data.pipeline` input
+(`config.input.pipeline`): "memory" keeps the dataset on the devices and gathers each global
+batch there; "stream" decodes and crops on the host, each process its share. Both yield the
+step's `(images, labels)`, the labels being the batch's k-means assignments.
 
 With several processes (`distributed.initialize`) every process runs this loop over one global
 mesh; faiss runs on process 0 and its hierarchy is broadcast, process 0 writes the logs,
