@@ -3,7 +3,8 @@
 (no TensorFlow needed: the images are handed to TFDS already JPEG-encoded); also Fashion-MNIST's
 four IDX files with a few generated images.
 
-  python tests/imagenet_like.py   # the data of the runlocal configs: /tmp/imagenet_tiny, /tmp/fashion_mnist_tiny
+  python tests/imagenet_like.py   # the data of the runlocal configs:
+                                  # /tmp/imagenet_tiny, /tmp/fashion_mnist_tiny
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class HcscTinyImagenet(tfds.core.GeneratorBasedBuilder):
             "file_name": tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples("train", 10), "validation": self._generate_examples("val", 4)}
+        return {"train": self._generate_examples("train", 10),
+                "validation": self._generate_examples("val", 4)}
 
     def _generate_examples(self, split, per_class):
         for name, label, img in examples(split, per_class):
@@ -86,7 +88,8 @@ class HcscTinyVoc(tfds.core.GeneratorBasedBuilder):
         classes = tfds.features.ClassLabel(num_classes=20)
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "labels": tfds.features.Sequence(classes), "labels_no_difficult": tfds.features.Sequence(classes)}))
+            "labels": tfds.features.Sequence(classes),
+            "labels_no_difficult": tfds.features.Sequence(classes)}))
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(0, 60), "validation": self._generate_examples(1, 20),
@@ -111,7 +114,8 @@ def make_tfds(data_dir: str) -> str:
 
 def _idx(array: np.ndarray) -> bytes:
     """uint8 array -> IDX bytes (magic 0x0000 08 ndim, big-endian sizes)."""
-    return struct.pack(f">BBBB{array.ndim}I", 0, 0, 0x08, array.ndim, *array.shape) + array.astype(np.uint8).tobytes()
+    header = struct.pack(f">BBBB{array.ndim}I", 0, 0, 0x08, array.ndim, *array.shape)
+    return header + array.astype(np.uint8).tobytes()
 
 
 def make_fashion_mnist(root: str, sizes=(128, 64)) -> str:
@@ -119,7 +123,8 @@ def make_fashion_mnist(root: str, sizes=(128, 64)) -> str:
     10 classes (a class-dependent bright bar on noise) -> root."""
     os.makedirs(root, exist_ok=True)
     for (stem_images, stem_labels), n, seed in zip(
-            (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+            (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
             sizes, (0, 1)):
         rng = np.random.default_rng(seed)
         labels = (np.arange(n) % 10).astype(np.uint8)
@@ -133,5 +138,6 @@ def make_fashion_mnist(root: str, sizes=(128, 64)) -> str:
 
 
 if __name__ == "__main__":
-    imagenet, fashion = sys.argv[1:3] if len(sys.argv) > 2 else ("/tmp/imagenet_tiny", "/tmp/fashion_mnist_tiny")
+    imagenet, fashion = (sys.argv[1:3] if len(sys.argv) > 2
+                         else ("/tmp/imagenet_tiny", "/tmp/fashion_mnist_tiny"))
     print(make_folder(imagenet), make_fashion_mnist(fashion))

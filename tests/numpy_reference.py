@@ -89,7 +89,8 @@ def hcsc_loss(q, k, queue, levels, labels, inst_keep, proto_keep, temperature, s
     proto_keep[l] (B, M_l) or None (top level: all candidates)."""
     inst = [info_nce(q, k, queue, inst_keep[l], temperature, semantics)[0] for l in range(len(levels))]
     proto = [
-        proto_nce(q, lv["centroids"], lv["phi"], labels[:, l], proto_keep[l], lv["valid"], semantics, group_size)[0]
+        proto_nce(q, lv["centroids"], lv["phi"], labels[:, l], proto_keep[l], lv["valid"], semantics,
+                  group_size)[0]
         for l, lv in enumerate(levels)
     ]
     inst_total = np.sum(inst) if semantics == "official" else np.mean(inst)

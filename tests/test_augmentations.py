@@ -50,7 +50,8 @@ def geometry():
     image = np.stack([4 * rows, 4 * cols, 255 - 2 * cols], -1).astype(np.uint8)
     cfg = A.AugmentConfig(crop_size=S, **{**OFF, "flip": True, "grayscale_prob": 0.2})
     out = run(cfg, np.broadcast_to(image, (N_GEOM, H, H, 3))) * 255.0
-    gray = np.abs(out[..., 0] - out[..., 1]).max((1, 2)) + np.abs(out[..., 1] - out[..., 2]).max((1, 2)) < 1e-3
+    gray = (np.abs(out[..., 0] - out[..., 1]).max((1, 2))
+            + np.abs(out[..., 1] - out[..., 2]).max((1, 2))) < 1e-3
     # Bilinear resampling reproduces a linear function away from the crop border: the output
     # row o samples the input at top + (o + 0.5) * h / S - 0.5. Fit that line on interior rows.
     o = np.arange(4, S - 4)

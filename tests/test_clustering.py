@@ -280,8 +280,9 @@ def test_faiss_warnings_become_one_log_line(capfd, caplog):
         hierarchical_kmeans(x, [40, 20, 5], niter=5, nredo=1, min_points_per_centroid=10)
     assert "please provide" not in capfd.readouterr().err
     lines = [r.getMessage() for r in caplog.records if r.name == "hcsc_jax.clustering"]
-    assert lines == ["k-means under min_points_per_centroid=10 (harmless for upper levels): level 0: 200 points "
-                     "for 40 centroids; level 1: 40 points for 20 centroids; level 2: 20 points for 5 centroids"]
+    assert lines == ["k-means under min_points_per_centroid=10 (harmless for upper levels): "
+                     "level 0: 200 points for 40 centroids; level 1: 40 points for 20 centroids; "
+                     "level 2: 20 points for 5 centroids"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -299,7 +300,8 @@ def test_independent_clusterings_are_independent(random_features):
     assert not np.array_equal(h.levels[0].assignments, h.levels[1].assignments)
     for l, lv in enumerate(h.levels):
         # Each level is exactly a flat k-means of the samples with seed + l, on its own.
-        flat = hierarchical_kmeans(x, [lv.num_clusters], niter=10, nredo=1, seed=3 + l, temperature=T).levels[0]
+        flat = hierarchical_kmeans(x, [lv.num_clusters], niter=10, nredo=1, seed=3 + l,
+                                   temperature=T).levels[0]
         np.testing.assert_array_equal(lv.centroids, flat.centroids)
         np.testing.assert_array_equal(lv.assignments, flat.assignments)
         np.testing.assert_array_equal(lv.temperatures, flat.temperatures)  # same concentration estimate
@@ -323,4 +325,5 @@ def test_independent_clusterings_are_independent(random_features):
 
 
 def _fields(level):
-    return {f: getattr(level, f) for f in ("centroids", "assignments", "temperatures", "valid", "parents", "counts")}
+    return {f: getattr(level, f)
+            for f in ("centroids", "assignments", "temperatures", "valid", "parents", "counts")}

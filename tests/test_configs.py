@@ -13,7 +13,8 @@ import pytest
 from hcsc_jax import train_step, trainer
 
 ROOT = pathlib.Path(__file__).parent.parent
-MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py") if p.stem not in ("__init__", "default"))
+MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py")
+                 if p.stem not in ("__init__", "default"))
 CONFIGS = [m for m in MODULES if not m.startswith("eval")]
 
 
@@ -64,7 +65,8 @@ def test_imagenet_configs_hold_the_published_settings():
     from configs import imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep
 
     for c in (imagenet_hcsc_200ep.get_config(), imagenet_hcsc_multicrop_200ep.get_config()):
-        assert (c.model.arch, c.model.width, c.model.small_stem, c.model.embed_dim) == ("resnet50", 1.0, False, 128)
+        assert (c.model.arch, c.model.width, c.model.small_stem, c.model.embed_dim) == (
+            "resnet50", 1.0, False, 128)
         assert (c.batch_size, c.bn_group_size, c.queue_size, c.ema_momentum) == (256, 32, 16384, 0.999)
         assert (c.lr, c.weight_decay, c.sgd_momentum, c.epochs, c.warmup_epochs) == (0.03, 1e-4, 0.9, 200, 20)
         assert tuple(c.clustering.num_clusters) == (3000, 2000, 1000)
@@ -119,7 +121,8 @@ def test_every_config_declares_its_variants_and_a_runlocal(name):
         assert (_flat(c) == default) == (variant in ("", module.VARIANTS[0])), variant
     runlocal = load(name, "runlocal")
     if not name.startswith("eval"):
-        assert runlocal.progress_bar is False and runlocal.epochs <= 3 and 0 < runlocal.warmup_epochs < runlocal.epochs
+        assert (runlocal.progress_bar is False and runlocal.epochs <= 3
+                and 0 < runlocal.warmup_epochs < runlocal.epochs)
         assert runlocal.model.width < load(name).model.width and runlocal.batch_size <= 64
     with pytest.raises(ValueError, match=rf"unknown variant 'nope' of configs/{name}\.py; variants: "
                        + ", ".join(v for v in module.VARIANTS if v)):
@@ -143,8 +146,9 @@ def test_baseline_variants_are_the_old_baseline_files(name, negatives):
         "clustering.num_clusters": (), "objective.instance_selection": False,
         "objective.prototype_selection": False, "objective.proto_loss": False}
     assert _changed(hcsc, load(name, "pcl")) == {
-        "clustering.mode": "independent", "objective.semantics": "official", "objective.instance_selection": False,
-        "objective.prototype_selection": False, "objective.proto_negatives": negatives}
+        "clustering.mode": "independent", "objective.semantics": "official",
+        "objective.instance_selection": False, "objective.prototype_selection": False,
+        "objective.proto_negatives": negatives}
     # The same switches on top of runlocal, which keeps the method's fields of the HCSC config.
     small = load(name, "runlocal")
     assert _changed(small, load(name, "pcl,runlocal")) == _changed(hcsc, load(name, "pcl"))
@@ -169,7 +173,8 @@ def test_digits_runlocal_is_the_tests_tiny_run():
 
 
 def test_train_py_names_the_workdir_after_config_and_variants():
-    code = ("import train; print(train.run_name('configs/digits.py'), train.run_name('configs/digits.py:pcl,runlocal'),"
+    code = ("import train; print(train.run_name('configs/digits.py'),"
+            " train.run_name('configs/digits.py:pcl,runlocal'),"
             " train.run_name('/x/configs/imagenet_hcsc_200ep.py:runlocal'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

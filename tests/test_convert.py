@@ -339,7 +339,8 @@ def _convert_cli(*args):
     """Runs `python -m hcsc_jax.convert ARGS` from the repo root on the CPU."""
     return subprocess.run(
         [sys.executable, "-m", "hcsc_jax.convert", *args], check=False, capture_output=True, text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
 
 

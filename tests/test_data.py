@@ -321,16 +321,19 @@ def test_data_dir_on_a_bucket(tmp_path, fake_gcs):  # noqa: F811
     bucket = epath.Path("gs://bucket/data")
     for split, n in (("train", 4), ("test", 3)):
         img_name, lbl_name = sources.FASHION_MNIST_FILES[split]
-        _write(tmp_path / (img_name + ".gz"), _idx_bytes(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)), True)
+        _write(tmp_path / (img_name + ".gz"), _idx_bytes(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+               True)
         _write(tmp_path / lbl_name, _idx_bytes(rng.integers(0, 10, n).astype(np.uint8)), False)
     for cls, k in (("ant", 0), ("ant", 1), ("bee", 0)):
-        _save(Image, tmp_path / "imgs" / "train" / cls / f"img{k}.png", rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+        _save(Image, tmp_path / "imgs" / "train" / cls / f"img{k}.png",
+              rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
     for f in tmp_path.rglob("*"):
         if f.is_file():
             (bucket / f.relative_to(tmp_path).as_posix()).parent.mkdir(parents=True, exist_ok=True)
             (bucket / f.relative_to(tmp_path).as_posix()).write_bytes(f.read_bytes())
     for split in ("train", "test"):
-        local, remote = (load_dataset("fashion_mnist", split, data_dir=d) for d in (str(tmp_path), str(bucket)))
+        local, remote = (load_dataset("fashion_mnist", split, data_dir=d)
+                         for d in (str(tmp_path), str(bucket)))
         np.testing.assert_array_equal(remote.images, local.images)
         np.testing.assert_array_equal(remote.labels, local.labels)
     local, remote = (load_dataset("folder:imgs", "train", data_dir=d) for d in (str(tmp_path), str(bucket)))

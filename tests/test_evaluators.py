@@ -62,8 +62,8 @@ def test_knn_separable_and_shuffled():
     res = knn.evaluate(train, ytrain, test, ytest, ks=(10, 20, 100), num_classes=5, train_chunk=32)
     assert all(res["per_k"][k] == dict(top1=100.0, top5=100.0) for k in (10, 20, 100))
     rng = np.random.default_rng(0)
-    res = knn.evaluate(rng.standard_normal((2000, 32)), rng.integers(0, 10, 2000), rng.standard_normal((1000, 32)),
-                       rng.integers(0, 10, 1000), ks=(20,), num_classes=10)
+    res = knn.evaluate(rng.standard_normal((2000, 32)), rng.integers(0, 10, 2000),
+                       rng.standard_normal((1000, 32)), rng.integers(0, 10, 1000), ks=(20,), num_classes=10)
     assert 5.0 < res["per_k"][20]["top1"] < 16.0 and 40.0 < res["per_k"][20]["top5"] < 60.0
 
 
@@ -71,7 +71,8 @@ def test_knn_weighted_vote_matches_hand_case():
     # Test point at angle 0; the 3 nearest: a (class 0, 0 rad), b and c (class 1, 0.5 / 0.55 rad).
     # Unweighted majority says 1; with T = 0.07, exp(1/T) > exp(cos(.5)/T) + exp(cos(.55)/T).
     angles = np.array([0.0, 0.5, 0.55, 2.0, 2.5])
-    train = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32) * np.array([[1], [2], [3], [1], [1]])
+    train = (np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+             * np.array([[1], [2], [3], [1], [1]]))
     ytrain = np.array([0, 1, 1, 2, 2], np.int32)
     test = np.array([[5.0, 0.0]], np.float32)
     got = knn.knn_scores(train, ytrain, test, ks=(3,), temperature=0.07, num_classes=3)[3]
@@ -128,9 +129,11 @@ def test_split_file_selects_exactly_the_listed_images(tmp_path):
     names = ["n01_1.JPEG", "n01_2.JPEG", "n02_7.JPEG", "n02_8.JPEG"]
     split = tmp_path / "1percent.txt"
     split.write_text("n02_8.JPEG\n\nn01_1.JPEG\n")
-    np.testing.assert_array_equal(semisup.match_names(semisup.read_split_file(str(split)), names, "x"), [0, 3])
+    np.testing.assert_array_equal(
+        semisup.match_names(semisup.read_split_file(str(split)), names, "x"), [0, 3])
     listed = [f"n09_{i}.JPEG" for i in range(8)] + ["n01_2.JPEG"]
-    with pytest.raises(EvalError, match=r"8 of the 9 names .* match no image of x, e\.g\. n09_0\.JPEG, n09_1"):
+    with pytest.raises(EvalError,
+                       match=r"8 of the 9 names .* match no image of x, e\.g\. n09_0\.JPEG, n09_1"):
         semisup.match_names(listed, names, "x")
     with pytest.raises(EvalError, match="split file .* does not exist"):
         semisup.read_split_file(str(tmp_path / "nope.txt"))
@@ -142,7 +145,8 @@ def test_split_file_selects_exactly_the_listed_images(tmp_path):
 
 def test_voc_targets_and_svm_map():
     t = voc.class_targets([[0, 3], [1], [3]], [[0], [1], [3]], 4)
-    np.testing.assert_array_equal(t, [[1, -1, -1, 0], [-1, 1, -1, -1], [-1, -1, -1, 1]])  # 3 of row 0: difficult
+    # Class 3 of row 0: difficult.
+    np.testing.assert_array_equal(t, [[1, -1, -1, 0], [-1, 1, -1, -1], [-1, -1, -1, 1]])
     rng = np.random.default_rng(0)
     def split(n):
         y = rng.integers(0, 2, (n, 3)) * 2 - 1
@@ -170,11 +174,13 @@ def _random_weights(abstract_state, seed=0):
 
     def fill(path, leaf):
         if len(leaf.shape) >= 2:
-            return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(leaf.dtype)
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape) * std).astype(leaf.dtype)
         name = str(path[-1])
         return (np.ones if ("scale" in name or "var" in name) else np.zeros)(leaf.shape, leaf.dtype)
 
-    nnx.replace_by_pure_dict(abstract_state, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract_state)))
+    nnx.replace_by_pure_dict(
+        abstract_state, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract_state)))
     return abstract_state
 
 
@@ -260,7 +266,8 @@ def test_bad_input_stops_with_what_to_change(data, gray_encoder, tmp_path):
     empty = tmp_path.parent / "empty"
     empty.mkdir()
     with pytest.raises(EvalError, match=r"not prepared .*tfds build hcsc_tiny_imagenet"):
-        _ctx(data["encoder"], tmp_path, dataset="tfds:hcsc_tiny_imagenet", data_dir=str(empty))[0].features("train")
+        _ctx(data["encoder"], tmp_path, dataset="tfds:hcsc_tiny_imagenet",
+             data_dir=str(empty))[0].features("train")
     assert os.listdir(tmp_path) == []  # nothing written
 
 
@@ -300,14 +307,16 @@ def test_readme_commands_on_generated_imagenet(data, tmp_path):
     assert len(read(os.path.join(eval_dir, "voc_step0.json"))["ap"]) == 20
     assert read(os.path.join(eval_dir, "linear_step0.json"))["protocol"]["augmented"] is True
     proc = run_eval("--mode=knn", *common_args, "--config.knn.ks=(2,5000)")
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("eval.py: error: kNN k = [5000]")
+    assert (proc.returncode == 1
+            and proc.stderr.strip().splitlines()[-1].startswith("eval.py: error: kNN k = [5000]"))
     assert "Traceback" not in proc.stderr
 
 
 def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_path):
-    args = ["--mode=linear", "--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",
-            "--config.image_size=8", "--config.mean=(0.5,)", "--config.std=(0.5,)", "--config.progress_bar=False",
-            "--config.linear.epochs=3", "--config.linear.milestones=(2,)", "--config.linear.checkpoint_every_steps=2"]
+    args = ["--mode=linear", "--config.dataset=digits", "--config.train_split=train",
+            "--config.eval_split=test", "--config.image_size=8", "--config.mean=(0.5,)",
+            "--config.std=(0.5,)", "--config.progress_bar=False", "--config.linear.epochs=3",
+            "--config.linear.milestones=(2,)", "--config.linear.checkpoint_every_steps=2"]
     dirs = [str(tmp_path / name) for name in ("whole", "killed")]
     for d in dirs:
         subprocess.run(["cp", "-r", gray_encoder, d], check=True)
@@ -333,15 +342,16 @@ def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_p
 
 
 def test_semisup_fraction_lr_history(gray_encoder, tmp_path):
-    ctx, cfg = _ctx(gray_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test", image_size=8,
-                    mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)
+    ctx, cfg = _ctx(gray_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test",
+                    image_size=8, mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)
     cfg.semisup.update(split_file=None, fraction=0.05, epochs=2, milestones=(1,), batch_size=256)
     res, line = semisup.run(ctx, cfg.semisup)
     assert res["num_labelled"] == 72 and 0 <= res["top1"] <= res["top5"] <= 100
     scale = 72 / 256  # one batch of all 72 labelled samples (a multiple of the 8 devices)
     h = res["history"]
     assert h[0]["trunk_lr"] == pytest.approx(0.005 * scale) and h[0]["head_lr"] == pytest.approx(0.02 * scale)
-    assert h[1]["trunk_lr"] == pytest.approx(0.0005 * scale) and h[1]["head_lr"] == pytest.approx(0.002 * scale)
+    assert (h[1]["trunk_lr"] == pytest.approx(0.0005 * scale)
+            and h[1]["head_lr"] == pytest.approx(0.002 * scale))
     assert os.path.isfile(tmp_path / "semisup_subset_0.05_seed0.npz") and "72 labelled images" in line
 
 

@@ -31,7 +31,8 @@ def test_info_nce_matches_reference_per_level(batch, semantics):
         np.testing.assert_allclose(loss[l], want_loss, rtol=1e-5)
         np.testing.assert_allclose(acc[l], want_acc)
     plain, _ = losses.info_nce(b["q"], b["k"], b["queue"], None, T, semantics)
-    np.testing.assert_allclose(plain, ref.info_nce(b["q"], b["k"], b["queue"], None, T, semantics)[0], rtol=1e-5)
+    want_plain = ref.info_nce(b["q"], b["k"], b["queue"], None, T, semantics)[0]
+    np.testing.assert_allclose(plain, want_plain, rtol=1e-5)
 
 
 def test_accuracy_counts_correct_queries():
@@ -154,8 +155,8 @@ def _pcl_batch(seed=0, b=8, m=11, d=6):
     valid = np.ones(m, bool)
     valid[m - 1] = False
     valid[labels] = True
-    return dict(q=unit(rng, b, d), centroids=unit(rng, m, d), phi=rng.uniform(0.05, 0.4, m).astype(np.float32),
-                labels=labels, valid=valid)
+    return dict(q=unit(rng, b, d), centroids=unit(rng, m, d),
+                phi=rng.uniform(0.05, 0.4, m).astype(np.float32), labels=labels, valid=valid)
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official"])
@@ -166,14 +167,15 @@ def test_pcl_proto_nce_matches_reference(semantics, r):
     sampled = losses.sample_negative_prototypes(
         jax.random.PRNGKey(1), jnp.asarray(b["labels"]), jnp.asarray(b["valid"]), r, semantics, group)
     sampled = np.asarray(sampled)
-    loss, acc = losses.pcl_proto_nce(b["q"], b["centroids"], b["phi"], jnp.asarray(b["labels"]), sampled, semantics,
-                                     group)
-    want_loss, want_acc = ref.pcl_proto_nce(b["q"], b["centroids"], b["phi"], b["labels"], sampled, semantics, group)
+    loss, acc = losses.pcl_proto_nce(b["q"], b["centroids"], b["phi"], jnp.asarray(b["labels"]), sampled,
+                                     semantics, group)
+    want_loss, want_acc = ref.pcl_proto_nce(b["q"], b["centroids"], b["phi"], b["labels"], sampled, semantics,
+                                            group)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, want_acc)
     # Gradients reach q only, and are finite.
-    g = jax.grad(lambda q: losses.pcl_proto_nce(q, b["centroids"], b["phi"], jnp.asarray(b["labels"]), sampled,
-                                                semantics, group)[0])(jnp.asarray(b["q"]))
+    g = jax.grad(lambda q: losses.pcl_proto_nce(q, b["centroids"], b["phi"], jnp.asarray(b["labels"]),
+                                                sampled, semantics, group)[0])(jnp.asarray(b["q"]))
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
 
 
@@ -182,12 +184,14 @@ def test_pcl_negative_sampling(semantics):
     b = _pcl_batch(b=16, m=40)
     labels, valid, group, r = jnp.asarray(b["labels"]), jnp.asarray(b["valid"]), 8, 5
     draws = np.stack([
-        np.asarray(losses.sample_negative_prototypes(jax.random.PRNGKey(s), labels, valid, r, semantics, group))
+        np.asarray(losses.sample_negative_prototypes(jax.random.PRNGKey(s), labels, valid, r, semantics,
+                                                     group))
         for s in range(200)])  # (S, B, M)
     positive = b["labels"][:, None] == np.arange(40)[None, :]
     if semantics == "official":
         excluded = np.repeat(positive.reshape(2, group, 40).any(1), group, axis=0)
-        assert (draws.reshape(200, 2, group, 40) == draws.reshape(200, 2, group, 40)[:, :, :1]).all()  # one per group
+        per_group = draws.reshape(200, 2, group, 40)
+        assert (per_group == per_group[:, :, :1]).all()  # one per group
     else:
         excluded = positive
     excluded = excluded | ~b["valid"][None, :]
@@ -198,6 +202,6 @@ def test_pcl_negative_sampling(semantics):
     expect = (r / (~excluded).sum(-1, keepdims=True) * np.ones((1, 40)))[~excluded]
     np.testing.assert_allclose(freq, expect, atol=0.12)
     # r larger than the eligible set: every eligible prototype is a negative.
-    everything = np.asarray(losses.sample_negative_prototypes(jax.random.PRNGKey(0), labels, valid, 1000, semantics,
-                                                              group))
+    everything = np.asarray(losses.sample_negative_prototypes(jax.random.PRNGKey(0), labels, valid, 1000,
+                                                              semantics, group))
     np.testing.assert_array_equal(everything, ~excluded)

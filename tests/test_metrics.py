@@ -21,13 +21,15 @@ def tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
 
 
 def records(n=5, offset=0.0):
-    return [{"step": s, "epoch": 0, "loss": 1.0 / s + offset, "proto_acc/0": 0.1 * s, "lr": 0.03} for s in range(1, n + 1)]
+    return [{"step": s, "epoch": 0, "loss": 1.0 / s + offset, "proto_acc/0": 0.1 * s, "lr": 0.03}
+            for s in range(1, n + 1)]
 
 
 def test_scalars_tags_and_skips():
     r = {"step": 3, "epoch": 1, "type": "eval", "knn/top1_k20": 0.9, "nmi_per_level": [0.5, 0.25],
          "name": "x", "flag": True}
-    assert metrics.scalars(r) == {"eval/knn/top1_k20": 0.9, "eval/nmi_per_level/0": 0.5, "eval/nmi_per_level/1": 0.25}
+    assert metrics.scalars(r) == {"eval/knn/top1_k20": 0.9, "eval/nmi_per_level/0": 0.5,
+                                  "eval/nmi_per_level/1": 0.25}
     assert metrics.scalars({"step": 1, "loss": 2}) == {"train/loss": 2.0}
 
 
@@ -90,7 +92,8 @@ def test_gs_workdir(fake_gcs, tmp_path):  # noqa: F811
 
 
 def wandb_config(**wandb):
-    c = ml_collections.ConfigDict({"lr": 0.03, "wandb": dict(dict(project=None, entity=None, name=None, mode="online"), **wandb)})
+    defaults = dict(project=None, entity=None, name=None, mode="online")
+    c = ml_collections.ConfigDict({"lr": 0.03, "wandb": dict(defaults, **wandb)})
     return c
 
 
@@ -117,10 +120,12 @@ def test_wandb_gets_the_same_scalars(tmp_path, monkeypatch):
 def test_wandb_project_without_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import raises ImportError
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
-    with pytest.raises(ImportError, match="wandb is not installed; pip install wandb, or leave config.wandb.project unset"):
+    with pytest.raises(ImportError, match="wandb is not installed; pip install wandb, "
+                                          "or leave config.wandb.project unset"):
         metrics.MetricsWriter(epath.Path(tmp_path), 0, wandb_config(project="hcsc"))
     # Nothing of the run is lost: the records past the resume step are still there, no events written.
-    assert (tmp_path / "metrics.jsonl").read_text().count("step") == 2 and not (tmp_path / "tensorboard").exists()
+    assert ((tmp_path / "metrics.jsonl").read_text().count("step") == 2
+            and not (tmp_path / "tensorboard").exists())
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

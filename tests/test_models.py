@@ -152,8 +152,10 @@ def test_grouped_bn_custom_vjp_matches_autodiff_of_two_pass_reference(dtype):
 
     tol = 1e-4 if dtype == jnp.float32 else 2e-2  # relative to the largest |value|: one bf16 ulp
     for stats in (False, True):
-        got = jax.jit(jax.value_and_grad(lambda *a: loss(_grouped_bn_train, *a, stats), (0, 1, 2)))(x, scale, bias)
-        ref = jax.jit(jax.value_and_grad(lambda *a: loss(_two_pass_bn, *a, stats), (0, 1, 2)))(x, scale, bias)
+        got = jax.jit(jax.value_and_grad(lambda *a, stats=stats: loss(_grouped_bn_train, *a, stats),
+                                         (0, 1, 2)))(x, scale, bias)
+        ref = jax.jit(jax.value_and_grad(lambda *a, stats=stats: loss(_two_pass_bn, *a, stats),
+                                         (0, 1, 2)))(x, scale, bias)
         assert got[1][0].dtype == dtype
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

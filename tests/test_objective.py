@@ -33,7 +33,10 @@ def problem():
     )
 
 
-def run(pb, cfg, rng=jax.random.key(7), **kw):
+RUN_KEY = jax.random.key(7)  # run's default rng
+
+
+def run(pb, cfg, rng=RUN_KEY, **kw):
     args = dict(q=pb["q"], k=pb["k"], queue=pb["queue"], prototypes=pb["protos"], labels=pb["labels"])
     args.update(kw)
     return objective.hcsc_objective(rng=rng, cfg=cfg, **args)
@@ -74,7 +77,8 @@ def test_masks_follow_selection_probabilities(problem):
     assert hits[0, 0] == 0  # never selected
     rate = hits / 200
     from hcsc_jax import selection
-    p = np.asarray(selection.instance_selection_probs(queue, protos.centroids[0], protos.temperatures[0], positives[0], protos.valid[0]))
+    p = np.asarray(selection.instance_selection_probs(queue, protos.centroids[0], protos.temperatures[0],
+                                                      positives[0], protos.valid[0]))
     assert np.abs(rate - p).max() < 0.15  # 200 draws: 4.2 sigma at p = 0.5
 
 
@@ -84,7 +88,8 @@ def test_switches(problem):
     loss, m = run(pb, no_sel)
     plain = ref.info_nce(pb["q"], pb["k"], pb["queue"], None, 0.2, "paper")[0]
     protos = [
-        ref.proto_nce(pb["q"], lv["centroids"], lv["phi"], pb["labels"][:, l], None, lv["valid"], "paper", B)[0]
+        ref.proto_nce(pb["q"], lv["centroids"], lv["phi"], pb["labels"][:, l], None, lv["valid"], "paper",
+                      B)[0]
         for l, lv in enumerate(pb["levels"])
     ]
     np.testing.assert_allclose(loss, plain + np.mean(protos), rtol=1e-5)
@@ -108,7 +113,8 @@ def test_nearest_positive_is_argmax_of_scaled_similarity(problem):
         labels.append(s.argmax(1))
     labels = np.stack(labels, 1).astype(np.int32)
     cfg = ObjectiveConfig(sampler="threefry")
-    nearest, _ = run(pb, ObjectiveConfig(positive="nearest", sampler="threefry"), labels=np.zeros_like(labels))
+    nearest, _ = run(pb, ObjectiveConfig(positive="nearest", sampler="threefry"),
+                     labels=np.zeros_like(labels))
     assigned, _ = run(pb, cfg, labels=labels)
     np.testing.assert_allclose(nearest, assigned, rtol=1e-6)
 
@@ -146,7 +152,8 @@ def test_new_prototypes_do_not_recompile(problem):
     @jax.jit
     def step(q, protos, rng):
         traces.append(1)
-        return objective.hcsc_objective(q, pb["k"], pb["queue"], protos, pb["labels"], rng, ObjectiveConfig())[0]
+        return objective.hcsc_objective(q, pb["k"], pb["queue"], protos, pb["labels"], rng,
+                                        ObjectiveConfig())[0]
 
     rng = np.random.default_rng(5)
     for epoch in range(3):
@@ -161,7 +168,8 @@ def test_new_prototypes_do_not_recompile(problem):
 def test_one_device_equals_eight(problem):
     pb = problem
     cfg = ObjectiveConfig(semantics="official", group_size=1)
-    f = jax.jit(lambda q, k, queue, protos, labels, rng: objective.hcsc_objective(q, k, queue, protos, labels, rng, cfg))
+    f = jax.jit(lambda q, k, queue, protos, labels, rng:
+                objective.hcsc_objective(q, k, queue, protos, labels, rng, cfg))
     single, m1 = f(pb["q"], pb["k"], pb["queue"], pb["protos"], pb["labels"], jax.random.key(3))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
@@ -176,7 +184,8 @@ def test_label_shape_error(problem):
     with pytest.raises(ValueError, match=r"labels must be \(B, L\) = \(8, 3\)"):
         run(problem, ObjectiveConfig(), labels=problem["labels"][:, :2])
     with pytest.raises(ValueError, match="need L centroids/temperatures/valid and L-1 parents"):
-        objective.make_prototypes([np.zeros((2, 3))] * 3, [np.ones(2)] * 3, [np.ones(2, bool)] * 3, [np.zeros(2)])
+        objective.make_prototypes([np.zeros((2, 3))] * 3, [np.ones(2)] * 3, [np.ones(2, bool)] * 3,
+                                  [np.zeros(2)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,9 +212,11 @@ def test_pcl_objective_matches_reference(pcl_problem, semantics):
                           proto_negatives=3, group_size=4)
     loss, metrics = run(pb, cfg)
     positives = [pb["labels"][:, l] for l in range(3)]
-    sampled = [np.asarray(m) for m in objective.pcl_negative_masks(pb["protos"], positives, jax.random.key(7), cfg)]
+    sampled = [np.asarray(m)
+               for m in objective.pcl_negative_masks(pb["protos"], positives, jax.random.key(7), cfg)]
     inst = ref.info_nce(pb["q"], pb["k"], pb["queue"], None, 0.2, semantics)[0]
-    proto = [ref.pcl_proto_nce(pb["q"], lv["centroids"], lv["phi"], pb["labels"][:, l], sampled[l], semantics, 4)[0]
+    proto = [ref.pcl_proto_nce(pb["q"], lv["centroids"], lv["phi"], pb["labels"][:, l], sampled[l],
+                               semantics, 4)[0]
              for l, lv in enumerate(pb["levels"])]
     np.testing.assert_allclose(loss, inst + np.mean(proto), rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_proto"], np.mean(proto), rtol=1e-5)

@@ -47,7 +47,8 @@ def check_run(workdir, summary, c, steps_per_epoch):
         assert json.load(f) == summary
 
 
-@pytest.mark.parametrize("module", [imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep], ids=["single", "multicrop"])
+@pytest.mark.parametrize("module", [imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep],
+                         ids=["single", "multicrop"])
 def test_imagenet_runlocal_trains_on_an_image_folder(module, data, tmp_path):
     c = module.get_config("runlocal")
     assert c.dataset == "folder:/tmp/imagenet_tiny"  # `python tests/imagenet_like.py` makes it

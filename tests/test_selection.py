@@ -73,14 +73,16 @@ def test_proto_probs_clamp_lower_bound():
     # A prototype identical to its own parent with a tiny phi: softmax ~1 -> p clamps to 1e-4.
     c = np.eye(3, dtype=np.float32)[:2]
     u = np.eye(3, dtype=np.float32)[:2]
-    p = selection.prototype_selection_probs(c, u, np.full(2, 0.01, np.float32), np.array([0, 1]), np.array([0]))
+    p = selection.prototype_selection_probs(c, u, np.full(2, 0.01, np.float32), np.array([0, 1]),
+                                            np.array([0]))
     np.testing.assert_allclose(p, [[1e-4, 0.999]], rtol=1e-6)
 
 
 def test_parents_shape_error():
     c = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match="parents.*4 prototypes"):
-        selection.prototype_selection_probs(c, c[:2], np.ones(2), np.zeros(3, np.int32), np.zeros(2, np.int32))
+        selection.prototype_selection_probs(c, c[:2], np.ones(2), np.zeros(3, np.int32),
+                                            np.zeros(2, np.int32))
 
 
 @pytest.mark.parametrize("sampler", ["hash", "threefry"])

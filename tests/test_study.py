@@ -55,7 +55,8 @@ def test_smoke_study_produces_rows(smoke_root):
 def _write_md(root):
     path = os.path.join(root, "md", "RESULTS.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    study.results_md(root, path, "python experiments/study.py --setting=smoke", names=("smoke", "fashion_mnist"))
+    study.results_md(root, path, "python experiments/study.py --setting=smoke",
+                     names=("smoke", "fashion_mnist"))
     return path
 
 
@@ -76,12 +77,13 @@ def test_failed_run_is_reported_and_finished_runs_kept(smoke_root, capsys):
 
 
 def _rows(method, values, metric_shift=0.0):
-    return [dict(method=method, group="main", seed=s, knn20=v + metric_shift, knn200=v, linear_fast=v, nmi=v / 100,
-                 ami=v / 100, train_seconds=10.0) for s, v in enumerate(values)]
+    return [dict(method=method, group="main", seed=s, knn20=v + metric_shift, knn200=v, linear_fast=v,
+                 nmi=v / 100, ami=v / 100, train_seconds=10.0) for s, v in enumerate(values)]
 
 
 def test_tables_paired_differences_and_verdicts():
-    rows = _rows("MoCo v2", [90.0, 91.0, 92.0]) + _rows("HCSC", [91.0, 93.0, 92.5]) + _rows("PCL", [89.0, 90.0])
+    rows = (_rows("MoCo v2", [90.0, 91.0, 92.0]) + _rows("HCSC", [91.0, 93.0, 92.5])
+            + _rows("PCL", [89.0, 90.0]))
     text = study.tables(study.SETTINGS["digits"], rows)
     assert "| HCSC | 3 / 5 (seeds 0,1,2) | 92.17 ± 1.04 |" in text
     # HCSC - MoCo v2 per seed: +1, +2, +0.5 -> mean 1.17, std 0.76.
@@ -100,7 +102,8 @@ def test_plan_order_and_commands():
     cmd = study.train_command(study.SETTINGS["digits"], m, 2, "W")
     assert "--config.objective.instance_selection=False" in cmd and "--config.seed=2" in cmd
     fm = study.SETTINGS["fashion_mnist"]
-    assert [m.config for m in fm.methods] == ["fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
+    assert [m.config for m in fm.methods] == [
+        "fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
     assert fm.needs_gpu and fm.coarse == "fashion_mnist"
 
 
@@ -117,7 +120,8 @@ def test_level_nmi_reads_the_last_hierarchy(tmp_path):
     for epoch, fine in ((1, np.zeros(60, np.int32)), (2, labels.astype(np.int32))):  # only the last counts
         np.savez(tmp_path / "hierarchy" / f"epoch_{epoch:04d}.npz", **{
             "level0/assignments": fine, "level0/centroids": np.zeros((10, 4), np.float32),
-            "level1/assignments": study.fashion_coarse_labels(labels), "level1/centroids": np.zeros((4, 4), np.float32)})
+            "level1/assignments": study.fashion_coarse_labels(labels),
+            "level1/centroids": np.zeros((4, 4), np.float32)})
     out = study.level_nmi(str(tmp_path), labels, study.fashion_coarse_labels(labels))
     assert out["hierarchy_file"] == "epoch_0002.npz" and out["level_sizes"] == [10, 4]
     np.testing.assert_allclose(out["level_nmi"][0], 1.0)

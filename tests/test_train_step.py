@@ -37,7 +37,8 @@ TOTAL_STEPS = 10
 
 # 1 vs 8 devices: per-device shapes differ (64 vs 8 samples), so XLA may order some reductions
 # (gradient all-reduce, loss mean) differently; after two steps the states agree to <= 3e-6 (the
-# largest: the SGD momentum buffers; loss/metrics to ~1e-6), so rtol = atol = 1e-5 holds. (With 8x8 images the last stage is 1x1 and a BN group of 4 samples
+# largest: the SGD momentum buffers; loss/metrics to ~1e-6), so rtol = atol = 1e-5 holds. (With
+# 8x8 images the last stage is 1x1 and a BN group of 4 samples
 # normalizes 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
 # the next gradient by ~1e-4 relative, and the 2nd step agrees only to ~1e-3. 16x16 avoids this.)
 DEV_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -143,8 +144,8 @@ def setup():
     @jax.jit
     def views(state, batch):
         key_q, key_k, key_shuffle, key_obj = ts.step_keys(state)
-        return (augmentations.augment(key_q, batch, cfg.view_q), augmentations.augment(key_k, batch, cfg.view_k),
-                key_shuffle, key_obj)
+        return (augmentations.augment(key_q, batch, cfg.view_q),
+                augmentations.augment(key_k, batch, cfg.view_k), key_shuffle, key_obj)
 
     return dict(graphdef=graphdef, tx=tx, cfg=cfg, cfg_plain=cfg_plain, state0=state0, images=images,
                 protos_a=protos_a, protos_b=protos_b, assignments=assignments, idx=idx, fwd=fwd,
@@ -176,7 +177,8 @@ class _Run:
 
     def step(self, host_state, i, protos=None, fn=None):
         fn = fn or self.proto_fn
-        st, m = fn(self.put(host_state), *self.batch(self.images, self.assign, self.idx[i]), protos or self.protos_a)
+        st, m = fn(self.put(host_state), *self.batch(self.images, self.assign, self.idx[i]),
+                   protos or self.protos_a)
         return _host(st), _host(m)
 
 

@@ -89,7 +89,8 @@ def test_evaluators_during_training_match_eval_py(finished_run):
     ctx.out_dir = None
     res, _ = evaluators.knn.run(ctx, cfg.knn)
     assert res["per_k"]["5"]["top1"] == evals[-1]["knn/per_k/5/top1"]
-    assert res["per_k"]["20"]["top1"] == evals[-1]["knn/per_k/20/top1"] == pytest.approx(100 * summary["knn_top1"])
+    assert (res["per_k"]["20"]["top1"] == evals[-1]["knn/per_k/20/top1"]
+            == pytest.approx(100 * summary["knn_top1"]))
 
 
 def tiny_command(workdir, *extra):
@@ -118,7 +119,8 @@ def start_and_signal(cmd, workdir, sig):
 def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     reference_dir, reference = finished_run
     workdir = str(tmp_path / "killed")
-    cmd = tiny_command(workdir, "--config.checkpoint_every_steps=5")  # the kill can land after a mid-epoch save
+    # The kill can land after a mid-epoch save.
+    cmd = tiny_command(workdir, "--config.checkpoint_every_steps=5")
     returncode, _ = start_and_signal(cmd, workdir, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
@@ -141,7 +143,8 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run
     cmd = tiny_command(workdir)  # no mid-epoch saves: the one at the SIGTERM is the only one in epoch 2
     returncode, err = start_and_signal(cmd, workdir, signal.SIGTERM)
     assert returncode == 0, err[-3000:]
-    match = re.search(r"preempted \(SIGTERM\): saved the checkpoint of step (\d+) in .*; run the same command", err)
+    match = re.search(r"preempted \(SIGTERM\): saved the checkpoint of step (\d+) in .*; "
+                      r"run the same command", err)
     assert match, err[-3000:]
     step = int(match.group(1))
     assert 22 < step < 44
@@ -182,7 +185,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
     for step in (1, 2):
-        checkpoints.save(mngr, _Stepped(jnp.arange(4.0) * step, jnp.array(step, jnp.int32)), {"epoch": step, "step_in_epoch": 0}, None)
+        checkpoints.save(mngr, _Stepped(jnp.arange(4.0) * step, jnp.array(step, jnp.int32)),
+                         {"epoch": step, "step_in_epoch": 0}, None)
     mngr.wait_until_finished()
     # Corrupt step 2: truncate every data file of its state.
     for root, _, files in os.walk(os.path.join(str(tmp_path), "checkpoints", "2", "state")):
@@ -232,7 +236,8 @@ def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
 def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path):
     workdir, summary = finished_run
     # No training: the evaluation then sees exactly the restored query encoder.
-    out = trainer.train_and_evaluate(tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir), str(tmp_path / "a"))
+    out = trainer.train_and_evaluate(tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir),
+                                     str(tmp_path / "a"))
     assert out["knn_top1"] == summary["knn_top1"]
     wrong = tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir)
     wrong.model.width = 0.25
@@ -261,7 +266,8 @@ def test_streaming_input_trains_like_resident_input(tmp_path):
     for x, y in zip(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     init = _final_params_of_untrained()
-    assert max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, jax.tree.leaves(init))) > 1e-3
+    assert max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(a, jax.tree.leaves(init))) > 1e-3
 
 
 def _final_params_of_untrained():
@@ -335,8 +341,10 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
     saved = open(os.path.join(workdir, "config.json")).read()
     changed = tiny_config(batch_size=128, epochs=4)
     changed.clustering.num_clusters = (20, 8)
-    with pytest.raises(resume.ConfigMismatch, match=r"batch_size: 64 -> 128, clustering.num_clusters: \[20, 8, 4\] -> "
-                       r"\[20, 8\], epochs: 3 -> 4\); .* \(safe to change: log_every_steps, .* eval.\*, evals.\*, wandb.\*\)"):
+    with pytest.raises(resume.ConfigMismatch,
+                       match=r"batch_size: 64 -> 128, clustering.num_clusters: \[20, 8, 4\] -> "
+                             r"\[20, 8\], epochs: 3 -> 4\); .* "
+                             r"\(safe to change: log_every_steps, .* eval.\*, evals.\*, wandb.\*\)"):
         trainer.train_and_evaluate(changed, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == saved
     # Logging, checkpoint cadence and the final evaluation may change.
@@ -348,8 +356,8 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
 
 def test_step_checkpoint_on_an_epochs_last_step_is_saved(tmp_path):
     steps_per_epoch = 1437 // 64
-    c = tiny_config(epochs=2, warmup_epochs=2, checkpoint_every_epochs=5, checkpoint_every_steps=steps_per_epoch,
-                    figures_at_end=False)
+    c = tiny_config(epochs=2, warmup_epochs=2, checkpoint_every_epochs=5,
+                    checkpoint_every_steps=steps_per_epoch, figures_at_end=False)
     c.eval.num_clusters = ()
     trainer.train_and_evaluate(c, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
@@ -372,8 +380,8 @@ def test_unwritable_workdir_is_one_line(tmp_path):
 def test_visualize_cli_writes_every_figure(finished_run, tmp_path):
     workdir, _ = finished_run
     out = tmp_path / "figures"
-    done = subprocess.run([sys.executable, "-m", "hcsc_jax.visualize", workdir, "--out", str(out), "--sample", "400"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-m", "hcsc_jax.visualize", workdir, "--out", str(out),
+                           "--sample", "400"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert done.returncode == 0, done.stderr[-3000:]
     names = ["clusters.png", "curves.png", "embedding.png", "hierarchy.png"]

@@ -15,12 +15,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _records():
-    steps = [{"step": s, "epoch": s // 10, "loss": 5.0 - 0.1 * s, "loss_instance": 4.0, "instance_loss/0": 4.0,
-              "proto_acc/1": 0.01 * s, "instance_keep/2": 0.8, "lr": 0.03, "images_per_sec": 100.0, "grad_norm": 1.0}
+    steps = [{"step": s, "epoch": s // 10, "loss": 5.0 - 0.1 * s, "loss_instance": 4.0,
+              "instance_loss/0": 4.0, "proto_acc/1": 0.01 * s, "instance_keep/2": 0.8, "lr": 0.03,
+              "images_per_sec": 100.0, "grad_norm": 1.0}
              for s in range(1, 21)]
     return steps + [{"step": 20, "epoch": 1, "type": "epoch", "loss": 4.0},
-                    {"step": 10, "epoch": 1, "type": "eval", "knn/top1_k20": 0.5, "nmi_per_level": [0.1, 0.2]},
-                    {"step": 20, "epoch": 2, "type": "eval", "knn/top1_k20": 0.7, "nmi_per_level": [0.3, 0.4]}]
+                    {"step": 10, "epoch": 1, "type": "eval", "knn/top1_k20": 0.5,
+                     "nmi_per_level": [0.1, 0.2]},
+                    {"step": 20, "epoch": 2, "type": "eval", "knn/top1_k20": 0.7,
+                     "nmi_per_level": [0.3, 0.4]}]
 
 
 def _workdir(root, hierarchy_epochs=(1, 2)):
@@ -36,11 +39,13 @@ def _workdir(root, hierarchy_epochs=(1, 2)):
 
 def test_curve_series_panels():
     series = visualize.curve_series(_records())
-    assert list(series) == ["loss", "per-level losses", "accuracy", "keep rate", "learning rate", "images / s",
-                            "evaluation"]
-    assert sorted(series["loss"]) == ["loss", "loss_instance"]  # grad_norm and the epoch record are not plotted
+    assert list(series) == ["loss", "per-level losses", "accuracy", "keep rate", "learning rate",
+                            "images / s", "evaluation"]
+    # grad_norm and the epoch record are not plotted.
+    assert sorted(series["loss"]) == ["loss", "loss_instance"]
     assert series["loss"]["loss"][0][:3] == [1, 2, 3]
-    assert series["evaluation"] == {"knn/top1_k20": ([1, 2], [0.5, 0.7]), "nmi_per_level/0": ([1, 2], [0.1, 0.3]),
+    assert series["evaluation"] == {"knn/top1_k20": ([1, 2], [0.5, 0.7]),
+                                    "nmi_per_level/0": ([1, 2], [0.1, 0.3]),
                                     "nmi_per_level/1": ([1, 2], [0.2, 0.4])}
 
 

@@ -19,5 +19,6 @@ def test_prepare_creates_local_and_accepts_an_existing_bucket(tmp_path, fake_gcs
 def test_unwritable_workdirs_say_what_to_change(tmp_path, fake_gcs):  # noqa: F811
     (tmp_path / "file").write_text("")
     for bad in (tmp_path / "file" / "run", "gs://no-such-bucket/run"):
-        with pytest.raises(workdir.WorkdirError, match=r"cannot write to workdir .*; pass a --workdir that exists"):
+        with pytest.raises(workdir.WorkdirError,
+                           match=r"cannot write to workdir .*; pass a --workdir that exists"):
             workdir.prepare(bad)
