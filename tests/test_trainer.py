@@ -172,8 +172,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # lr 1e30 blows the weights up within the first prototype epoch.
     cfg = tiny_config(epochs=3, warmup_epochs=1, checkpoint_every_epochs=1)
     cfg.lr = 1e30
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+"):
         trainer.train_and_evaluate(cfg, workdir)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # the run's SIGTERM watch is gone
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     # Whatever was saved holds finite parameters.
@@ -352,6 +354,13 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
     ok.eval.num_clusters = (10,)
     assert trainer.train_and_evaluate(ok, workdir)["num_clusters"] == [10]
     assert json.load(open(os.path.join(workdir, "config.json")))["log_every_steps"] == 7
+
+
+def test_itstime_is_every_n_or_final_and_never_for_0():
+    assert [c for c in range(1, 10) if trainer.itstime(c, 3)] == [3, 6, 9]
+    assert not any(trainer.itstime(c, 0) for c in range(10))  # 0: never (e.g. checkpoint_every_steps)
+    assert not trainer.itstime(0, 3)  # nothing done yet
+    assert trainer.itstime(4, 3, final=True) and trainer.itstime(4, 0, final=True)
 
 
 def test_step_checkpoint_on_an_epochs_last_step_is_saved(tmp_path):
