@@ -42,7 +42,8 @@ _MODE = flags.DEFINE_enum("mode", None, ["knn", "linear", "linear_fast", "cluste
                           "Evaluation protocol.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or exported encoder directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["mode", "checkpoint"])
@@ -68,8 +69,8 @@ def main(argv):
         sys.exit(1)
     if not distributed.is_main():
         return
-    result = dict(ctx.common(), checkpoint=os.fspath(workdir_lib.path(_CHECKPOINT.value)), mode=mode, **result,
-                  config=config.to_dict())
+    result = dict(ctx.common(), checkpoint=os.fspath(workdir_lib.path(_CHECKPOINT.value)), mode=mode,
+                  **result, config=config.to_dict())
     path = ctx.out_dir / f"{mode}_step{ctx.encoder.step}.json"
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)

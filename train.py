@@ -26,9 +26,11 @@ from hcsc_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
-    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).", lock_config=True)
+    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
@@ -36,7 +38,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 def run_name(config_filename: str) -> str:
     """configs/digits.py -> digits; configs/digits.py:pcl,runlocal -> digits_pcl_runlocal."""
     path, _, arg = config_filename.partition(":")
-    return "_".join([os.path.splitext(os.path.basename(path))[0]] + [t.strip() for t in arg.split(",") if t.strip()])
+    return "_".join([os.path.splitext(os.path.basename(path))[0]]
+                    + [t.strip() for t in arg.split(",") if t.strip()])
 
 
 def main(argv):

@@ -48,7 +48,8 @@ def embed_rate() -> float:
         write_folder(root, FLAGS.images, 375, 500, 90)
         mesh = sharding.make_mesh()
         data = pipeline.open_input("stream", f"folder:{root}", "train", None, mesh, FLAGS.embed_batch, 0)
-        graphdef, params, stats = nnx.split(make_encoder("resnet50", rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+        graphdef, params, stats = nnx.split(make_encoder("resnet50", rngs=nnx.Rngs(0)), nnx.Param,
+                                            nnx.BatchStat)
         run = lambda: features.embed_input(graphdef, params, stats, data, 224, IMAGENET_MEAN, IMAGENET_STD,
                                            FLAGS.embed_batch)
         run()
@@ -65,7 +66,8 @@ def knn_seconds() -> float:
         train[s:s + 65536] = rng.standard_normal((min(65536, FLAGS.train - s), FLAGS.dim), np.float32)
     labels = rng.integers(0, 1000, FLAGS.train).astype(np.int32)
     test = rng.standard_normal((FLAGS.queries, FLAGS.dim), np.float32)
-    run = lambda q: knn.knn_scores(train, labels, q, ks=knn.KS, num_classes=1000, train_chunk=FLAGS.train_chunk)
+    run = lambda q: knn.knn_scores(train, labels, q, ks=knn.KS, num_classes=1000,
+                                   train_chunk=FLAGS.train_chunk)
     run(test[:8])  # compile (the chunk shapes are those of the timed run)
     t0 = time.perf_counter()
     run(test)

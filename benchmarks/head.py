@@ -83,7 +83,8 @@ def main(_):
     inp = make_inputs(np.random.default_rng(0), FLAGS.batch, FLAGS.queue, FLAGS.dim, sizes)
     cached = not FLAGS.uncached
     lse = objective.queue_log_normalizers(inp["queue"], inp["protos"])
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
+          f"({platform.processor() or platform.machine()}), "
           f"B={FLAGS.batch} K={FLAGS.queue} d={FLAGS.dim} levels={sizes} sampler={FLAGS.sampler} "
           f"queue normalizers={'cached' if cached else 'recomputed'}")
     for semantics in ("paper", "official"):

@@ -130,7 +130,8 @@ _KERNEL_CLASSES = [
     ("f32 FFMA gemms (float32 HIGHEST-precision matmuls, e.g. the augmentation's resampling)",
      re.compile(r"gemm_f32f32_f32f32")),
     ("conv/matmul tensor-core kernels (cuDNN, cuBLAS, cutlass, triton gemm)",
-     re.compile(r"xmma|cutlass|gemm|wgmma|cudnn|implicit_convolve|fprop|dgrad|wgrad|^sm\d\d_", re.IGNORECASE)),
+     re.compile(r"xmma|cutlass|gemm|wgmma|cudnn|implicit_convolve|fprop|dgrad|wgrad|^sm\d\d_",
+                re.IGNORECASE)),
     ("scatter fusions (max-pool backward)", re.compile(r"scatter")),
     ("reduce_window fusions (max-pool forward)", re.compile(r"reduce_window")),
     ("reduction fusions (BN statistics, objective reductions)", re.compile(r"reduce")),
@@ -192,7 +193,8 @@ def print_memory(compiled, state, images):
         return
     gib = 2.0 ** 30
     state_b = sum(x.nbytes for x in jax.tree.leaves(state))
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
     print(f"memory per device (XLA buffer assignment): state {state_b / gib:.3f} GiB, resident images "
           f"{images.nbytes / gib:.3f} GiB | arguments {mem.argument_size_in_bytes / gib:.3f}, outputs "
           f"{mem.output_size_in_bytes / gib:.3f}, aliased (donated) {mem.alias_size_in_bytes / gib:.3f}, "

@@ -9,7 +9,8 @@ def parse_variants(arg: str | None, variants: tuple[str, ...], module: str) -> s
     names = [t.strip() for t in (arg or "").split(",") if t.strip()]
     unknown = [t for t in names if t not in variants]
     if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r} of configs/{module}.py; variants: {', '.join(v for v in variants if v)} "
+        raise ValueError(f"unknown variant {unknown[0]!r} of configs/{module}.py; variants: "
+                         f"{', '.join(v for v in variants if v)} "
                          f"(comma-separated, e.g. configs/{module}.py:{variants[-1]})")
     return set(names)
 
@@ -18,8 +19,8 @@ def one_of(chosen: set[str], options: tuple[str, ...], module: str, default: str
     """The one name of `options` in `chosen` (default when none); two -> ValueError."""
     picked = [o for o in options if o in chosen]
     if len(picked) > 1:
-        raise ValueError(f"configs/{module}.py: variants {' and '.join(picked)} exclude each other; pick one of "
-                         f"{', '.join(options)}")
+        raise ValueError(f"configs/{module}.py: variants {' and '.join(picked)} exclude each other; "
+                         f"pick one of {', '.join(options)}")
     return picked[0] if picked else default
 
 

@@ -76,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Weights & Biases when wandb.project is set (pip install wandb; mode "offline" writes to the
     # workdir for `wandb sync` later).
     c.wandb = ml_collections.ConfigDict(dict(
-        project=ml_collections.config_dict.placeholder(str), entity=ml_collections.config_dict.placeholder(str),
+        project=ml_collections.config_dict.placeholder(str),
+        entity=ml_collections.config_dict.placeholder(str),
         name=ml_collections.config_dict.placeholder(str), mode="online"))
     # Training-curve and cluster figures in <workdir>/figures at the end of a run (all figures:
     # python -m hcsc_jax.visualize WORKDIR).

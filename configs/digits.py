@@ -50,8 +50,8 @@ def get_config(arg=None):
     c.log_every_steps = 11
     c.checkpoint_every_epochs = 10
     if "runlocal" in chosen:
-        c.update(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256, lr=0.03,
-                 log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
+        c.update(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256,
+                 lr=0.03, log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
         c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
         c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
         c.eval.num_clusters = (20, 10)

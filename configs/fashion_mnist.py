@@ -38,7 +38,8 @@ def get_config(arg=None):
     c.warmup_epochs = 10
     # ~300 images per bottom cluster, as the published 3000 clusters are for ImageNet's 1.28M.
     c.clustering.num_clusters = (200, 50, 10)
-    c.augment.update(scale=(0.3, 1.0), grayscale_prob=0.0, blur_prob=0.0, flip=True, mean=(0.286,), std=(0.353,))
+    c.augment.update(scale=(0.3, 1.0), grayscale_prob=0.0, blur_prob=0.0, flip=True, mean=(0.286,),
+                     std=(0.353,))
     c.eval.num_clusters = (200, 50, 10)
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5

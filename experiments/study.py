@@ -88,8 +88,8 @@ def _digits_methods(main_seeds, abl_seeds):
         Method("+ ICSC only", "digits.py", (f"{ABL[1]}=False",), "ablation", abl_seeds),
         Method("+ PCSC only", "digits.py", (f"{ABL[0]}=False",), "ablation", abl_seeds),
         Method("+ ICSC + PCSC (= HCSC)", "digits.py", (), "ablation", abl_seeds, reuse="HCSC"),
-        Method("HCSC, official semantics", "digits.py", ("--config.objective.semantics=official",), "ablation",
-               abl_seeds),
+        Method("HCSC, official semantics", "digits.py", ("--config.objective.semantics=official",),
+               "ablation", abl_seeds),
     )
 
 
@@ -129,11 +129,13 @@ def plan(setting: Setting):
 
 def train_command(setting: Setting, method: Method, seed: int, workdir: str, extra=()) -> list[str]:
     return [sys.executable, "train.py", f"--config=configs/{method.config}", f"--workdir={workdir}",
-            f"--config.seed={seed}", "--config.progress_bar=False", *setting.common, *method.overrides, *extra]
+            f"--config.seed={seed}", "--config.progress_bar=False", *setting.common, *method.overrides,
+            *extra]
 
 
 def eval_command(setting: Setting, mode: str, workdir: str) -> list[str]:
-    cmd = [sys.executable, "eval.py", f"--mode={mode}", f"--checkpoint={workdir}", "--config.progress_bar=False"]
+    cmd = [sys.executable, "eval.py", f"--mode={mode}", f"--checkpoint={workdir}",
+           "--config.progress_bar=False"]
     if mode == "knn":
         cmd.append("--config.knn.ks=(20,200)")
     if mode == "cluster":
@@ -240,8 +242,8 @@ def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list
         times["train_command"] = " ".join(cmd[1:])
         json.dump(times, open(times_path, "w"), indent=2)
         if rc != 0 or not trained(workdir):
-            failures.append(dict(run=name, workdir=workdir, stage="train", command=" ".join(cmd), returncode=rc,
-                                 log=log_path, log_tail=_tail(log_path)))
+            failures.append(dict(run=name, workdir=workdir, stage="train", command=" ".join(cmd),
+                                 returncode=rc, log=log_path, log_tail=_tail(log_path)))
             log(f"[FAILED] {name}: train.py exited with {rc}; see {log_path}:\n{_tail(log_path, 5)}")
             return failures
     for mode in todo:
@@ -326,7 +328,8 @@ def _curve(workdir: str) -> dict:
     if os.path.isfile(path):
         for line in open(path):
             rec = json.loads(line)
-            keys = sorted(k for k, v in rec.items() if "knn" in k and "top1" in k and isinstance(v, (int, float)))
+            keys = sorted(k for k, v in rec.items()
+                          if "knn" in k and "top1" in k and isinstance(v, (int, float)))
             if keys and "epoch" in rec:
                 points.append((rec["epoch"], rec[keys[0]]))
     return {"knn_curve": points} if points else {}
@@ -371,14 +374,15 @@ def tables(setting: Setting, rows: list[dict]) -> str:
             if any("top_level_coarse_nmi" in r for r in rs):
                 lvl += "; top vs coarse groups " + _ms([r["top_level_coarse_nmi"] for r in rs], 3)
             t = _ms([r["train_seconds"] for r in rs if r.get("train_seconds")], 0)
-            out.append(f"| {m.name} | {len(rs)} / {len(m.seeds)} (seeds {seeds or '-'}) | " + " | ".join(cells)
-                       + f" | {lvl} | {t} |")
+            out.append(f"| {m.name} | {len(rs)} / {len(m.seeds)} (seeds {seeds or '-'}) | "
+                       + " | ".join(cells) + f" | {lvl} | {t} |")
         out.append("")
     # Paired differences over the seeds both have: every method vs MoCo v2; the ablations also vs
     # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
     no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
     for base_name, methods in (("MoCo v2", [m.name for m in setting.methods if m.name != "MoCo v2"]),
-                               (no_sel, [m.name for m in setting.methods if m.group == "ablation" and m.name != no_sel])):
+                               (no_sel, [m.name for m in setting.methods
+                                         if m.group == "ablation" and m.name != no_sel])):
         base = {r["seed"]: r for r in by_method.get(base_name, [])}
         if not base:
             continue
@@ -453,8 +457,8 @@ def figures(setting: Setting, rows: list[dict], out_dir: str) -> list[str]:
         lo = min(min(v) for v in vals)
         hi = max(max(v) for v in vals)
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
-        ax.set_xticks(x, [m.replace(", ", ",\n").replace(" (", "\n(") for m in methods], rotation=60, ha="right",
-                      fontsize=6)
+        ax.set_xticks(x, [m.replace(", ", ",\n").replace(" (", "\n(") for m in methods], rotation=60,
+                      ha="right", fontsize=6)
         ax.set_title(h, fontsize=8)
     fig.suptitle(f"{setting.name}: mean ± std over seeds (dots: seeds; y axes do not start at 0)", fontsize=9)
     fig.tight_layout()
@@ -493,12 +497,14 @@ def environment() -> dict:
             pass
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     device = f"CPU: {cpu}, {os.cpu_count()} cores"
     try:
-        out = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)"],
+        out = subprocess.run([sys.executable, "-c",
+                              "import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)"],
                              capture_output=True, text=True, timeout=120)
         device += f"; jax backend: {out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
@@ -512,16 +518,17 @@ def report(setting: Setting, root: str, out_dir: str, failures: list[dict], comm
     rows = collect(setting, root)
     env = environment()
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(setting=setting.name, rows=rows, environment=env, failures=failures, command=command), f,
-                  indent=2)
+        json.dump(dict(setting=setting.name, rows=rows, environment=env, failures=failures,
+                       command=command), f, indent=2)
     text = tables(setting, rows)
     done = {m.name: sum(r["method"] == m.name for r in rows) for m in setting.methods}
     header = [f"Command: `{command}`", "",
-              f"Date {env['date']}; {env['device']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+              f"Date {env['date']}; {env['device']}; "
+              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
               "", "Finished runs per method: " + ", ".join(f"{k} {v}" for k, v in done.items()), ""]
     if failures:
-        header += ["Failed runs:", ""] + [f"- {f['run']} ({f['stage']}, exit {f['returncode']}): see {f['log']}"
-                                          for f in failures] + [""]
+        header += ["Failed runs:", ""] + [f"- {f['run']} ({f['stage']}, exit {f['returncode']}): "
+                                          f"see {f['log']}" for f in failures] + [""]
     text = "\n".join(header) + "\n" + text + "\n" + "\n".join(verdicts(setting, rows)) + "\n"
     with open(os.path.join(out_dir, "tables.md"), "w") as f:
         f.write(text)
@@ -533,16 +540,18 @@ DESCRIPTION = {
     "digits": (
         "scikit-learn's digits (1,437 train / 360 test 8x8 images, upsampled to 16 px by the crops), the "
         "`configs/digits.py` budget for every method: narrow small-stem ResNet-18 (width 0.25), 40 epochs "
-        "(10 warm-up epochs of InfoNCE only), batch 128, queue 1024, prototype levels / clusterings 60/30/10. "
-        "MoCo v2 = `configs/digits.py:mocov2`, PCL = `configs/digits.py:pcl` (independent k-means 60/30/10, "
-        "r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = `configs/digits.py` "
-        "(paper semantics); the ablations are `configs/digits.py` with the overrides in their commands."),
+        "(10 warm-up epochs of InfoNCE only), batch 128, queue 1024, prototype levels / clusterings "
+        "60/30/10. MoCo v2 = `configs/digits.py:mocov2`, PCL = `configs/digits.py:pcl` (independent k-means "
+        "60/30/10, r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = "
+        "`configs/digits.py` (paper semantics); the ablations are `configs/digits.py` with the overrides in "
+        "their commands."),
     "fashion_mnist": (
         "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist.py` and its `:mocov2` / `:pcl` "
-        "variants: small-stem ResNet-18 (width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, levels / "
-        "clusterings 200/50/10; "
+        "variants: small-stem ResNet-18 (width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, "
+        "levels / clusterings 200/50/10; "
         "PCL with r = 64. Top-level NMI is also reported against 4 coarse groups: "
-        + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}" for g, m in FASHION_COARSE.items()) + "."),
+        + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}"
+                    for g, m in FASHION_COARSE.items()) + "."),
 }
 METRIC_NOTES = (
     "Metrics per run, all from `eval.py` on the final checkpoint unless said otherwise: kNN top-1 on the "
@@ -577,9 +586,9 @@ def results_md(root: str, path: str, command: str, names=("digits", "fashion_mni
         rows = json.load(open(res_path))["rows"] if os.path.isfile(res_path) else []
         if not rows:
             parts += [
-                "**Not run yet.**" + (" This setting needs a GPU (about 52 images/s on the 2-core CPU, i.e. days "
-                                      "for 9 runs) and none was available to this study; it waits for one." if
-                                      setting.needs_gpu else ""),
+                "**Not run yet.**" + (" This setting needs a GPU (about 52 images/s on the 2-core CPU, "
+                                      "i.e. days for 9 runs) and none was available to this study; "
+                                      "it waits for one." if setting.needs_gpu else ""),
                 "", f"Command: `python experiments/study.py --setting={name} --root=<runs dir> "
                     f"--results_md=RESULTS.md` (MoCo v2, PCL, HCSC x seeds "
                     f"{', '.join(map(str, setting.methods[0].seeds))}).", ""]
@@ -588,7 +597,8 @@ def results_md(root: str, path: str, command: str, names=("digits", "fashion_mni
         os.makedirs(fig_dir, exist_ok=True)
         for png in sorted(glob.glob(os.path.join(report_dir, "*.png"))):
             shutil.copy(png, fig_dir)
-            rel = os.path.relpath(os.path.join(fig_dir, os.path.basename(png)), os.path.dirname(os.path.abspath(path)))
+            rel = os.path.relpath(os.path.join(fig_dir, os.path.basename(png)),
+                                  os.path.dirname(os.path.abspath(path)))
             parts += [f"![{os.path.basename(png)}]({rel})", ""]
     text = "\n".join(parts)
     with open(path, "w") as f:
@@ -601,10 +611,12 @@ def main(argv=None):
     p.add_argument("--setting", choices=sorted(SETTINGS), default="digits")
     p.add_argument("--root", default="runs/study", help="where the runs' workdirs go")
     p.add_argument("--out", default=None, help="report folder (default <root>/<setting>/report)")
-    p.add_argument("--report_only", action="store_true", help="only collect what finished and write the report")
+    p.add_argument("--report_only", action="store_true",
+                   help="only collect what finished and write the report")
     p.add_argument("--only", default="", help="comma-separated method slugs to run (e.g. moco_v2,hcsc)")
     p.add_argument("--extra", action="append", default=[], help="extra train.py flag for every run")
-    p.add_argument("--results_md", default=None, help="also write RESULTS.md (every setting's report under --root)")
+    p.add_argument("--results_md", default=None,
+                   help="also write RESULTS.md (every setting's report under --root)")
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]
     root = os.path.abspath(args.root)

@@ -93,8 +93,8 @@ def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
     `meta` (from `models.encoder_meta`) as JSON. `load_encoder` reads it back."""
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     with ocp.CheckpointManager(workdir_lib.path(directory), item_names=_ENCODER_ITEMS) as mngr:
-        mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta)),
-                  force=True)
+        mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure),
+                                             meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()
 
 
@@ -109,17 +109,20 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
         steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
         if not steps or (step is not None and step not in mngr.all_steps()):
             raise FileNotFoundError(
-                f"{path}/checkpoints has no step {step if step is not None else ''} (steps: {mngr.all_steps()})")
+                f"{path}/checkpoints has no step {step if step is not None else ''} "
+                f"(steps: {mngr.all_steps()})")
         prefix = {"query": "q", "key": "k"}[which]
         for s in steps:
             try:
                 meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 state = restore_replicated(mngr, s, "state")
-                return _fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]), dict(meta["encoder"], step=s)
+                return (_fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]),
+                        dict(meta["encoder"], step=s))
             except Exception as err:  # noqa: BLE001 - fall back to an older step
                 if step is not None:
                     raise
-                log.warning("encoder at step %d of %s could not be restored (%s); trying the previous one", s, path, err)
+                log.warning("encoder at step %d of %s could not be restored (%s); trying the previous one",
+                            s, path, err)
         raise RuntimeError(f"no checkpoint in {path}/checkpoints could be restored")
     if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(

@@ -323,8 +323,9 @@ def load_torch_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np
     except pickle.UnpicklingError as err:  # e.g. an argparse.Namespace among the saved objects
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(
-            f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses ({first}); "
-            "if you trust the file, pass --trust-pickle (it runs code named in the file)") from None
+            f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses "
+            f"({first}); if you trust the file, pass --trust-pickle "
+            "(it runs code named in the file)") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

@@ -36,7 +36,8 @@ def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
 
     @jax.jit
     def embed(params, stats, x):
-        x = augmentations.normalize(x, mean, std) if precropped else augmentations.center_crop(x, crop, mean, std)
+        x = (augmentations.normalize(x, mean, std) if precropped
+             else augmentations.center_crop(x, crop, mean, std))
         feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
         return feats, proj
 
@@ -82,7 +83,8 @@ def weights_digest(*trees) -> str:
     h = hashlib.sha256()
     for tree in trees:
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            a = np.ascontiguousarray(sharding.to_host(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf))
+            a = np.ascontiguousarray(sharding.to_host(leaf) if isinstance(leaf, jax.Array)
+                                     else np.asarray(leaf))
             h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()

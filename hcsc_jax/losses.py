@@ -177,7 +177,8 @@ def pcl_proto_nce(q, centroids, temperatures, labels, sampled, semantics="paper"
             f"{tuple(centroids.shape)}"
         )
     if sampled.shape != (q.shape[0], centroids.shape[0]):
-        raise ValueError(f"sampled must be (B, M) = {(q.shape[0], centroids.shape[0])}, got {tuple(sampled.shape)}")
+        raise ValueError(f"sampled must be (B, M) = {(q.shape[0], centroids.shape[0])}, "
+                         f"got {tuple(sampled.shape)}")
     centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
     batch, num_protos = q.shape[0], centroids.shape[0]
     logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)

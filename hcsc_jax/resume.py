@@ -2,7 +2,8 @@
 
 A resumed run must mean the same run: `check_config` refuses a config whose fields differ from
 the workdir's `config.json` (batch size, epochs, queue, levels, architecture, ...) except those in
-`SAFE_TO_CHANGE` (logging, checkpoint cadence, worker counts, the final evaluation and the evaluators during training, data_dir).
+`SAFE_TO_CHANGE` (logging, checkpoint cadence, worker counts, the final evaluation and the evaluators
+during training, data_dir).
 
 `PreemptionWatch` turns SIGTERM (what TPU / GCE preemption and SLURM send before killing) into a
 checkpoint at the next step boundary; with several processes jax's preemption service picks the
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 
 # Config fields (dotted; a trailing "." covers a whole group) that a resumed run may change.
 SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
-                  "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch", "eval.", "evals.",
-                  "wandb.")
+                  "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch",
+                  "eval.", "evals.", "wandb.")
 
 
 class ConfigMismatch(ValueError):

@@ -143,7 +143,8 @@ def write_run_figures(workdir: str | epath.Path, out: epath.Path | None = None) 
     out = out or workdir / FIGURES_DIR
     records_path = workdir / metrics.METRICS_FILE
     if not records_path.exists():
-        raise FileNotFoundError(f"{workdir} has no {metrics.METRICS_FILE}; pass the --workdir of a train.py run")
+        raise FileNotFoundError(f"{workdir} has no {metrics.METRICS_FILE}; "
+                                "pass the --workdir of a train.py run")
     written = [out / "curves.png"]
     save(curves_figure(metrics.read_records(records_path)), written[0])
     if workdir_lib.hierarchy_files(workdir):
@@ -193,7 +194,8 @@ def tree_rows(arrays: dict[str, np.ndarray], top: int, branch: int) -> list[tupl
     def visit(level, proto, depth):
         rows = [(depth, level, proto)]
         if level > 0:
-            children = np.flatnonzero((arrays[f"level{level - 1}/parents"] == proto) & arrays[f"level{level - 1}/valid"])
+            children = np.flatnonzero((arrays[f"level{level - 1}/parents"] == proto)
+                                      & arrays[f"level{level - 1}/valid"])
             for child in largest(level - 1, children):
                 rows += visit(level - 1, child, depth + 1)
         return rows
@@ -226,8 +228,8 @@ def hierarchy_figure(arrays, idx, images, proj, top: int = 3, branch: int = 2, s
         ax.set_xticks([])
         ax.set_yticks([])
         count = int(image_counts(arrays, level)[proto])
-        ax.set_ylabel(f"{'   ' * depth}level {level} #{proto} ({count} images)", rotation=0, ha="right", va="center",
-                      fontsize=8, fontweight="bold" if depth == 0 else "normal")
+        ax.set_ylabel(f"{'   ' * depth}level {level} #{proto} ({count} images)", rotation=0, ha="right",
+                      va="center", fontsize=8, fontweight="bold" if depth == 0 else "normal")
     fig.suptitle("prototypes, top level first; each row: the sample images nearest to it", fontsize=9)
     return fig
 
@@ -236,7 +238,8 @@ def embedding_figure(proj, labels, top_assign, seed: int = 0) -> Figure:
     """t-SNE of the projections, colored by label (when known) and by top-level cluster."""
     from sklearn.manifold import TSNE
 
-    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(proj) - 1) / 3), random_state=seed).fit_transform(proj)
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(proj) - 1) / 3),
+              random_state=seed).fit_transform(proj)
     panels = ([("label", labels)] if labels is not None else []) + [("top-level cluster", top_assign)]
     fig = Figure(figsize=(4.6 * len(panels), 4.4), dpi=80, layout="constrained")
     for i, (name, color) in enumerate(panels):
@@ -273,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strip", type=int, default=8, help="images per prototype")
     args = ap.parse_args(argv)
     try:
-        written = write_all(args.workdir, workdir_lib.path(args.out) if args.out else None, args.sample, args.top,
-                            args.branch, args.strip)
+        written = write_all(args.workdir, workdir_lib.path(args.out) if args.out else None, args.sample,
+                            args.top, args.branch, args.strip)
     except NoHierarchyError as err:
         print(f"wrote the curves only: {err}", file=sys.stderr)
         return 0

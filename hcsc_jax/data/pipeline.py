@@ -85,7 +85,8 @@ class ResidentInput:
 def gather_batch(mesh):
     """jitted (images (N, H, W, C), assignments (N, L), indices (B,)) -> (images, labels): their rows
     at `indices`, batch-sharded over `mesh` (a resident input's step batch)."""
-    return jax.jit(lambda images, assign, idx: (images[idx], assign[idx]), out_shardings=sharding.batch_sharded(mesh))
+    return jax.jit(lambda images, assign, idx: (images[idx], assign[idx]),
+                   out_shardings=sharding.batch_sharded(mesh))
 
 
 def array_batches(images: np.ndarray, mesh, batch: int) -> Iterator[tuple]:
@@ -107,7 +108,8 @@ class StreamInput:
     precropped = True
 
     def __init__(self, source: RandomAccessSource, mesh, global_batch: int, seed: int,
-                 crops: tuple[stream_lib.CropSpec, ...] = (), num_workers: int | None = None, prefetch: int = 2):
+                 crops: tuple[stream_lib.CropSpec, ...] = (), num_workers: int | None = None,
+                 prefetch: int = 2):
         """No `crops`: only the feature pass (`center_crops`), e.g. for a held-out split."""
         self.mesh, self.source = mesh, source
         self.labels, self.num_classes = source.labels, source.num_classes

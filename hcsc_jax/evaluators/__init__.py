@@ -35,5 +35,5 @@ def run(name: str, ctx: Context, cfg) -> tuple[dict, str]:
     return PROTOCOLS[name](ctx, cfg)
 
 
-__all__ = ["PROTOCOLS", "Context", "DataSpec", "Encoder", "EvalError", "cluster", "common", "knn", "linear", "run",
-           "semisup", "voc"]
+__all__ = ["PROTOCOLS", "Context", "DataSpec", "Encoder", "EvalError", "cluster", "common", "knn", "linear",
+           "run", "semisup", "voc"]

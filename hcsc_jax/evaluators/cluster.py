@@ -36,7 +36,8 @@ def evaluate(features, labels, ks, *, niter: int = 20, nredo: int = 1, seed: int
                           min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
         km.train(x)
         _, assign = km.index.search(x, 1)
-        out[int(k)] = dict(nmi=nmi(assign[:, 0], labels), ami=float(skm.adjusted_mutual_info_score(labels, assign[:, 0])))
+        out[int(k)] = dict(nmi=nmi(assign[:, 0], labels),
+                           ami=float(skm.adjusted_mutual_info_score(labels, assign[:, 0])))
     return out
 
 

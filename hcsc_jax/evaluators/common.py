@@ -69,8 +69,8 @@ class Context:
 
     def with_data(self, **changes) -> Context:
         """The same encoder (and weight digest) on other data, e.g. a transfer dataset."""
-        ctx = Context(self.encoder, dataclasses.replace(self.data, **changes), self.mesh, self.out_dir, self.batch,
-                      self.progress, self.seed)
+        ctx = Context(self.encoder, dataclasses.replace(self.data, **changes), self.mesh, self.out_dir,
+                      self.batch, self.progress, self.seed)
         ctx._digest = self._digest
         return ctx
 
@@ -95,14 +95,15 @@ class Context:
             return self._inputs[key]
         d = self.data
         try:
-            inp = pipeline.open_input(d.pipeline, d.dataset, split, d.data_dir, self.mesh, batch or self.batch,
-                                      self.seed, crops, d.num_workers, d.prefetch, indices)
+            inp = pipeline.open_input(d.pipeline, d.dataset, split, d.data_dir, self.mesh,
+                                      batch or self.batch, self.seed, crops, d.num_workers, d.prefetch,
+                                      indices)
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise EvalError(str(err)) from None
         want = int(self.encoder.meta["in_channels"])
         if inp.channels != want:
-            raise EvalError(f"{d.dataset}:{split} has {inp.channels}-channel images, the encoder takes {want}; "
-                            "evaluate it on a dataset with its number of channels")
+            raise EvalError(f"{d.dataset}:{split} has {inp.channels}-channel images, the encoder takes "
+                            f"{want}; evaluate it on a dataset with its number of channels")
         if key is not None:
             self._inputs[key] = inp
         return inp
@@ -123,7 +124,8 @@ class Context:
         """F of the pooled features (from shapes only, nothing computed)."""
         e, size = self.encoder, self.data.image_size
         x = jax.ShapeDtypeStruct((1, size, size, int(e.meta["in_channels"])), np.float32)
-        return int(jax.eval_shape(lambda x: ts.apply_model(e.graphdef, e.params, e.stats, x, False)[0], x).shape[1])
+        out = jax.eval_shape(lambda x: ts.apply_model(e.graphdef, e.params, e.stats, x, False)[0], x)
+        return int(out.shape[1])
 
     def feature_path(self, split: str):
         """The epath of the feature cache of `split` (None without an out_dir)."""
@@ -149,20 +151,23 @@ class Context:
     def crop_config(self, scale, flip: bool) -> augmentations.AugmentConfig:
         """RandomResizedCrop(image_size, scale) + flip, no photometric ops (linear / semi-sup)."""
         mean, std = self.mean_std
-        return augmentations.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale), jitter_prob=0.0,
-                                         grayscale_prob=0.0, blur_prob=0.0, flip=bool(flip), mean=mean, std=std)
+        return augmentations.AugmentConfig(crop_size=self.data.image_size, scale=tuple(scale),
+                                           jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+                                           flip=bool(flip), mean=mean, std=std)
 
     def common(self) -> dict:
         d = self.data
-        return dict(step=self.encoder.step, dataset=d.dataset, train_split=d.train_split, eval_split=d.eval_split,
-                    image_size=d.image_size, model=self.encoder.meta["model"], weights_sha256=self.digest)
+        return dict(step=self.encoder.step, dataset=d.dataset, train_split=d.train_split,
+                    eval_split=d.eval_split, image_size=d.image_size, model=self.encoder.meta["model"],
+                    weights_sha256=self.digest)
 
 
 def check_ks(ks, n: int, what: str, where: str, flag: str) -> None:
     """EvalError saying what to change when a k of `ks` exceeds the `n` samples of `where`."""
     too_big = [int(k) for k in ks if k > n]
     if too_big:
-        raise EvalError(f"{what} k = {too_big} larger than the {n} training samples of {where}; set smaller {flag}")
+        raise EvalError(f"{what} k = {too_big} larger than the {n} training samples of {where}; "
+                        f"set smaller {flag}")
 
 
 def labelled_views(key, inputs, cfg: augmentations.AugmentConfig):
@@ -199,12 +204,14 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
     (`run_config`); EvalError naming the flags to set when neither has them."""
     run = run_config or {}
     aug, inp = run.get("augment", {}), run.get("input", {})
-    fallback = dict(dataset=run.get("dataset"), data_dir=run.get("data_dir"), train_split=run.get("train_split"),
-                    eval_split=run.get("eval_split"), image_size=run.get("image_size"), mean=aug.get("mean"),
+    fallback = dict(dataset=run.get("dataset"), data_dir=run.get("data_dir"),
+                    train_split=run.get("train_split"), eval_split=run.get("eval_split"),
+                    image_size=run.get("image_size"), mean=aug.get("mean"),
                     std=aug.get("std"), pipeline=inp.get("pipeline", "memory"),
                     num_workers=inp.get("num_workers", 0), prefetch=inp.get("prefetch", 2))
     data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
-    missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std") if data[k] is None]
+    missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std")
+               if data[k] is None]
     if missing:
         raise EvalError("no training config.json to take " + ", ".join(missing) + " from; set them with "
                         + " ".join(f"--config.{k}=..." for k in missing))
@@ -233,8 +240,8 @@ def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
         raise EvalError(f"{err} (see the warnings above)") from None
     arch = meta["model"]["arch"]
     if config.get("expect_arch") and arch != config.expect_arch:
-        raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; pass the "
-                        f"right checkpoint or --config.expect_arch={arch}")
+        raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; "
+                        f"pass the right checkpoint or --config.expect_arch={arch}")
     graphdef, params, stats = ts.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
     encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))

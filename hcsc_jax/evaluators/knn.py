@@ -64,7 +64,8 @@ def knn_scores(train_feats, train_labels, test_feats, *, ks=KS, temperature: flo
     train_labels = np.asarray(train_labels)
     n, ks = len(train_labels), tuple(int(k) for k in ks)
     if max(ks) > n:
-        raise ValueError(f"k = {[k for k in ks if k > n]} larger than the {n} training samples; use smaller k")
+        raise ValueError(f"k = {[k for k in ks if k > n]} larger than the {n} training samples; "
+                         "use smaller k")
     num_classes = int(num_classes or train_labels.max() + 1)
     kmax = max(ks)
     chunk = max(train_chunk, kmax)
@@ -106,9 +107,11 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     d = ctx.data
     train_labels = ctx.labels(d.train_split)
     common.check_ks(cfg.ks, len(train_labels), "kNN", f"{d.dataset}:{d.train_split}", "--config.knn.ks")
-    res = evaluate(ctx.features(d.train_split), train_labels, ctx.features(d.eval_split), ctx.labels(d.eval_split),
-                   ks=tuple(cfg.ks), temperature=cfg.temperature, num_classes=ctx.num_classes(),
-                   train_chunk=cfg.get("train_chunk", 16384), test_block=cfg.get("test_block", 1024))
+    res = evaluate(ctx.features(d.train_split), train_labels, ctx.features(d.eval_split),
+                   ctx.labels(d.eval_split), ks=tuple(cfg.ks), temperature=cfg.temperature,
+                   num_classes=ctx.num_classes(), train_chunk=cfg.get("train_chunk", 16384),
+                   test_block=cfg.get("test_block", 1024))
     res["per_k"] = {str(k): v for k, v in res["per_k"].items()}
     per_k = "  ".join(f"k={k}: {v['top1']:.2f}" for k, v in res["per_k"].items())
-    return res, f"knn step {ctx.encoder.step}: top-1 {per_k} (best {res['best_top1']:.2f}% at k={res['best_k']})"
+    return res, (f"knn step {ctx.encoder.step}: top-1 {per_k} "
+                 f"(best {res['best_top1']:.2f}% at k={res['best_k']})")

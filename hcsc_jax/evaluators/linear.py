@@ -142,13 +142,15 @@ def _restore(mngr, state, protocol: dict, digest: str):
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            restored = mngr.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract)))["train"]
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract)))["train"]
         except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
-            log.warning("%s step %d could not be restored (%s); trying the previous one", mngr.directory, step, err)
+            log.warning("%s step %d could not be restored (%s); trying the previous one",
+                        mngr.directory, step, err)
             continue
         if meta.pop("weights") != digest or meta.pop("protocol") != json.loads(json.dumps(protocol)):
-            raise common.EvalError(f"{mngr.directory} holds a run with other weights or settings; delete it to "
-                                   "start this one afresh")
+            raise common.EvalError(f"{mngr.directory} holds a run with other weights or settings; "
+                                   "delete it to start this one afresh")
         return restored, meta
     return state, dict(global_step=0, history=[], epoch_losses=[])
 
@@ -165,8 +167,8 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         raise common.EvalError(f"linear batch_size {cfg.batch_size} is larger than the {train.num_examples} "
                                "training images; set a smaller --config.linear.batch_size")
     e = ctx.encoder
-    tx = optax.sgd(lr_schedule(cfg.lr, cfg.batch_size, train.steps_per_epoch, tuple(cfg.milestones), cfg.gamma),
-                   momentum=cfg.momentum)
+    tx = optax.sgd(lr_schedule(cfg.lr, cfg.batch_size, train.steps_per_epoch, tuple(cfg.milestones),
+                               cfg.gamma), momentum=cfg.momentum)
 
     @jax.jit
     def frozen_step(head, opt_state, key, params, stats, *inputs):

@@ -33,8 +33,9 @@ def read_split_file(path: str) -> list[str]:
     """The file names listed in a split file (local or a bucket), one per line (blank lines ignored)."""
     path = workdir_lib.path(path)
     if not path.is_file():
-        raise common.EvalError(f"split file {path} does not exist; use the authors' 1percent.txt / 10percent.txt "
-                               "(--config.semisup.split_file) or a --config.semisup.fraction without one")
+        raise common.EvalError(f"split file {path} does not exist; use the authors' "
+                               "1percent.txt / 10percent.txt (--config.semisup.split_file) "
+                               "or a --config.semisup.fraction without one")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names:
         raise common.EvalError(f"split file {path} lists no file names")
@@ -45,13 +46,15 @@ def match_names(names: list[str], file_names, where: str) -> np.ndarray:
     """Sorted indices (M,) int32 of the examples whose file name is listed in `names`; every name
     must match exactly one example."""
     if file_names is None:
-        raise common.EvalError(f"{where} has no file names to match a split file against (image folders and "
-                               "TFDS datasets with a 'file_name' feature have); use --config.semisup.fraction")
+        raise common.EvalError(f"{where} has no file names to match a split file against "
+                               "(image folders and TFDS datasets with a 'file_name' feature have); "
+                               "use --config.semisup.fraction")
     index = {os.path.basename(n): i for i, n in enumerate(file_names)}
     missing = [n for n in names if os.path.basename(n) not in index]
     if missing:
-        raise common.EvalError(f"{len(missing)} of the {len(names)} names in the split file match no image of "
-                               f"{where}, e.g. {', '.join(missing[:5])}; is it the right dataset and split?")
+        raise common.EvalError(f"{len(missing)} of the {len(names)} names in the split file match no "
+                               f"image of {where}, e.g. {', '.join(missing[:5])}; "
+                               "is it the right dataset and split?")
     return np.sort(np.unique([index[os.path.basename(n)] for n in names])).astype(np.int32)
 
 
@@ -62,7 +65,8 @@ def label_subset(labels, fraction: float, seed: int = 0) -> np.ndarray:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    picked = [rng.choice(np.flatnonzero(labels == c), max(1, round(fraction * np.sum(labels == c))), replace=False)
+    picked = [rng.choice(np.flatnonzero(labels == c), max(1, round(fraction * np.sum(labels == c))),
+                         replace=False)
               for c in np.unique(labels)]
     return np.sort(np.concatenate(picked)).astype(np.int32)
 
@@ -73,7 +77,8 @@ def labelled_subset(ctx: common.Context, cfg) -> np.ndarray:
     if cfg.get("split_file"):
         names = read_split_file(cfg.split_file)
         inp = ctx.input(d.train_split)  # a streamed input has its source; a resident one keeps no names
-        source = inp.source if isinstance(inp, pipeline.StreamInput) else sources.open_source(d.dataset, d.train_split, d.data_dir)
+        source = (inp.source if isinstance(inp, pipeline.StreamInput)
+                  else sources.open_source(d.dataset, d.train_split, d.data_dir))
         return match_names(names, source.file_names, f"{d.dataset}:{d.train_split}")
     try:
         return label_subset(ctx.labels(d.train_split), cfg.fraction, ctx.seed)
@@ -92,10 +97,11 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     if batch == 0:
         raise common.EvalError(f"{n} labelled images are fewer than the {devices} devices; label more")
     if ctx.out_dir is not None and distributed.is_main():  # the labelled subset, for reuse and audit
-        tag = os.path.basename(cfg.split_file) if cfg.get("split_file") else f"{cfg.fraction:g}_seed{ctx.seed}"
+        tag = (os.path.basename(cfg.split_file) if cfg.get("split_file")
+               else f"{cfg.fraction:g}_seed{ctx.seed}")
         workdir_lib.save_npz(ctx.out_dir / f"semisup_subset_{tag}.npz", dict(indices=subset))
-    train = ctx.input(d.train_split, crops=(stream_lib.CropSpec(d.image_size, tuple(cfg.scale)),), batch=batch,
-                      indices=subset)
+    train = ctx.input(d.train_split, crops=(stream_lib.CropSpec(d.image_size, tuple(cfg.scale)),),
+                      batch=batch, indices=subset)
     spe = train.steps_per_epoch
     scheds = {part: linear.lr_schedule(lr, batch, spe, tuple(cfg.milestones), cfg.gamma)
               for part, lr in (("trunk", cfg.trunk_lr), ("head", cfg.head_lr))}
@@ -108,8 +114,8 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     replicated = sharding.replicated(ctx.mesh)
     key = jax.random.PRNGKey(ctx.seed)
     feat_dim = ctx.feature_dim()
-    params = jax.device_put({"trunk": e.params, "head": linear.init_head(jax.random.fold_in(key, 1 << 30), feat_dim,
-                                                                         ctx.num_classes())}, replicated)
+    head = linear.init_head(jax.random.fold_in(key, 1 << 30), feat_dim, ctx.num_classes())
+    params = jax.device_put({"trunk": e.params, "head": head}, replicated)
     stats, opt_state = e.stats, jax.device_put(tx.init(params), replicated)
 
     @jax.jit
@@ -133,7 +139,8 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         lrs = tuple(float(s(gstep)) for s in scheds.values())
         losses = []
         for inputs in train.steps(epoch, 0, assign):
-            params, opt_state, stats, loss = step(params, opt_state, stats, jax.random.fold_in(key, gstep), *inputs)
+            params, opt_state, stats, loss = step(params, opt_state, stats, jax.random.fold_in(key, gstep),
+                                                  *inputs)
             losses.append(loss)
             gstep += 1
         history.append(dict(epoch=epoch, loss=float(np.mean(jax.device_get(losses))), trunk_lr=lrs[0],

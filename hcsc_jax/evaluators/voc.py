@@ -67,8 +67,8 @@ def targets(ctx: common.Context, split: str) -> np.ndarray:
     """(N, 20) +1 / -1 / 0 targets of a VOC split (see `class_targets`)."""
     source = ctx.input(split).source
     if not hasattr(source, "feature"):
-        raise common.EvalError(f"{ctx.data.dataset} is not a TFDS dataset with 'labels' / 'labels_no_difficult'; "
-                               "VOC07 transfer reads tfds:voc/2007")
+        raise common.EvalError(f"{ctx.data.dataset} is not a TFDS dataset with 'labels' / "
+                               "'labels_no_difficult'; VOC07 transfer reads tfds:voc/2007")
     try:
         return class_targets(source.feature("labels"), source.feature("labels_no_difficult"), NUM_CLASSES)
     except ValueError as err:
