@@ -140,16 +140,8 @@ def make_views(key_q, key_k, images, cfg: StepConfig):
     the host already cropped (query, key, local views), which only get the flip and the
     photometric ops (`random_crop=False`). Local view v draws from fold_in(key_q, v + 1)."""
     configs = (cfg.view_q, cfg.view_k) + tuple(cfg.view_local)
-    if isinstance(images, (tuple, list)):
-        per_view = tuple(images)
-        configs = tuple(dataclasses.replace(c, random_crop=False) for c in configs)
-    else:
-        per_view = (images,) * len(configs)
-    if len(per_view) != len(configs):
-        raise ValueError(f"got {len(per_view)} view arrays for {len(configs)} views "
-                         "(query, key and the local views)")
     keys = [key_q, key_k] + [jax.random.fold_in(key_q, v + 1) for v in range(len(cfg.view_local))]
-    views = [augmentations.augment(k, x, c) for k, x, c in zip(keys, per_view, configs)]
+    views = augmentations.augment_input(keys, images, configs)  # (query, key and the local views)
     return views[0], views[1], tuple(views[2:])
 
 

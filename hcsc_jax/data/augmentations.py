@@ -399,6 +399,20 @@ def augment(key, images, cfg: AugmentConfig, indices=None) -> jax.Array:
     return _normalize(views, cfg.mean, cfg.std)
 
 
+def augment_input(keys, images, cfgs: tuple[AugmentConfig, ...]) -> list[jax.Array]:
+    """One augmented view per (key, cfg) of a step's `images` as a `data.pipeline` input yields
+    them: uint8 (B, H, W, C) whole images, from which every view is cropped here, or a tuple of
+    views (B, S_v, S_v, C) the host already cropped, one per cfg, which only get the flip and the
+    photometric ops (`random_crop=False`)."""
+    if isinstance(images, (tuple, list)):
+        if len(images) != len(cfgs):
+            raise ValueError(f"got {len(images)} view arrays for {len(cfgs)} views")
+        cfgs = tuple(dataclasses.replace(c, random_crop=False) for c in cfgs)
+    else:
+        images = (images,) * len(cfgs)
+    return [augment(k, x, c) for k, x, c in zip(keys, images, cfgs)]
+
+
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """uint8 (B, H, W, C) already cropped on the host -> float32 (x / 255 - mean) / std."""
     return _normalize(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)

@@ -176,10 +176,8 @@ def labelled_views(key, inputs, cfg: augmentations.AugmentConfig):
     Whole images (resident) are cropped here; a host-cropped `(view,)` (streamed) only gets the
     flip."""
     images, labels = inputs
-    if isinstance(images, (tuple, list)):
-        (images,) = images
-        cfg = dataclasses.replace(cfg, random_crop=False)
-    return augmentations.augment(key, images, cfg), labels[:, 0]
+    (views,) = augmentations.augment_input([key], images, (cfg,))
+    return views, labels[:, 0]
 
 
 def topk_accuracy(scores, labels, k: int) -> float:
