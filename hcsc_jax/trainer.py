@@ -331,7 +331,8 @@ def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mes
     a, i = config.augment, config.input
     mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
-                               config.image_size, mean, std, i.pipeline, i.num_workers, i.prefetch)
+                               config.image_size, mean, std, i.pipeline, i.num_workers, i.prefetch,
+                               i.bad_images)
     return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
                               progress=False, seed=config.seed, inputs=inputs)
 

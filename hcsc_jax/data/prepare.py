@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -75,7 +76,8 @@ def prepare(name: str, split: str, out, *, data_dir=None, max_side: int = 256, q
     writer = ArrayRecordWriter(os.fspath(tmp_records), "group_size:1")
     try:
         ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-        with ProcessPoolExecutor(workers, initializer=_open, initargs=(name, split, data_dir)) as pool:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_open,
+                                 initargs=(name, split, data_dir)) as pool:
             done = 0
             for encoded in pool.map(_encode_range, *zip(*ranges), [max_side] * len(ranges),
                                     [quality] * len(ranges)):
