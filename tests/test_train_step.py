@@ -46,6 +46,9 @@ DEV_TOL = dict(rtol=1e-5, atol=1e-5)
 # Recomputations outside the fused step (separately jitted encoder / objective): same ops,
 # different fusion.
 REC_TOL = dict(rtol=1e-5, atol=1e-5)
+# The multi-crop step adds 8 px local views (BN groups over 1x1 last-stage maps, see above): on an
+# Intel Xeon host (2026-11-30) one of its BN biases differed by 1.1e-5 between 1 and 8 devices.
+MULTICROP_DEV_TOL = dict(rtol=1e-5, atol=3e-5)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -500,7 +503,7 @@ def test_multicrop_step_matches_separate_local_forwards(setup, runs, multicrop):
     assert m1["loss"] > one.m1["loss"] + m1["loss_local_instance"] + m1["loss_local_proto"] - 1e-3
     for k in m1:
         np.testing.assert_allclose(m1[k], m1_8[k], err_msg=k, **DEV_TOL)
-    _assert_tree_close(s1.q_params, s1_8.q_params, "q_params", **DEV_TOL)
+    _assert_tree_close(s1.q_params, s1_8.q_params, "q_params", **MULTICROP_DEV_TOL)
     assert _max_tree_diff(s1.q_params, one.s1.q_params) > 1e-4  # local views changed the update
 
 
