@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from test_clustering import BLOB_MEANS, BLOB_SIZES, blob_to_cluster
 
-from hcsc_jax.clustering import _split_empty, concentration, hierarchical_kmeans
+from hcsc_jax.clustering import concentration, hierarchical_kmeans
+from hcsc_jax.clustering.jax_backend import _split_empty
 from hcsc_jax.evaluators.cluster import nmi
 
 T = 0.2
