@@ -63,6 +63,7 @@ def time_features(n, image_size):
 
 def time_kmeans(x, sizes, backend):
     """-> seconds of each level's k-means (including its members' assignment), and in total."""
+    backend = clustering.resolve_backend(backend)
     per_level, kmeans = [], clustering.KMEANS[backend]
 
     def timed(*args, **kw):

@@ -44,11 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
         selection_on_local=False,  # multi-crop: local InfoNCE with the instance masks too
         proto_negatives=0))  # PCL's r: sampled negative prototypes per level (0: all, HCSC)
 
-    # Hierarchical k-means between epochs (faiss, spec §1). Empty num_clusters = no prototypes.
+    # Hierarchical k-means between epochs (spec §1). Empty num_clusters = no prototypes.
     c.clustering = ml_collections.ConfigDict(dict(
         num_clusters=(3000, 2000, 1000), temperature=0.2, niter=20, nredo=5,
         max_points_per_centroid=1000, min_points_per_centroid=10,
-        backend="faiss",  # "faiss" (host CPU) or "jax" (Lloyd on the accelerators)
+        # "faiss" (host CPU), "jax" (the same Lloyd iterations on the accelerators) or "auto":
+        # "jax" when JAX has accelerators, "faiss" on CPU-only hosts (clustering.resolve_backend).
+        backend="auto",
         mode="hierarchical"))  # or "independent": flat k-means per level, no parents (PCL)
 
     # Augmentation (MoCo v2, spec §6).

@@ -13,7 +13,7 @@ to its 10th/90th percentiles and rescaled to mean `temperature`. Centroids are n
 Everything is vectorised NumPy; the only Python loop is over levels.
 
 Each level's k-means comes from a backend (`KMEANS`): "faiss" on the host (`faiss_backend`) or
-"jax", the same algorithm on the devices (`jax_backend`).
+"jax", the same algorithm on the devices (`jax_backend`); "auto" picks one (`resolve_backend`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # Backend name -> one level's k-means: kmeans(x (n, d), k, *, niter, nredo, seed,
 # max_points_per_centroid, mesh) -> (centroids (k, d), sq_dists (n,), assign (n,) int32).
 KMEANS = {"faiss": faiss_backend.kmeans, "jax": jax_backend.kmeans}
-BACKENDS = tuple(KMEANS)
+BACKENDS = ("auto", *KMEANS)
 MODES = ("hierarchical", "independent")
 
 _FIELDS = ("centroids", "assignments", "temperatures", "valid", "parents", "counts")
@@ -238,6 +238,17 @@ def _check_inputs(features, num_clusters, temperature, hierarchical=True) -> tup
 
 
 
+def resolve_backend(name: str) -> str:
+    """The k-means backend that `name` (a config's `clustering.backend`) stands for: "faiss" and
+    "jax" as given; "auto" is "jax" when JAX runs on accelerators (`jax.default_backend()` is not
+    "cpu") and "faiss" on CPU-only hosts."""
+    if name not in BACKENDS:
+        raise ValueError(f"clustering backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "faiss" if jax.default_backend() == "cpu" else "jax"
+    return name
+
+
 def _log_underfilled(n: int, sizes: Sequence[int], min_points_per_centroid: int, hierarchical: bool = True):
     """One log line for the levels whose k-means gets fewer than `min_points_per_centroid`
     points per centroid (faiss's warning): in a hierarchy level l clusters the M_{l-1} centroids
@@ -268,13 +279,13 @@ def hierarchical_kmeans(
 
     num_clusters must be strictly decreasing (upper levels cluster the centroids below).
     Level l uses seed `seed + l`. backend "faiss" runs faiss on the host; "jax" runs the same
-    k-means on the devices of `mesh` (1-D axis "data"; None: all devices), rows sharded.
+    k-means on the devices of `mesh` (1-D axis "data"; None: all devices), rows sharded; "auto"
+    is one of them (`resolve_backend`).
     mode "independent" (PCL): every level is its own k-means of the N features (seed `seed + l`,
     any sizes and order), with the same concentration phi and no parents.
     Returns a Hierarchy with len(num_clusters) levels.
     """
-    if backend not in KMEANS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend(backend)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     hierarchical = mode == "hierarchical"
