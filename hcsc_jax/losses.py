@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hcsc_jax import selection
+
 SEMANTICS = ("paper", "official")
 
 
@@ -103,6 +105,16 @@ def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", 
     None (from `proto_candidates`; the positive is always excluded from the negatives).
     Returns (loss, accuracy) scalars, means over the batch.
     """
+    logits, pos = _prototype_logits(q, centroids, temperatures, labels)
+    not_positive = ~_positive_one_hot(labels, centroids.shape[0])
+    candidates = not_positive if candidates is None else candidates & not_positive
+    loss, correct = selective_cross_entropy(pos, logits, keep, candidates, semantics)
+    return loss.mean(), correct.mean(dtype=jnp.float32)
+
+
+def _prototype_logits(q, centroids, temperatures, labels):
+    """Logits q.c / phi_c of queries q (B, d) against centroids (M, d) with temperatures (M,)
+    -> (logits (B, M), positive logits (B,) at labels (B,)). Prototypes get no gradient."""
     if q.ndim != 2 or centroids.ndim != 2 or q.shape[1] != centroids.shape[1]:
         raise ValueError(
             f"q must be (B, d) and centroids (M, d) with the same d, got {tuple(q.shape)} and "
@@ -114,12 +126,13 @@ def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", 
             f"got {tuple(temperatures.shape)} and {tuple(labels.shape)}"
         )
     centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
-    logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)
-    pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    not_positive = jnp.arange(centroids.shape[0])[None, :] != labels[:, None]
-    candidates = not_positive if candidates is None else candidates & not_positive
-    loss, correct = selective_cross_entropy(pos, logits, keep, candidates, semantics)
-    return loss.mean(), correct.mean(dtype=jnp.float32)
+    logits = selection.similarity_logits(q, centroids, temperatures, None)
+    return logits, jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+
+
+def _positive_one_hot(labels, num_protos: int):
+    """labels (B,) positive prototype of each query -> (B, M) bool, True at (i, labels[i])."""
+    return labels[:, None] == jnp.arange(num_protos)[None, :]
 
 
 def _groups(batch: int, group_size) -> int:
@@ -144,7 +157,7 @@ def sample_negative_prototypes(key, labels, valid, num_negatives: int, semantics
     """
     check_semantics(semantics)
     batch, num_protos = labels.shape[0], valid.shape[0]
-    positive = labels[:, None] == jnp.arange(num_protos)[None, :]  # (B, M)
+    positive = _positive_one_hot(labels, num_protos)
     if semantics == "paper":
         excluded, repeat = positive | ~valid[None, :], 1
     else:
@@ -171,19 +184,12 @@ def pcl_proto_nce(q, centroids, temperatures, labels, sampled, semantics="paper"
     least as high as every other prototype in its denominator.
     """
     check_semantics(semantics)
-    if q.ndim != 2 or centroids.ndim != 2 or q.shape[1] != centroids.shape[1]:
-        raise ValueError(
-            f"q must be (B, d) and centroids (M, d) with the same d, got {tuple(q.shape)} and "
-            f"{tuple(centroids.shape)}"
-        )
+    logits, pos = _prototype_logits(q, centroids, temperatures, labels)
     if sampled.shape != (q.shape[0], centroids.shape[0]):
         raise ValueError(f"sampled must be (B, M) = {(q.shape[0], centroids.shape[0])}, "
                          f"got {tuple(sampled.shape)}")
-    centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
     batch, num_protos = q.shape[0], centroids.shape[0]
-    logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)
-    positive = labels[:, None] == jnp.arange(num_protos)[None, :]
-    pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    positive = _positive_one_hot(labels, num_protos)
     if semantics == "paper":
         weight = (positive | (sampled & ~positive)).astype(jnp.float32)
     else:
@@ -204,7 +210,7 @@ def proto_candidates(labels, valid, semantics="paper", group_size=None):
     """
     check_semantics(semantics)
     num_protos = valid.shape[0]
-    positive = labels[:, None] == jnp.arange(num_protos)[None, :]  # (B, M)
+    positive = _positive_one_hot(labels, num_protos)
     candidates = valid[None, :] & ~positive
     if semantics == "paper":
         return candidates

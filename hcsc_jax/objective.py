@@ -218,19 +218,6 @@ def _instance_term(q, k, queue, keep, cfg: ObjectiveConfig):
     return (loss.sum() if cfg.semantics == "official" else loss.mean()), loss, acc
 
 
-def _proto_term(q, prototypes: Prototypes, positives, keep, candidates, cfg: ObjectiveConfig):
-    """PCSC of q (B, d) at every level; keep, candidates: L entries (B, M_l).
-    Returns (mean over levels, L losses, L accuracies)."""
-    p = prototypes
-    level_losses, accs = zip(*(
-        losses.proto_nce(
-            q, p.centroids[l], p.temperatures[l], positives[l], keep[l], cfg.semantics, candidates[l]
-        )
-        for l in range(p.num_levels)
-    ))
-    return jnp.mean(jnp.stack(level_losses)), level_losses, accs
-
-
 def pcl_negative_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, view: int = 0):
     """PCL's sampled negative prototypes (cfg.proto_negatives per level) of one view: L masks
     (B, M_l) bool (`losses.sample_negative_prototypes`). rng: the objective's key; view 0 is the
@@ -245,15 +232,21 @@ def pcl_negative_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveCon
     ]
 
 
-def _pcl_proto_term(q, prototypes: Prototypes, positives, sampled, cfg: ObjectiveConfig):
-    """PCL's ProtoNCE of q (B, d) at every level (clustering) against the `sampled` negatives
-    (L masks). Returns (mean over levels, L losses, L accuracies)."""
+def _proto_term(q, prototypes: Prototypes, positives, masks, candidates, cfg: ObjectiveConfig):
+    """The prototype term of q (B, d): the mean over levels of PCSC (`losses.proto_nce`, masks:
+    the L keep masks of `prototype_masks`, candidates: L entries (B, M_l)) or, when
+    cfg.proto_negatives, of PCL's ProtoNCE (`losses.pcl_proto_nce`, masks: the L sampled
+    negatives of `pcl_negative_masks`, candidates unused).
+    Returns (mean over levels, L losses, L accuracies)."""
     p = prototypes
-    level_losses, accs = zip(*(
-        losses.pcl_proto_nce(q, p.centroids[l], p.temperatures[l], positives[l], sampled[l], cfg.semantics,
-                             cfg.group_size)
-        for l in range(p.num_levels)
-    ))
+
+    def level(l):
+        args = (q, p.centroids[l], p.temperatures[l], positives[l], masks[l], cfg.semantics)
+        if cfg.proto_negatives:
+            return losses.pcl_proto_nce(*args, cfg.group_size)
+        return losses.proto_nce(*args, candidates[l])
+
+    level_losses, accs = zip(*(level(l) for l in range(p.num_levels)))
     return jnp.mean(jnp.stack(level_losses)), level_losses, accs
 
 
@@ -332,34 +325,26 @@ def hcsc_objective(
             )
             terms.append(metrics["loss_local_instance"])
 
-    if cfg.proto_loss and cfg.proto_negatives:  # PCL: r sampled negatives, no selection
-        sampled = pcl_negative_masks(p, positives, rng, cfg)
-        metrics["loss_proto"], level_losses, accs = _pcl_proto_term(q, p, positives, sampled, cfg)
+    if cfg.proto_loss:
+        if cfg.proto_negatives:  # PCL: r sampled negatives per view, no selection
+            masks = [pcl_negative_masks(p, positives, rng, cfg, v) for v in range(1 + len(local_q))]
+            candidates = None
+        else:
+            masks = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
+            candidates = [
+                losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
+                for l in range(num_levels)
+            ]
+        metrics["loss_proto"], level_losses, accs = _proto_term(q, p, positives, masks[0], candidates, cfg)
         for l in range(num_levels):
-            metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = level_losses[l], accs[l]
-        terms.append(metrics["loss_proto"])
-        if local_q:
-            metrics["loss_local_proto"] = sum(
-                _pcl_proto_term(x, p, positives, pcl_negative_masks(p, positives, rng, cfg, v + 1), cfg)[0]
-                for v, x in enumerate(local_q)
-            )
-            terms.append(metrics["loss_local_proto"])
-    elif cfg.proto_loss:
-        keeps = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
-        candidates = [
-            losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
-            for l in range(num_levels)
-        ]
-        metrics["loss_proto"], level_losses, accs = _proto_term(q, p, positives, keeps[0], candidates, cfg)
-        for l in range(num_levels):
-            if keeps[0][l] is not None:
-                kept = (keeps[0][l] & candidates[l]).sum(dtype=jnp.float32)
+            if candidates is not None and masks[0][l] is not None:
+                kept = (masks[0][l] & candidates[l]).sum(dtype=jnp.float32)
                 metrics[f"proto_keep/{l}"] = kept / jnp.maximum(candidates[l].sum(dtype=jnp.float32), 1.0)
             metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = level_losses[l], accs[l]
         terms.append(metrics["loss_proto"])
         if local_q:
             metrics["loss_local_proto"] = sum(
-                _proto_term(x, p, positives, keep, candidates, cfg)[0] for x, keep in zip(local_q, keeps[1:])
+                _proto_term(x, p, positives, m, candidates, cfg)[0] for x, m in zip(local_q, masks[1:])
             )
             terms.append(metrics["loss_local_proto"])
 
