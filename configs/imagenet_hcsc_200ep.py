@@ -1,4 +1,4 @@
-"""HCSC on ImageNet-1k, 200 epochs, the published single-crop settings (spec §6; linear 69.2,
+"""HCSC on ImageNet-1k, 200 epochs, the published single-crop settings (docs/method.md §6; linear 69.2,
 kNN 60.7 in the paper): ResNet-50, batch 256, lr 0.03, queue 16384, 20 warm-up epochs, levels
 3000/2000/1000, MoCo v2 augmentation at 224 px.
 

@@ -1,6 +1,6 @@
-"""Selective contrastive losses: masked InfoNCE (ICSC) and ProtoNCE (PCSC), spec §2-§4.
+"""Selective contrastive losses: masked InfoNCE (ICSC) and ProtoNCE (PCSC), docs/method.md §2-§4.
 
-How a negative that was not selected enters the loss is the `semantics` switch (spec §4):
+How a negative that was not selected enters the loss is the `semantics` switch (docs/method.md §4):
 - "paper": it is not in the sum at all (its logit is -inf in the log-sum-exp);
 - "official": its logit is multiplied by 0 before the temperature division, so it stays in the
   denominator as exp(0) = 1 and carries no gradient (the authors' code).
@@ -77,7 +77,7 @@ def _loss_and_correct(pos_logit, shift, total, kept_logits):
 
 
 def info_nce(q, k, queue, keep, temperature, semantics="paper"):
-    """InfoNCE of q against its key k and the queue, with selected negatives (spec §2, eq. 6).
+    """InfoNCE of q against its key k and the queue, with selected negatives (docs/method.md §2, Eq. (6)).
 
     q (B, d) queries (gradients flow here), k (B, d) positive keys, queue (K, d) negatives,
     keep (..., B, K) bool, a sequence of L (B, K) masks (one per level: on a CPU, XLA fuses
@@ -98,7 +98,7 @@ def info_nce(q, k, queue, keep, temperature, semantics="paper"):
 
 
 def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", candidates=None):
-    """ProtoNCE of q against its positive prototype and selected negatives (spec §3, eq. 9).
+    """ProtoNCE of q against its positive prototype and selected negatives (docs/method.md §3, Eq. (9)).
 
     Logit of prototype c is q.c / phi_c. q (B, d), centroids (M, d), temperatures (M,),
     labels (B,) positive prototype index, keep (B, M) bool or None, candidates (B, M) bool or
@@ -202,7 +202,7 @@ def pcl_proto_nce(q, centroids, temperatures, labels, sampled, semantics="paper"
 
 
 def proto_candidates(labels, valid, semantics="paper", group_size=None):
-    """Candidate negative prototypes of each query (spec §3). labels (B,), valid (M,) -> (B, M).
+    """Candidate negative prototypes of each query (docs/method.md §3). labels (B,), valid (M,) -> (B, M).
 
     "paper": every valid prototype but the query's own positive. "official": additionally drops
     the positives of all queries in the same group of `group_size` consecutive samples (the

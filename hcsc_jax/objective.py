@@ -1,4 +1,4 @@
-"""The whole HCSC objective for one batch (spec §2-§5), and the epoch's prototypes on device.
+"""The whole HCSC objective for one batch (docs/method.md §2-§5), and the epoch's prototypes on device.
 
 `Prototypes` holds one tuple entry per hierarchy level, so every level keeps its own static
 shape (M_l) and a new epoch's prototypes never trigger a recompilation. `hcsc_objective`
@@ -94,12 +94,12 @@ def queue_log_normalizers(queue, prototypes: Prototypes):
 class ObjectiveConfig:
     """Static switches of the objective. MoCo v2 and PCL-like baselines are settings of these.
 
-    semantics: "paper" | "official" (spec §4, §5); positive: "assignment" (k-means assignment
+    semantics: "paper" | "official" (docs/method.md §4, §5); positive: "assignment" (k-means assignment
     of the epoch, the authors' code) | "nearest" (argmax_c q.c/phi_c, the paper);
     temperature: instance temperature T; group_size: group whose positives are removed from
     the prototype candidates in "official" mode; sampler: see `selection.bernoulli_mask`;
     selection_on_local: multi-crop local views use the global query's instance masks (one
-    InfoNCE per level and view) instead of one plain InfoNCE per view (spec §6);
+    InfoNCE per level and view) instead of one plain InfoNCE per view (docs/method.md §6);
     proto_negatives: PCL's r, 0 = every candidate prototype is a negative (HCSC). r > 0 replaces
     the prototype term by PCL's ProtoNCE against r randomly sampled negative prototypes per
     level (`losses.sample_negative_prototypes`, `losses.pcl_proto_nce`; "official" = PCL's
@@ -153,7 +153,7 @@ def positive_prototypes(q, prototypes: Prototypes, labels, positive: str) -> lis
 
 
 def instance_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
-    """ICSC keep masks of one batch (spec §2), drawn once per step for the global query.
+    """ICSC keep masks of one batch (docs/method.md §2), drawn once per step for the global query.
 
     queue (K, d); positives: L arrays (B,); rng the objective's jax.random key; queue_lse (L, K)
     or None. Returns L masks (B, K) bool, or None when instance selection is off.
@@ -176,7 +176,7 @@ def instance_masks(queue, prototypes: Prototypes, positives, rng, cfg: Objective
 
 
 def prototype_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, num_views: int = 1):
-    """PCSC keep masks (spec §3) of `num_views` views, drawn independently from one set of
+    """PCSC keep masks (docs/method.md §3) of `num_views` views, drawn independently from one set of
     probabilities (the positives are the global query's, so the probabilities are shared).
 
     positives: L arrays (B,); rng the objective's jax.random key. View 0 is the global query;
@@ -268,7 +268,7 @@ def hcsc_objective(
     jax.random key; queue_lse (L, K) optional `queue_log_normalizers(queue, prototypes)` cache;
     local_q: V arrays (B, d), the L2-normalized query embeddings of V local (multi-crop) views.
 
-    Each local view adds (spec §6) an InfoNCE term against k and the queue (with the global
+    Each local view adds (docs/method.md §6) an InfoNCE term against k and the queue (with the global
     query's per-level instance masks, reduced over levels like the global term, when
     cfg.selection_on_local; else plain) and a PCSC term with the global query's positives and
     candidates and fresh selection masks (`prototype_masks`); local terms are summed over views.

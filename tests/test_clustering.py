@@ -1,4 +1,4 @@
-"""Tests for hcsc_jax.clustering: hierarchical k-means and the concentration phi (spec §1)."""
+"""Tests for hcsc_jax.clustering: hierarchical k-means and the concentration phi (docs/method.md §1)."""
 import io
 
 import faiss
@@ -11,7 +11,7 @@ T = 0.2
 
 
 def reference_phi(sq_dists, assignments, num_clusters, temperature):
-    """Spec §1.4 written out with plain per-cluster loops (float64)."""
+    """docs/method.md §1.4 written out with plain per-cluster loops (float64)."""
     members = [[] for _ in range(num_clusters)]
     for dist, cluster in zip(sq_dists, assignments):
         members[cluster].append(float(dist))

@@ -67,7 +67,7 @@ def test_training_configs_cluster_where_the_compute_is(name):
 
 
 def test_imagenet_configs_hold_the_published_settings():
-    """Spec §6 and §1: the settings behind the paper's 200-epoch ImageNet numbers."""
+    """docs/method.md §6 and §1: the settings behind the paper's 200-epoch ImageNet numbers."""
     from configs import imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep
 
     for c in (imagenet_hcsc_200ep.get_config(), imagenet_hcsc_multicrop_200ep.get_config()):

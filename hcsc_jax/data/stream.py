@@ -1,4 +1,4 @@
-"""Streaming input for datasets that do not fit in device memory (HCSC spec §6, §1.1).
+"""Streaming input for datasets that do not fit in device memory (docs/method.md §6, §1.1).
 
 The host decodes each image once and cuts its random-resized crops (one per `CropSpec`, e.g.
 2 x 224 for MoCo v2, plus 192/160/128/96 for multi-crop) in a thread pool (Pillow releases the
