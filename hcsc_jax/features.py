@@ -3,7 +3,7 @@
 Used by the clustering between epochs (key encoder projections) and by every evaluator (pooled
 features). Batches come from a `data.pipeline` input (`center_crops`): resident images are
 center-cropped on the devices, streamed ones on the hosts (resize 256 -> crop 224 at 224 px,
-`augment.center_crop_geometry`), each process decoding only its share; the batch is sharded over
+`augmentations.center_crop_geometry`), each process decoding only its share; the batch is sharded over
 all devices of all processes and the outputs are gathered to every host. Host memory: N x F
 float32 per process (1.28M x 2048 = 10.5 GB for ImageNet's train split with a ResNet-50, plus
 N x 128 for the projection).

@@ -13,7 +13,7 @@ global batch, b = global_batch // P; `sharding.to_global` assembles the process-
 one batch-sharded array.
 
 Crops follow torchvision: `RandomResizedCrop.get_params` (10 attempts, then the center-crop
-fallback; same uniforms layout as `augment.sample_crop_box`), then crop-then-resize with
+fallback; same uniforms layout as `augmentations.sample_crop_box`), then crop-then-resize with
 Pillow's antialiased bilinear filter. JPEGs are decoded at full size: Pillow's `draft()` (DCT
 scaling by 1/2, 1/4, 1/8) would only apply when every view's box is at least 2x its output size,
 which an ImageNet-size image (~500 x 375) never allows for a 224 view, and it replaces the
@@ -80,7 +80,7 @@ def crop_box(u: np.ndarray, height: int, width: int, scale, ratio) -> tuple[int,
     w = round(sqrt(area * r)), h = round(sqrt(area / r)); the first box that fits is placed at
     floor(u[-2] * (height - h + 1)), floor(u[-1] * (width - w + 1)). Else the fallback: the
     largest centered box with its aspect ratio clamped to `ratio`. Same uniforms, same box as
-    the device's `augment.sample_crop_box` (up to float32 rounding there).
+    the device's `augmentations.sample_crop_box` (up to float32 rounding there).
     """
     attempts = (len(u) - 2) // 2
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
@@ -133,7 +133,7 @@ def random_resized_crops(image: np.ndarray, crops: tuple[CropSpec, ...], seed: i
 def center_crop_image(image: np.ndarray, crop: int) -> np.ndarray:
     """Eval / clustering view of one (H, W, C) uint8 image -> (crop, crop, C) uint8: torchvision
     Resize(round(crop * 256 / 224)) (shorter side, bilinear, antialias; long side truncated as in
-    `augment.center_crop`) + CenterCrop(crop)."""
+    `augmentations.center_crop`) + CenterCrop(crop)."""
     new_h, new_w, top, left = center_crop_geometry(*image.shape[:2], crop)
     resized = _pil(image).resize((new_w, new_h), Image.BILINEAR)
     return _array(resized.crop((left, top, left + crop, top + crop)))
