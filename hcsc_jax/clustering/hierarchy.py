@@ -237,7 +237,6 @@ def _check_inputs(features, num_clusters, temperature, hierarchical=True) -> tup
     return sizes
 
 
-
 def resolve_backend(name: str) -> str:
     """The k-means backend that `name` (a config's `clustering.backend`) stands for: "faiss" and
     "jax" as given; "auto" is "jax" when JAX runs on accelerators (`jax.default_backend()` is not
