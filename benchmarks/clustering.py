@@ -63,7 +63,8 @@ def time_features(n, image_size):
 
 def time_kmeans(x, sizes, backend):
     """-> seconds of each level's k-means (including its members' assignment), and in total."""
-    per_level, kmeans = [], clustering._KMEANS[backend]
+    backend = clustering.resolve_backend(backend)
+    per_level, kmeans = [], clustering.KMEANS[backend]
 
     def timed(*args, **kw):
         start = time.perf_counter()
@@ -72,7 +73,7 @@ def time_kmeans(x, sizes, backend):
         return out
 
     start = time.perf_counter()
-    with mock.patch.dict(clustering._KMEANS, {backend: timed}):
+    with mock.patch.dict(clustering.KMEANS, {backend: timed}):
         clustering.hierarchical_kmeans(
             x, sizes, niter=FLAGS.niter, nredo=FLAGS.nredo, seed=0,
             max_points_per_centroid=FLAGS.max_points_per_centroid, backend=backend)

@@ -1,4 +1,4 @@
-"""Defaults shared by every config: the published HCSC ImageNet settings (spec §6).
+"""Defaults shared by every config: the published HCSC ImageNet settings (docs/method.md §6).
 
 Dataset configs start from `get_config()` here and override what differs.
 """
@@ -44,18 +44,20 @@ def get_config() -> ml_collections.ConfigDict:
         selection_on_local=False,  # multi-crop: local InfoNCE with the instance masks too
         proto_negatives=0))  # PCL's r: sampled negative prototypes per level (0: all, HCSC)
 
-    # Hierarchical k-means between epochs (faiss, spec §1). Empty num_clusters = no prototypes.
+    # Hierarchical k-means between epochs (docs/method.md §1). Empty num_clusters = no prototypes.
     c.clustering = ml_collections.ConfigDict(dict(
         num_clusters=(3000, 2000, 1000), temperature=0.2, niter=20, nredo=5,
         max_points_per_centroid=1000, min_points_per_centroid=10,
-        backend="faiss",  # "faiss" (host CPU) or "jax" (Lloyd on the accelerators)
+        # "faiss" (host CPU), "jax" (the same Lloyd iterations on the accelerators) or "auto":
+        # "jax" when JAX has accelerators, "faiss" on CPU-only hosts (clustering.resolve_backend).
+        backend="auto",
         mode="hierarchical"))  # or "independent": flat k-means per level, no parents (PCL)
 
-    # Augmentation (MoCo v2, spec §6).
+    # Augmentation (MoCo v2, docs/method.md §6).
     c.augment = ml_collections.ConfigDict(dict(
         scale=(0.2, 1.0), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, flip=True,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        # Multi-crop (spec §6): local views through the query encoder only, as
+        # Multi-crop (docs/method.md §6): local views through the query encoder only, as
         # ((crop_size, (scale_lo, scale_hi)), ...); empty = the two-view method.
         local_views=()))
 

@@ -12,7 +12,7 @@
   over clusterings of ProtoNCE, no selection. Independent flat k-means of the key features
   (`clustering.mode="independent"`, seed + l per clustering, no parents), 60 / 30 / 10 clusters
   like HCSC's levels (PCL's ImageNet settings: 25000 / 50000 / 100000 for 1.28M images), the
-  concentration phi of spec §1.4. ProtoNCE against r sampled negative prototypes per clustering
+  concentration phi of docs/method.md §1.4. ProtoNCE against r sampled negative prototypes per clustering
   (`objective.proto_negatives`): PCL's r = 16384 is 16-66% of its clusterings; here r = 16, 27% of
   the 60-cluster level. With groups of 32 queries (bn_group_size, PCL's per-GPU batch) whose
   positives are excluded from the draw, the 30- and 10-cluster levels usually have fewer than 16

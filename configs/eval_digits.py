@@ -1,4 +1,4 @@
-"""Evaluation settings for eval.py (spec §7 protocols), sized for scikit-learn's digits.
+"""Evaluation settings for eval.py (docs/method.md §7 protocols), sized for scikit-learn's digits.
 
 Data fields left unset (None) are read from the training run's config.json when --checkpoint
 is a train.py workdir; for an exported encoder without config.json set them on the command line:

@@ -1,4 +1,4 @@
-"""The paper's evaluation of an ImageNet ResNet-50 (spec §7, the authors' eval_*.py scripts).
+"""The paper's evaluation of an ImageNet ResNet-50 (docs/method.md §7, the authors' eval_*.py scripts).
 
   python eval.py --config=configs/eval_imagenet.py --mode=knn    --checkpoint=RUN   # kNN, k 10/20/100/200
   python eval.py --config=configs/eval_imagenet.py --mode=linear --checkpoint=RUN   # linear, 100 epochs

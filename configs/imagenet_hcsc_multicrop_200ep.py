@@ -1,4 +1,4 @@
-"""HCSC with multi-crop on ImageNet-1k, 200 epochs (spec §6; linear 73.3, kNN 66.6 in the
+"""HCSC with multi-crop on ImageNet-1k, 200 epochs (docs/method.md §6; linear 73.3, kNN 66.6 in the
 paper): the single-crop settings plus four local views at 192/160/128/96 px through the query
 encoder, each adding a local InfoNCE and a local PCSC term.
 

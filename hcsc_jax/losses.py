@@ -1,6 +1,6 @@
-"""Selective contrastive losses: masked InfoNCE (ICSC) and ProtoNCE (PCSC), spec §2-§4.
+"""Selective contrastive losses: masked InfoNCE (ICSC) and ProtoNCE (PCSC), docs/method.md §2-§4.
 
-How a negative that was not selected enters the loss is the `semantics` switch (spec §4):
+How a negative that was not selected enters the loss is the `semantics` switch (docs/method.md §4):
 - "paper": it is not in the sum at all (its logit is -inf in the log-sum-exp);
 - "official": its logit is multiplied by 0 before the temperature division, so it stays in the
   denominator as exp(0) = 1 and carries no gradient (the authors' code).
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from hcsc_jax import selection
 
 SEMANTICS = ("paper", "official")
 
@@ -75,7 +77,7 @@ def _loss_and_correct(pos_logit, shift, total, kept_logits):
 
 
 def info_nce(q, k, queue, keep, temperature, semantics="paper"):
-    """InfoNCE of q against its key k and the queue, with selected negatives (spec §2, eq. 6).
+    """InfoNCE of q against its key k and the queue, with selected negatives (docs/method.md §2, Eq. (6)).
 
     q (B, d) queries (gradients flow here), k (B, d) positive keys, queue (K, d) negatives,
     keep (..., B, K) bool, a sequence of L (B, K) masks (one per level: on a CPU, XLA fuses
@@ -96,13 +98,23 @@ def info_nce(q, k, queue, keep, temperature, semantics="paper"):
 
 
 def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", candidates=None):
-    """ProtoNCE of q against its positive prototype and selected negatives (spec §3, eq. 9).
+    """ProtoNCE of q against its positive prototype and selected negatives (docs/method.md §3, Eq. (9)).
 
     Logit of prototype c is q.c / phi_c. q (B, d), centroids (M, d), temperatures (M,),
     labels (B,) positive prototype index, keep (B, M) bool or None, candidates (B, M) bool or
     None (from `proto_candidates`; the positive is always excluded from the negatives).
     Returns (loss, accuracy) scalars, means over the batch.
     """
+    logits, pos = _prototype_logits(q, centroids, temperatures, labels)
+    not_positive = ~_positive_one_hot(labels, centroids.shape[0])
+    candidates = not_positive if candidates is None else candidates & not_positive
+    loss, correct = selective_cross_entropy(pos, logits, keep, candidates, semantics)
+    return loss.mean(), correct.mean(dtype=jnp.float32)
+
+
+def _prototype_logits(q, centroids, temperatures, labels):
+    """Logits q.c / phi_c of queries q (B, d) against centroids (M, d) with temperatures (M,)
+    -> (logits (B, M), positive logits (B,) at labels (B,)). Prototypes get no gradient."""
     if q.ndim != 2 or centroids.ndim != 2 or q.shape[1] != centroids.shape[1]:
         raise ValueError(
             f"q must be (B, d) and centroids (M, d) with the same d, got {tuple(q.shape)} and "
@@ -114,12 +126,13 @@ def proto_nce(q, centroids, temperatures, labels, keep=None, semantics="paper", 
             f"got {tuple(temperatures.shape)} and {tuple(labels.shape)}"
         )
     centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
-    logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)
-    pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    not_positive = jnp.arange(centroids.shape[0])[None, :] != labels[:, None]
-    candidates = not_positive if candidates is None else candidates & not_positive
-    loss, correct = selective_cross_entropy(pos, logits, keep, candidates, semantics)
-    return loss.mean(), correct.mean(dtype=jnp.float32)
+    logits = selection.similarity_logits(q, centroids, temperatures, None)
+    return logits, jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+
+
+def _positive_one_hot(labels, num_protos: int):
+    """labels (B,) positive prototype of each query -> (B, M) bool, True at (i, labels[i])."""
+    return labels[:, None] == jnp.arange(num_protos)[None, :]
 
 
 def _groups(batch: int, group_size) -> int:
@@ -144,7 +157,7 @@ def sample_negative_prototypes(key, labels, valid, num_negatives: int, semantics
     """
     check_semantics(semantics)
     batch, num_protos = labels.shape[0], valid.shape[0]
-    positive = labels[:, None] == jnp.arange(num_protos)[None, :]  # (B, M)
+    positive = _positive_one_hot(labels, num_protos)
     if semantics == "paper":
         excluded, repeat = positive | ~valid[None, :], 1
     else:
@@ -171,19 +184,12 @@ def pcl_proto_nce(q, centroids, temperatures, labels, sampled, semantics="paper"
     least as high as every other prototype in its denominator.
     """
     check_semantics(semantics)
-    if q.ndim != 2 or centroids.ndim != 2 or q.shape[1] != centroids.shape[1]:
-        raise ValueError(
-            f"q must be (B, d) and centroids (M, d) with the same d, got {tuple(q.shape)} and "
-            f"{tuple(centroids.shape)}"
-        )
+    logits, pos = _prototype_logits(q, centroids, temperatures, labels)
     if sampled.shape != (q.shape[0], centroids.shape[0]):
         raise ValueError(f"sampled must be (B, M) = {(q.shape[0], centroids.shape[0])}, "
                          f"got {tuple(sampled.shape)}")
-    centroids, temperatures = jax.lax.stop_gradient((centroids, temperatures))
     batch, num_protos = q.shape[0], centroids.shape[0]
-    logits = (q @ centroids.T) / temperatures[None, :]  # (B, M)
-    positive = labels[:, None] == jnp.arange(num_protos)[None, :]
-    pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    positive = _positive_one_hot(labels, num_protos)
     if semantics == "paper":
         weight = (positive | (sampled & ~positive)).astype(jnp.float32)
     else:
@@ -196,7 +202,7 @@ def pcl_proto_nce(q, centroids, temperatures, labels, sampled, semantics="paper"
 
 
 def proto_candidates(labels, valid, semantics="paper", group_size=None):
-    """Candidate negative prototypes of each query (spec §3). labels (B,), valid (M,) -> (B, M).
+    """Candidate negative prototypes of each query (docs/method.md §3). labels (B,), valid (M,) -> (B, M).
 
     "paper": every valid prototype but the query's own positive. "official": additionally drops
     the positives of all queries in the same group of `group_size` consecutive samples (the
@@ -204,7 +210,7 @@ def proto_candidates(labels, valid, semantics="paper", group_size=None):
     """
     check_semantics(semantics)
     num_protos = valid.shape[0]
-    positive = labels[:, None] == jnp.arange(num_protos)[None, :]  # (B, M)
+    positive = _positive_one_hot(labels, num_protos)
     candidates = valid[None, :] & ~positive
     if semantics == "paper":
         return candidates

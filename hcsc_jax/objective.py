@@ -1,4 +1,4 @@
-"""The whole HCSC objective for one batch (spec §2-§5), and the epoch's prototypes on device.
+"""The whole HCSC objective for one batch (docs/method.md §2-§5), and the epoch's prototypes on device.
 
 `Prototypes` holds one tuple entry per hierarchy level, so every level keeps its own static
 shape (M_l) and a new epoch's prototypes never trigger a recompilation. `hcsc_objective`
@@ -94,12 +94,12 @@ def queue_log_normalizers(queue, prototypes: Prototypes):
 class ObjectiveConfig:
     """Static switches of the objective. MoCo v2 and PCL-like baselines are settings of these.
 
-    semantics: "paper" | "official" (spec §4, §5); positive: "assignment" (k-means assignment
+    semantics: "paper" | "official" (docs/method.md §4, §5); positive: "assignment" (k-means assignment
     of the epoch, the authors' code) | "nearest" (argmax_c q.c/phi_c, the paper);
     temperature: instance temperature T; group_size: group whose positives are removed from
     the prototype candidates in "official" mode; sampler: see `selection.bernoulli_mask`;
     selection_on_local: multi-crop local views use the global query's instance masks (one
-    InfoNCE per level and view) instead of one plain InfoNCE per view (spec §6);
+    InfoNCE per level and view) instead of one plain InfoNCE per view (docs/method.md §6);
     proto_negatives: PCL's r, 0 = every candidate prototype is a negative (HCSC). r > 0 replaces
     the prototype term by PCL's ProtoNCE against r randomly sampled negative prototypes per
     level (`losses.sample_negative_prototypes`, `losses.pcl_proto_nce`; "official" = PCL's
@@ -153,7 +153,7 @@ def positive_prototypes(q, prototypes: Prototypes, labels, positive: str) -> lis
 
 
 def instance_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
-    """ICSC keep masks of one batch (spec §2), drawn once per step for the global query.
+    """ICSC keep masks of one batch (docs/method.md §2), drawn once per step for the global query.
 
     queue (K, d); positives: L arrays (B,); rng the objective's jax.random key; queue_lse (L, K)
     or None. Returns L masks (B, K) bool, or None when instance selection is off.
@@ -176,7 +176,7 @@ def instance_masks(queue, prototypes: Prototypes, positives, rng, cfg: Objective
 
 
 def prototype_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, num_views: int = 1):
-    """PCSC keep masks (spec §3) of `num_views` views, drawn independently from one set of
+    """PCSC keep masks (docs/method.md §3) of `num_views` views, drawn independently from one set of
     probabilities (the positives are the global query's, so the probabilities are shared).
 
     positives: L arrays (B,); rng the objective's jax.random key. View 0 is the global query;
@@ -218,19 +218,6 @@ def _instance_term(q, k, queue, keep, cfg: ObjectiveConfig):
     return (loss.sum() if cfg.semantics == "official" else loss.mean()), loss, acc
 
 
-def _proto_term(q, prototypes: Prototypes, positives, keep, candidates, cfg: ObjectiveConfig):
-    """PCSC of q (B, d) at every level; keep, candidates: L entries (B, M_l).
-    Returns (mean over levels, L losses, L accuracies)."""
-    p = prototypes
-    level_losses, accs = zip(*(
-        losses.proto_nce(
-            q, p.centroids[l], p.temperatures[l], positives[l], keep[l], cfg.semantics, candidates[l]
-        )
-        for l in range(p.num_levels)
-    ))
-    return jnp.mean(jnp.stack(level_losses)), level_losses, accs
-
-
 def pcl_negative_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, view: int = 0):
     """PCL's sampled negative prototypes (cfg.proto_negatives per level) of one view: L masks
     (B, M_l) bool (`losses.sample_negative_prototypes`). rng: the objective's key; view 0 is the
@@ -245,15 +232,21 @@ def pcl_negative_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveCon
     ]
 
 
-def _pcl_proto_term(q, prototypes: Prototypes, positives, sampled, cfg: ObjectiveConfig):
-    """PCL's ProtoNCE of q (B, d) at every level (clustering) against the `sampled` negatives
-    (L masks). Returns (mean over levels, L losses, L accuracies)."""
+def _proto_term(q, prototypes: Prototypes, positives, masks, candidates, cfg: ObjectiveConfig):
+    """The prototype term of q (B, d): the mean over levels of PCSC (`losses.proto_nce`, masks:
+    the L keep masks of `prototype_masks`, candidates: L entries (B, M_l)) or, when
+    cfg.proto_negatives, of PCL's ProtoNCE (`losses.pcl_proto_nce`, masks: the L sampled
+    negatives of `pcl_negative_masks`, candidates unused).
+    Returns (mean over levels, L losses, L accuracies)."""
     p = prototypes
-    level_losses, accs = zip(*(
-        losses.pcl_proto_nce(q, p.centroids[l], p.temperatures[l], positives[l], sampled[l], cfg.semantics,
-                             cfg.group_size)
-        for l in range(p.num_levels)
-    ))
+
+    def level(l):
+        args = (q, p.centroids[l], p.temperatures[l], positives[l], masks[l], cfg.semantics)
+        if cfg.proto_negatives:
+            return losses.pcl_proto_nce(*args, cfg.group_size)
+        return losses.proto_nce(*args, candidates[l])
+
+    level_losses, accs = zip(*(level(l) for l in range(p.num_levels)))
     return jnp.mean(jnp.stack(level_losses)), level_losses, accs
 
 
@@ -275,7 +268,7 @@ def hcsc_objective(
     jax.random key; queue_lse (L, K) optional `queue_log_normalizers(queue, prototypes)` cache;
     local_q: V arrays (B, d), the L2-normalized query embeddings of V local (multi-crop) views.
 
-    Each local view adds (spec §6) an InfoNCE term against k and the queue (with the global
+    Each local view adds (docs/method.md §6) an InfoNCE term against k and the queue (with the global
     query's per-level instance masks, reduced over levels like the global term, when
     cfg.selection_on_local; else plain) and a PCSC term with the global query's positives and
     candidates and fresh selection masks (`prototype_masks`); local terms are summed over views.
@@ -332,34 +325,26 @@ def hcsc_objective(
             )
             terms.append(metrics["loss_local_instance"])
 
-    if cfg.proto_loss and cfg.proto_negatives:  # PCL: r sampled negatives, no selection
-        sampled = pcl_negative_masks(p, positives, rng, cfg)
-        metrics["loss_proto"], level_losses, accs = _pcl_proto_term(q, p, positives, sampled, cfg)
+    if cfg.proto_loss:
+        if cfg.proto_negatives:  # PCL: r sampled negatives per view, no selection
+            masks = [pcl_negative_masks(p, positives, rng, cfg, v) for v in range(1 + len(local_q))]
+            candidates = None
+        else:
+            masks = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
+            candidates = [
+                losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
+                for l in range(num_levels)
+            ]
+        metrics["loss_proto"], level_losses, accs = _proto_term(q, p, positives, masks[0], candidates, cfg)
         for l in range(num_levels):
-            metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = level_losses[l], accs[l]
-        terms.append(metrics["loss_proto"])
-        if local_q:
-            metrics["loss_local_proto"] = sum(
-                _pcl_proto_term(x, p, positives, pcl_negative_masks(p, positives, rng, cfg, v + 1), cfg)[0]
-                for v, x in enumerate(local_q)
-            )
-            terms.append(metrics["loss_local_proto"])
-    elif cfg.proto_loss:
-        keeps = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
-        candidates = [
-            losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
-            for l in range(num_levels)
-        ]
-        metrics["loss_proto"], level_losses, accs = _proto_term(q, p, positives, keeps[0], candidates, cfg)
-        for l in range(num_levels):
-            if keeps[0][l] is not None:
-                kept = (keeps[0][l] & candidates[l]).sum(dtype=jnp.float32)
+            if candidates is not None and masks[0][l] is not None:
+                kept = (masks[0][l] & candidates[l]).sum(dtype=jnp.float32)
                 metrics[f"proto_keep/{l}"] = kept / jnp.maximum(candidates[l].sum(dtype=jnp.float32), 1.0)
             metrics[f"proto_loss/{l}"], metrics[f"proto_acc/{l}"] = level_losses[l], accs[l]
         terms.append(metrics["loss_proto"])
         if local_q:
             metrics["loss_local_proto"] = sum(
-                _proto_term(x, p, positives, keep, candidates, cfg)[0] for x, keep in zip(local_q, keeps[1:])
+                _proto_term(x, p, positives, m, candidates, cfg)[0] for x, m in zip(local_q, masks[1:])
             )
             terms.append(metrics["loss_local_proto"])
 

@@ -1,6 +1,6 @@
 """Pair selection of HCSC: which negatives each query is contrasted with.
 
-Spec §2 (instance-wise, ICSC) and §3 (prototypical, PCSC). Everything here is a pure,
+docs/method.md §2 (instance-wise, ICSC) and §3 (prototypical, PCSC). Everything here is a pure,
 jittable function of fixed-shape arrays; prototypes that do not exist this epoch (empty
 clusters) are masked out through a boolean `valid` vector instead of being removed.
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Clamps of the authors' code (spec §2, §3).
+# Clamps of the authors' code (docs/method.md §2, §3).
 MIN_INSTANCE_PHI = 1e-3
 MAX_INSTANCE_PROB = 0.999
 PROTO_PROB_RANGE = (1e-4, 0.999)
@@ -43,7 +43,7 @@ def similarity_logits(x, centroids, temperatures, valid):
 
 
 def queue_log_normalizer(queue, centroids, temperatures, valid=None):
-    """Log-partition of each queue entry over a level's prototypes (spec §2 denominator).
+    """Log-partition of each queue entry over a level's prototypes (docs/method.md §2 denominator).
 
     queue (K, d), centroids (M, d), temperatures (M,), valid (M,) bool or None -> (K,) float32:
     log sum_{c valid} exp(Q_j . c / max(phi_c, 1e-3)).
@@ -54,7 +54,7 @@ def queue_log_normalizer(queue, centroids, temperatures, valid=None):
 
 
 def instance_selection_probs(queue, centroids, temperatures, labels, valid=None, queue_lse=None):
-    """ICSC keep probability of every queue entry for every query (spec §2, eq. 4).
+    """ICSC keep probability of every queue entry for every query (docs/method.md §2, Eq. (4)).
 
     p[i, j] = 1 - softmax_c(Q_j . c / phi_c)[labels[i]], softmax over the valid prototypes, phi
     clamped to >= 1e-3, p clamped to [0, 0.999].
@@ -79,7 +79,7 @@ def instance_selection_probs(queue, centroids, temperatures, labels, valid=None,
 
 
 def prototype_selection_table(centroids, upper_centroids, upper_temperatures, upper_valid=None):
-    """softmax over the upper level of c_j . u / phi_u, for every prototype c_j (spec §3, eq. 7).
+    """softmax over the upper level of c_j . u / phi_u, for every prototype c_j (docs/method.md §3, Eq. (7)).
 
     centroids (M_l, d), upper_centroids (M_{l+1}, d), upper_temperatures (M_{l+1},),
     upper_valid (M_{l+1},) bool or None -> (M_l, M_{l+1}) float32, rows sum to 1.
@@ -91,7 +91,7 @@ def prototype_selection_table(centroids, upper_centroids, upper_temperatures, up
 def prototype_selection_probs(
     centroids, upper_centroids, upper_temperatures, parents, labels, upper_valid=None, table=None
 ):
-    """PCSC keep probability of every level-l prototype for every query (spec §3, eq. 7).
+    """PCSC keep probability of every level-l prototype for every query (docs/method.md §3, Eq. (7)).
 
     p[i, j] = 1 - table[j, parents[labels[i]]], clamped to [1e-4, 0.999]. `table` is
     `prototype_selection_table(centroids, upper_centroids, upper_temperatures, upper_valid)`;

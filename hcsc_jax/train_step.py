@@ -1,4 +1,4 @@
-"""MoCo-style train state and the jitted HCSC train step (spec §6).
+"""MoCo-style train state and the jitted HCSC train step (docs/method.md §6).
 
 The state is one pytree: query and key encoder parameters and BN statistics, optimizer state,
 the queue of keys (K, d) with its pointer, the ICSC normalizer cache (L, K), step and rng.
@@ -50,7 +50,7 @@ class TrainState:
 class StepConfig:
     """Static settings of a step (hashable). BN groups are a property of the model
     (`make_encoder(bn_group_size=...)`). `view_local`: the multi-crop local views (query
-    encoder only, spec §6); local views of one crop size go through the encoder as one batch."""
+    encoder only, docs/method.md §6); local views of one crop size go through the encoder as one batch."""
 
     objective: objective.ObjectiveConfig
     view_q: augmentations.AugmentConfig
@@ -168,7 +168,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     x_q, x_k, x_local = make_views(key_q, key_k, images, cfg)
     batch = x_q.shape[0]
 
-    # Momentum update of the key encoder, before the keys are computed (spec §6).
+    # Momentum update of the key encoder, before the keys are computed (docs/method.md §6).
     m = cfg.ema_momentum
     k_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.k_params, state.q_params)
     if cfg.shuffle_bn:
@@ -191,7 +191,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     updates, opt_state = tx.update(grads, state.opt_state, state.q_params)
     q_params = optax.apply_updates(state.q_params, updates)
 
-    # Enqueue after the loss (spec §6); keep the ICSC cache in step with the queue.
+    # Enqueue after the loss (docs/method.md §6); keep the ICSC cache in step with the queue.
     new_lse = state.queue_lse
     if prototypes is not None:
         new_lse = jax.lax.dynamic_update_slice(

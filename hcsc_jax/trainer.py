@@ -108,12 +108,13 @@ def uses_prototypes(config, epoch: int) -> bool:
 
 def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) -> clustering.Hierarchy:
     """Hierarchy of the projections; level sizes from the config unless given. Backend
-    `config.clustering.backend`: "faiss" runs on process 0 and the result is broadcast; "jax"
-    runs on the devices of `mesh`, every process taking part. Every process gets the same
+    `config.clustering.backend` (resolved by `clustering.resolve_backend`): "faiss" runs on
+    process 0 and the result is broadcast; "jax" runs on the devices of `mesh`, every process
+    taking part. Every process gets the same
     hierarchy. `clustering.mode` ("hierarchical" or PCL's "independent") applies to the training
     clusterings; the evaluation's (`num_clusters` given) is always hierarchical."""
     c = config.clustering
-    backend = c.backend
+    backend = clustering.resolve_backend(c.backend)
     kmeans = functools.partial(
         clustering.hierarchical_kmeans, np.ascontiguousarray(proj, np.float32),
         list(num_clusters or c.num_clusters), temperature=c.temperature, niter=c.niter, nredo=c.nredo,

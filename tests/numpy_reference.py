@@ -1,5 +1,5 @@
 """Independent NumPy (float64, loop-based) reference of the HCSC objective, written from
-../shared/HCSC_SPEC.md §2-§5 and nothing else. Deliberately slow and literal."""
+docs/method.md §2-§5 and nothing else. Deliberately slow and literal."""
 
 import numpy as np
 
@@ -17,7 +17,7 @@ def log_softmax_at(logits, index):
 
 
 def instance_probs(queue, centroids, phi, labels, valid):
-    """Spec §2: p[i, j] = 1 - softmax_c(Q_j.c/phi_c)[c(i)], phi >= 1e-3, p in [0, 0.999]."""
+    """docs/method.md §2: p[i, j] = 1 - softmax_c(Q_j.c/phi_c)[c(i)], phi >= 1e-3, p in [0, 0.999]."""
     phi = np.maximum(phi, 1e-3)
     members = np.flatnonzero(valid)
     p = np.zeros((len(labels), len(queue)))
@@ -29,7 +29,7 @@ def instance_probs(queue, centroids, phi, labels, valid):
 
 
 def proto_probs(centroids, upper, upper_phi, parents, labels, upper_valid):
-    """Spec §3: p[i, j] = 1 - softmax_u(c_j.u/phi_u)[parent(c(i))], p in [1e-4, 0.999]."""
+    """docs/method.md §3: p[i, j] = 1 - softmax_u(c_j.u/phi_u)[parent(c(i))], p in [1e-4, 0.999]."""
     members = list(np.flatnonzero(upper_valid))
     p = np.zeros((len(labels), len(centroids)))
     for i, label in enumerate(labels):
@@ -46,7 +46,7 @@ def _ce(pos, negs_kept, n_zero):
 
 
 def info_nce(q, k, queue, keep, temperature, semantics):
-    """Spec §2/§4 for one mask (B, K) (None = all kept): mean loss and accuracy."""
+    """docs/method.md §2/§4 for one mask (B, K) (None = all kept): mean loss and accuracy."""
     out = []
     for i in range(len(q)):
         pos = q[i] @ k[i] / temperature
@@ -62,7 +62,7 @@ def info_nce(q, k, queue, keep, temperature, semantics):
 
 
 def proto_nce(q, centroids, phi, labels, keep, valid, semantics, group_size):
-    """Spec §3/§4: candidates = valid prototypes but the positive ("paper") or but every
+    """docs/method.md §3/§4: candidates = valid prototypes but the positive ("paper") or but every
     positive of the query's group ("official"); unselected dropped or zero logits."""
     out = []
     for i in range(len(q)):
@@ -85,7 +85,7 @@ def proto_nce(q, centroids, phi, labels, keep, valid, semantics, group_size):
 
 
 def hcsc_loss(q, k, queue, levels, labels, inst_keep, proto_keep, temperature, semantics, group_size):
-    """Spec §5. levels: list of dicts (centroids, phi, valid); inst_keep[l] (B, K);
+    """docs/method.md §5. levels: list of dicts (centroids, phi, valid); inst_keep[l] (B, K);
     proto_keep[l] (B, M_l) or None (top level: all candidates)."""
     inst = [info_nce(q, k, queue, inst_keep[l], temperature, semantics)[0] for l in range(len(levels))]
     proto = [
@@ -99,10 +99,10 @@ def hcsc_loss(q, k, queue, levels, labels, inst_keep, proto_keep, temperature, s
 
 def local_terms(local_q, k, queue, levels, labels, inst_keep, local_proto_keep, temperature, semantics,
                 group_size, selection_on_local):
-    """Spec §6 multi-crop: the summed local (instance, prototype) terms of V views.
+    """docs/method.md §6 multi-crop: the summed local (instance, prototype) terms of V views.
 
     local_q: V arrays (B, d); inst_keep[l] (B, K): the global query's masks, used by every view
-    when selection_on_local (one InfoNCE per level, reduced over levels as spec §5), else one
+    when selection_on_local (one InfoNCE per level, reduced over levels as docs/method.md §5), else one
     plain InfoNCE per view; local_proto_keep[v][l] (B, M_l) or None: view v's own PCSC masks;
     positives labels[:, l] are the global query's. PCSC is the mean over levels per view."""
     inst, proto = 0.0, 0.0

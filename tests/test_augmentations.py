@@ -1,5 +1,5 @@
 """MoCo v2 augmentation: statistics of each random op, exact values against hand/NumPy/SciPy
-references, and per-example determinism (spec §6).
+references, and per-example determinism (docs/method.md §6).
 
 Compiles are the cost here, so each jitted configuration is built once (module fixtures)
 and serves several checks.
@@ -336,7 +336,7 @@ def test_per_example_determinism_and_independence(batch16):
 
 
 def test_sharded_batch_gives_identical_bits(batch16):
-    # One device or eight (2 examples each) must give the same views to the last bit (spec §6:
+    # One device or eight (2 examples each) must give the same views to the last bit (docs/method.md §6:
     # results independent of the device count); jnp.mean in contrast did not.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from test_clustering import BLOB_MEANS, BLOB_SIZES, blob_to_cluster
 
-from hcsc_jax.clustering import _split_empty, concentration, hierarchical_kmeans
+from hcsc_jax.clustering import concentration, hierarchical_kmeans, resolve_backend
+from hcsc_jax.clustering.jax_backend import _split_empty
 from hcsc_jax.evaluators.cluster import nmi
 
 T = 0.2
@@ -182,5 +183,27 @@ def test_split_empty_copies_and_perturbs_the_donor():
 
 def test_bad_backend_raises():
     x, _ = mixture(100, 4, 3, seed=0)
-    with pytest.raises(ValueError, match=r"backend must be one of \('faiss', 'jax'\), got 'torch'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'faiss', 'jax'\), got 'torch'"):
         hierarchical_kmeans(x, [3], backend="torch")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'faiss', 'jax'\), got 'gpu'"):
+        resolve_backend("gpu")
+
+
+@pytest.mark.parametrize("platform, want", [("gpu", "jax"), ("tpu", "jax"), ("cpu", "faiss")])
+def test_auto_backend_follows_the_platform(monkeypatch, platform, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert resolve_backend("auto") == want
+    assert resolve_backend("faiss") == "faiss" and resolve_backend("jax") == "jax"
+
+
+def test_hierarchical_kmeans_resolves_auto(monkeypatch):
+    """"auto" runs the backend it resolves to: here the jax k-means with accelerators, faiss without
+    (the two differ in the last float32 bits, so the results tell them apart)."""
+    x, _ = mixture(300, 8, 6, seed=2)
+    kw = dict(niter=5, nredo=1, seed=1)
+    jax_h, faiss_h = (hierarchical_kmeans(x, [6, 2], backend=b, **kw) for b in ("jax", "faiss"))
+    a_jax, a_faiss = jax_h.to_arrays(), faiss_h.to_arrays()
+    assert any(a_jax[key].tobytes() != a_faiss[key].tobytes() for key in a_jax)
+    for platform, want in (("gpu", jax_h), ("cpu", faiss_h)):
+        monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
+        assert_same(hierarchical_kmeans(x, [6, 2], backend="auto", **kw), want)

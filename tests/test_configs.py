@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from hcsc_jax import train_step, trainer
+from hcsc_jax import clustering, train_step, trainer
 
 ROOT = pathlib.Path(__file__).parent.parent
 MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py")
@@ -57,11 +57,17 @@ def test_config_views_build(name, variant):
     assert q.crop_size == k.crop_size == c.image_size and q.random_crop
     assert [v.crop_size for v in local] == [size for size, _ in c.augment.local_views]
     assert len(trainer.host_crops(c)) == 2 + len(c.augment.local_views)
-    assert c.input.pipeline in ("memory", "stream") and c.clustering.backend in ("faiss", "jax")
+    assert c.input.pipeline in ("memory", "stream") and c.clustering.backend in clustering.BACKENDS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_training_configs_cluster_where_the_compute_is(name):
+    """Every training config leaves the k-means backend to "auto" (jax with accelerators)."""
+    assert load(name).clustering.backend == "auto"
 
 
 def test_imagenet_configs_hold_the_published_settings():
-    """Spec §6 and §1: the settings behind the paper's 200-epoch ImageNet numbers."""
+    """docs/method.md §6 and §1: the settings behind the paper's 200-epoch ImageNet numbers."""
     from configs import imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep
 
     for c in (imagenet_hcsc_200ep.get_config(), imagenet_hcsc_multicrop_200ep.get_config()):

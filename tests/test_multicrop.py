@@ -1,4 +1,4 @@
-"""Multi-crop local views in the objective (spec §6): reference equality, fresh PCSC masks,
+"""Multi-crop local views in the objective (docs/method.md §6): reference equality, fresh PCSC masks,
 selection_on_local, warm-up, gradients, and nothing changes without local views."""
 
 import jax

@@ -1,4 +1,4 @@
-"""The assembled HCSC objective (spec §5): reference equality, switches, caching, sharding."""
+"""The assembled HCSC objective (docs/method.md §5): reference equality, switches, caching, sharding."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests for hcsc_jax.train_step (spec §6): 1 vs 8 devices, ShuffleBN, EMA, queue, warm-up switch,
+"""Tests for hcsc_jax.train_step (docs/method.md §6): 1 vs 8 devices, ShuffleBN, EMA, queue, warm-up switch,
 batch-config errors, optimizer.
 
 One tiny configuration (resnet18 at width 1/16 with a small stem, 16x16x3 images, global batch 64,

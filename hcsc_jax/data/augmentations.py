@@ -1,4 +1,4 @@
-"""MoCo v2 augmentation on the device: batched, jittable, static shapes (HCSC spec §6).
+"""MoCo v2 augmentation on the device: batched, jittable, static shapes (docs/method.md §6).
 
 `augment(key, images, cfg)` maps a (B, H, W, C) uint8 batch to (B, crop, crop, C) float32,
 normalized, applying per example and in this order (torchvision semantics, float images in

@@ -1,4 +1,4 @@
-"""Evaluation protocols of a frozen encoder, one module each (spec §7).
+"""Evaluation protocols of a frozen encoder, one module each (docs/method.md §7).
 
 | module | protocol |
 | --- | --- |

@@ -1,4 +1,4 @@
-"""k-means of frozen features against the labels (spec §7): NMI and AMI for each k.
+"""k-means of frozen features against the labels (docs/method.md §7): NMI and AMI for each k.
 
 faiss k-means on the L2-normalized pooled features of the training split (ImageNet: k = 1000 and
 25000). At that scale faiss trains on `max_points_per_centroid` x k sampled points (its default

@@ -1,4 +1,4 @@
-"""Linear classification on a frozen encoder (the authors' eval_lincls_imagenet.py, spec §7).
+"""Linear classification on a frozen encoder (the authors' eval_lincls_imagenet.py, docs/method.md §7).
 
 `run` is the protocol: the encoder in inference mode, RandomResizedCrop(image_size, scale
 0.08-1) + flip of the training split (crops on the hosts when streamed, on the devices when

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning on 1% / 10% of the labels (the authors' eval_semisup.py, spec §7).
+"""Semi-supervised fine-tuning on 1% / 10% of the labels (the authors' eval_semisup.py, docs/method.md §7).
 
 The labelled subset is either a split file (`cfg.split_file`: the authors' / SimCLR's
 1percent.txt or 10percent.txt, one training file name per line such as n01440764_10026.JPEG,

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007 classification with linear SVMs on frozen features (transfer, spec §7).
+"""PASCAL VOC 2007 classification with linear SVMs on frozen features (transfer, docs/method.md §7).
 
 The protocol of PCL / HCSC's transfer table (Goyal et al.'s benchmark): L2-normalized pooled
 center-crop features of VOC07 trainval and test; for each of the 20 classes a linear SVM
