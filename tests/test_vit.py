@@ -328,3 +328,9 @@ def test_cli_import_then_export_end_to_end(tmp_path, capsys):
         if k != "pos_embed":
             np.testing.assert_array_equal(sd[k].numpy(), ref[k], err_msg=k)
     assert os.path.isdir(out)
+    # A standard width needs no --arch (vit_t16 by its 192 dims), as a released MoCo v3 file.
+    std = _torch_vit(dim=192, heads=3, patch=16, size=32)
+    torch.save({"state_dict": {f"module.base_encoder.{k}": v for k, v in std.state_dict().items()}},
+               tmp_path / "vit-t-300ep.pth.tar")
+    assert convert.main(["import-torch", str(tmp_path / "vit-t-300ep.pth.tar"), str(tmp_path / "std")]) == 0
+    assert "'arch': 'vit_t16'" in capsys.readouterr().out
