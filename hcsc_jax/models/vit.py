@@ -95,6 +95,19 @@ class PatchEmbed(nnx.Module):
         return self.proj(x)
 
 
+def attention(q, k, v):
+    """Softmax attention of (B, T, heads, head_dim) arrays via ``jax.nn.dot_product_attention``:
+    cuDNN's fused kernel on a GPU for 16-bit inputs (which it requires), when it takes the shapes
+    (it refuses some at trace time: then XLA's); XLA's otherwise. (The cuDNN path has not been run
+    on a GPU by this project's tests, which run on CPUs.)"""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention: one qkv projection ([q | k | v], heads contiguous, as timm)."""
 
@@ -106,7 +119,7 @@ class Attention(nnx.Module):
     def __call__(self, x):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.proj(out.reshape(b, t, d))
 
 
