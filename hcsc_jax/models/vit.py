@@ -172,8 +172,7 @@ class VisionTransformer(nnx.Module):
                  in_channels: int = 3, pos_embed: str = "sincos", image_size: int | None = None,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         check_dims(dim, num_heads, pos_embed)
-        if image_size is not None:
-            check_image_size(image_size, patch_size)
+        grid = None if image_size is None else check_image_size(image_size, patch_size)
         self.patch_size = patch_size
         self.image_size = image_size
         self.num_features = dim
@@ -182,9 +181,8 @@ class VisionTransformer(nnx.Module):
         self.patch_embed = PatchEmbed(in_channels, dim, patch_size, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, dim), jnp.float32))
         if pos_embed == "learn":
-            if image_size is None:
+            if grid is None:
                 raise ValueError("a learned position embedding needs the image size (model.image_size)")
-            grid = check_image_size(image_size, patch_size)
             init = nnx.initializers.truncated_normal(0.02)
             self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + grid * grid, dim), jnp.float32))
         self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
