@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from configs import digits, eval_imagenet, imagenet_hcsc_vit_s16
-from hcsc_jax import models, objective, sharding, trainer
+from hcsc_jax import models, objective, resume, sharding, trainer
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.evaluators import cluster, common, knn, linear, semisup, voc
@@ -233,6 +233,13 @@ def test_imagenet_vit_s16_runlocal_trains_and_transfers_to_voc(tmp_path_factory)
     cfg.voc.dataset = "tfds:hcsc_tiny_voc"
     res, _ = voc.run(common.from_checkpoint(cfg, str(root / "run"), None, sharding.make_mesh()), cfg.voc)
     assert len(res["ap"]) == 20
+
+
+def test_runs_started_before_the_optimizer_fields_still_resume():
+    new = json.loads(digits.get_config().to_json())
+    old = {k: v for k, v in new.items() if k not in resume.ADDED_FIELDS}
+    assert resume.changed_fields(old, new) == []
+    assert resume.changed_fields(old, dict(new, optimizer="adamw")) == ["optimizer"]
 
 
 def test_imagenet_vit_config_holds_moco_v3_settings():
