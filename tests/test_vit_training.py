@@ -9,6 +9,8 @@ gradient clipping, no ShuffleBN; its weights are filled from NumPy (no initializ
 
 import json
 import os
+import subprocess
+import sys
 
 import imagenet_like
 import jax
@@ -22,8 +24,9 @@ from configs import digits, eval_imagenet, imagenet_hcsc_vit_s16
 from hcsc_jax import models, objective, resume, sharding, trainer
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augmentations, pipeline
-from hcsc_jax.evaluators import cluster, common, knn, linear, semisup, voc
+from hcsc_jax.evaluators import cluster, common, knn, semisup, voc
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, K, N, HW, D, G = 32, 64, 64, 16, 16, 4
 LEVELS = (8, 4)
 # 1 vs 8 devices: the per-device batch differs (32 vs 4), so XLA may order the reductions (the
@@ -193,8 +196,9 @@ def test_shuffle_bn_for_a_vit_stops_before_anything_is_written(tmp_path):
 
 
 def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
-    """`python train.py --config configs/digits.py:vit,runlocal` (README), then kNN, linear,
-    semi-supervised and cluster (eval_digits.py:runlocal protocols) on its ViT."""
+    """`python train.py --config configs/digits.py:vit,runlocal` (README), then the README's
+    `python eval.py --config=configs/eval_digits.py:runlocal --mode=linear --checkpoint=RUN` and
+    kNN, semi-supervised and cluster (eval_digits.py:runlocal protocols) on its ViT."""
     from configs import eval_digits
 
     c = digits.get_config("vit,runlocal")
@@ -207,13 +211,20 @@ def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
     assert "loss_proto" in [r for r in records if r.get("type") == "epoch"][-1]
     assert [r["epoch"] for r in records if r.get("type") == "eval"] == [1, 2]
     assert 0 <= summary["knn_top1"] <= 1 and summary["num_clusters"] == [20, 10]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "eval.py", "--config=configs/eval_digits.py:runlocal", "--mode=linear",
+           f"--checkpoint={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "eval" / f"linear_step{summary['step']}.json") as f:
+        res = json.load(f)
+    assert res["model"]["arch"] == "vit_t4" and 0 <= res["top1"] <= 100
     cfg = eval_digits.get_config("runlocal")
     cfg.update(progress_bar=False, embed_batch=256)
     ctx = common.from_checkpoint(cfg, str(tmp_path), None, sharding.make_mesh())
     assert ctx.feature_dim() == 48 and ctx.encoder.meta["model"]["arch"] == "vit_t4"
     cfg.semisup.update(fraction=0.1, batch_size=128)
-    protocols = (("knn", knn.run), ("linear", linear.run), ("semisup", semisup.run), ("cluster", cluster.run))
-    for name, fn in protocols:
+    for name, fn in (("knn", knn.run), ("semisup", semisup.run), ("cluster", cluster.run)):
         res, line = fn(ctx, cfg[name])
         assert line and res, name
 
