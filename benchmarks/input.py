@@ -1,40 +1,50 @@
-"""Times the streaming input path: host decode + random-resized crops, and device augmentation.
+"""Host input rate: the loader's worker processes against a PyTorch-DataLoader-like reference.
 
 Writes --num_images JPEGs (ImageNet-like 500x375, quality 90) as an image folder in a temporary
-directory, then measures images/s of `TrainStream` (decode once, crop every view, batch) with
-1 worker and with all cores, and the jitted on-device `augment` of a (256, 224, 224, 3) batch.
-"Per core" rates divide by the CPU time the process used (all threads), not by wall time x cores,
-so they hold on a machine shared with other jobs.
+directory, then, for 1, 2, 4, ... worker processes up to all cores:
 
-  PYTHONPATH=. python benchmarks/input.py              # 2 x 224 views per image (MoCo v2)
-  PYTHONPATH=. python benchmarks/input.py --multicrop  # 2 x 224 + 192/160/128/96 (HCSC multi-crop)
+- "stream": `data.loader.train_batches` (decode with libjpeg-turbo, two random-resized 224
+  crops per image, batches in shared memory), the whole epoch's wall time after the workers
+  started (their start-up is printed apart);
+- "reference": the same images through a `multiprocessing.Pool` of as many processes, each
+  doing what a torchvision DataLoader worker does for MoCo v2's crops: Pillow decode + two
+  RandomResizedCrop(224) (Pillow crop + antialiased bilinear resize) + a random flip. It returns
+  a checksum, not the pixels (no transfer cost: this favors the reference).
+
+With --prepared it also times the same loader on a `python -m hcsc_jax.data.prepare` copy
+(longest side --max_side), and --device_batch > 0 times the on-device augmentation.
+
+  PYTHONPATH=. python benchmarks/input.py                    # all worker counts
+  PYTHONPATH=. python benchmarks/input.py --workers=1 --resampling=antialias --prepared
 """
 
 from __future__ import annotations
 
-import dataclasses
+import multiprocessing
 import os
 import platform
 import tempfile
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from hcsc_jax.data import augmentations
+from hcsc_jax.data import crops, loader
+from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.sources import open_source
-from hcsc_jax.data.stream import CropSpec, TrainStream
 
-flags.DEFINE_integer("num_images", 512, "JPEGs to generate")
+flags.DEFINE_integer("num_images", 768, "JPEGs to generate")
 flags.DEFINE_integer("width", 500, "image width")
 flags.DEFINE_integer("height", 375, "image height")
 flags.DEFINE_integer("quality", 90, "JPEG quality")
 flags.DEFINE_integer("batch", 64, "host batch (images per step)")
+flags.DEFINE_list("workers", [], "worker counts (default 1, 2, 4, ... up to all cores)")
+flags.DEFINE_enum("resampling", "linear", crops.RESAMPLING, "host crop filter")
 flags.DEFINE_bool("multicrop", False, "2 x 224 + 192/160/128/96 local views instead of 2 x 224")
-flags.DEFINE_integer("device_batch", 256, "views per on-device augment call")
-flags.DEFINE_integer("device_runs", 5, "timed augment calls (after 2 warm-up calls)")
+flags.DEFINE_bool("prepared", False, "also time a prepared copy (python -m hcsc_jax.data.prepare)")
+flags.DEFINE_integer("max_side", 256, "longest side of the prepared copy")
+flags.DEFINE_integer("device_batch", 0, "views per timed on-device augment call (0: skip)")
 FLAGS = flags.FLAGS
 
 GLOBAL = (CropSpec(224, (0.2, 1.0)),) * 2
@@ -53,75 +63,103 @@ def write_folder(root: str, n: int, height: int, width: int, quality: int):
         im.save(os.path.join(root, f"class{i % 4}", f"{i:06d}.jpg"), quality=quality)
 
 
-def images_per_s(source, crops, batch, workers) -> tuple[float, float]:
-    """(decoded images per wall second, per CPU second of this process) over one epoch, after
-    a warm-up epoch (file cache). CPU time counts every thread, so the second is the rate one
-    fully used core gives, also on a machine shared with other jobs."""
-    stream = TrainStream(source, crops, batch, 0, process_index=0, process_count=1,
-                         num_workers=workers)
-    for _ in stream.epoch(0):
-        pass
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in stream.epoch(1):
-        pass
-    n = stream.steps_per_epoch * batch
-    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+def stream_rate(source, views, batch, workers, resampling) -> tuple[float, float]:
+    """(images/s wall over one epoch after the workers started, start-up seconds)."""
+    spe = source.num_examples // batch
+    start = time.perf_counter()
+    it = loader.train_batches(source, views, batch, 0, spe, 0, 0, num_workers=workers, prefetch=2,
+                              resampling=resampling)
+    next(it)
+    first = time.perf_counter()
+    for _ in range(spe):
+        next(it)
+    rate = spe * batch / (time.perf_counter() - first)
+    it.close()
+    return rate, first - start
 
 
-def decode_per_s(source, n) -> float:
-    """Decoded images per CPU second, one thread."""
-    start = time.process_time()
-    for i in range(n):
-        source.load(i)
-    return n / (time.process_time() - start)
+def _reference_one(path: str) -> int:
+    """torchvision's MoCo v2 crops on a PIL image: decode, 2 x RandomResizedCrop(224) + flip."""
+    rng = np.random.default_rng(abs(hash(path)) % 2**32)
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        total = 0
+        for _ in range(2):
+            top, left, h, w = crops.crop_box(rng.random(crops.CROP_UNIFORMS), im.height, im.width,
+                                             (0.2, 1.0), (3 / 4, 4 / 3))
+            view = im.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR)
+            if rng.random() < 0.5:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            total += int(np.asarray(view)[0, 0, 0])
+    return total
 
 
-def augment_ms(cfg, images, runs) -> float:
+def reference_rate(paths: list[str], workers: int) -> float:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(_reference_one, paths[:workers * 4])  # warm: processes started, files cached
+        start = time.perf_counter()
+        pool.map(_reference_one, paths, chunksize=8)
+        return len(paths) / (time.perf_counter() - start)
+
+
+def augment_ms(batch: int) -> float:
+    import jax
+
+    from hcsc_jax.data import augmentations
+
+    cfg = augmentations.AugmentConfig(224, random_crop=False)
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), np.uint8))
     fn = jax.jit(augmentations.augment, static_argnums=2)
     for i in range(2):
         jax.block_until_ready(fn(jax.random.key(i), images, cfg))
     times = []
-    for i in range(runs):
+    for i in range(5):
         start = time.perf_counter()
         jax.block_until_ready(fn(jax.random.key(100 + i), images, cfg))
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
 
 
-def main(_):
+def main(argv):
+    del argv
     cores = len(os.sched_getaffinity(0))
-    crops = GLOBAL + (LOCAL if FLAGS.multicrop else ())
-    print(f"host: {platform.processor() or platform.machine()}, {cores} cores; jax {jax.__version__} "
-          f"on {jax.devices()[0].device_kind}")
-    print(f"{FLAGS.num_images} JPEGs {FLAGS.width}x{FLAGS.height} q{FLAGS.quality}; views per image: "
-          f"{' + '.join(str(c.size) for c in crops)}; host batch {FLAGS.batch}")
+    counts = [int(w) for w in FLAGS.workers] or sorted({2 ** k for k in range(cores.bit_length())
+                                                        if 2 ** k <= cores} | {cores})
+    views = GLOBAL + (LOCAL if FLAGS.multicrop else ())
+    print(f"host: {platform.processor() or platform.machine()}, {cores} cores; {FLAGS.num_images} JPEGs "
+          f"{FLAGS.width}x{FLAGS.height} q{FLAGS.quality}; views {' + '.join(str(c.size) for c in views)}; "
+          f"batch {FLAGS.batch}; resampling {FLAGS.resampling}; {time.strftime('%Y-%m-%d')}")
+    rows = []
     with tempfile.TemporaryDirectory() as root:
-        write_folder(root, FLAGS.num_images, FLAGS.height, FLAGS.width, FLAGS.quality)
-        source = open_source(f"folder:{root}", "train")
-        decode = decode_per_s(source, min(FLAGS.num_images, 128))
-        print(f"  decode only, 1 thread: {decode:7.1f} images per CPU-s")
-        per_core = {}
-        for workers in sorted({1, cores}):
-            rate, per_core[workers] = images_per_s(source, crops, FLAGS.batch, workers)
-            print(f"  stream, {workers:2d} worker(s): {rate:7.1f} images/s wall "
-                  f"({rate * len(crops):7.1f} views/s), {per_core[workers]:7.1f} images per CPU-s")
+        write_folder(os.path.join(root, "jpeg"), FLAGS.num_images, FLAGS.height, FLAGS.width, FLAGS.quality)
+        source = open_source(f"folder:{os.path.join(root, 'jpeg')}", "train")
+        for workers in counts:
+            rate, startup = stream_rate(source, views, FLAGS.batch, workers, FLAGS.resampling)
+            ref = reference_rate(list(source.paths), workers)
+            rows.append((workers, rate, ref))
+            print(f"stream, {workers} worker(s): {rate:.1f} images/s wall (start-up {startup:.1f} s); "
+                  f"reference: {ref:.1f} images/s wall; stream / reference {rate / ref:.2f}", flush=True)
+        if FLAGS.prepared:
+            from hcsc_jax.data import prepare
 
-    images = np.random.default_rng(0).integers(0, 256, (FLAGS.device_batch, 224, 224, 3), np.uint8)
-    images = jax.device_put(images)
-    rows = [("AugmentConfig(224)", augmentations.AugmentConfig(224))]
-    if "random_crop" in {f.name for f in dataclasses.fields(augmentations.AugmentConfig)}:
-        rows.append(("AugmentConfig(224, random_crop=False)",
-                     augmentations.AugmentConfig(224, random_crop=False)))
-    else:
-        print("  (AugmentConfig has no random_crop field yet: that row is skipped)")
-    for name, cfg in rows:
-        ms = augment_ms(cfg, images, FLAGS.device_runs)
-        print(f"  device augment {name}, {FLAGS.device_batch} views: {ms:8.1f} ms median "
-              f"({FLAGS.device_batch / ms * 1e3:8.1f} views/s)")
-    print("summary:")
-    for workers, rate in per_core.items():
-        print(f"  {workers} worker(s): {rate:.1f} images/s per core (per CPU-s) -> cores needed "
-              f"for 4,000 images/s: {4000 / rate:.1f}")
+            out = os.path.join(root, "prepared")
+            prepare.prepare(f"folder:{os.path.join(root, 'jpeg')}", "train", out, max_side=FLAGS.max_side,
+                            workers=max(1, cores - 1))
+            prepared = open_source(f"prepared:{out}", "train")
+            for workers in counts:
+                rate, _ = stream_rate(prepared, views, FLAGS.batch, workers, FLAGS.resampling)
+                print(f"prepared (max side {FLAGS.max_side}), {workers} worker(s): {rate:.1f} images/s wall",
+                      flush=True)
+    if FLAGS.device_batch:
+        ms = augment_ms(FLAGS.device_batch)
+        print(f"device augment (flip + photometric), {FLAGS.device_batch} views: {ms:.1f} ms "
+              f"({FLAGS.device_batch / ms * 1e3:.0f} views/s)")
+    one = rows[0][1] / rows[0][0]
+    print("summary: workers | stream images/s | scaling efficiency (rate / (workers x 1-worker rate)) | "
+          "reference images/s | stream / reference")
+    for workers, rate, ref in rows:
+        efficiency = rate / (workers * one)
+        print(f"  {workers:3d} | {rate:8.1f} | {efficiency:5.2f} | {ref:8.1f} | {rate / ref:5.2f}")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,14 @@ def get_config() -> ml_collections.ConfigDict:
         local_views=()))
 
     # Input. "memory": the dataset is decoded once and kept on the devices, every crop is taken
-    # there (digits, Fashion-MNIST, CIFAR). "stream": each process decodes its share of every
-    # batch and takes the random-resized crops on the host (`num_workers` threads, 0 = one per
-    # core, `prefetch` batches ahead); flip and photometric ops still run on the devices.
-    c.input = ml_collections.ConfigDict(dict(pipeline="memory", num_workers=0, prefetch=2))
+    # there (digits, Fashion-MNIST, CIFAR). "stream": each process's loader workers decode its
+    # share of every batch and take the random-resized crops on the host (`num_workers` worker
+    # processes: -1 = one per core but one, 0 = none, in the training process; each keeps
+    # `prefetch` batches ready); flip and photometric ops still run on the devices.
+    # `resampling` of the host crops: "linear" (OpenCV bilinear, fast) or "antialias" (Pillow, as
+    # torchvision); `bad_images`: "skip" (warn, use the next readable image) or "error" (stop).
+    c.input = ml_collections.ConfigDict(dict(pipeline="memory", num_workers=-1, prefetch=2,
+                                             resampling="linear", bad_images="skip"))
 
     # Final evaluation: kNN on `eval_split`, NMI of a hierarchy with these level sizes.
     c.eval = ml_collections.ConfigDict(dict(knn_k=20, knn_temperature=0.07, num_clusters=(1000,)))

@@ -24,7 +24,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # Data: None = taken from <checkpoint>/config.json (dataset, splits, image_size, augment.mean/std,
-    # input.pipeline / num_workers / prefetch).
+    # input.pipeline / num_workers / prefetch / bad_images).
     c.dataset = config_dict.placeholder(str)
     c.data_dir = config_dict.placeholder(str)
     c.train_split = config_dict.placeholder(str)
@@ -35,6 +35,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.pipeline = config_dict.placeholder(str)  # "memory" or "stream"
     c.num_workers = config_dict.placeholder(int)
     c.prefetch = config_dict.placeholder(int)
+    c.bad_images = config_dict.placeholder(str)  # "skip" or "error"
     c.expect_arch = config_dict.placeholder(str)  # e.g. "resnet50": refuse other checkpoints
     c.embed_batch = 256
     c.progress_bar = True

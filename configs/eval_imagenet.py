@@ -10,7 +10,8 @@
 Data: a prepared TFDS imagenet2012 (ArrayRecord) in --config.data_dir, or an image folder
 (`--config.dataset=folder:/data/imagenet --config.eval_split=val`). `split_dir` holds the
 authors' 1percent.txt / 10percent.txt (github.com/gyfastas/HCSC, the SimCLR subsets).
-Streamed input: each host decodes its share; `num_workers` threads per host (0: one per core).
+Streamed input: each host decodes its share; `num_workers` loader processes per host (-1: one per
+core but one, 0: none).
 """
 
 import ml_collections

@@ -3,7 +3,7 @@
 Used by the clustering between epochs (key encoder projections) and by every evaluator (pooled
 features). Batches come from a `data.pipeline` input (`center_crops`): resident images are
 center-cropped on the devices, streamed ones on the hosts (resize 256 -> crop 224 at 224 px,
-`augment.center_crop_geometry`), each process decoding only its share; the batch is sharded over
+`crops.center_crop_geometry`), each process decoding only its share; the batch is sharded over
 all devices of all processes and the outputs are gathered to every host. Host memory: N x F
 float32 per process (1.28M x 2048 = 10.5 GB for ImageNet's train split with a ResNet-50, plus
 N x 128 for the projection).
@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
-def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
-    """jitted (params, stats, uint8 images) -> (pooled, projection), inference mode, center crop
-    (taken on the host already when `precropped`)."""
+def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
+    """jitted (params, stats, `Images`) -> (pooled, projection), inference mode, center crop
+    (taken on the host already when the images are `cropped`)."""
 
     @jax.jit
-    def embed(params, stats, x):
-        x = (augmentations.normalize(x, mean, std) if precropped
+    def embed(params, stats, images):
+        (x,) = images.views
+        x = (augmentations.normalize(x, mean, std) if images.cropped
              else augmentations.center_crop(x, crop, mean, std))
         feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
         return feats, proj
@@ -44,12 +45,11 @@ def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple, precropped: bool):
     return embed
 
 
-def embed_batches(graphdef, params, stats, batches, n: int, crop, mean, std, precropped: bool,
-                  progress: str | None = None):
-    """Inference-mode features of `batches` of (images sharded, indices (b,), valid (b,)) that
+def embed_batches(graphdef, params, stats, batches, n: int, crop, mean, std, progress: str | None = None):
+    """Inference-mode features of `batches` of (`Images` sharded, indices (b,), valid (b,)) that
     cover indices 0..n-1 -> (pooled (N, F), projection (N, d)) on the host of every process.
     `progress`: the description of a progress bar (images/s, ETA) on process 0, None for none."""
-    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std), precropped)
+    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std))
     feats = projs = None
     bar = tqdm(total=n, desc=progress, unit="img", unit_scale=True, dynamic_ncols=True, leave=False,
                disable=progress is None or not distributed.is_main())
@@ -68,13 +68,13 @@ def embed_dataset(graphdef, params, stats, images, crop, mean, std, mesh, batch=
     """Inference-mode pass over uint8 images (N, H, W, C) (center crop on the device) -> (pooled
     (N, F), projection (N, d)), batches sharded over the mesh, results on every host."""
     batches = pipeline.array_batches(images, mesh, batch)
-    return embed_batches(graphdef, params, stats, batches, len(images), crop, mean, std, precropped=False)
+    return embed_batches(graphdef, params, stats, batches, len(images), crop, mean, std)
 
 
 def embed_input(graphdef, params, stats, data, crop, mean, std, batch=256, progress: str | None = None):
     """`embed_dataset` of a `pipeline` input (resident or streamed)."""
     return embed_batches(graphdef, params, stats, data.center_crops(crop, batch), data.num_examples,
-                         crop, mean, std, data.precropped, progress)
+                         crop, mean, std, progress)
 
 
 def weights_digest(*trees) -> str:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Config fields (dotted; a trailing "." covers a whole group) that a resumed run may change.
 SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
                   "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch",
-                  "eval.", "evals.", "wandb.")
+                  "input.bad_images", "eval.", "evals.", "wandb.")
 
 
 # Fields added to the configs after runs had been started, with the value that an older config.json

@@ -160,10 +160,10 @@ def enqueue(queue, ptr, keys):
 def make_views(key_q, key_k, images, cfg: StepConfig):
     """Augmented views -> (x_q, x_k, tuple of local views), float32 normalized.
 
-    images, as a `data.pipeline` input yields them: uint8 (B, H, W, C) whole images, from which
-    every view is cropped here, or a tuple of 2 + len(cfg.view_local) uint8 views (B, S_v, S_v, C)
+    images: a `data.batch.Images` as a `data.pipeline` input yields it: whole uint8 images, from
+    which every view is cropped here, or the 2 + len(cfg.view_local) uint8 views (B, S_v, S_v, C)
     the host already cropped (query, key, local views), which only get the flip and the
-    photometric ops (`random_crop=False`). Local view v draws from fold_in(key_q, v + 1)."""
+    photometric ops. Local view v draws from fold_in(key_q, v + 1)."""
     configs = (cfg.view_q, cfg.view_k) + tuple(cfg.view_local)
     keys = [key_q, key_k] + [jax.random.fold_in(key_q, v + 1) for v in range(len(cfg.view_local))]
     views = augmentations.augment_input(keys, images, configs)  # (query, key and the local views)
@@ -186,8 +186,8 @@ def _query_forward(graphdef, params, stats, x_q, x_local):
 
 
 def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels, prototypes):
-    """One HCSC step. images: uint8 (B, H, W, C) whole images, or a tuple of host-cropped uint8
-    views (see `make_views`); labels (B, L) int32 k-means assignments (ignored in warm-up);
+    """One HCSC step. images: a `data.batch.Images` (see `make_views`); labels (B, L) int32
+    k-means assignments (ignored in warm-up);
     prototypes: `objective.Prototypes` or None (warm-up). -> (new state, metrics dict of scalars)."""
     key_q, key_k, key_shuffle, key_obj = step_keys(state)
     x_q, x_k, x_local = make_views(key_q, key_k, images, cfg)

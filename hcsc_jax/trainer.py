@@ -44,7 +44,7 @@ from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
-from hcsc_jax.data import stream as stream_lib
+from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.features import embed_input
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,11 @@ def view_configs(config, channels: int):
     return view, view, local, (mean, std)
 
 
-def host_crops(config) -> tuple[stream_lib.CropSpec, ...]:
+def host_crops(config) -> tuple[CropSpec, ...]:
     """The streaming path's host crops: query, key, then the local views."""
     a = config.augment
-    view = stream_lib.CropSpec(config.image_size, tuple(a.scale))
-    return (view, view) + tuple(stream_lib.CropSpec(size, tuple(scale)) for size, scale in a.local_views)
+    view = CropSpec(config.image_size, tuple(a.scale))
+    return (view, view) + tuple(CropSpec(size, tuple(scale)) for size, scale in a.local_views)
 
 
 def make_input(config, split: str, mesh, train: bool = True):
@@ -85,7 +85,8 @@ def make_input(config, split: str, mesh, train: bool = True):
     i = config.input
     crops = host_crops(config) if train else ()
     return pipeline.open_input(i.pipeline, config.dataset, split, config.get("data_dir"), mesh,
-                               config.batch_size, config.seed, crops, i.num_workers, i.prefetch)
+                               config.batch_size, config.seed, crops, i.num_workers, i.prefetch,
+                               resampling=i.resampling, bad_images=i.bad_images)
 
 
 def init_from(model, path: str) -> None:
@@ -247,6 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # just taken (log, save, evaluate, stop), then at an epoch's start the clustering, then a step.
     first_step = int(state.step)  # `step` is a host copy: no device sync per step
     pending, epoch_metrics, metrics, protos, bar, t_log, cluster_seconds = [], [], None, None, None, 0.0, 0.0
+    input_wait, t_epoch = 0.0, 0.0  # seconds the loop waited for its input this epoch; the epoch's start
     with resume.PreemptionWatch() as preemption:
         for step in range(first_step, total_steps + 1):
             epochs_done, in_epoch = divmod(step, steps_per_epoch)
@@ -266,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if epoch_done:
                 bar.close()
                 summary = dict(_mean_metrics(epoch_metrics), step=step, epoch=epoch, type="epoch",
-                               clustering_seconds=cluster_seconds)
+                               clustering_seconds=cluster_seconds, input_wait_seconds=input_wait,
+                               epoch_seconds=time.perf_counter() - t_epoch)
                 writer.write(summary)
                 log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
                          "instance only" if protos is None else f"{num_levels} prototype levels")
@@ -275,17 +278,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             encoder=enc_meta)
                 checkpoints.save(mngr, state, meta, hierarchy)
             if epoch_done and config.evals and not stop:  # after the save: an eval cut short is not redone
+                t_eval = time.perf_counter()
                 final_ctx = context(step)
                 record = run_evals(config, final_ctx, epoch, last)
                 if record:
-                    writer.write(dict(record, type="eval", epoch=epoch, step=step))
+                    writer.write(dict(record, type="eval", epoch=epoch, step=step,
+                                      eval_seconds=time.perf_counter() - t_eval))
             if stop:
                 raise resume.preempted(mngr, step)
             if last:
                 break
 
             if in_epoch == 0 or not trained:  # epoch `e` starts (or resumes mid-way)
-                e, cluster_seconds = epochs_done, 0.0
+                e, cluster_seconds, input_wait, t_epoch = epochs_done, 0.0, 0.0, time.perf_counter()
                 if uses_prototypes(config, e) and (hierarchy is None or hierarchy_epoch != e):
                     t0 = time.perf_counter()
                     hierarchy = key_hierarchy(config, state, graphdef, train_set, (mean, std), e, mesh)
@@ -304,9 +309,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            unit="step", leave=False, dynamic_ncols=True,
                            disable=not (config.progress_bar and main))
                 t_log = time.perf_counter()
-            state, metrics = step_fns[protos is None](state, *next(batches), protos)
+            t_input = time.perf_counter()
+            images, labels = next(batches)
+            input_wait += time.perf_counter() - t_input  # the host waiting for the loader
+            state, metrics = step_fns[protos is None](state, images, labels, protos)
             bar.update()
     mngr.wait_until_finished()
+    train_set.close()  # the loader's worker processes (they also stop with this process)
 
     if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
         final_ctx = context(int(state.step))
@@ -327,7 +336,8 @@ def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mes
     a, i = config.augment, config.input
     mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
-                               config.image_size, mean, std, i.pipeline, i.num_workers, i.prefetch)
+                               config.image_size, mean, std, i.pipeline, i.num_workers, i.prefetch,
+                               i.bad_images)
     return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
                               progress=False, seed=config.seed, inputs=inputs)
 

@@ -163,21 +163,22 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
 
     from hcsc_jax import checkpoints, features, sharding, trainer  # jax and the model only for these figures
     from hcsc_jax import train_step as ts
-    from hcsc_jax.data import pipeline, sources, stream
+    from hcsc_jax.data import crops, pipeline, sources
     from hcsc_jax.models import l2_normalize
 
     config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
     source = sources.open_source(config.dataset, config.train_split, config.get("data_dir"))
     n = source.num_examples
     idx = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
-    images = np.stack([stream.center_crop_image(source.load(int(i)), config.image_size) for i in idx])
+    images = np.stack([crops.center_crop_image(source.load(int(i)), config.image_size) for i in idx])
     model, _ = checkpoints.load_encoder(workdir, which="key")
     mesh = sharding.make_mesh()
     graphdef, params, stats = ts.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
     _, _, _, (mean, std) = trainer.view_configs(config, images.shape[-1])
-    _, proj = features.embed_batches(graphdef, params, stats, pipeline.array_batches(images, mesh, 256),
-                                     len(images), config.image_size, mean, std, precropped=True)
+    batches = pipeline.array_batches(images, mesh, 256, cropped=True)
+    _, proj = features.embed_batches(graphdef, params, stats, batches,
+                                     len(images), config.image_size, mean, std)
     labels = None if source.labels is None else np.asarray(source.labels)[idx]
     return idx, images, l2_normalize(np.asarray(proj), axis=1), labels
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
-from hcsc_jax.data import FASHION_MNIST_DIR, load_dataset
+from hcsc_jax.data.sources import FASHION_MNIST_DIR, load_dataset
 
 if not os.path.isdir(FASHION_MNIST_DIR) and not os.environ.get("CI"):
     pytest.skip(f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist",

@@ -39,6 +39,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hcsc_jax.data.batch import Images
+from hcsc_jax.data.crops import CROP_UNIFORMS, center_crop_geometry, check_crop_params
 from hcsc_jax.data.resize import bilinear_weights
 
 __all__ = [
@@ -47,9 +49,7 @@ __all__ = [
     "AugmentConfig",
     "augment",
     "blur_kernel_size",
-    "check_crop_params",
     "center_crop",
-    "center_crop_geometry",
     "color_jitter",
     "gaussian_blur",
     "hsv_to_rgb",
@@ -63,16 +63,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def check_crop_params(size: int, scale, ratio) -> None:
-    """Raises ValueError unless size > 0 and scale, ratio are (lo, hi) with 0 < lo <= hi."""
-    if size <= 0:
-        raise ValueError(f"crop size must be positive, got {size}")
-    if not 0 < scale[0] <= scale[1]:
-        raise ValueError(f"scale must satisfy 0 < lo <= hi, got {scale}")
-    if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +106,6 @@ def _normalize(x: jax.Array, mean, std) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- crop
-
-CROP_UNIFORMS = 2 * 10 + 2  # uniforms used by a 10-attempt crop
-
 
 def sample_crop_box(key, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                     attempts: int = 10):
@@ -399,35 +386,23 @@ def augment(key, images, cfg: AugmentConfig, indices=None) -> jax.Array:
     return _normalize(views, cfg.mean, cfg.std)
 
 
-def augment_input(keys, images, cfgs: tuple[AugmentConfig, ...]) -> list[jax.Array]:
-    """One augmented view per (key, cfg) of a step's `images` as a `data.pipeline` input yields
-    them: uint8 (B, H, W, C) whole images, from which every view is cropped here, or a tuple of
-    views (B, S_v, S_v, C) the host already cropped, one per cfg, which only get the flip and the
-    photometric ops (`random_crop=False`)."""
-    if isinstance(images, (tuple, list)):
-        if len(images) != len(cfgs):
-            raise ValueError(f"got {len(images)} view arrays for {len(cfgs)} views")
+def augment_input(keys, images: Images, cfgs: tuple[AugmentConfig, ...]) -> list[jax.Array]:
+    """One augmented view per (key, cfg) of a step's `images` (`data.batch.Images`): whole
+    images, from which every view is cropped here, or the views (B, S_v, S_v, C) the host
+    already cropped, one per cfg, which only get the flip and the photometric ops."""
+    views = images.views
+    if images.cropped:
+        if len(views) != len(cfgs):
+            raise ValueError(f"got {len(views)} view arrays for {len(cfgs)} views")
         cfgs = tuple(dataclasses.replace(c, random_crop=False) for c in cfgs)
     else:
-        images = (images,) * len(cfgs)
-    return [augment(k, x, c) for k, x, c in zip(keys, images, cfgs)]
+        views = views * len(cfgs)
+    return [augment(k, x, c) for k, x, c in zip(keys, views, cfgs)]
 
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """uint8 (B, H, W, C) already cropped on the host -> float32 (x / 255 - mean) / std."""
     return _normalize(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)
-
-
-def center_crop_geometry(height: int, width: int, crop_size: int) -> tuple[int, int, int, int]:
-    """torchvision Resize(round(crop * 256 / 224)) of the shorter side then CenterCrop(crop):
-    -> (resized height, resized width, crop top, crop left). As torchvision's
-    _compute_resized_output_size, the long side is truncated, not rounded."""
-    short = round(crop_size * 256 / 224)
-    if height <= width:
-        new_h, new_w = short, int(short * width / height)
-    else:
-        new_h, new_w = int(short * height / width), short
-    return new_h, new_w, round((new_h - crop_size) / 2.0), round((new_w - crop_size) / 2.0)
 
 
 def center_crop(images, crop_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:

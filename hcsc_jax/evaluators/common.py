@@ -18,7 +18,7 @@ from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
-from hcsc_jax.data import stream as stream_lib
+from hcsc_jax.data.crops import CropSpec
 
 
 class EvalError(Exception):
@@ -37,8 +37,9 @@ class DataSpec:
     mean: tuple
     std: tuple
     pipeline: str = "memory"  # "memory" (decoded once, on the devices) or "stream" (host decoding)
-    num_workers: int = 0
+    num_workers: int = -1  # loader worker processes (data.loader): -1 one per core but one, 0 none
     prefetch: int = 2
+    bad_images: str = "skip"  # an undecodable image: "skip" (warn, next one) or "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Context:
         c = int(self.encoder.meta["in_channels"])
         return tuple(self.data.mean)[:c], tuple(self.data.std)[:c]
 
-    def input(self, split: str, crops: tuple[stream_lib.CropSpec, ...] = (), batch: int | None = None,
+    def input(self, split: str, crops: tuple[CropSpec, ...] = (), batch: int | None = None,
               indices=None):
         """`split` as a `data.pipeline` input (cached when it only feeds the feature pass).
         `crops`: the host's random-resized crops of a streamed training input."""
@@ -97,7 +98,7 @@ class Context:
         try:
             inp = pipeline.open_input(d.pipeline, d.dataset, split, d.data_dir, self.mesh,
                                       batch or self.batch, self.seed, crops, d.num_workers, d.prefetch,
-                                      indices)
+                                      indices, bad_images=d.bad_images)
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise EvalError(str(err)) from None
         want = int(self.encoder.meta["in_channels"])
@@ -206,7 +207,8 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
                     train_split=run.get("train_split"), eval_split=run.get("eval_split"),
                     image_size=run.get("image_size"), mean=aug.get("mean"),
                     std=aug.get("std"), pipeline=inp.get("pipeline", "memory"),
-                    num_workers=inp.get("num_workers", 0), prefetch=inp.get("prefetch", 2))
+                    num_workers=inp.get("num_workers", -1), prefetch=inp.get("prefetch", 2),
+                    bad_images=inp.get("bad_images", "skip"))
     data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
     missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std")
                if data[k] is None]
@@ -218,8 +220,8 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
     return DataSpec(dataset=data["dataset"], data_dir=data["data_dir"], train_split=data["train_split"],
                     eval_split=data["eval_split"], image_size=int(data["image_size"]),
                     mean=tuple(float(m) for m in data["mean"]), std=tuple(float(s) for s in data["std"]),
-                    pipeline=data["pipeline"], num_workers=int(data["num_workers"] or 0),
-                    prefetch=int(data["prefetch"]))
+                    pipeline=data["pipeline"], num_workers=int(data["num_workers"]),
+                    prefetch=int(data["prefetch"]), bad_images=data["bad_images"])
 
 
 def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:

@@ -5,7 +5,7 @@
 resident), a linear layer on the pooled features initialized N(0, 0.01), SGD momentum 0.9, no
 weight decay, lr 5.0 x batch / 256, 100 epochs, x0.1 at epochs 60 and 80 (step schedule, no
 cosine); top-1 / top-5 on center crops of the eval split. Each epoch visits
-`stream.epoch_permutation(seed, epoch)` in whole batches (the last partial batch is dropped).
+`loader.epoch_order(seed, epoch, ...)` in whole batches (the last partial batch is dropped).
 
 It is resumable: head, optimizer state, step and history are saved with Orbax under
 `<out_dir>/<mode>_step<N>_ckpt/` every `checkpoint_every_steps` steps and at each epoch's end;
@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from hcsc_jax import distributed, sharding
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import stream as stream_lib
+from hcsc_jax.data import loader
+from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     d = ctx.data
     labels = ctx.labels(d.train_split)
     aug = ctx.crop_config(cfg.scale, cfg.flip)
-    train = ctx.input(d.train_split, crops=(stream_lib.CropSpec(d.image_size, tuple(cfg.scale)),),
+    train = ctx.input(d.train_split, crops=(CropSpec(d.image_size, tuple(cfg.scale)),),
                       batch=cfg.batch_size)
     if train.steps_per_epoch == 0:
         raise common.EvalError(f"linear batch_size {cfg.batch_size} is larger than the {train.num_examples} "
@@ -182,6 +183,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     feat_dim = ctx.feature_dim()
     head, history = train_head(ctx, cfg, "linear", feat_dim, ctx.num_classes(), train.steps_per_epoch,
                                lambda epoch, first: train.steps(epoch, first, assign), step)
+    train.close()
     res = evaluate_head(head, ctx.features(d.eval_split), ctx.labels(d.eval_split))
     res.update(final_train_loss=history[-1]["loss"] if history else None, history=history,
                protocol=dict(cfg.to_dict(), augmented=True))
@@ -202,7 +204,7 @@ def run_fast(ctx: common.Context, cfg) -> tuple[dict, str]:
     step = lambda head, opt_state, key, x, y: update(head, opt_state, x, y)
 
     def batches(epoch, first):  # host gathers: the (N, F) features never sit on a device whole
-        order = stream_lib.epoch_permutation(ctx.seed, epoch, n)
+        order = loader.epoch_order(ctx.seed, epoch, n, spe, b)
         for s in range(first, spe):
             idx = np.sort(order[s * b:(s + 1) * b])
             yield jnp.asarray(feats[idx], jnp.float32), jnp.asarray(labels[idx], jnp.int32)

@@ -25,7 +25,7 @@ from hcsc_jax import features as features_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import pipeline, sources
-from hcsc_jax.data import stream as stream_lib
+from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common, linear
 
 
@@ -100,7 +100,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         tag = (os.path.basename(cfg.split_file) if cfg.get("split_file")
                else f"{cfg.fraction:g}_seed{ctx.seed}")
         workdir_lib.save_npz(ctx.out_dir / f"semisup_subset_{tag}.npz", dict(indices=subset))
-    train = ctx.input(d.train_split, crops=(stream_lib.CropSpec(d.image_size, tuple(cfg.scale)),),
+    train = ctx.input(d.train_split, crops=(CropSpec(d.image_size, tuple(cfg.scale)),),
                       batch=batch, indices=subset)
     spe = train.steps_per_epoch
     scheds = {part: linear.lr_schedule(lr, batch, spe, tuple(cfg.milestones), cfg.gamma)
@@ -147,6 +147,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
                             head_lr=lrs[1]))
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{lrs[0]:.3g}/{lrs[1]:.3g}")
     bar.close()
+    train.close()
     mean, std = ctx.mean_std
     test_feats, _ = features_lib.embed_input(e.graphdef, params["trunk"], stats, ctx.input(d.eval_split),
                                              d.image_size, mean, std, ctx.batch)

@@ -1,0 +1,33 @@
+"""`digits`: scikit-learn's 8x8 handwritten digits (ships with scikit-learn, no download).
+
+Splits "train" (1437), "test" (360: the last 20% of a fixed permutation), "all" (1797)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hcsc_jax.data.sources.base import ArrayDataset
+from hcsc_jax.data.sources.registry import check_split, no_spec, register
+
+
+@register("digits")
+def load_digits(spec, split, data_dir, image_size):
+    no_spec("digits", spec)
+    check_split("digits", split, ("train", "test", "all"))
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = bunch.target.astype(np.int32)
+    n = len(images)
+    perm = np.random.default_rng(0).permutation(n)
+    n_test = math.ceil(0.2 * n)  # 360 of 1797
+    if split == "train":
+        idx = np.sort(perm[:n - n_test])
+    elif split == "test":
+        idx = np.sort(perm[n - n_test:])
+    else:
+        idx = np.arange(n)
+    return ArrayDataset(images[idx], labels[idx], 10, "digits", tuple(str(d) for d in range(10)))

@@ -1,0 +1,66 @@
+"""`fashion_mnist`: the four IDX files, from `data_dir` or `/usr/share/datasets/fashion-mnist/`
+(Debian package `dataset-fashion-mnist`); falls back to a prepared TFDS `fashion_mnist`. Splits
+"train" (60000) and "test" (10000)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from etils import epath
+
+from hcsc_jax.data.sources import tfds as tfds_source
+from hcsc_jax.data.sources.base import ArrayDataset
+from hcsc_jax.data.sources.idx import read_idx
+from hcsc_jax.data.sources.registry import check_split, no_spec, register
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_file(directory: str, stem: str) -> str | None:
+    for candidate in (stem, stem + ".gz"):
+        path = epath.Path(directory) / candidate
+        if path.is_file():
+            return os.fspath(path)
+    return None
+
+
+@register("fashion_mnist")
+def _load_fashion_mnist(spec, split, data_dir, image_size):
+    no_spec("fashion_mnist", spec)
+    check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
+    directory = data_dir if data_dir is not None else FASHION_MNIST_DIR
+    stems = FASHION_MNIST_FILES[split]
+    paths = [_find_file(directory, s) for s in stems]
+    if all(paths):
+        images = read_idx(paths[0])
+        labels = read_idx(paths[1])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"Fashion-MNIST files in {directory} disagree: images {images.shape}, "
+                f"labels {labels.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"{paths[0]}: expected uint8 images, got {images.dtype}")
+        labels = labels.astype(np.int32)
+        names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot")
+        return ArrayDataset(np.ascontiguousarray(images[..., None]), labels, 10,
+                            "fashion_mnist", names)
+    if tfds_source.is_prepared("fashion_mnist", data_dir):
+        ds = tfds_source.load_tfds("fashion_mnist", split, data_dir, image_size)
+        return dataclasses.replace(ds, name="fashion_mnist")
+    expected = [s + "[.gz]" for split_stems in FASHION_MNIST_FILES.values() for s in split_stems]
+    missing = [s for s, p in zip(stems, paths) if p is None]
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found: {directory} lacks {', '.join(missing)}(.gz) and no prepared "
+        f"TFDS 'fashion_mnist' is in {data_dir or 'the default TFDS data_dir'}. "
+        f"Install the Debian package `dataset-fashion-mnist` (apt-get install "
+        f"dataset-fashion-mnist, files in {FASHION_MNIST_DIR}) or put the 4 IDX files in "
+        f"data_dir: {', '.join(expected)}")
+
+

@@ -1,0 +1,124 @@
+"""A streamed run (loader worker processes) through train.py: a run stopped mid-epoch and resumed
+equals an uninterrupted one, and no worker process outlives the run, whichever way it ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STREAM = ["--config.input.pipeline=stream", "--config.input.num_workers=2"]
+
+
+def command(workdir, *extra):
+    """train.py on digits (runlocal: 3 epochs of 22 steps), streamed by two loader workers."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/digits.py:runlocal",
+            "--workdir", str(workdir), *STREAM, *extra]
+
+
+def tagged_env():
+    """An environment with a unique marker, inherited by every process the run starts."""
+    tag = uuid.uuid4().hex
+    return tag, dict(os.environ, HCSC_TEST_RUN=tag)
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live process ids whose environment holds the marker."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"HCSC_TEST_RUN={tag}".encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def assert_no_process_left(tag: str):
+    deadline = time.time() + 10  # daemonic workers are terminated as the run exits
+    while processes_with(tag) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_with(tag) == []
+
+
+def signal_mid_epoch(cmd, workdir, sig, env):
+    """Starts `cmd`, waits for the end of epoch 1 (step 22) to be committed, a second later sends
+    `sig`; -> (return code, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not os.path.isdir(
+            os.path.join(workdir, "checkpoints", "22")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=400)
+    return proc.returncode, err
+
+
+def final_state(workdir):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",)) as mngr:
+        return mngr.restore(66, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    tag, env = tagged_env()
+    done = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_no_process_left(tag)
+    return workdir
+
+
+def test_sigterm_mid_epoch_resumes_exactly_and_leaves_no_worker(reference, tmp_path):
+    import jax
+
+    workdir = tmp_path / "stopped"
+    tag, env = tagged_env()
+    returncode, err = signal_mid_epoch(command(workdir), str(workdir), signal.SIGTERM, env)
+    assert returncode == 0, err[-3000:]
+    assert_no_process_left(tag)
+    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert steps[0] == 22 and 22 < steps[-1] < 66  # stopped within epoch 2 (or its clustering)
+    done = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_no_process_left(tag)
+    with open(workdir / "summary.json") as a, open(reference / "summary.json") as b:
+        assert json.load(a) == json.load(b)
+    leaves = [jax.tree.leaves(final_state(d)) for d in (reference, workdir)]
+    for x, y in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "error"])
+def test_no_worker_outlives_ctrl_c_or_an_error(tmp_path, how):
+    tag, env = tagged_env()
+    if how == "SIGINT":
+        returncode, _ = signal_mid_epoch(command(tmp_path / "run"), str(tmp_path / "run"), signal.SIGINT, env)
+        assert returncode != -signal.SIGKILL
+    else:  # an unreadable image with bad_images="error": the run stops naming it
+        for c in range(2):
+            os.makedirs(tmp_path / "images" / f"class{c}")
+            for i in range(8):
+                image = Image.fromarray(np.full((12, 10), 20 * i + c, np.uint8))
+                image.save(tmp_path / "images" / f"class{c}" / f"{i}.jpg")
+        (tmp_path / "images" / "class1" / "3.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        cmd = command(tmp_path / "run", f"--config.dataset=folder:{tmp_path / 'images'}",
+                      "--config.input.bad_images=error", "--config.batch_size=8", "--config.bn_group_size=4",
+                      "--config.queue_size=16", "--config.clustering.num_clusters=(4,2)",
+                      "--config.eval.num_clusters=()")
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode != 0
+        assert "3.jpg" in done.stderr
+    assert_no_process_left(tag)
