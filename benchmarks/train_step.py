@@ -14,7 +14,9 @@ separately and excluded), run `--warmup_steps` times, then timed two ways over `
 FLOPs convention (model FLOPs, as in MFU): one step = 4 forward-equivalents per image (query
 forward + backward = 3, key forward = 1). The forward cost is reported two ways:
   nominal: ResNet-50 4.1 GMACs = 8.2 GFLOP per image at 224 px (ResNet-18 1.82 / ResNet-34 3.67
-           GMACs), scaled by (image_size / 224)^2 * width^2 (not valid with --small_stem);
+           GMACs), scaled by (image_size / 224)^2 * width^2 (not valid with --small_stem); for a
+           ViT the matmul MACs counted from its shapes (`vit_macs`: patch embedding, per block
+           12 N D^2 for qkv, proj and MLP plus 2 N^2 D for attention, N tokens, D dims);
   XLA:     the FLOP count of XLA's cost analysis of the encoder forward (train mode), lowered
            for CPU (on the GPU host with jax 0.11.2 that cost analysis returned None: skipped).
 MFU = achieved model TFLOP/s / --peak_tflops (default 989: H100 SXM bf16 dense tensor core).
@@ -32,6 +34,12 @@ Augmentation, BN, the objective and the optimizer are not counted as model FLOPs
   python benchmarks/train_step.py --dtype=bfloat16 --bn_group_size=256
   python benchmarks/train_step.py --dtype=bfloat16 --profile_dir=/tmp/prof
   python benchmarks/train_step.py --profile_dir=/tmp/prof --summarize_only  # re-read a trace
+  # ViTs (no BatchNorm: no ShuffleBN; AdamW as MoCo v3): ViT-S/16 and ViT-B/16 at 224 px, and a
+  # small CPU config (ViT-S/16 at width 1/8, 2 blocks, 32 px)
+  python benchmarks/train_step.py --arch=vit_s16 --dtype=bfloat16
+  python benchmarks/train_step.py --arch=vit_b16 --dtype=bfloat16
+  python benchmarks/train_step.py --arch=vit_s16 --width=0.125 --depth=2 --image_size=32 \
+      --batch=64 --bn_group_size=16 --queue=4096 --levels=300,100,30 --steps=10 --warmup_steps=2
 
 Imports only jax, flax, optax, numpy, absl and hcsc_jax.{train_step, objective, models, data}
 (no faiss, ml_collections, tensorflow-datasets or tqdm). Run it from the repo root with the
@@ -59,10 +67,12 @@ from flax import nnx
 from hcsc_jax import objective, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augmentations, pipeline
-from hcsc_jax.models import make_encoder
+from hcsc_jax.models import ARCHS, VIT_ARCHS, make_encoder
 
-flags.DEFINE_enum("arch", "resnet50", ["resnet18", "resnet34", "resnet50"], "backbone")
-flags.DEFINE_float("width", 1.0, "channel width multiplier")
+flags.DEFINE_enum("arch", "resnet50", list(ARCHS) + list(VIT_ARCHS), "backbone")
+flags.DEFINE_float("width", 1.0, "channel width multiplier (ViT: embedding dim multiplier)")
+flags.DEFINE_integer("depth", 0, "ViT blocks (0: the arch's 12)")
+flags.DEFINE_enum("optimizer", "", ["", "sgd", "adamw"], "'' = sgd for a ResNet, adamw for a ViT")
 flags.DEFINE_integer("image_size", 224, "crop size of both views")
 flags.DEFINE_integer("source_size", 0, "side of the stored square uint8 images; 0 = "
                      "round(image_size * 256 / 224) (256 for 224), image_size with --noaugment")
@@ -76,7 +86,7 @@ flags.DEFINE_integer("queue", 16384, "queue size K")
 flags.DEFINE_list("levels", ["3000", "2000", "1000"], "prototypes per hierarchy level")
 flags.DEFINE_integer("embed_dim", 128, "projection dimension d")
 flags.DEFINE_bool("small_stem", False, "3x3 stride-1 stem without max-pool (CIFAR-style)")
-flags.DEFINE_bool("shuffle_bn", True, "ShuffleBN for the key forward")
+flags.DEFINE_bool("shuffle_bn", True, "ShuffleBN for the key forward (always off for a ViT: no BatchNorm)")
 flags.DEFINE_enum("objective", "hcsc", ["hcsc", "moco"],
                   "hcsc: all prototype levels; moco: the warm-up step (plain InfoNCE, no prototypes)")
 flags.DEFINE_bool("augment", True, "MoCo v2 augmentation on device; --noaugment replaces it "
@@ -93,6 +103,14 @@ flags.DEFINE_bool("summarize_only", False, "only print the summary of the newest
 FLAGS = flags.FLAGS
 
 NOMINAL_GMACS_224 = {"resnet18": 1.82, "resnet34": 3.67, "resnet50": 4.1}
+
+
+def vit_macs(dim: int, depth: int, image_size: int, patch: int, in_channels: int = 3) -> float:
+    """Matmul MACs of one ViT forward per image: the patch embedding, then per block qkv (3 N D^2),
+    proj (N D^2), MLP (8 N D^2) and attention (2 N^2 D) over N = patches + 1 tokens."""
+    grid = image_size // patch
+    n = grid * grid + 1
+    return grid * grid * dim * in_channels * patch * patch + depth * (12 * n * dim * dim + 2 * n * n * dim)
 
 
 def _no_augment(key, images, cfg: augmentations.AugmentConfig, indices=None):
@@ -215,6 +233,9 @@ def main(argv):
         raise ValueError(f"source_size {source} is smaller than the crop size {size}")
     dtype = jnp.dtype(f.dtype)
     n = max(f.num_images, f.batch)
+    is_vit = f.arch in VIT_ARCHS
+    shuffle_bn = f.shuffle_bn and not is_vit
+    optimizer = f.optimizer or ("adamw" if is_vit else "sgd")
 
     mesh = sharding.make_mesh()
     ts.check_batch_config(f.batch, f.queue, f.bn_group_size, mesh.size)
@@ -224,17 +245,21 @@ def main(argv):
           f"python {platform.python_version()}")
     print(f"config: {f.arch} width {f.width} small_stem {f.small_stem} | crop {size} from "
           f"{source}x{source}x3 uint8 (N={n} on device) | batch {f.batch} | {f.dtype} compute | "
-          f"bn_group_size {f.bn_group_size} | shuffle_bn {f.shuffle_bn} | queue {f.queue} | "
+          f"bn_group_size {f.bn_group_size} | shuffle_bn {shuffle_bn} | {optimizer} | queue {f.queue} | "
           f"objective {f.objective}" + (f" levels {levels} d={f.embed_dim}" if f.objective == "hcsc" else "")
           + f" | augment {'MoCo v2 on device' if f.augment else 'OFF (ablation)'}")
     if not f.augment:
         ts.augmentations.augment = _no_augment  # the step looks the function up at trace time
 
+    vit_kw = dict(depth=f.depth or None, image_size=size) if is_vit else {}
     model = make_encoder(f.arch, out_dim=f.embed_dim, small_stem=f.small_stem, width=f.width,
                          bn_group_size=f.bn_group_size, dtype=dtype, in_channels=3,
-                         rngs=nnx.Rngs(f.seed))
+                         rngs=nnx.Rngs(f.seed), **vit_kw)
     graphdef, params, stats = ts.split_model(model)
-    tx, _ = ts.make_optimizer(0.03, f.batch, total_steps=100_000)
+    if optimizer == "adamw":  # MoCo v3's ViT recipe
+        tx, _ = ts.make_optimizer(1.5e-4, f.batch, 100_000, 0.1, optimizer="adamw", warmup_steps=10_000)
+    else:
+        tx, _ = ts.make_optimizer(0.03, f.batch, total_steps=100_000)
     num_levels = len(levels) if f.objective == "hcsc" else 0
     state = jax.device_put(ts.init_state(model, tx, f.queue, f.embed_dim, max(num_levels, 1), f.seed),
                            replicated)
@@ -260,7 +285,7 @@ def main(argv):
                   for s, sc in MULTICROP) if f.multicrop else ()
     cfg = ts.StepConfig(
         objective=objective.ObjectiveConfig(group_size=f.bn_group_size), view_q=view, view_k=view,
-        view_local=local, shuffle_bn=f.shuffle_bn)
+        view_local=local, shuffle_bn=shuffle_bn)
     step = ts.jit_train_step(graphdef, tx, cfg, mesh, warmup=f.objective == "moco")
 
     t0 = time.perf_counter()
@@ -323,12 +348,20 @@ def main(argv):
 
     peak = f.peak_tflops
     peak_note = ("default: H100 SXM bf16 dense" if peak == 989.0 else "from --peak_tflops")
-    nominal = 2e9 * NOMINAL_GMACS_224[f.arch] * (size / 224) ** 2 * f.width ** 2
     print(f"model FLOPs per image per step = 4 forward-equivalents (query fwd+bwd = 3, key fwd = 1); "
           f"MFU vs peak {peak:g} TFLOP/s ({peak_note}); median / pipelined")
-    note = " [formula not valid with --small_stem]" if f.small_stem else ""
-    nominal_label = (f"nominal fwd {nominal / 1e9:.3f} GFLOP/image (= 2 x {NOMINAL_GMACS_224[f.arch]} GMACs "
-                     f"at 224 x ({size}/224)^2 x width^2 {f.width:g}^2){note}")
+    if is_vit:
+        vit = model.backbone
+        macs = vit_macs(vit.num_features, len(vit.blocks), size, vit.patch_size)
+        nominal = 2 * macs
+        nominal_label = (f"nominal fwd {nominal / 1e9:.4g} GFLOP/image (= 2 x {macs / 1e9:.4g} GMACs counted "
+                         f"from the ViT's shapes: D {vit.num_features}, {len(vit.blocks)} blocks, "
+                         f"{(size // vit.patch_size) ** 2 + 1} tokens)")
+    else:
+        nominal = 2e9 * NOMINAL_GMACS_224[f.arch] * (size / 224) ** 2 * f.width ** 2
+        note = " [formula not valid with --small_stem]" if f.small_stem else ""
+        nominal_label = (f"nominal fwd {nominal / 1e9:.3f} GFLOP/image (= 2 x {NOMINAL_GMACS_224[f.arch]} "
+                         f"GMACs at 224 x ({size}/224)^2 x width^2 {f.width:g}^2){note}")
     rows = [(nominal_label, nominal)]
     if fwd_flops:
         per_image = fwd_flops / f.bn_group_size

@@ -38,3 +38,19 @@ def apply_method(c, method: str, proto_negatives: int):
                            proto_negatives=proto_negatives)
     elif method != "hcsc":
         raise ValueError(f"unknown method {method!r}")
+
+
+def apply_vit(c, arch: str, *, width: float = 1.0, depth: int = 12, lr: float = 1.5e-4,
+              lr_warmup_epochs: int = 40, weight_decay: float = 0.1, grad_clip: float = 0.0):
+    """Turns a config's encoder into a ViT trained with MoCo v3's ViT recipe (HCSC's objective,
+    queue and prototypes unchanged): `arch` (models/vit.py: vit_s16, vit_t4, ...) at `width` x
+    its embedding dim with `depth` blocks, fixed sin-cos position embedding, no ShuffleBN (a ViT
+    has no BatchNorm), AdamW at `lr` per 256 images with `lr_warmup_epochs` of linear warm-up,
+    then cosine decay, decoupled weight decay `weight_decay`, optional gradient clipping."""
+    c.model.update(arch=arch, width=width, small_stem=False)
+    c.model.depth = depth
+    c.model.pos_embed = "sincos"
+    c.model.image_size = c.get_ref("image_size")  # the grid of the exported / learned pos_embed
+    c.shuffle_bn = False
+    c.update(optimizer="adamw", lr=lr, lr_warmup_epochs=lr_warmup_epochs, weight_decay=weight_decay,
+             grad_clip=grad_clip)

@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     # or a directory from `python -m hcsc_jax.convert import-torch`); architectures must match.
     c.init_encoder = ml_collections.config_dict.placeholder(str)
 
-    # Encoder: ResNet-50 (torchvision v1.5) + 2048-2048-128 MLP head, no BN in the head.
+    # Encoder: ResNet-50 (torchvision v1.5) + 2048-2048-128 MLP head, no BN in the head. A ViT
+    # (arch "vit_s16", ...: models/vit.py) also reads model.depth, pos_embed and image_size.
     c.model = ml_collections.ConfigDict(dict(
         arch="resnet50", width=1.0, small_stem=False, embed_dim=128,
         hidden_dim=ml_collections.FieldReference(None, field_type=int), dtype="float32"))
@@ -34,6 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr = 0.03  # at batch 256; scaled linearly with the global batch
     c.weight_decay = 1e-4
     c.sgd_momentum = 0.9
+    # "sgd" (MoCo v2, above) or "adamw" (MoCo v3's ViT recipe: decoupled weight_decay, adam_betas);
+    # lr_warmup_epochs of linear warm-up before the cosine decay; grad_clip > 0: clip to that norm.
+    c.optimizer = "sgd"
+    c.adam_betas = (0.9, 0.999)
+    c.lr_warmup_epochs = 0
+    c.grad_clip = 0.0
     c.epochs = 200
     c.warmup_epochs = 20  # instance loss only, no prototypes
 

@@ -5,6 +5,7 @@
   python train.py --config configs/digits.py:mocov2 --workdir runs/digits_mocov2  # MoCo v2 baseline
   python train.py --config configs/digits.py:pcl --workdir runs/digits_pcl        # PCL baseline
   python train.py --config configs/digits.py:pcl,runlocal                         # smoke run of any of them
+  python train.py --config configs/digits.py:vit --workdir runs/digits_vit        # HCSC with a ViT encoder
 
 - hcsc: HCSC, paper semantics.
 - mocov2: the same budget with no prototypes: plain InfoNCE for every epoch, no selection.
@@ -19,13 +20,17 @@
   eligible prototypes left, and then all of them are negatives (PCL's code would stop there).
   Semantics "official" = PCL's code: one negative draw per group, the group's positives in the
   denominator (`losses.pcl_proto_nce`); "paper" = the ProtoNCE equation.
+- vit: the encoder is a small ViT with 4-px patches (vit_t4 at width 1/2: 96 dims, 3 heads, 6
+  blocks; a 4x4 grid of patches at 16 px) trained with MoCo v3's ViT recipe (AdamW, weight decay
+  0.1, 5 epochs of linear lr warm-up, no ShuffleBN); combines with the methods. Not tuned.
 - runlocal: a smoke run (3 epochs at 8 px, a tiny model, small queue and levels, kNN every 2
-  epochs, no progress bar); combines with the others. The tests train it (tests/test_trainer.py).
+  epochs, no progress bar); combines with the others. The tests train it (tests/test_trainer.py;
+  vit,runlocal: 2 blocks at width 1/4, tests/test_vit_training.py).
 """
 
-from configs import apply_method, default, one_of, parse_variants
+from configs import apply_method, apply_vit, default, one_of, parse_variants
 
-VARIANTS = ("hcsc", "mocov2", "pcl", "runlocal")
+VARIANTS = ("hcsc", "mocov2", "pcl", "vit", "runlocal")
 METHODS = ("hcsc", "mocov2", "pcl")
 
 
@@ -56,6 +61,11 @@ def get_config(arg=None):
         c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
         c.eval.num_clusters = (20, 10)
         c.evals.knn.update(every_epochs=2, ks=(5, 20))
+    if "vit" in chosen:
+        apply_vit(c, "vit_t4", width=0.5, depth=6, lr=1e-3, lr_warmup_epochs=5)
+        if "runlocal" in chosen:
+            c.model.update(width=0.25, depth=2)
+            c.lr_warmup_epochs = 1
     apply_method(c, method, proto_negatives=16)
     return c
 

@@ -6,6 +6,7 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
   python train.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist          # hcsc (default)
   python train.py --config configs/fashion_mnist.py:mocov2 --workdir runs/fashion_mnist_mocov2
   python train.py --config configs/fashion_mnist.py:pcl --workdir runs/fashion_mnist_pcl
+  python train.py --config configs/fashion_mnist.py:vit --workdir runs/fashion_mnist_vit
 
 - hcsc: HCSC, paper semantics, levels 200 / 50 / 10.
 - mocov2: the same budget without prototypes or selection.
@@ -13,13 +14,17 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
   ProtoNCE against r = 64 sampled negative prototypes per clustering (32% of the finest
   clustering; PCL's 16384 is 16-66% of its clusterings), PCL's code semantics, no selection
   (configs/digits.py explains the choices).
+- vit: the encoder is ViT-S with 4-px patches (vit_s4: 384 dims, 6 heads, 12 blocks; a 7x7 grid
+  at 28 px) trained with MoCo v3's ViT recipe (AdamW, weight decay 0.1, 10 epochs of linear lr
+  warm-up, no ShuffleBN); combines with the methods. Not tuned.
 - runlocal: a smoke run on four tiny IDX files in /tmp/fashion_mnist_tiny (make them with
-  `python tests/imagenet_like.py`): 2 epochs of a tiny model at 16 px; combines with the others.
+  `python tests/imagenet_like.py`): 2 epochs of a tiny model at 16 px; combines with the others
+  (vit,runlocal: 2 blocks at width 1/8).
 """
 
-from configs import apply_method, default, one_of, parse_variants
+from configs import apply_method, apply_vit, default, one_of, parse_variants
 
-VARIANTS = ("hcsc", "mocov2", "pcl", "runlocal")
+VARIANTS = ("hcsc", "mocov2", "pcl", "vit", "runlocal")
 METHODS = ("hcsc", "mocov2", "pcl")
 
 
@@ -50,5 +55,10 @@ def get_config(arg=None):
         c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
         c.clustering.update(num_clusters=(12, 6, 3), nredo=1, niter=5)
         c.eval.num_clusters = (10,)
+    if "vit" in chosen:
+        apply_vit(c, "vit_s4", lr=5e-4, lr_warmup_epochs=10)
+        if "runlocal" in chosen:
+            c.model.update(width=0.125, depth=2)
+            c.lr_warmup_epochs = 1
     apply_method(c, method, proto_negatives=64)
     return c

@@ -1,4 +1,5 @@
-"""PyTorch <-> hcsc-jax encoder weights: the released HCSC / MoCo v2 / PCL files and torchvision.
+"""PyTorch <-> hcsc-jax encoder weights: the released HCSC / MoCo v2 / PCL files and torchvision
+ResNets, and timm / MoCo v3 / DINO Vision Transformers.
 
 The mapping itself is pure NumPy (no torch import); only the command line needs torch, to read and
 write ``.pth`` files.
@@ -22,9 +23,28 @@ Accepted key layouts on import (:func:`normalize_keys`):
   the projection head keeps its fresh initialization, and a single-layer ``fc.weight``/``fc.bias``
   (the 1000-class classifier) is ignored with a note.
 
+ViTs (a state dict with a ``cls_token``) map key for key onto `models.vit` (its docstring has
+the table): linear weights are transposed, the patch-embedding conv goes OIHW -> HWIO, LayerNorm
+``weight`` is ``scale``. Accepted layouts (:func:`normalize_vit_keys`): plain timm / DINO
+backbones, ``module.``-prefixed ones, and MoCo v3 files (``module.base_encoder.*``, the default,
+or ``module.momentum_encoder.*`` with ``encoder="momentum"``; the other encoder and the predictor
+are ignored with a note). ``head.*`` (timm's classifier, MoCo v3's projection MLP) is ignored
+with a note: the HCSC head is ``fc.0``/``fc.2`` as for ResNets, freshly initialized when absent.
+The architecture comes from the shapes (``vit_t/s/b`` by the embedding dim, the patch size from
+the patch conv; ``arch`` names it for narrower widths), the position embedding is recognized as
+MoCo v3's fixed sin-cos table or taken as a learned one. A learned table for another grid than
+the requested ``image_size`` is an error unless ``interpolate_pos_embed``, which resizes the
+grid bicubically as timm and DINO do (torch's bicubic kernel, a = -0.75, align_corners=False);
+the sin-cos table is simply recomputed for any grid. Export writes timm's keys (the sin-cos
+table included, for the model's image size), so ``timm.create_model('vit_small_patch16_224')
+.load_state_dict(sd, strict=False)`` reports only the classifier as missing and ``fc.*`` as
+unexpected.
+
 Command line::
 
   python -m hcsc_jax.convert import-torch model.pth OUT_DIR    # -> checkpoints.load_encoder(OUT_DIR)
+  python -m hcsc_jax.convert import-torch vit.pth OUT_DIR [--arch vit_s16] [--image-size 224] \
+      [--interpolate-pos-embed] [--encoder base|momentum]          # a ViT
   python -m hcsc_jax.convert export-torch CHECKPOINT OUT.pth [--backbone-only | --moco-layout]
 
 ``export-torch`` writes plain torchvision names for the backbone and ``fc.0.*``/``fc.2.*`` for the
@@ -39,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import pickle
 import sys
@@ -50,8 +71,9 @@ import numpy as np
 from flax import nnx
 
 from hcsc_jax import checkpoints, models
-from hcsc_jax.models import Encoder, ProjectionHead
+from hcsc_jax.models import VIT_ARCHS, Encoder, ProjectionHead, VisionTransformer
 from hcsc_jax.models.resnet import Bottleneck
+from hcsc_jax.models.vit import sincos_pos_embed
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +173,19 @@ def infer_meta(
     hidden_dim: int | None = None,
     bn_group_size: int | None = 32,
     dtype: str = "float32",
+    arch: str | None = None,
+    image_size: int | None = None,
+    encoder: str = "base",
     **extra,
 ) -> dict[str, Any]:
     """`models.encoder_meta` for a (normalized or raw) torch state dict, from tensor shapes:
     arch (resnet18/34/50 from block type and counts), width (stem channels / 64), small_stem (3x3
     stem), in_channels, and the head's hidden/out dims (``embed_dim``/``hidden_dim`` are used only
-    when the dict has no head)."""
+    when the dict has no head). A ViT's is :func:`infer_vit_meta` (``arch``, ``image_size`` and
+    ``encoder`` are for ViTs only)."""
+    if is_vit_state_dict(state_dict):
+        return infer_vit_meta(state_dict, embed_dim=embed_dim, hidden_dim=hidden_dim, dtype=dtype, arch=arch,
+                              image_size=image_size, encoder=encoder, bn_group_size=bn_group_size, **extra)
     sd, _ = normalize_keys(state_dict)
     if "conv1.weight" not in sd:
         raise ValueError(
@@ -213,14 +242,40 @@ def _to_flax(kind: str, torch_name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _fresh_head(num_features: int, meta: dict[str, Any], seed: int) -> dict:
+    """Pure-dict parameters of a freshly initialized head (for a state dict without fc.0/fc.2)."""
+    m = meta["model"]
+    head = ProjectionHead(num_features, m.get("hidden_dim"), m["embed_dim"],
+                          dtype=jnp.dtype(m.get("dtype", "float32")), rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(head, nnx.Param))
+
+
+def _key_mismatch(meta, expected: list[str], sd: Mapping[str, Any], optional=()) -> None:
+    """ValueError naming the missing and unexpected keys (first 20 of each, with counts)."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in set(expected) | set(optional)]
+    if missing or unexpected:
+        msg = [f"state dict does not match {meta['model']['arch']} (meta {meta['model']})"]
+        if missing:
+            msg.append(f"missing keys ({_fmt_keys(missing)})")
+        if unexpected:
+            msg.append(f"unexpected keys ({_fmt_keys(unexpected)})")
+        raise ValueError("; ".join(msg))
+
+
 def torch_to_encoder(
-    state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0
+    state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
+    interpolate_pos_embed: bool = False, encoder: str = "base",
 ) -> Encoder:
     """An :class:`Encoder` holding the weights of a torch state dict (values: NumPy arrays or
     anything ``np.asarray`` takes). ``meta``: a `models.encoder_meta` dict; inferred from the
     shapes (:func:`infer_meta`) when None. Without head keys the head is freshly initialized as
     ``ProjectionHead(F, hidden_dim, embed_dim, rngs=nnx.Rngs(seed))``. Raises ValueError listing
-    missing / unexpected keys (first 20 of each, with counts) and shape mismatches."""
+    missing / unexpected keys (first 20 of each, with counts) and shape mismatches. A ViT state
+    dict goes to :func:`vit_torch_to_encoder` (``interpolate_pos_embed``, ``encoder``: ViT only)."""
+    if is_vit_state_dict(state_dict):
+        return vit_torch_to_encoder(state_dict, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
+                                    encoder=encoder)
     sd, notes = normalize_keys(state_dict)
     for n in notes:
         log.warning("torch_to_encoder: %s", n)
@@ -234,16 +289,7 @@ def torch_to_encoder(
             seed,
         )
     model = models.build_encoder(meta, abstract=True)
-    expected = _expected_keys(model, with_head)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in set(expected)]
-    if missing or unexpected:
-        msg = [f"state dict does not match {meta['model']['arch']} (meta {meta['model']})"]
-        if missing:
-            msg.append(f"missing keys ({_fmt_keys(missing)})")
-        if unexpected:
-            msg.append(f"unexpected keys ({_fmt_keys(unexpected)})")
-        raise ValueError("; ".join(msg))
+    _key_mismatch(meta, _expected_keys(model, with_head), sd)
 
     graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(p), nnx.to_pure_dict(s)
@@ -267,15 +313,7 @@ def torch_to_encoder(
     if bad:
         raise ValueError(f"shape mismatches ({_fmt_keys(bad)})")
     if not with_head:  # only the head is initialized for real (cheap, unlike the whole encoder)
-        m = meta["model"]
-        head = ProjectionHead(
-            model.backbone.num_features,
-            m.get("hidden_dim"),
-            m["embed_dim"],
-            dtype=jnp.dtype(m.get("dtype", "float32")),
-            rngs=nnx.Rngs(seed),
-        )
-        params["head"] = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+        params["head"] = _fresh_head(model.backbone.num_features, meta, seed)
     nnx.replace_by_pure_dict(p, params)
     nnx.replace_by_pure_dict(s, stats)
     return nnx.merge(graphdef, p, s)
@@ -284,7 +322,10 @@ def torch_to_encoder(
 def encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict[str, np.ndarray]:
     """torchvision-named float32 NumPy arrays (in torchvision's order) for an :class:`Encoder`:
     backbone keys as in ``torchvision.models.resnet*``, the head as ``fc.0.*``/``fc.2.*`` (left
-    out with ``backbone_only``), ``num_batches_tracked`` = 0 (int64) for every BatchNorm."""
+    out with ``backbone_only``), ``num_batches_tracked`` = 0 (int64) for every BatchNorm. A ViT
+    encoder gives timm's keys (:func:`vit_encoder_to_torch`)."""
+    if isinstance(model.backbone, VisionTransformer):
+        return vit_encoder_to_torch(model, backbone_only=backbone_only)
     _, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(p), nnx.to_pure_dict(s)
     out: dict[str, np.ndarray] = {}
@@ -305,6 +346,250 @@ def encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict[str
     return {
         k: np.array(v, np.int64 if v.dtype == np.int64 else np.float32, order="C") for k, v in out.items()
     }
+
+
+# ----------------------------------------------------------------------------- ViT (timm layout)
+
+_MOCO_V3_ENCODERS = ("base", "momentum")
+
+
+def is_vit_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a (raw or normalized) state dict holds a ViT: it has a class token."""
+    return any(str(k).endswith("cls_token") for k in state_dict)
+
+
+def normalize_vit_keys(state_dict: Mapping[str, Any],
+                       encoder: str = "base") -> tuple[dict[str, np.ndarray], list[str]]:
+    """Strips DataParallel / MoCo v3 prefixes -> ({timm key: array}, notes).
+
+    ``module.`` is removed; of a MoCo v3 file (``base_encoder.*``, ``momentum_encoder.*``,
+    ``predictor.*``) the keys of ``<encoder>_encoder`` are kept; ``head.*`` (a classifier or MoCo
+    v3's projection MLP, not the HCSC head) is dropped. Every drop is noted."""
+    if encoder not in _MOCO_V3_ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(_MOCO_V3_ENCODERS)}, got {encoder!r}")
+    notes: list[str] = []
+    sd = {str(k): v for k, v in state_dict.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if any(k.startswith(tuple(f"{e}_encoder." for e in _MOCO_V3_ENCODERS)) for k in sd):
+        keep = f"{encoder}_encoder."
+        if not any(k.startswith(keep) for k in sd):
+            raise ValueError(f"this MoCo v3 state dict has no {keep}* entries (it holds "
+                             f"{', '.join(sorted({k.split('.')[0] for k in sd}))}); pick another encoder")
+        other = sorted({k.split(".")[0] for k in sd if not k.startswith(keep)})
+        notes.append(f"took {keep[:-1]}, ignored the entries of {', '.join(other)}")
+        sd = {k[len(keep):]: v for k, v in sd.items() if k.startswith(keep)}
+    head = [k for k in sd if k.startswith("head.")]
+    if head:
+        notes.append(f"ignored head.* ({_fmt_keys(head)}): a classifier or MoCo v3 projection MLP, "
+                     "not the HCSC head (fc.0/fc.2)")
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return {k: np.asarray(v) for k, v in sd.items()}, notes
+
+
+def _grid(pos_embed: np.ndarray) -> int:
+    """Side of the square patch grid of a (1, 1 + N, D) position embedding."""
+    n = int(np.shape(pos_embed)[1]) - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"pos_embed {tuple(np.shape(pos_embed))} holds {n} patch positions: not a square "
+                         "grid")
+    return side
+
+
+def _is_sincos(pos_embed: np.ndarray) -> bool:
+    """Whether a (1, 1 + N, D) table is MoCo v3's fixed sin-cos embedding of its grid."""
+    g, dim = _grid(pos_embed), int(np.shape(pos_embed)[-1])
+    return dim % 4 == 0 and np.allclose(pos_embed, sincos_pos_embed(g, g, dim), atol=1e-4)
+
+
+def infer_vit_meta(state_dict: Mapping[str, Any], *, embed_dim: int = 128, hidden_dim: int | None = None,
+                   dtype: str = "float32", arch: str | None = None, image_size: int | None = None,
+                   encoder: str = "base", bn_group_size: int | None = None, **extra) -> dict[str, Any]:
+    """`models.encoder_meta` of a ViT state dict: arch (``vit_{t,s,b}{patch}`` whose embedding
+    dim the class token has; ``arch`` names it when the width is not 1), width, depth, in_channels,
+    pos_embed ("sincos" when the table is MoCo v3's, else "learn"), image_size (``image_size``,
+    else the table's grid x patch), and the head's dims as :func:`infer_meta`."""
+    sd, _ = normalize_vit_keys(state_dict, encoder)
+    for k in ("cls_token", "patch_embed.proj.weight"):
+        if k not in sd:
+            raise ValueError(f"cannot infer the ViT: no {k}; keys: {_fmt_keys(sorted(sd))}")
+    dim = int(np.shape(sd["cls_token"])[-1])
+    out, in_channels, ph, pw = np.shape(sd["patch_embed.proj.weight"])
+    if ph != pw or out != dim:
+        raise ValueError(f"patch_embed.proj.weight has shape {(out, in_channels, ph, pw)}; expected "
+                         f"[{dim}, in, p, p]")
+    if arch is None:
+        found = [a for a, (d, _, _, p) in VIT_ARCHS.items() if (d, p) == (dim, ph)]
+        if not found:
+            raise ValueError(f"cannot tell the ViT's heads from its shapes (embedding dim {dim}, patch "
+                             f"{ph}): name its architecture (arch / --arch, one of {', '.join(VIT_ARCHS)})")
+        arch = found[0]
+    if arch not in VIT_ARCHS or VIT_ARCHS[arch][3] != ph:
+        raise ValueError(f"arch {arch!r} does not fit a ViT with {ph}-px patches; one of "
+                         f"{', '.join(a for a, v in VIT_ARCHS.items() if v[3] == ph) or 'none known'}")
+    width = dim / VIT_ARCHS[arch][0]
+    depth = 0
+    while f"blocks.{depth}.norm1.weight" in sd:
+        depth += 1
+    pos = sd.get("pos_embed")
+    pos_embed = "sincos" if pos is None or _is_sincos(pos) else "learn"
+    size = image_size or (None if pos is None else _grid(pos) * ph)
+    if _has_head(sd):
+        if "fc.0.weight" not in sd or "fc.2.weight" not in sd:
+            raise ValueError("the projection head is incomplete: need fc.0.weight and fc.2.weight")
+        hidden_dim, embed_dim = int(np.shape(sd["fc.0.weight"])[0]), int(np.shape(sd["fc.2.weight"])[0])
+    model = dict(arch=arch, width=width, small_stem=False, embed_dim=int(embed_dim),
+                 hidden_dim=None if hidden_dim is None else int(hidden_dim), dtype=dtype, depth=depth,
+                 pos_embed=pos_embed, image_size=size)
+    return models.encoder_meta(model, int(in_channels), bn_group_size, **extra)
+
+
+def _vit_layout(vit: VisionTransformer, with_head: bool) -> Iterator[tuple[str, tuple, str]]:
+    """(timm key, NNX path of the leaf, kind) in timm's order; kind "conv" / "linear" weights
+    change layout, "param" ones are copied. ``pos_embed`` is listed whichever its kind."""
+    bb = ("backbone",)
+    yield "cls_token", bb + ("cls_token",), "param"
+    yield "pos_embed", bb + ("pos_embed",), "param"
+    yield "patch_embed.proj.weight", bb + ("patch_embed", "proj", "kernel"), "conv"
+    yield "patch_embed.proj.bias", bb + ("patch_embed", "proj", "bias"), "param"
+    norm = lambda name, path: [(f"{name}.weight", path + ("scale",), "param"),
+                               (f"{name}.bias", path + ("bias",), "param")]
+    linear = lambda name, path: [(f"{name}.weight", path + ("kernel",), "linear"),
+                                 (f"{name}.bias", path + ("bias",), "param")]
+    for i in range(len(vit.blocks)):
+        b = bb + ("blocks", i)
+        yield from norm(f"blocks.{i}.norm1", b + ("norm1",))
+        yield from linear(f"blocks.{i}.attn.qkv", b + ("attn", "qkv"))
+        yield from linear(f"blocks.{i}.attn.proj", b + ("attn", "proj"))
+        yield from norm(f"blocks.{i}.norm2", b + ("norm2",))
+        yield from linear(f"blocks.{i}.mlp.fc1", b + ("mlp", "fc1"))
+        yield from linear(f"blocks.{i}.mlp.fc2", b + ("mlp", "fc2"))
+    yield from norm("norm", bb + ("norm",))
+    if with_head:
+        yield from linear("fc.0", ("head", "fc0"))
+        yield from linear("fc.2", ("head", "fc2"))
+
+
+def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """(n_out, n_in) weights of torch's 1-D bicubic resize (align_corners=False, edges clamped)."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    t = src - base
+
+    def kernel(x):
+        x = np.abs(x)
+        return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+    m = np.zeros((n_out, n_in))
+    for off in (-1, 0, 1, 2):
+        idx = np.clip(base + off, 0, n_in - 1).astype(int)
+        np.add.at(m, (np.arange(n_out), idx), kernel(t - off))
+    return m
+
+
+def interpolate_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
+    """A learned (1, 1 + g*g, D) position embedding resized to a grid x grid patch grid as timm /
+    DINO do: the class token's row kept, the patch rows resized bicubically as a g x g image of
+    D channels (torch's ``F.interpolate(mode="bicubic", align_corners=False)``)."""
+    g = _grid(pos_embed)
+    pos = np.asarray(pos_embed, np.float64)
+    table = pos[0, 1:].reshape(g, g, -1)
+    m = _bicubic_matrix(g, grid)
+    resized = np.einsum("ai,ijd,bj->abd", m, table, m).reshape(1, grid * grid, -1)
+    return np.concatenate([pos[:, :1], resized], axis=1).astype(np.float32)
+
+
+def _vit_to_flax(kind: str, x: np.ndarray) -> np.ndarray:
+    return x.transpose(2, 3, 1, 0) if kind == "conv" else x.T if kind == "linear" else x
+
+
+def vit_torch_to_encoder(state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
+                         interpolate_pos_embed: bool = False, encoder: str = "base") -> Encoder:
+    """`torch_to_encoder` of a ViT. A learned ``pos_embed`` for another grid than the model's is
+    resized (:func:`interpolate_pos_embed`) only when ``interpolate_pos_embed``; a sin-cos one
+    is checked and recomputed by the model for its grid."""
+    sd, notes = normalize_vit_keys(state_dict, encoder)
+    for n in notes:
+        log.warning("torch_to_encoder: %s", n)
+    if meta is None:
+        meta = infer_vit_meta(sd)
+    with_head = _has_head(sd)
+    if not with_head:
+        log.warning("torch_to_encoder: no projection head (fc.0/fc.2) in the state dict; the head keeps its "
+                    "fresh initialization (ProjectionHead, nnx.Rngs(%d))", seed)
+    model = models.build_encoder(meta, abstract=True)
+    vit = model.backbone
+    learned = vit.pos_embed_kind == "learn"
+    expected = [k for k, _, _ in _vit_layout(vit, with_head) if learned or k != "pos_embed"]
+    _key_mismatch(meta, expected, sd, optional=("pos_embed",))
+    if "pos_embed" in sd:
+        sd = dict(sd, pos_embed=_fit_pos_embed(sd["pos_embed"], vit, interpolate_pos_embed))
+    graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params = nnx.to_pure_dict(p)
+    bad = []
+    for key, path, kind in _vit_layout(vit, with_head):
+        if key not in expected:
+            continue
+        value = np.asarray(_vit_to_flax(kind, np.asarray(sd[key])), np.float32)
+        node = _get(params, path[:-1])
+        want = tuple(node[path[-1]].shape)
+        if value.shape != want:
+            bad.append(f"{key}: torch {tuple(np.shape(sd[key]))} -> {value.shape}, model needs {want}")
+            continue
+        node[path[-1]] = jnp.asarray(value)
+    if bad:
+        raise ValueError(f"shape mismatches ({_fmt_keys(bad)})")
+    if not with_head:
+        params["head"] = _fresh_head(vit.num_features, meta, seed)
+    nnx.replace_by_pure_dict(p, params)
+    return nnx.merge(graphdef, p, s)
+
+
+def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: bool) -> np.ndarray:
+    """The checkpoint's position embedding for the model: a sin-cos table is checked (the model
+    recomputes it for its grid); a learned one must cover the model's grid, or be resized to it
+    when `interpolate`."""
+    g = _grid(pos)
+    size = g * vit.patch_size
+    if vit.pos_embed_kind == "sincos":
+        if not _is_sincos(pos):
+            raise ValueError("the checkpoint's pos_embed is a learned table, not MoCo v3's sin-cos one: "
+                             "import it with pos_embed='learn' (infer the meta from the state dict)")
+        return pos
+    want = vit.pos_embed.shape[1] - 1
+    if want == g * g:
+        return pos
+    new = math.isqrt(want)
+    if not interpolate:
+        raise ValueError(
+            f"the checkpoint's learned pos_embed covers a {g}x{g} grid of patches ({size}-px images), the "
+            f"model a {new}x{new} grid ({new * vit.patch_size} px); import at image_size={size}, or pass "
+            "interpolate_pos_embed=True (--interpolate-pos-embed) to resize the grid bicubically as timm and "
+            "DINO do")
+    log.warning("torch_to_encoder: pos_embed resized from a %dx%d to a %dx%d grid (bicubic)", g, g, new, new)
+    return interpolate_pos_embed(pos, new)
+
+
+def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict[str, np.ndarray]:
+    """timm-named float32 arrays (timm's order) of a ViT encoder, the head as ``fc.0.*``/``fc.2.*``
+    (left out with ``backbone_only``). A sin-cos ``pos_embed`` is written for the model's
+    image_size (left out, with a warning, when the model was built without one)."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    vit = model.backbone
+    out: dict[str, np.ndarray] = {}
+    for key, path, kind in _vit_layout(vit, not backbone_only):
+        if key == "pos_embed" and vit.pos_embed_kind == "sincos":
+            if vit.image_size is None:
+                log.warning("encoder_to_torch: no image size recorded; the sin-cos pos_embed is left out")
+                continue
+            g = vit.image_size // vit.patch_size
+            out[key] = sincos_pos_embed(g, g, vit.num_features)
+            continue
+        x = np.asarray(_get(params, path))
+        out[key] = x.transpose(3, 2, 0, 1) if kind == "conv" else x.T if kind == "linear" else x
+    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- files
@@ -352,11 +637,13 @@ def save_torch_state_dict(
 
 
 def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = False,
-                 **meta_kw) -> dict[str, Any]:
-    """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta."""
+                 interpolate_pos_embed: bool = False, encoder: str = "base", **meta_kw) -> dict[str, Any]:
+    """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta.
+    Nothing is written unless the whole state dict converts."""
     sd = load_torch_state_dict(pth, trust_pickle)
-    meta = infer_meta(sd, converted_from=os.path.abspath(pth), **meta_kw)
-    model = torch_to_encoder(sd, meta, seed=seed)
+    meta = infer_meta(sd, converted_from=os.path.abspath(pth), encoder=encoder, **meta_kw)
+    model = torch_to_encoder(sd, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
+                             encoder=encoder)
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     checkpoints.export_encoder(out_dir, meta, params, stats)
     return meta
@@ -370,7 +657,8 @@ def export_torch(
     moco_layout: bool = False,
     which: str = "query",
 ) -> dict[str, np.ndarray]:
-    """Train workdir or exported encoder -> torchvision-named ``.pth``; returns the arrays."""
+    """Train workdir or exported encoder -> torchvision-named (timm-named for a ViT) ``.pth``;
+    returns the arrays."""
     model, meta = checkpoints.load_encoder(checkpoint, which=which)
     sd = encoder_to_torch(model, backbone_only=backbone_only)
     if moco_layout:
@@ -385,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hcsc_jax.convert", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser(
-        "import-torch", help="PyTorch .pth (HCSC / MoCo v2 / PCL / torchvision) -> Orbax encoder"
+        "import-torch", help="PyTorch .pth (HCSC / MoCo v2 / PCL / torchvision; timm / MoCo v3 / DINO ViT) "
+        "-> Orbax encoder"
     )
     imp.add_argument("pth")
     imp.add_argument("out_dir")
@@ -395,7 +684,17 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--seed", type=int, default=0, help="initialization of a head absent from the file")
     imp.add_argument("--trust-pickle", action="store_true",
                      help="unpickle any object in the file (runs code it names): only for files you trust")
-    exp = sub.add_parser("export-torch", help="train workdir or exported encoder -> torchvision-named .pth")
+    imp.add_argument("--arch", default=None, help="ViT only: the architecture (e.g. vit_s16) when the width "
+                     "is not the standard one")
+    imp.add_argument("--image-size", type=int, default=None,
+                     help="ViT only: image side to use (default: the checkpoint's position-embedding grid)")
+    imp.add_argument("--interpolate-pos-embed", action="store_true",
+                     help="ViT only: resize a learned position embedding to --image-size (bicubic, as "
+                     "timm and DINO do)")
+    imp.add_argument("--encoder", choices=_MOCO_V3_ENCODERS, default="base",
+                     help="MoCo v3 files: base_encoder (default) or momentum_encoder")
+    exp = sub.add_parser("export-torch",
+                         help="train workdir or exported encoder -> torchvision-named (ViT: timm-named) .pth")
     exp.add_argument("checkpoint")
     exp.add_argument("out_pth")
     grp = exp.add_mutually_exclusive_group()
@@ -419,6 +718,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.out_dir,
                 seed=args.seed,
                 trust_pickle=args.trust_pickle,
+                interpolate_pos_embed=args.interpolate_pos_embed,
+                encoder=args.encoder,
+                arch=args.arch,
+                image_size=args.image_size,
                 embed_dim=args.embed_dim,
                 hidden_dim=args.hidden_dim,
                 bn_group_size=args.bn_group_size,

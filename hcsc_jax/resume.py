@@ -32,6 +32,11 @@ SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_ever
                   "input.bad_images", "clustering.backend", "eval.", "evals.", "wandb.")
 
 
+# Fields added to the configs after runs had been started, with the value that an older config.json
+# means by leaving them out (the behavior before they existed), so that such runs still resume.
+ADDED_FIELDS = {"optimizer": "sgd", "adam_betas": [0.9, 0.999], "lr_warmup_epochs": 0, "grad_clip": 0.0}
+
+
 class ConfigMismatch(ValueError):
     """A resumed run's config changes the meaning of the workdir's checkpoints."""
 
@@ -52,8 +57,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields that differ between two config dicts and are not safe to change."""
-    a, b = flatten(old), flatten(new)
+    """Dotted names of the fields that differ between two config dicts and are not safe to change
+    (a field of `ADDED_FIELDS` absent from one reads as its value there)."""
+    a, b = ({**ADDED_FIELDS, **flatten(c)} for c in (old, new))
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
     safe = lambda k: any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_TO_CHANGE)
     return [k for k in differ if not safe(k)]

@@ -3,7 +3,8 @@
 The state is one pytree: query and key encoder parameters and BN statistics, optimizer state,
 the queue of keys (K, d) with its pointer, the ICSC normalizer cache (L, K), step and rng.
 A step: EMA of the key encoder, two augmented views (plus any multi-crop local views), key
-forward with ShuffleBN, query forward of the global and local views, HCSC objective, SGD update,
+forward with ShuffleBN (off for encoders without BatchNorm: ViTs), query forward of the global and
+local views, HCSC objective, SGD (or AdamW) update,
 enqueue of the global batch's keys. It runs under `jax.jit` on a
 mesh with a `data` axis: the batch is sharded over it, the state replicated. BN statistics are
 per group of `bn_group_size` samples, so the numbers do not depend on the number of devices.
@@ -76,12 +77,36 @@ def check_batch_config(global_batch: int, queue_size: int, bn_group_size: int, n
         )
 
 
-def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_decay=1e-4, momentum=0.9):
-    """SGD as MoCo: lr = base_lr * B / 256, cosine decay to 0, L2 weight decay on every parameter."""
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_decay=1e-4, momentum=0.9, *,
+                   optimizer: str = "sgd", warmup_steps: int = 0, grad_clip: float = 0.0,
+                   betas=(0.9, 0.999)):
+    """-> (optax transformation, lr schedule). lr = base_lr * B / 256 (linear scaling, as MoCo v2
+    and v3), rising linearly from 0 over `warmup_steps` (none by default), then cosine decay to 0
+    at `total_steps`. `optimizer`:
+      "sgd": MoCo v2's SGD with `momentum` and L2 weight decay added to the gradient, on every
+        parameter (the default: without warm-up or clipping the same transformation as always);
+      "adamw": MoCo v3's recipe for ViTs, torch's AdamW (`betas`, eps 1e-8, decoupled decay
+        lr * `weight_decay` * p on every parameter).
+    `grad_clip` > 0 first clips the gradients to that global L2 norm."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     peak = base_lr * global_batch / 256
-    schedule = optax.cosine_decay_schedule(peak, max(total_steps, 1))
-    tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+    total = max(total_steps, 1)
+    if warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, min(warmup_steps, total), total, 0.0)
+    else:
+        schedule = optax.cosine_decay_schedule(peak, total)
+    if optimizer == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+    else:
+        tx = optax.adamw(schedule, b1=betas[0], b2=betas[1], eps=1e-8, weight_decay=weight_decay)
+    if grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
     return tx, schedule
+
 
 
 def split_model(model: nnx.Module):

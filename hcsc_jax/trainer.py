@@ -177,6 +177,8 @@ def _check_finite(per_step: list[dict], first_step: int):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict."""
     main = distributed.is_main()
+    models.check_model_config(config.model, config.image_size, config.shuffle_bn,
+                              [size for size, _ in config.augment.local_views])
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     resume.check_config(workdir, config_json)
@@ -206,7 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.get("init_encoder"):
         init_from(model, config.init_encoder)
     graphdef = ts.split_model(model)[0]
-    tx, schedule = ts.make_optimizer(config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum)
+    tx, schedule = ts.make_optimizer(
+        config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum, optimizer=config.optimizer,
+        warmup_steps=config.lr_warmup_epochs * steps_per_epoch, grad_clip=config.grad_clip,
+        betas=tuple(config.adam_betas))
     replicated = sharding.replicated(mesh)
     state = ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed)
     state = jax.device_put(state, replicated)

@@ -1,10 +1,11 @@
-"""Models: torchvision-layout ResNets with grouped BN, MoCo v2 projection head, encoder (and
-its builders: `make_encoder`, `encoder_meta`, `build_encoder`)."""
+"""Models: torchvision-layout ResNets with grouped BN, timm-layout ViTs, MoCo v2 projection head,
+encoder (and its builders: `make_encoder`, `encoder_meta`, `build_encoder`, `check_model_config`)."""
 
-from .encoder import Encoder, build_encoder, encoder_meta, l2_normalize, make_encoder
+from .encoder import Encoder, build_encoder, check_model_config, encoder_meta, l2_normalize, make_encoder
 from .heads import ProjectionHead
 from .norm import GroupedBatchNorm
 from .resnet import ARCHS, BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
+from .vit import VIT_ARCHS, VisionTransformer, build_vit
 
 __all__ = [
     "ARCHS",
@@ -14,11 +15,15 @@ __all__ = [
     "GroupedBatchNorm",
     "ProjectionHead",
     "ResNet",
+    "VIT_ARCHS",
+    "VisionTransformer",
     "build_encoder",
+    "check_model_config",
     "encoder_meta",
     "l2_normalize",
     "make_encoder",
     "resnet18",
     "resnet34",
     "resnet50",
+    "build_vit",
 ]

@@ -1,5 +1,7 @@
 """The encoder (backbone + projection head) and how one is built: `make_encoder` from arguments,
-`build_encoder` from the `encoder_meta` dict that checkpoints store beside the weights."""
+`build_encoder` from the `encoder_meta` dict that checkpoints store beside the weights,
+`check_model_config` before a run starts. Backbones: the ResNets of `resnet.ARCHS` and the ViTs
+of `vit.VIT_ARCHS`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ from flax import nnx
 
 from .heads import ProjectionHead
 from .resnet import ARCHS, ResNet
+from .vit import VIT_ARCHS, VisionTransformer, build_vit, check_dims, check_image_size
+
+# config.model fields that only a ViT reads: blocks (None: the arch's 12), "sincos" or "learn"
+# position embedding, and the image side the learned one is sized for.
+VIT_FIELDS = ("depth", "pos_embed", "image_size")
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
@@ -38,7 +45,7 @@ class Encoder(nnx.Module):
       (l, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x)
     """
 
-    def __init__(self, backbone: ResNet, head: ProjectionHead):
+    def __init__(self, backbone: ResNet | VisionTransformer, head: ProjectionHead):
         self.backbone = backbone
         self.head = head
 
@@ -60,26 +67,66 @@ def make_encoder(
     rngs: nnx.Rngs,
     **kw,
 ) -> Encoder:
-    """Build ``Encoder(ARCHS[arch](...), ProjectionHead(F, hidden_dim or F, out_dim))``."""
-    backbone = ARCHS[arch](
-        small_stem=small_stem, width=width, bn_group_size=bn_group_size, dtype=dtype, rngs=rngs, **kw
-    )
+    """Build ``Encoder(backbone, ProjectionHead(F, hidden_dim or F, out_dim))``: the backbone is
+    ``ARCHS[arch](...)`` for a ResNet, ``build_vit(arch, ...)`` for a ViT (which takes ``width``,
+    ``in_channels`` and the `VIT_FIELDS` in ``kw``, and has no BatchNorm: ``bn_group_size`` unused)."""
+    if arch in VIT_ARCHS:
+        if small_stem:
+            raise ValueError(f"small_stem is a ResNet option; a ViT's first layer is its patch size ({arch}: "
+                             f"{VIT_ARCHS[arch][3]} px; vit_s4 for 32-px images): set model.small_stem=False")
+        backbone = build_vit(arch, width=width, dtype=dtype, rngs=rngs, **kw)
+    elif arch in ARCHS:
+        backbone = ARCHS[arch](
+            small_stem=small_stem, width=width, bn_group_size=bn_group_size, dtype=dtype, rngs=rngs, **kw
+        )
+    else:
+        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(list(ARCHS) + list(VIT_ARCHS))}")
     head = ProjectionHead(backbone.num_features, hidden_dim, out_dim, dtype=dtype, rngs=rngs)
     return Encoder(backbone, head)
 
 
 def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, **extra) -> dict[str, Any]:
     """What `build_encoder` (and `checkpoints.load_encoder`) needs to rebuild an encoder: arch,
-    width, small_stem, embed_dim, hidden_dim, dtype (the `config.model` fields), in_channels,
-    bn_group_size, plus `extra`."""
+    width, small_stem, embed_dim, hidden_dim, dtype (and for a ViT the `VIT_FIELDS`: the
+    `config.model` fields), in_channels, bn_group_size, plus `extra`."""
     return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
 
 
 def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -> Encoder:
     """The encoder described by `encoder_meta` (shapes only, no allocation, if `abstract`)."""
     m = meta["model"]
+    vit_kw = {k: m[k] for k in VIT_FIELDS if m.get(k) is not None} if m["arch"] in VIT_ARCHS else {}
     make = lambda: make_encoder(
         m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
         width=m["width"], bn_group_size=meta.get("bn_group_size"), dtype=jnp.dtype(m.get("dtype", "float32")),
-        in_channels=meta["in_channels"], rngs=nnx.Rngs(seed))
+        in_channels=meta["in_channels"], rngs=nnx.Rngs(seed), **vit_kw)
     return nnx.eval_shape(make) if abstract else make()
+
+
+def check_model_config(model_config, image_size: int, shuffle_bn: bool, view_sizes=()) -> None:
+    """ValueError saying what to change when `config.model` cannot train on these views: an
+    unknown arch; for a ViT, ShuffleBN (it has no BatchNorm to shuffle), small_stem, an embedding
+    dim that does not suit the heads, an image or local view size that the patch size does not
+    divide, or local views of another size with a learned position embedding."""
+    arch = model_config["arch"]
+    if arch not in ARCHS and arch not in VIT_ARCHS:
+        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(list(ARCHS) + list(VIT_ARCHS))}")
+    if arch not in VIT_ARCHS:
+        return
+    if shuffle_bn:
+        raise ValueError(f"shuffle_bn=True asks to shuffle BatchNorm groups, but {arch} is a ViT and has no "
+                         "BatchNorm: set --config.shuffle_bn=False")
+    if model_config.get("small_stem"):
+        raise ValueError(f"small_stem is a ResNet option; {arch} takes its patch size from its name: set "
+                         "model.small_stem=False")
+    dim, _, heads, patch = VIT_ARCHS[arch]
+    pos_embed = model_config.get("pos_embed") or "sincos"
+    check_dims(max(1, int(round(dim * model_config.get("width", 1.0)))), heads, pos_embed)
+    for size in (image_size, *view_sizes):
+        check_image_size(int(size), patch)
+    if pos_embed == "learn":
+        sizes = {int(model_config.get("image_size") or image_size), int(image_size), *map(int, view_sizes)}
+        if len(sizes) > 1:
+            raise ValueError(f"a learned position embedding fits one image size; the views are "
+                             f"{sorted(sizes)} px (model.image_size, image_size, local views): use "
+                             "pos_embed='sincos' or one size")
