@@ -19,6 +19,17 @@ def test_changed_fields_ignores_what_is_safe():
     assert resume.changed_fields(old, new) == ["extra", "input.pipeline", "model.arch"]
 
 
+def test_runs_from_before_the_host_resampling_field_resume_only_with_their_filter():
+    """A config.json written before input.resampling existed cropped with Pillow's antialias
+    filter: the new default ("linear") would change the run, the old filter resumes it."""
+    new = json.loads(digits.get_config().to_json())
+    old = json.loads(json.dumps(new))
+    del old["input"]["resampling"], old["input"]["bad_images"]
+    assert resume.changed_fields(old, new) == ["input.resampling"]
+    new["input"]["resampling"] = "antialias"
+    assert resume.changed_fields(old, new) == []
+
+
 def _workdir(tmp_path, config, with_checkpoint=True):
     workdir = epath.Path(tmp_path)
     workdir.mkdir(parents=True)
