@@ -27,29 +27,26 @@ def _check_new(name: str, table: dict):
         raise ValueError(f"dataset {name!r} is already registered")
 
 
+def _registrar(table: dict, name: str):
+    _check_new(name, table)
+
+    def decorator(obj):
+        _check_new(name, table)
+        table[name] = obj
+        return obj
+
+    return decorator
+
+
 def register(name: str):
     """Decorator registering `loader(spec, split, data_dir, image_size) -> ArrayDataset` under
     `name`; `spec` is the text after "name:" (None when absent)."""
-    _check_new(name, _LOADERS)
-
-    def decorator(fn: Loader) -> Loader:
-        _check_new(name, _LOADERS)
-        _LOADERS[name] = fn
-        return fn
-
-    return decorator
+    return _registrar(_LOADERS, name)
 
 
 def register_lazy(name: str):
     """Class decorator registering a `RandomAccessSource` class `cls(spec, split, data_dir)`."""
-    _check_new(name, _LAZY)
-
-    def decorator(cls: type) -> type:
-        _check_new(name, _LAZY)
-        _LAZY[name] = cls
-        return cls
-
-    return decorator
+    return _registrar(_LAZY, name)
 
 
 def list_datasets() -> list[str]:
