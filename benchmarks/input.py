@@ -137,8 +137,10 @@ def main(argv):
             rate, startup = stream_rate(source, views, FLAGS.batch, workers, FLAGS.resampling)
             ref = reference_rate(list(source.paths), workers)
             rows.append((workers, rate, ref))
-            print(f"stream, {workers} worker(s): {rate:.1f} images/s wall (start-up {startup:.1f} s); "
-                  f"reference: {ref:.1f} images/s wall; stream / reference {rate / ref:.2f}", flush=True)
+            efficiency = rate / (workers * rows[0][1] / rows[0][0])
+            print(f"stream, {workers} worker(s): {rate:.1f} images/s wall, scaling efficiency "
+                  f"{efficiency:.2f} (start-up {startup:.1f} s); reference: {ref:.1f} images/s wall; "
+                  f"stream / reference {rate / ref:.2f}", flush=True)
         if FLAGS.prepared:
             from hcsc_jax.data import prepare
 
