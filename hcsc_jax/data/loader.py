@@ -149,9 +149,6 @@ class _TrainRow(_Row):
         n = self.source.num_examples
         return epoch_order(self.seed, epoch, n, self.steps_per_epoch, self.global_batch)
 
-    def __getstate__(self):
-        return super().__getstate__()
-
     def __call__(self, k: int) -> dict:
         step, row = divmod(int(k), self.b)
         epoch, s = divmod(step, self.steps_per_epoch)
