@@ -30,14 +30,12 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from hcsc_jax import console, distributed, evaluators, sharding
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import console
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
-    "Evaluation configuration (a Python file with get_config()).", lock_config=True)
+    "Evaluation configuration (a Python file with get_config()).")
 _MODE = flags.DEFINE_enum("mode", None, ["knn", "linear", "linear_fast", "cluster", "semisup", "voc"],
                           "Evaluation protocol.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or exported encoder directory.")
@@ -56,6 +54,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
+    from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
+    from hcsc_jax import workdir as workdir_lib
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -20,14 +20,12 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from hcsc_jax import console
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
-    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).",
-    lock_config=True)
+    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
@@ -70,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Data.
     c.dataset = "tfds:imagenet2012"
-    c.data_dir = None
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None: the TFDS default, or the source's own
     c.train_split = "train"
     c.eval_split = "validation"
     c.image_size = 224  # crop size of both views
