@@ -10,8 +10,10 @@ Several processes (one per host): the same command on each, with --coordinator_a
 JAX_PROCESS_ID); SLURM, Open MPI and Cloud TPU VMs are detected. See README "Multi-host and pods".
 Outputs in --workdir (a local path or a bucket, gs://...): config.json, metrics.jsonl,
 tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (kNN top-1 on the held-out
-split, NMI of each prototype level), figures/. On SIGTERM (preemption) the run saves a
-checkpoint at the next step and exits 0; the same command resumes it.
+split, NMI of each prototype level), figures/. On SIGTERM (preemption) or Ctrl-C the run saves a
+checkpoint within a few steps (trainer.MAX_IN_FLIGHT) and exits 0; the same command resumes it.
+A second Ctrl-C stops at once. A config that cannot train, or a workdir another run holds
+(run.lock), is one line and exit status 2, before anything is written.
 """
 
 import json
@@ -54,14 +56,17 @@ def main(argv):
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)
-    except trainer.NonFiniteLossError as err:
+    except trainer.DivergedError as err:
         ours.error("%s", err)
         sys.exit(1)
     except resume.Preempted as err:
         ours.warning("%s", err)
         sys.exit(0)
-    except (workdir_lib.WorkdirError, resume.ConfigMismatch, ImportError) as err:  # one line: what to change
-        ours.error("%s", err)
+    except KeyboardInterrupt:
+        ours.error("stopped at once (second Ctrl-C), nothing saved since the last checkpoint")
+        sys.exit(130)
+    except (workdir_lib.WorkdirError, resume.ConfigMismatch, trainer.ConfigError, ImportError) as err:
+        ours.error("%s", err)  # one line: what to change
         sys.exit(2)
     if distributed.is_main():
         print(json.dumps(summary, indent=2, sort_keys=True))

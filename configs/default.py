@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
     # python -m hcsc_jax.visualize WORKDIR).
     c.figures_at_end = True
 
+    # Divergence guard: stop (keeping the last checkpoint) when a step's loss or gradient norm is
+    # above these (0: no limit). A NaN or inf loss always stops the run.
+    c.divergence = ml_collections.ConfigDict(dict(max_loss=0.0, max_grad_norm=0.0))
+
     # Bookkeeping.
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5
