@@ -19,12 +19,11 @@ and input pipeline come from the eval config; fields left unset there are read f
   cluster      k-means of the frozen features, NMI / AMI per k in config.cluster.ks
   voc          VOC07 classification with linear SVMs on frozen features (mAP), TFDS voc/2007
 
-Results go to <checkpoint>/eval/<mode>_step<N>.json; features are cached there
+Results go to <checkpoint>/eval/<mode>_step<N>.json (or --out DIR); features are cached there
 (features_step<N>_<dataset>_<split>.npz, keyed by a SHA-256 of the weights). Several processes
 (one per host) take the flags of train.py; process 0 writes the results.
 """
 
-import json
 import logging
 import os
 import sys
@@ -40,6 +39,8 @@ _MODE = flags.DEFINE_enum("mode", None, ["knn", "linear", "linear_fast", "cluste
                           "Evaluation protocol.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or exported encoder directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
+_OUT = flags.DEFINE_string("out", None, "Directory for results and feature caches "
+                           "(default: <checkpoint>/eval; e.g. when the checkpoint is read-only).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -61,9 +62,15 @@ def main(argv):
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     config, mode = _CONFIG.value, _MODE.value
+    out = workdir_lib.path(_OUT.value or workdir_lib.path(_CHECKPOINT.value) / "eval")
     try:
-        ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh())
+        if distributed.is_main():
+            workdir_lib.prepare(out, flag="--out")
+        ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh(),
+                                                out)
         result, line = evaluators.run(mode, ctx, config[SECTION.get(mode, mode)])
+    except workdir_lib.WorkdirError as err:
+        console.usage_error(err)
     except evaluators.EvalError as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -72,10 +79,7 @@ def main(argv):
     result = dict(ctx.common(), checkpoint=os.fspath(workdir_lib.path(_CHECKPOINT.value)), mode=mode,
                   **result, config=config.to_dict())
     path = ctx.out_dir / f"{mode}_step{ctx.encoder.step}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    tmp.rename(path)
+    workdir_lib.write_atomic(path, workdir_lib.dumps(result))
     print(line)
     print(f"results: {path}")
 

@@ -41,9 +41,10 @@ def path(p: str | os.PathLike) -> epath.Path:
     return p if p.is_absolute() else p.absolute()
 
 
-def prepare(p: str | os.PathLike) -> epath.Path:
+def prepare(p: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
     """Creates the run directory `p` if needed and checks that it can be written. Raises
-    WorkdirError with one line saying what to change when it cannot (permissions, missing bucket)."""
+    WorkdirError with one line saying what to change (`flag`) when it cannot (permissions, a
+    read-only filesystem, a missing bucket)."""
     p = path(p)
     try:
         if is_local(p):  # buckets have no directories (and gcsfs would create a missing bucket)
@@ -52,8 +53,8 @@ def prepare(p: str | os.PathLike) -> epath.Path:
         probe.write_text("")
         probe.unlink()
     except Exception as err:  # noqa: BLE001 - every backend has its own errors
-        raise WorkdirError(f"cannot write to workdir {p} ({type(err).__name__}: {err}); "
-                      "pass a --workdir that exists (or can be created) and that you can write to") from None
+        raise WorkdirError(f"cannot write to {p} ({type(err).__name__}: {err}); pass a {flag} that "
+                           "exists (or can be created) and that you can write to") from None
     return p
 
 

@@ -87,3 +87,17 @@ def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, messa
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.batch_size=-8", "config.batch_size must be an integer >= 1, got -8; set --config.batch_size"),
+    ("--config.batch_size=0", "config.batch_size must be an integer >= 1, got 0"),
+    ("--config.lr=0.0", "config.lr must be > 0, got 0.0"),
+    ("--config.queue_size=100", "queue_size 100 is not a multiple of the global batch 64"),
+    ("--config.objective.semantics=wrong", "semantics"),
+])
+def test_a_config_that_cannot_train_is_one_line_exit_2_and_nothing_written(tmp_path, override, message):
+    done = run("train.py", "--config=configs/digits.py:runlocal", override, f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ def test_unwritable_workdirs_say_what_to_change(tmp_path, fake_gcs):  # noqa: F8
     (tmp_path / "file").write_text("")
     for bad in (tmp_path / "file" / "run", "gs://no-such-bucket/run"):
         with pytest.raises(workdir.WorkdirError,
-                           match=r"cannot write to workdir .*; pass a --workdir that exists"):
+                           match=r"cannot write to .*; pass a --workdir that exists"):
             workdir.prepare(bad)
 
 
