@@ -1,6 +1,7 @@
 """Dataset sources: digits split, IDX parsing, Fashion-MNIST, TFDS (mocked), image folders."""
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -294,6 +295,20 @@ def test_image_folder_flat_gray_and_sizes(tmp_path):
     assert ds.images.shape == (3, 3, 3, 1)
     with pytest.raises(FileNotFoundError):
         load_dataset(f"folder:{tmp_path / 'missing'}", "train")
+
+
+def test_image_folder_skips_a_looping_link_and_refuses_an_empty_class(tmp_path, caplog):
+    """A class folder linked to '.' would be an empty class 0 shifting every label by one."""
+    Image = pytest.importorskip("PIL.Image")
+    for cls in ("ant", "bee"):
+        _save(Image, tmp_path / "train" / cls / "a.png", np.zeros((4, 4), np.uint8))
+    os.symlink(".", tmp_path / "train" / "aaa")
+    train = load_dataset(f"folder:{tmp_path}", "train")
+    assert train.class_names == ("ant", "bee") and list(train.labels) == [0, 1]
+    assert "skipping" in caplog.text and "aaa" in caplog.text
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(ValueError, match=r"class folder '.*train/cat' holds no .* files; add its images"):
+        load_dataset(f"folder:{tmp_path}", "train")
 
 
 # ----------------------------------------------------------------------------- host resize

@@ -136,6 +136,10 @@ def test_split_file_selects_exactly_the_listed_images(tmp_path):
     with pytest.raises(EvalError,
                        match=r"8 of the 9 names .* match no image of x, e\.g\. n09_0\.JPEG, n09_1"):
         semisup.match_names(listed, names, "x")
+    # A folder part would select the image of that name in another folder (the train image).
+    split.write_text("n01_1.JPEG\n../val/n02_8.JPEG\n")
+    with pytest.raises(EvalError, match=r"1percent.txt line 2: '../val/n02_8.JPEG' is not a bare file name"):
+        semisup.read_split_file(str(split))
     with pytest.raises(EvalError, match="split file .* does not exist"):
         semisup.read_split_file(str(tmp_path / "nope.txt"))
     with pytest.raises(EvalError, match="no file names to match"):
