@@ -63,7 +63,8 @@ def main(argv):
         ours.warning("%s", err)
         sys.exit(0)
     except KeyboardInterrupt:
-        ours.error("stopped at once (second Ctrl-C), nothing saved since the last checkpoint")
+        ours.error("stopped by Ctrl-C before a checkpoint could be saved; the same command resumes "
+                   "from the last one")
         sys.exit(130)
     except (workdir_lib.WorkdirError, resume.ConfigMismatch, trainer.ConfigError, ImportError) as err:
         ours.error("%s", err)  # one line: what to change
