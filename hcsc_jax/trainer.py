@@ -1,7 +1,10 @@
 """The run: one loop over its steps, clustering between epochs, metrics, checkpoints, final eval.
 
 After each step one predicate, `itstime`, says what is due: a log line, the checkpoint (one
-save call), the evaluators of `config.evals`, a stop on SIGTERM. Before each epoch after
+save call), the evaluators of `config.evals`, a stop on SIGTERM or Ctrl-C. The host dispatches at
+most `MAX_IN_FLIGHT` steps ahead of the device, so a stop saves within that many steps; any stop
+waits for the save in flight. Checkpoints carry the running metric sums of the log window and of
+the epoch, so a resumed run writes the metrics.jsonl of an uninterrupted one. Before each epoch after
 warm-up, the key encoder (inference mode) embeds a center crop of every training image, k-means
 builds the hierarchy (faiss on the host, or the "jax" backend on the devices), and its arrays
 are put on every device. The images reach the step through a `data.pipeline` input
