@@ -8,18 +8,21 @@ asynchronous; Orbax commits a step atomically, so a run killed while saving leav
 step intact. A step that fails to restore (corrupt files) is reported and the one before used.
 With several processes every process calls `save` and `restore_latest` (Orbax coordinates the
 writes); encoders load on any number of devices and processes, whatever topology saved them.
-A restored state holding NaN or inf counts as unreadable; unreadable steps are moved aside
+A restored state that differs from the SHA-256 digest saved with it, or holds NaN or inf, counts
+as unreadable; unreadable steps are moved aside
 (`<step>.unusable`) once an older one restores, so the run continues past them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -44,12 +47,21 @@ def manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointM
     )
 
 
+def digest(tree) -> str:
+    """SHA-256 of the bytes of every array of `tree` (leaf order; this process's copy of each)."""
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(x.addressable_data(0) if isinstance(x, jax.Array) else x).tobytes())
+    return h.hexdigest()
+
+
 def save(mngr: ocp.CheckpointManager, state, meta: dict[str, Any], hierarchy: Hierarchy | None):
-    """Starts an asynchronous save of the state at its global step."""
+    """Starts an asynchronous save of the state at its global step, with the state's `digest` in
+    the metadata (checked on restore)."""
     step = int(jax.device_get(state.step))
     items = dict(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(dict(meta, has_hierarchy=hierarchy is not None)),
+        meta=ocp.args.JsonSave(dict(meta, has_hierarchy=hierarchy is not None, digest=digest(state))),
     )
     if hierarchy is not None:
         items["hierarchy"] = ocp.args.PyTreeSave(hierarchy.to_arrays())
@@ -60,15 +72,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     """Restores the newest readable step -> (state, meta, hierarchy or None), or None if none.
 
     `abstract_state`: the state's structure with shapes, dtypes and shardings (e.g. from
-    `jax.eval_shape` plus shardings). Unreadable steps, and those holding NaN or inf, are logged
-    and skipped, newest first; once an older one restores they are moved aside (`set_aside`), so
+    `jax.eval_shape` plus shardings). Unreadable steps, those whose restored state differs from
+    the digest written at save time and those holding NaN or inf, are logged and skipped, newest
+    first; once an older one restores they are moved aside (`set_aside`), so
     the run saves those steps again. When none restores, nothing is moved.
     """
     failed = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             restored = _restore(mngr, step, abstract_state)
-            check_finite(restored[0], step)
+            check_restored(restored[0], restored[1], step)
         except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
             log.warning(
                 "checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one",
@@ -95,8 +108,11 @@ def describe_latest(mngr: ocp.CheckpointManager) -> str:
     return f"The last checkpoint kept is step {step} in {mngr.directory}; the same command resumes from it"
 
 
-def check_finite(tree, step: int) -> None:
-    """Raises ValueError when a floating-point array of the restored `tree` holds NaN or inf."""
+def check_restored(tree, meta: dict[str, Any], step: int) -> None:
+    """Raises ValueError when the restored `tree` is not what was saved (its `digest` differs
+    from the one in `meta`, when the checkpoint has one) or a floating-point array holds NaN or inf."""
+    if "digest" in meta and digest(tree) != meta["digest"]:
+        raise ValueError(f"the restored state of step {step} differs from the one saved (SHA-256 digest)")
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
         if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
             raise ValueError(f"{jax.tree_util.keystr(path)} of step {step} holds NaN or inf")

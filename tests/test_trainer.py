@@ -278,6 +278,22 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert mngr.all_steps() == [1, 2]
 
 
+def test_a_checkpoint_whose_values_differ_from_its_digest_is_not_restored(tmp_path, caplog):
+    """Values that read back but differ from those saved (here: the digest saved with them is
+    changed, as flipped bytes in the data would) are not restored silently."""
+    mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2):
+        state = _Stepped(jnp.arange(4.0) * step, jnp.array(step, jnp.int32))
+        checkpoints.save(mngr, state, {"epoch": step}, None)
+    mngr.wait_until_finished()
+    meta_file = next((tmp_path / "checkpoints" / "2" / "meta").glob("metadata"))
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, digest="0" * 64)))
+    abstract = jax.eval_shape(lambda: _Stepped(jnp.zeros(4), jnp.array(0, jnp.int32)))
+    restored, _, _ = checkpoints.restore_latest(checkpoints.manager(str(tmp_path)), abstract)
+    assert int(restored.step) == 1 and "differs from the one saved (SHA-256 digest)" in caplog.text
+
+
 def test_a_checkpoint_holding_nan_is_not_restored(tmp_path, caplog):
     mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
     for step, w in ((1, jnp.arange(4.0)), (2, jnp.array([0.0, np.nan, 1.0, 2.0]))):
