@@ -95,7 +95,7 @@ def _safe_list() -> str:
     return ", ".join(s + "*" * s.endswith(".") for s in SAFE_TO_CHANGE)
 
 
-def preempted(mngr, step: int, signal_name: str = "SIGTERM") -> Preempted:
+def preempted(mngr, step: int, signal_name: str) -> Preempted:
     """After the save at `step`: waits for it to commit and returns the `Preempted` to raise."""
     mngr.wait_until_finished()
     return Preempted(f"preempted ({signal_name}): saved the checkpoint of step {step} in {mngr.directory}; "
