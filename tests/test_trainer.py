@@ -19,6 +19,7 @@ from flax import nnx
 
 from configs import digits
 from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, train_step, trainer
+from hcsc_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,6 +231,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     for step in steps:
         state = _restore_raw(os.path.join(workdir, "checkpoints"), step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+class _FakeManager:
+    """What `trainer.keeping_saves` asks of a CheckpointManager: a save in flight, then step 5."""
+
+    directory, waited = "/runs/x/checkpoints", False
+
+    def wait_until_finished(self):
+        self.waited = True
+
+    def latest_step(self):
+        return 5 if self.waited else None
+
+
+def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept():
+    mngr = _FakeManager()
+    with pytest.raises(workdir_lib.WorkdirError, match=r"writing the run failed \(OSError: \[Errno 28\] No "
+                                                        r"space left on device\); free space .* The last "
+                                                        r"checkpoint kept is step 5 in /runs/x/checkpoints"):
+        with trainer.keeping_saves(mngr):
+            raise OSError(28, "No space left on device")
 
 
 def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
