@@ -19,29 +19,28 @@ and input pipeline come from the eval config; fields left unset there are read f
   cluster      k-means of the frozen features, NMI / AMI per k in config.cluster.ks
   voc          VOC07 classification with linear SVMs on frozen features (mAP), TFDS voc/2007
 
-Results go to <checkpoint>/eval/<mode>_step<N>.json; features are cached there
+Results go to <checkpoint>/eval/<mode>_step<N>.json (or --out DIR); features are cached there
 (features_step<N>_<dataset>_<split>.npz, keyed by a SHA-256 of the weights). Several processes
 (one per host) take the flags of train.py; process 0 writes the results.
 """
 
-import json
 import logging
 import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from hcsc_jax import console, distributed, evaluators, sharding
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import console
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
-    "Evaluation configuration (a Python file with get_config()).", lock_config=True)
+    "Evaluation configuration (a Python file with get_config()).")
 _MODE = flags.DEFINE_enum("mode", None, ["knn", "linear", "linear_fast", "cluster", "semisup", "voc"],
                           "Evaluation protocol.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or exported encoder directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
+_OUT = flags.DEFINE_string("out", None, "Directory for results and feature caches "
+                           "(default: <checkpoint>/eval; e.g. when the checkpoint is read-only).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -56,14 +55,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
+    from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
+    from hcsc_jax import workdir as workdir_lib
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     config, mode = _CONFIG.value, _MODE.value
+    out = workdir_lib.path(_OUT.value or workdir_lib.path(_CHECKPOINT.value) / "eval")
     try:
-        ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh())
+        if distributed.is_main():
+            workdir_lib.prepare(out, flag="--out")
+        ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh(),
+                                                out)
         result, line = evaluators.run(mode, ctx, config[SECTION.get(mode, mode)])
+    except workdir_lib.WorkdirError as err:
+        console.usage_error(err)
     except evaluators.EvalError as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -72,13 +79,10 @@ def main(argv):
     result = dict(ctx.common(), checkpoint=os.fspath(workdir_lib.path(_CHECKPOINT.value)), mode=mode,
                   **result, config=config.to_dict())
     path = ctx.out_dir / f"{mode}_step{ctx.encoder.step}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    tmp.rename(path)
+    workdir_lib.write_atomic(path, workdir_lib.dumps(result))
     print(line)
     print(f"results: {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -10,8 +10,10 @@ Several processes (one per host): the same command on each, with --coordinator_a
 JAX_PROCESS_ID); SLURM, Open MPI and Cloud TPU VMs are detected. See README "Multi-host and pods".
 Outputs in --workdir (a local path or a bucket, gs://...): config.json, metrics.jsonl,
 tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (kNN top-1 on the held-out
-split, NMI of each prototype level), figures/. On SIGTERM (preemption) the run saves a
-checkpoint at the next step and exits 0; the same command resumes it.
+split, NMI of each prototype level), figures/. On SIGTERM (preemption) or Ctrl-C the run saves a
+checkpoint within a few steps (trainer.MAX_IN_FLIGHT) and exits 0; the same command resumes it.
+A second Ctrl-C stops at once. A config that cannot train, or a workdir another run holds
+(run.lock), is one line and exit status 2, before anything is written.
 """
 
 import json
@@ -20,14 +22,12 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from hcsc_jax import console
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
-    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).",
-    lock_config=True)
+    "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
@@ -56,18 +56,22 @@ def main(argv):
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)
-    except trainer.NonFiniteLossError as err:
+    except trainer.DivergedError as err:
         ours.error("%s", err)
         sys.exit(1)
     except resume.Preempted as err:
         ours.warning("%s", err)
         sys.exit(0)
-    except (workdir_lib.WorkdirError, resume.ConfigMismatch, ImportError) as err:  # one line: what to change
-        ours.error("%s", err)
+    except KeyboardInterrupt:
+        ours.error("stopped by Ctrl-C before a checkpoint could be saved; the same command resumes "
+                   "from the last one")
+        sys.exit(130)
+    except (workdir_lib.WorkdirError, resume.ConfigMismatch, trainer.ConfigError, ImportError) as err:
+        ours.error("%s", err)  # one line: what to change
         sys.exit(2)
     if distributed.is_main():
         print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Data.
     c.dataset = "tfds:imagenet2012"
-    c.data_dir = None
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None: the TFDS default, or the source's own
     c.train_split = "train"
     c.eval_split = "validation"
     c.image_size = 224  # crop size of both views
@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Training-curve and cluster figures in <workdir>/figures at the end of a run (all figures:
     # python -m hcsc_jax.visualize WORKDIR).
     c.figures_at_end = True
+
+    # Divergence guard: stop (keeping the last checkpoint) when a step's loss or gradient norm is
+    # above these (0: no limit). A NaN or inf loss always stops the run.
+    c.divergence = ml_collections.ConfigDict(dict(max_loss=0.0, max_grad_norm=0.0))
 
     # Bookkeeping.
     c.log_every_steps = 50

@@ -8,17 +8,25 @@ asynchronous; Orbax commits a step atomically, so a run killed while saving leav
 step intact. A step that fails to restore (corrupt files) is reported and the one before used.
 With several processes every process calls `save` and `restore_latest` (Orbax coordinates the
 writes); encoders load on any number of devices and processes, whatever topology saved them.
+A restored state that differs from the SHA-256 digest saved with it, or holds NaN or inf, counts
+as unreadable; unreadable steps are moved aside
+(`<step>.unusable`) once an older one restores, so the run continues past them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from hcsc_jax import sharding
 from hcsc_jax import workdir as workdir_lib
@@ -39,12 +47,21 @@ def manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointM
     )
 
 
+def digest(tree) -> str:
+    """SHA-256 of the bytes of every array of `tree` (leaf order; this process's copy of each)."""
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(x.addressable_data(0) if isinstance(x, jax.Array) else x).tobytes())
+    return h.hexdigest()
+
+
 def save(mngr: ocp.CheckpointManager, state, meta: dict[str, Any], hierarchy: Hierarchy | None):
-    """Starts an asynchronous save of the state at its global step."""
+    """Starts an asynchronous save of the state at its global step, with the state's `digest` in
+    the metadata (checked on restore)."""
     step = int(jax.device_get(state.step))
     items = dict(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(dict(meta, has_hierarchy=hierarchy is not None)),
+        meta=ocp.args.JsonSave(dict(meta, has_hierarchy=hierarchy is not None, digest=digest(state))),
     )
     if hierarchy is not None:
         items["hierarchy"] = ocp.args.PyTreeSave(hierarchy.to_arrays())
@@ -55,22 +72,67 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     """Restores the newest readable step -> (state, meta, hierarchy or None), or None if none.
 
     `abstract_state`: the state's structure with shapes, dtypes and shardings (e.g. from
-    `jax.eval_shape` plus shardings). Unreadable steps are logged and skipped, newest first.
+    `jax.eval_shape` plus shardings). Unreadable steps, those whose restored state differs from
+    the digest written at save time and those holding NaN or inf, are logged and skipped, newest
+    first; once an older one restores they are moved aside (`set_aside`), so
+    the run saves those steps again. When none restores, nothing is moved.
     """
+    failed = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            return _restore(mngr, step, abstract_state)
+            restored = _restore(mngr, step, abstract_state)
+            check_restored(restored[0], restored[1], step)
         except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
             log.warning(
                 "checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one",
                 step, mngr.directory, type(err).__name__, err,
             )
+            failed.append(step)
+            continue
+        for bad in failed:
+            log.warning("moved the unusable checkpoint of step %d to %s", bad, set_aside(mngr, bad))
+        return restored
     if mngr.all_steps():
         raise RuntimeError(
             f"no checkpoint in {mngr.directory} could be restored (steps {mngr.all_steps()}); "
             "move the directory away to start afresh"
         )
     return None
+
+
+def describe_latest(mngr: ocp.CheckpointManager) -> str:
+    """A sentence naming the newest committed checkpoint, or saying that there is none."""
+    step = mngr.latest_step()
+    if step is None:
+        return f"No checkpoint was saved in {mngr.directory}"
+    return f"The last checkpoint kept is step {step} in {mngr.directory}; the same command resumes from it"
+
+
+def check_restored(tree, meta: dict[str, Any], step: int) -> None:
+    """Raises ValueError when the restored `tree` is not what was saved (its `digest` differs
+    from the one in `meta`, when the checkpoint has one) or a floating-point array holds NaN or inf."""
+    if "digest" in meta and digest(tree) != meta["digest"]:
+        raise ValueError(f"the restored state of step {step} differs from the one saved (SHA-256 digest)")
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
+            raise ValueError(f"{jax.tree_util.keystr(path)} of step {step} holds NaN or inf")
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Renames the directory of `step` to `<step>.unusable[.N]` beside it (kept for a look, no
+    longer a step) -> the new path. Process 0 renames; every process then sees the new list."""
+    source = epath.Path(mngr.directory) / str(step)
+    target = source.with_name(f"{step}.unusable")
+    for n in range(1, 1000):
+        if not target.exists():
+            break
+        target = source.with_name(f"{step}.unusable.{n}")
+    if jax.process_index() == 0:
+        source.rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside step {step}")
+    mngr.reload()
+    return target
 
 
 def _restore(mngr, step, abstract_state):

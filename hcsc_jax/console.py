@@ -1,8 +1,19 @@
-"""Console logging for the command-line tools: our messages at INFO, everyone else's at WARNING."""
+"""Console logging and flag parsing for the command-line tools: our messages at INFO, everyone
+else's at WARNING; a flag or config that cannot be read is one line and exit status 2."""
 
+import difflib
 import logging
+import os
+import re
+import sys
 
+from absl import flags
 from absl import logging as absl_logging
+from ml_collections.config_flags import config_flags
+
+USAGE_ERROR = 2  # the exit status of a command line that cannot run as given
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+_CONFIG_DEFAULTS: dict[str, str] = {}  # config flag name -> its default file, applied by parse_flags
 
 
 def setup() -> logging.Logger:
@@ -17,3 +28,99 @@ def setup() -> logging.Logger:
     ours.setLevel(logging.INFO)
     ours.propagate = False
     return ours
+
+
+def usage_error(message: str):
+    """Prints `<program>: error: <message>` as one line on stderr and exits with status 2."""
+    line = " ".join(str(message).split())
+    print(f"{os.path.basename(sys.argv[0])}: error: {line}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def define_config(name: str, default: str, help_string: str):
+    """`config_flags.DEFINE_config_file` whose default file is loaded by `parse_flags`, not at
+    import (where an error in it or in an override would be a traceback)."""
+    _CONFIG_DEFAULTS[name] = default
+    return config_flags.DEFINE_config_file(name, None, f"{help_string} Default: {default}", lock_config=True)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with every config flag
+    loaded and its overrides applied here: --help exits 0; an unknown flag or config field, a bad
+    value or a missing config file exits 2 with one line saying what to change."""
+    for name, default in _CONFIG_DEFAULTS.items():
+        if config_argument(argv, name) is None:
+            argv = [argv[0], f"--{name}={default}", *argv[1:]]
+    try:
+        rest = flags.FLAGS(argv)
+        for name in _config_flags():
+            flags.FLAGS[name].value.keys()  # a config file that failed to load raises here
+        return rest
+    except SystemExit as done:
+        if done.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)  # absl exits 1 after printing the help that was asked for
+        raise
+    except Exception as err:  # noqa: BLE001 - flags, config files and overrides raise anything
+        usage_error(explain(argv, err))
+
+
+def _config_flags() -> list[str]:
+    return [name for name, flag in flags.FLAGS._flags().items()
+            if config_flags.is_config_flag(flag) and name == flag.name]
+
+
+def explain(argv: list[str], err: Exception) -> str:
+    """One line for a command line that failed to parse with `err`: the config file that does not
+    exist, the overridden field that is not in the config (with the closest name), or the last
+    line of the error."""
+    for name in _config_flags():
+        path = config_argument(argv, name)
+        file = path.split(":", 1)[0]
+        if not os.path.isfile(file):
+            return f"config file {file} does not exist; pass --{name}=an existing file (see configs/)"
+        try:
+            config = config_flags.ConfigFileFlagParser(name).parse(path)
+        except Exception as load_err:  # noqa: BLE001 - the config file's own error
+            return last_line(load_err)
+        for field in overrides(argv, name):
+            missing = unknown_field(config, field)
+            if missing:
+                return f"--{name}.{field}: {missing}"
+    return last_line(err)
+
+
+def last_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def config_argument(argv: list[str], name: str) -> str | None:
+    """The value of --name (as `--name=V` or `--name V`) in `argv`, the last one given."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif re.match(rf"^--?{name}=", arg):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def overrides(argv: list[str], name: str) -> list[str]:
+    """The dotted field names of the --name.FIELD=... overrides in `argv`."""
+    found = [re.match(rf"^--?(?:no)?{name}\.([^=]+)", arg) for arg in argv]
+    return [m.group(1) for m in found if m]
+
+
+def unknown_field(config, field: str) -> str | None:
+    """None when the dotted `field` is in `config`, else what is wrong with it, with the closest
+    known name (difflib)."""
+    node, done = config, []
+    for part in field.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = "config" + "".join(f".{d}" for d in done)
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f"; did you mean {where}.{close[0]}?" if close else f"; known: {', '.join(sorted(keys))}"
+            return f"{where} has no field {part!r}{hint}"
+        node, done = node[part], done + [part]
+    return None

@@ -61,7 +61,6 @@ import argparse
 import logging
 import math
 import os
-import pickle
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -598,19 +597,23 @@ def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict
 def load_torch_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a ``.pth`` file (torch needed) -> {key: float NumPy array or int array}, unwrapping
     ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers. Only tensors and plain containers are
-    unpickled unless `trust_pickle` (which runs whatever code the file names: trusted files only)."""
-    import torch
-
+    unpickled unless `trust_pickle` (which runs whatever code the file names: trusted files only).
+    A file that is no checkpoint at all is a ValueError that does not suggest --trust-pickle."""
+    torch = import_torch_module()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such PyTorch checkpoint file: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as err:  # e.g. an argparse.Namespace among the saved objects
+    except Exception as err:  # noqa: BLE001 - torch.load raises anything on a file that is not its own
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
-            f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses "
-            f"({first}); if you trust the file, pass --trust-pickle "
-            "(it runs code named in the file)") from None
+        if not trust_pickle and "Weights only load failed" in str(err):  # e.g. an argparse.Namespace
+            raise ValueError(
+                f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses "
+                f"({first}); if you trust the file, pass --trust-pickle "
+                "(it runs code named in the file)") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint that torch.load can read "
+                         f"({type(err).__name__}: {first}); pass the .pth file of a saved state "
+                         "dict") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -625,10 +628,20 @@ def load_torch_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np
     return {k: to_np(v) for k, v in obj.items()}
 
 
+def import_torch_module():
+    """`torch`, or ImportError saying how to install it (an optional dependency)."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("PyTorch checkpoints need torch, an optional dependency: pip install torch "
+                          "(CPU build: pip install torch==2.13.0)") from None
+    return torch
+
+
 def save_torch_state_dict(
     path: str, state: Mapping[str, np.ndarray], wrap: dict[str, Any] | None = None
 ) -> None:
-    import torch
+    torch = import_torch_module()
 
     sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
     obj = sd if wrap is None else dict(wrap, state_dict=sd)
@@ -736,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                 which=args.which,
             )
             print(f"wrote {args.out_pth}: {len(sd)} tensors")
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,9 @@ the workdir's `config.json` (batch size, epochs, queue, levels, architecture, ..
 `SAFE_TO_CHANGE` (logging, checkpoint cadence, worker counts, the final evaluation and the evaluators
 during training, data_dir).
 
-`PreemptionWatch` turns SIGTERM (what TPU / GCE preemption and SLURM send before killing) into a
-checkpoint at the next step boundary; with several processes jax's preemption service picks the
-same step on all of them.
+`PreemptionWatch` turns SIGTERM (what TPU / GCE preemption and SLURM send before killing) and
+Ctrl-C (SIGINT; a second one stops at once) into a checkpoint at the next step boundary; with
+several processes jax's preemption service picks the same step on all of them (SIGTERM only).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # Config fields (dotted; a trailing "." covers a whole group) that a resumed run may change.
 SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
                   "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch",
-                  "input.bad_images", "clustering.backend", "eval.", "evals.", "wandb.")
+                  "input.bad_images", "clustering.backend", "eval.", "evals.", "wandb.",
+                  "divergence.")
 
 
 # Fields added to the configs after runs had been started, with the value that an older config.json
@@ -43,7 +44,7 @@ class ConfigMismatch(ValueError):
 
 
 class Preempted(Exception):
-    """SIGTERM was received and a checkpoint saved; running the same command resumes."""
+    """SIGTERM or SIGINT was received and a checkpoint saved; running the same command resumes."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -79,7 +80,14 @@ def check_config(workdir: epath.Path, config_json: str):
     saved = workdir / workdir_lib.CONFIG_FILE
     fields = []
     if saved.exists() and has_checkpoint(workdir):
-        old, new = json.loads(saved.read_text()), json.loads(config_json)
+        try:
+            old = json.loads(saved.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigMismatch(
+                f"{saved} is empty or cut short ({err}), so the config of the checkpoints in {workdir} is "
+                "unknown; restore that file from a copy, or delete it to resume with the config given "
+                "now") from None
+        new = json.loads(config_json)
         fields = changed_fields(old, new)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("config checked")
@@ -95,27 +103,35 @@ def _safe_list() -> str:
     return ", ".join(s + "*" * s.endswith(".") for s in SAFE_TO_CHANGE)
 
 
-def preempted(mngr, step: int) -> Preempted:
+def preempted(mngr, step: int, signal_name: str) -> Preempted:
     """After the save at `step`: waits for it to commit and returns the `Preempted` to raise."""
     mngr.wait_until_finished()
-    return Preempted(f"preempted (SIGTERM): saved the checkpoint of step {step} in {mngr.directory}; "
+    return Preempted(f"preempted ({signal_name}): saved the checkpoint of step {step} in {mngr.directory}; "
                      "run the same command to resume")
 
 
 class PreemptionWatch:
-    """Notes SIGTERM; `reached(step)` says whether to save and stop after `step`. One process:
-    a Python handler (installed from the main thread), restored when the `with` block is left,
-    however it is left. Several: jax's preemption sync point, the same step on every process."""
+    """Notes SIGTERM and SIGINT (Ctrl-C); `reached(step)` says whether to save and stop after
+    `step`. One process: Python handlers (installed from the main thread), restored when the `with`
+    block is left, however it is left; a second SIGINT raises KeyboardInterrupt at once. Several:
+    jax's preemption sync point (SIGTERM), the same step on every process."""
 
     def __init__(self):
         self.received = False
+        self.signal_name = "SIGTERM"
         self.multiprocess = jax.process_count() > 1
-        self.previous = None
+        self.previous = {}
         if not self.multiprocess and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
 
-    def _on_sigterm(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+    def _on_signal(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        again = " (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""
+        log.warning("%s received: saving a checkpoint at the next step boundary, then exiting%s",
+                    self.signal_name, again)
         self.received = True
 
     def reached(self, step: int) -> bool:
@@ -127,6 +143,6 @@ class PreemptionWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}

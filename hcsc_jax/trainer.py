@@ -1,7 +1,10 @@
 """The run: one loop over its steps, clustering between epochs, metrics, checkpoints, final eval.
 
 After each step one predicate, `itstime`, says what is due: a log line, the checkpoint (one
-save call), the evaluators of `config.evals`, a stop on SIGTERM. Before each epoch after
+save call), the evaluators of `config.evals`, a stop on SIGTERM or Ctrl-C. The host dispatches at
+most `MAX_IN_FLIGHT` steps ahead of the device, so a stop saves within that many steps; any stop
+waits for the save in flight. Checkpoints carry the running metric sums of the log window and of
+the epoch, so a resumed run writes the metrics.jsonl of an uninterrupted one. Before each epoch after
 warm-up, the key encoder (inference mode) embeds a center crop of every training image, k-means
 builds the hierarchy (faiss on the host, or the "jax" backend on the devices), and its arrays
 are put on every device. The images reach the step through a `data.pipeline` input
@@ -16,6 +19,9 @@ metrics and summaries, and all processes write the checkpoints together.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -49,9 +55,54 @@ from hcsc_jax.features import embed_input
 
 log = logging.getLogger(__name__)
 
+# Steps the host dispatches ahead of the one it waits for: a stop signal saves within this many steps.
+MAX_IN_FLIGHT = 2
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+class DivergedError(RuntimeError):
+    """Training stopped on a loss or gradient it cannot recover from; the last good checkpoint is kept."""
+
+
+class NonFiniteLossError(DivergedError):
+    """The loss became NaN or inf."""
+
+
+class ConfigError(ValueError):
+    """A config value that cannot train, with what to change (one line)."""
+
+
+# Fields that must be positive (> 0) or at least 0: (dotted name, minimum).
+_AT_LEAST = (("batch_size", 1), ("queue_size", 1), ("bn_group_size", 1), ("image_size", 1),
+             ("keep_checkpoints", 1), ("model.embed_dim", 1), ("clustering.niter", 1),
+             ("clustering.nredo", 1), ("epochs", 0), ("warmup_epochs", 0), ("log_every_steps", 0),
+             ("checkpoint_every_epochs", 0), ("checkpoint_every_steps", 0))
+_POSITIVE = ("lr", "model.width", "objective.temperature", "clustering.temperature")
+
+
+def check_values(config, num_devices: int) -> None:
+    """Raises ConfigError naming the field and what to change for a config that cannot train:
+    sizes and counts out of range, a batch, queue and BN groups that do not fit `num_devices`, an
+    objective or evaluator that does not exist. Runs before anything is written."""
+    get = lambda name: functools.reduce(lambda node, key: node[key], name.split("."), config)
+    for name, low in _AT_LEAST:
+        value = get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"config.{name} must be an integer >= {low}, got {value!r}; "
+                              f"set --config.{name}")
+    for name in _POSITIVE:
+        if not get(name) > 0:
+            raise ConfigError(f"config.{name} must be > 0, got {get(name)!r}; set --config.{name}")
+    if not 0 <= config.ema_momentum <= 1:
+        raise ConfigError(f"config.ema_momentum must be in [0, 1], got {config.ema_momentum!r}")
+    if any(k < 1 for k in config.clustering.num_clusters):
+        raise ConfigError(f"config.clustering.num_clusters must hold sizes >= 1, got "
+                          f"{tuple(config.clustering.num_clusters)}; set --config.clustering.num_clusters")
+    try:
+        ts.check_batch_config(config.batch_size, config.queue_size, config.bn_group_size, num_devices)
+        objective_config(config)
+        check_evals(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def objective_config(config) -> objective.ObjectiveConfig:
@@ -136,18 +187,39 @@ def itstime(count: int, every: int, *, final: bool = False) -> bool:
     return final or (every > 0 and count > 0 and count % every == 0)
 
 
-def flush_log(pending: list, step: int, epoch: int, lr: float, batch: int, since: float, writer,
-              bar) -> list[dict]:
-    """Waits for the metrics of the steps in `pending` (the last is `step`, the first began after
-    `since`), stops on a non-finite loss, writes their mean with `lr` and images/s -> the
-    per-step metrics on the host."""
+def new_sums() -> dict[str, Any]:
+    """Running sums of per-step metrics: {"count": steps, "sums": {key: sum}}. Checkpoints carry
+    them (JSON keeps a float exactly), so a resumed run adds the same floats in the same order."""
+    return {"count": 0, "sums": {}}
+
+
+def add_steps(acc: dict[str, Any], per_step: list[dict]) -> None:
+    """Adds the host metrics of some steps, in step order, to the running sums `acc`."""
+    for m in per_step:
+        acc["count"] += 1
+        for k, v in m.items():
+            acc["sums"][k] = acc["sums"].get(k, 0.0) + float(v)
+
+
+def means(acc: dict[str, Any]) -> dict[str, float]:
+    return {k: v / acc["count"] for k, v in acc["sums"].items()}
+
+
+def fetch_checked(pending: list, step: int, divergence) -> list[dict]:
+    """Waits for the metrics of the steps in `pending` (the last is `step`) -> their host copies;
+    stops on a non-finite loss or a divergence (see `check_health`)."""
     per_step = jax.device_get(pending)
-    _check_finite(per_step, step - len(per_step) + 1)
-    ips = len(per_step) * batch / (time.perf_counter() - since)
-    record = dict(_mean_metrics(per_step), step=step, epoch=epoch, lr=lr, images_per_sec=ips)
+    check_health(per_step, step - len(per_step) + 1, divergence)
+    return per_step
+
+
+def flush_log(window: dict, step: int, epoch: int, lr: float, batch: int, since: float, writer, bar):
+    """Writes the mean of the steps summed in `window` (the last is `step`, the first began after
+    `since`) with `lr` and images/s."""
+    ips = window["count"] * batch / (time.perf_counter() - since)
+    record = dict(means(window), step=step, epoch=epoch, lr=lr, images_per_sec=ips)
     writer.write(record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
-    return per_step
 
 
 def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mesh,
@@ -158,45 +230,71 @@ def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mes
     return cluster(config, proj, epoch, num_clusters, mesh)
 
 
-def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
-    keys = per_step[0].keys()
-    return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
-
-
-def _check_finite(per_step: list[dict], first_step: int):
+def check_health(per_step: list[dict], first_step: int, divergence) -> None:
     """Raises NonFiniteLossError naming the first step (1-based, as in metrics.jsonl) whose loss
-    is not finite. per_step[i] holds the metrics of step first_step + i."""
+    is not finite, DivergedError for one whose loss or gradient norm is above
+    `divergence.max_loss` / `divergence.max_grad_norm` (0: no limit). per_step[i] holds the
+    metrics of step first_step + i."""
+    limits = {"loss": divergence.max_loss, "grad_norm": divergence.max_grad_norm}
     for i, m in enumerate(per_step):
         if not math.isfinite(m["loss"]):
             raise NonFiniteLossError(
-                f"loss is {m['loss']} at step {first_step + i}; stopping. The last good checkpoint "
-                "is kept; lower the learning rate, check the data, or use float32 compute"
-            )
+                f"loss is {m['loss']} at step {first_step + i}; stopping; lower the learning rate, "
+                "check the data, or use float32 compute")
+        for key, limit in limits.items():
+            if limit and m.get(key, 0.0) > limit:
+                raise DivergedError(
+                    f"{key} is {m[key]:.4g} at step {first_step + i}, above config.divergence.max_{key} = "
+                    f"{limit:g}: the run diverges; stopping; lower the learning rate")
+
+
+@contextlib.contextmanager
+def keeping_saves(mngr):
+    """Leaving the loop for any error (a divergence, a full disk, a bug) first waits for the saves
+    in flight, so the newest checkpoint is kept; a divergence's or a write error's message then
+    names the checkpoint kept."""
+    try:
+        yield
+    except Exception as err:
+        try:
+            mngr.wait_until_finished()
+        except Exception as save_err:  # noqa: BLE001 - the save in flight failed too
+            log.warning("the checkpoint save in flight failed: %s: %s", type(save_err).__name__, save_err)
+        if isinstance(err, DivergedError):
+            raise type(err)(f"{err}. {checkpoints.describe_latest(mngr)}") from None
+        if isinstance(err, OSError) and not isinstance(err, workdir_lib.WorkdirError):
+            raise workdir_lib.WorkdirError(
+                f"writing the run failed ({type(err).__name__}: {err}); free space or make the workdir "
+                f"writable, then run the same command. {checkpoints.describe_latest(mngr)}") from err
+        raise
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict."""
+    """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict.
+    The config is checked before anything is written; the workdir is locked while the run lasts."""
     main = distributed.is_main()
+    mesh = sharding.make_mesh()
+    check_values(config, mesh.size)
     models.check_model_config(config.model, config.image_size, config.shuffle_bn,
                               [size for size, _ in config.augment.local_views])
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
+    with workdir_lib.locked(workdir, enabled=main):
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
+    main = distributed.is_main()
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     resume.check_config(workdir, config_json)
-    if main:
-        (workdir / workdir_lib.CONFIG_FILE).write_text(config_json)
-
-    check_evals(config)
-    mesh = sharding.make_mesh()
     batch = config.batch_size
-    ts.check_batch_config(batch, config.queue_size, config.bn_group_size, mesh.size)
     train_set = make_input(config, config.train_split, mesh)
     n = train_set.num_examples
     steps_per_epoch = train_set.steps_per_epoch
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
+        raise ConfigError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
     num_levels = len(config.clustering.num_clusters)
     if num_levels and config.clustering.num_clusters[0] > n:
-        raise ValueError(
+        raise ConfigError(
             f"clustering.num_clusters[0] = {config.clustering.num_clusters[0]} exceeds the {n} "
             "training images; use fewer clusters"
         )
@@ -219,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = checkpoints.restore_latest(mngr, abstract)
-    hierarchy, hierarchy_epoch = None, -1
+    hierarchy, hierarchy_epoch, meta = None, -1, {}
     if restored is not None:
         state, meta, hierarchy = restored
         hierarchy_epoch = meta.get("hierarchy_epoch", -1)
@@ -231,6 +329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "training set has changed size; resume on the same data or use a new --workdir")
         log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), meta["epoch"],
                  meta["step_in_epoch"])
+    if main:  # after the resume checks: a refused run leaves the config of its checkpoints
+        workdir_lib.write_atomic(workdir / workdir_lib.CONFIG_FILE, config_json)
+    redo_evals = missing_evals(config, workdir, int(state.step), steps_per_epoch)
     writer = metrics_lib.MetricsWriter(workdir, int(state.step), config, enabled=main)
 
     view_q, view_k, view_local, (mean, std) = view_configs(config, channels)
@@ -247,10 +348,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # One pass over the positions of the run (`step` steps done): first what is due after the step
     # just taken (log, save, evaluate, stop), then at an epoch's start the clustering, then a step.
+    # The log window and the epoch's sums so far: those of a mid-epoch checkpoint, else empty.
     first_step = int(state.step)  # `step` is a host copy: no device sync per step
-    pending, epoch_metrics, metrics, protos, bar, t_log, cluster_seconds = [], [], None, None, None, 0.0, 0.0
+    window, epoch_sums = meta.get("log_sums", new_sums()), meta.get("epoch_sums", new_sums())
+    pending, inflight = [], collections.deque()
+    metrics, protos, bar, t_log, cluster_seconds = None, None, None, time.perf_counter(), 0.0
     input_wait, t_epoch = 0.0, 0.0  # seconds the loop waited for its input this epoch; the epoch's start
-    with resume.PreemptionWatch() as preemption:
+    with resume.PreemptionWatch() as preemption, keeping_saves(mngr):
         for step in range(first_step, total_steps + 1):
             epochs_done, in_epoch = divmod(step, steps_per_epoch)
             epoch = (step - 1) // steps_per_epoch  # of the step just taken
@@ -262,13 +366,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     or last and mngr.latest_step() is None)  # epochs=0: keep the initial encoder
             if trained:
                 pending.append(metrics)
-                if itstime(len(pending), config.log_every_steps, final=epoch_done or save):
-                    epoch_metrics += flush_log(pending, step, epoch, float(schedule(step - 1)), batch, t_log,
-                                               writer, bar)
-                    pending, t_log = [], time.perf_counter()
+                log_due = itstime(in_epoch or steps_per_epoch, config.log_every_steps, final=epoch_done)
+                if log_due or save:  # a checkpoint only after every step since the last was checked
+                    per_step = fetch_checked(pending, step, config.divergence)
+                    add_steps(window, per_step)
+                    add_steps(epoch_sums, per_step)
+                    pending = []
+                if log_due:
+                    flush_log(window, step, epoch, float(schedule(step - 1)), batch, t_log, writer, bar)
+                    window, t_log = new_sums(), time.perf_counter()
             if epoch_done:
                 bar.close()
-                summary = dict(_mean_metrics(epoch_metrics), step=step, epoch=epoch, type="epoch",
+                summary = dict(means(epoch_sums), step=step, epoch=epoch, type="epoch",
                                clustering_seconds=cluster_seconds, input_wait_seconds=input_wait,
                                epoch_seconds=time.perf_counter() - t_epoch)
                 writer.write(summary)
@@ -276,9 +385,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          "instance only" if protos is None else f"{num_levels} prototype levels")
             if save:
                 meta = dict(epoch=epochs_done, step_in_epoch=in_epoch, hierarchy_epoch=hierarchy_epoch,
-                            encoder=enc_meta)
+                            encoder=enc_meta, log_sums=copy.deepcopy(window),
+                            epoch_sums=copy.deepcopy(epoch_sums))
                 checkpoints.save(mngr, state, meta, hierarchy)
-            if epoch_done and config.evals and not stop:  # after the save: an eval cut short is not redone
+            # After the save; evaluations a kill cut short after it are redone on resume.
+            if (epoch_done and not stop or not trained and redo_evals) and config.evals:
                 t_eval = time.perf_counter()
                 final_ctx = context(step)
                 record = run_evals(config, final_ctx, epoch, last)
@@ -286,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.write(dict(record, type="eval", epoch=epoch, step=step,
                                       eval_seconds=time.perf_counter() - t_eval))
             if stop:
-                raise resume.preempted(mngr, step)
+                raise resume.preempted(mngr, step, preemption.signal_name)
             if last:
                 break
 
@@ -305,7 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     assignments = hierarchy.assignments()
                     if in_epoch == 0:  # (resumed mid-epoch, the restored state already holds the cache)
                         state = refresh_lse(state, protos)
-                batches, epoch_metrics = train_set.steps(e, in_epoch, assignments), []
+                batches = train_set.steps(e, in_epoch, assignments)
+                if in_epoch == 0:
+                    epoch_sums = new_sums()
                 bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {e + 1}/{config.epochs}",
                            unit="step", leave=False, dynamic_ncols=True,
                            disable=not (config.progress_bar and main))
@@ -314,6 +427,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             images, labels = next(batches)
             input_wait += time.perf_counter() - t_input  # the host waiting for the loader
             state, metrics = step_fns[protos is None](state, images, labels, protos)
+            inflight.append(metrics)
+            if len(inflight) > MAX_IN_FLIGHT:  # the host waits for step s - MAX_IN_FLIGHT before step s + 1
+                jax.block_until_ready(inflight.popleft())
             bar.update()
     mngr.wait_until_finished()
     train_set.close()  # the loader's worker processes (they also stop with this process)
@@ -323,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summary = evaluate(config, final_ctx, state, mesh)
     writer.close()
     if main:
-        workdir_lib.write_json(workdir / workdir_lib.SUMMARY_FILE, summary)
+        workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
         if config.figures_at_end:
             visualize.write_run_figures(workdir)
     return summary
@@ -341,6 +457,24 @@ def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mes
                                i.bad_images)
     return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
                               progress=False, seed=config.seed, inputs=inputs)
+
+
+def missing_evals(config, workdir, step: int, steps_per_epoch: int) -> bool:
+    """Whether a run resuming at `step` must redo the evaluators of `config.evals` due at the end
+    of the epoch that ended there: a kill landed between that checkpoint and their record in
+    metrics.jsonl. Process 0 reads the file and tells the others."""
+    if not config.evals or step == 0 or step % steps_per_epoch:
+        return False
+    epoch, last = step // steps_per_epoch - 1, step == steps_per_epoch * config.epochs
+    due = any(itstime(epoch + 1, cfg.every_epochs, final=last) for cfg in config.evals.values())
+    missing = np.zeros((), np.int32)
+    path = workdir / metrics_lib.METRICS_FILE
+    if distributed.is_main() and due:
+        records = metrics_lib.read_records(path) if path.exists() else []
+        missing += not any(r.get("type") == "eval" and r.get("step") == step for r in records)
+    if jax.process_count() > 1:
+        missing = distributed.broadcast_arrays({"missing": missing})["missing"]
+    return bool(missing)
 
 
 def check_evals(config) -> None:

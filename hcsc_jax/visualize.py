@@ -52,9 +52,14 @@ def save(fig: Figure, path: epath.Path):
     path.write_bytes(buf.getvalue())
 
 
+# Numbers of eval records that are settings or choices, not results: no curve.
+_NOT_RESULTS = re.compile(r"(.*/)?(best_k|temperature)")
+
+
 def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
     """panel title -> key -> (xs, ys): step records by `_CURVE_PANELS` against the step, eval
-    records (every number; lists per index) against the epoch under "evaluation"."""
+    records (every result; lists per index; not `_NOT_RESULTS`) against the epoch under
+    "evaluation"."""
     panels = defaultdict(dict)
     for r in records:
         kind = r.get("type")
@@ -63,7 +68,7 @@ def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]
         for tag, value in metrics.scalars(r).items():
             key = tag.split("/", 1)[1]
             if kind == "eval":
-                title, x = "evaluation", r.get("epoch", r["step"])
+                title, x = None if _NOT_RESULTS.fullmatch(key) else "evaluation", r.get("epoch", r["step"])
             else:
                 title = next((t for t, pat in _CURVE_PANELS if re.fullmatch(pat, key)), None)
                 x = r["step"]
@@ -236,7 +241,8 @@ def hierarchy_figure(arrays, idx, images, proj, top: int = 3, branch: int = 2, s
 
 
 def embedding_figure(proj, labels, top_assign, seed: int = 0) -> Figure:
-    """t-SNE of the projections, colored by label (when known) and by top-level cluster."""
+    """t-SNE of the projections, colored by label (when known) and by top-level cluster, with a
+    legend of the colors (up to 20 of them)."""
     from sklearn.manifold import TSNE
 
     xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(proj) - 1) / 3),
@@ -245,7 +251,11 @@ def embedding_figure(proj, labels, top_assign, seed: int = 0) -> Figure:
     fig = Figure(figsize=(4.6 * len(panels), 4.4), dpi=80, layout="constrained")
     for i, (name, color) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="tab10" if color.max() < 10 else "tab20", s=4, lw=0)
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="tab10" if color.max() < 10 else "tab20", s=4,
+                            lw=0)
+        if len(np.unique(color)) <= 20:
+            ax.legend(*points.legend_elements(num=None), title=name, fontsize=6, title_fontsize=7,
+                      loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         ax.set_title(f"t-SNE of {len(proj)} key projections, by {name}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

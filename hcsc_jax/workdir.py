@@ -7,15 +7,21 @@ Layout: `config.json`, `metrics.jsonl`, `tensorboard/`, `hierarchy/epoch_XXXX.np
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+import socket
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
+LOCK_FILE = "run.lock"
 SUMMARY_FILE = "summary.json"
 HIERARCHY_DIR = "hierarchy"
 
@@ -35,9 +41,10 @@ def path(p: str | os.PathLike) -> epath.Path:
     return p if p.is_absolute() else p.absolute()
 
 
-def prepare(p: str | os.PathLike) -> epath.Path:
+def prepare(p: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
     """Creates the run directory `p` if needed and checks that it can be written. Raises
-    WorkdirError with one line saying what to change when it cannot (permissions, missing bucket)."""
+    WorkdirError with one line saying what to change (`flag`) when it cannot (permissions, a
+    read-only filesystem, a missing bucket)."""
     p = path(p)
     try:
         if is_local(p):  # buckets have no directories (and gcsfs would create a missing bucket)
@@ -46,13 +53,74 @@ def prepare(p: str | os.PathLike) -> epath.Path:
         probe.write_text("")
         probe.unlink()
     except Exception as err:  # noqa: BLE001 - every backend has its own errors
-        raise WorkdirError(f"cannot write to workdir {p} ({type(err).__name__}: {err}); "
-                      "pass a --workdir that exists (or can be created) and that you can write to") from None
+        raise WorkdirError(f"cannot write to {p} ({type(err).__name__}: {err}); pass a {flag} that "
+                           "exists (or can be created) and that you can write to") from None
     return p
 
 
-def write_json(p: epath.Path, obj: Any):
-    p.write_text(json.dumps(obj, indent=2, sort_keys=True))
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def write_atomic(p: epath.Path, text: str):
+    """Writes `text` to `p` through a temporary file renamed over it: a reader (or a kill) sees
+    the old file or the new one, never a cut one."""
+    tmp = p.with_name(p.name + ".tmp")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text)
+    tmp.replace(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def stale(holder: dict[str, Any]) -> bool:
+    """Whether the lock `holder` ({"pid", "host"}) was left by a process of this host that is gone."""
+    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)))
+
+
+@contextlib.contextmanager
+def locked(workdir: epath.Path, enabled: bool = True):
+    """Holds `workdir/run.lock` (this process's id and host) while the block runs, so a second run
+    on the same workdir refuses with WorkdirError. A lock left by a dead process of this host is
+    taken over; one of another host must be removed by hand once that run is known to be gone."""
+    if not enabled:
+        yield
+        return
+    lock, me = workdir / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            if is_local(lock):
+                with open(os.fspath(lock), "x") as f:  # atomic: fails when the file exists
+                    f.write(json.dumps(me))
+            elif lock.exists():
+                raise FileExistsError(lock)
+            else:
+                lock.write_text(json.dumps(me))
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                holder = {}
+            if holder and not stale(holder):
+                raise WorkdirError(
+                    f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} ({lock}); "
+                    "wait for that run to end or pass another --workdir (if that run is gone, delete "
+                    "the lock file)") from None
+            log.warning("removing the stale lock %s (%s)", lock, holder or "unreadable")
+            lock.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def read_json(p: epath.Path) -> Any:

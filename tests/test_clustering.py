@@ -274,10 +274,12 @@ def test_bad_input_raises(features, num_clusters, temperature, match):
 
 
 def test_faiss_warnings_become_one_log_line(capfd, caplog):
-    """faiss's "please provide at least N training points" goes to the log once per call, not to stderr."""
+    """faiss's "please provide at least N training points" goes to the log once per process (not
+    at every epoch's clustering), not to stderr."""
     x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
     with caplog.at_level("INFO", logger="hcsc_jax.clustering"):
-        hierarchical_kmeans(x, [40, 20, 5], niter=5, nredo=1, min_points_per_centroid=10)
+        for seed in (0, 1):  # two epochs
+            hierarchical_kmeans(x, [40, 20, 5], niter=5, nredo=1, seed=seed, min_points_per_centroid=10)
     assert "please provide" not in capfd.readouterr().err
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("hcsc_jax.clustering")]
     assert lines == ["k-means under min_points_per_centroid=10 (harmless for upper levels): "

@@ -344,6 +344,24 @@ def _convert_cli(*args):
     )
 
 
+def test_a_file_that_is_no_checkpoint_is_not_told_to_trust_pickle(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pth = tmp_path / "notes.pth"
+    pth.write_text("hello world\n")
+    for flags in ([], ["--trust-pickle"]):
+        assert convert.main(["import-torch", str(pth), str(tmp_path / "out"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "is not a PyTorch checkpoint that torch.load can read" in err and "--trust-pickle" not in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_without_torch_import_is_one_line_saying_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    (tmp_path / "a.pth").write_bytes(b"")
+    assert convert.main(["import-torch", str(tmp_path / "a.pth"), str(tmp_path / "out")]) == 2
+    assert "need torch, an optional dependency: pip install torch" in capsys.readouterr().err
+
+
 def test_pickled_objects_need_trust_pickle(tmp_path, capsys):
     """A file with non-tensor objects (the authors' files carry an argparse.Namespace) is refused
     by the safe load, with the flag to pass; --trust-pickle then reads it."""

@@ -1,6 +1,7 @@
 """Dataset sources: digits split, IDX parsing, Fashion-MNIST, TFDS (mocked), image folders."""
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -185,6 +186,7 @@ def test_fashion_mnist_missing_names_debian_package(tmp_path):
         load_dataset("fashion_mnist", "train", data_dir=str(tmp_path))
     msg = str(err.value)
     assert "dataset-fashion-mnist" in msg and "apt" in msg and "data_dir" in msg
+    assert "`python tests/imagenet_like.py` writes them" in msg  # the runlocal variants' tiny files
     for stems in sources.FASHION_MNIST_FILES.values():
         for stem in stems:
             assert stem in msg
@@ -294,6 +296,20 @@ def test_image_folder_flat_gray_and_sizes(tmp_path):
     assert ds.images.shape == (3, 3, 3, 1)
     with pytest.raises(FileNotFoundError):
         load_dataset(f"folder:{tmp_path / 'missing'}", "train")
+
+
+def test_image_folder_skips_a_looping_link_and_refuses_an_empty_class(tmp_path, caplog):
+    """A class folder linked to '.' would be an empty class 0 shifting every label by one."""
+    Image = pytest.importorskip("PIL.Image")
+    for cls in ("ant", "bee"):
+        _save(Image, tmp_path / "train" / cls / "a.png", np.zeros((4, 4), np.uint8))
+    os.symlink(".", tmp_path / "train" / "aaa")
+    train = load_dataset(f"folder:{tmp_path}", "train")
+    assert train.class_names == ("ant", "bee") and list(train.labels) == [0, 1]
+    assert "skipping" in caplog.text and "aaa" in caplog.text
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(ValueError, match=r"class folder '.*train/cat' holds no .* files; add its images"):
+        load_dataset(f"folder:{tmp_path}", "train")
 
 
 # ----------------------------------------------------------------------------- host resize

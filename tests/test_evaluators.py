@@ -2,6 +2,7 @@
 eval.py end to end on a generated ImageNet-layout folder and TFDS builds, resume after SIGKILL."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,10 @@ def test_split_file_selects_exactly_the_listed_images(tmp_path):
     with pytest.raises(EvalError,
                        match=r"8 of the 9 names .* match no image of x, e\.g\. n09_0\.JPEG, n09_1"):
         semisup.match_names(listed, names, "x")
+    # A folder part would select the image of that name in another folder (the train image).
+    split.write_text("n01_1.JPEG\n../val/n02_8.JPEG\n")
+    with pytest.raises(EvalError, match=r"1percent.txt line 2: '../val/n02_8.JPEG' is not a bare file name"):
+        semisup.read_split_file(str(split))
     with pytest.raises(EvalError, match="split file .* does not exist"):
         semisup.read_split_file(str(tmp_path / "nope.txt"))
     with pytest.raises(EvalError, match="no file names to match"):
@@ -339,6 +344,25 @@ def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_p
     # Settings changed under a kept checkpoint: refused, not silently mixed.
     proc = run_eval(f"--checkpoint={dirs[1]}", *args[:-1], "--config.linear.checkpoint_every_steps=3")
     assert proc.returncode == 1 and "other weights or settings; delete it" in proc.stderr
+
+
+def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encoder, tmp_path):
+    """A checkpoint whose eval/ cannot be written (here a file in its place; a read-only mount
+    alike): exit 2 with one line naming --out, nothing written; with --out the results go there."""
+    enc = str(tmp_path / "enc")
+    subprocess.run(["cp", "-r", gray_encoder, enc], check=True)
+    with open(os.path.join(enc, "eval"), "w"):
+        pass
+    args = ["--config=configs/eval_digits.py:runlocal", f"--checkpoint={enc}", "--mode=knn",
+            "--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",
+            "--config.image_size=8", "--config.mean=(0.5,)", "--config.std=(0.5,)"]
+    proc = run_eval(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.search(r"eval.py: error: cannot write to .*/eval .*; pass a --out that exists",
+                     proc.stderr.strip().splitlines()[-1])
+    proc = run_eval(*args, f"--out={tmp_path / 'results'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read(tmp_path / "results" / "knn_step0.json")["mode"] == "knn"
 
 
 def test_semisup_fraction_lr_history(gray_encoder, tmp_path):

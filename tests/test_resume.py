@@ -69,3 +69,14 @@ def test_the_handler_is_restored_when_the_run_stops_with_an_error():
             assert signal.getsignal(signal.SIGTERM) is not before
             raise RuntimeError("NaN loss")  # what the trainer's NonFiniteLossError does
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_is_noted_like_sigterm_and_a_second_one_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with resume.PreemptionWatch() as watch:
+            os.kill(os.getpid(), signal.SIGINT)  # a KeyboardInterrupt here without the watch
+            assert watch.reached(1) and watch.signal_name == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("the second Ctrl-C did not stop at once")
+    assert signal.getsignal(signal.SIGINT) is before

@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 from configs import digits
-from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, trainer
+from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, train_step, trainer
+from hcsc_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +42,15 @@ class _Stepped:
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+TIMING = ("images_per_sec", "clustering_seconds", "input_wait_seconds", "epoch_seconds", "eval_seconds")
+
+
+def untimed_records(workdir):
+    """metrics.jsonl of a run without its timing fields (images/s, clustering time)."""
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +142,20 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     final = [_restore_raw(os.path.join(d, "checkpoints"), 66) for d in (reference_dir, workdir)]
     for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
         np.testing.assert_array_equal(a, b)
-    # metrics.jsonl has no duplicate steps after the replay.
-    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "type" not in r]
-    assert steps == sorted(set(steps))
+    # The same metrics.jsonl, the epoch means after the mid-epoch resume included.
+    assert untimed_records(workdir) == untimed_records(reference_dir)
 
 
-def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run, tmp_path, sig):
+    """SIGTERM (preemption) and Ctrl-C alike: a checkpoint at the next step, exit 0, then the
+    same command ends with the same parameters and the same metrics.jsonl."""
     reference_dir, reference = finished_run
     workdir = str(tmp_path / "preempted")
-    cmd = tiny_command(workdir)  # no mid-epoch saves: the one at the SIGTERM is the only one in epoch 2
-    returncode, err = start_and_signal(cmd, workdir, signal.SIGTERM)
+    cmd = tiny_command(workdir)  # no mid-epoch saves: the one at the signal is the only one in epoch 2
+    returncode, err = start_and_signal(cmd, workdir, sig)
     assert returncode == 0, err[-3000:]
-    match = re.search(r"preempted \(SIGTERM\): saved the checkpoint of step (\d+) in .*; "
+    match = re.search(rf"preempted \({sig.name}\): saved the checkpoint of step (\d+) in .*; "
                       r"run the same command", err)
     assert match, err[-3000:]
     step = int(match.group(1))
@@ -151,8 +163,6 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps == [22, step]
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
-    logged = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") is None]
-    assert logged[-1] == step  # the metrics up to the save are flushed
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
@@ -160,6 +170,44 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run
     final = [_restore_raw(os.path.join(d, "checkpoints"), 66) for d in (reference_dir, workdir)]
     for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
         np.testing.assert_array_equal(a, b)
+    # The log window and epoch sums cut by the signal went into the checkpoint: same records.
+    assert untimed_records(workdir) == untimed_records(reference_dir)
+
+
+def test_resume_redoes_an_evaluation_a_kill_cut_off(finished_run, tmp_path):
+    """A kill between the checkpoint of step 44 and the kNN record due there: the resumed run
+    evaluates step 44 again, and metrics.jsonl ends as the uninterrupted run's."""
+    reference_dir, _ = finished_run
+    workdir = _copy_run(reference_dir, tmp_path / "run")
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "66"))
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    cut = next(i for i, r in enumerate(records) if r.get("type") == "eval" and r["step"] == 44)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records[:cut])
+    trainer.train_and_evaluate(tiny_config(), workdir)
+    assert untimed_records(workdir) == untimed_records(reference_dir)
+
+
+def test_the_host_waits_for_all_but_max_in_flight_steps(tmp_path, monkeypatch):
+    """A stop signal is taken at the next step and its save waits for the steps already
+    dispatched: never more than MAX_IN_FLIGHT unfinished when the host dispatches the next."""
+    jit_train_step, outputs, unfinished = train_step.jit_train_step, [], []
+
+    def counting(*args, **kwargs):
+        step = jit_train_step(*args, **kwargs)
+
+        def call(*a):
+            unfinished.append(sum(not m["loss"].is_ready() for m in outputs))
+            state, metrics = step(*a)
+            outputs.append(metrics)
+            return state, metrics
+        return call
+
+    monkeypatch.setattr(train_step, "jit_train_step", counting)
+    c = tiny_config(epochs=1, warmup_epochs=1, figures_at_end=False)
+    c.evals, c.eval.num_clusters = {}, ()
+    trainer.train_and_evaluate(c, str(tmp_path))
+    assert len(unfinished) == 1437 // 64 and max(unfinished) <= trainer.MAX_IN_FLIGHT
 
 
 def _restore_raw(directory, step):
@@ -173,7 +221,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(epochs=3, warmup_epochs=1, checkpoint_every_epochs=1)
     cfg.lr = 1e30
     sigterm_handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+"):
+    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+; .* No "
+                                                         r"checkpoint was saved in"):
         trainer.train_and_evaluate(cfg, workdir)
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # the run's SIGTERM watch is gone
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
@@ -182,6 +231,49 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     for step in steps:
         state = _restore_raw(os.path.join(workdir, "checkpoints"), step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+class _FakeManager:
+    """What `trainer.keeping_saves` asks of a CheckpointManager: a save in flight, then step 5."""
+
+    directory, waited = "/runs/x/checkpoints", False
+
+    def wait_until_finished(self):
+        self.waited = True
+
+    def latest_step(self):
+        return 5 if self.waited else None
+
+
+def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept():
+    mngr = _FakeManager()
+    with pytest.raises(workdir_lib.WorkdirError, match=r"writing the run failed \(OSError: \[Errno 28\] No "
+                                                        r"space left on device\); free space .* The last "
+                                                        r"checkpoint kept is step 5 in /runs/x/checkpoints"):
+        with trainer.keeping_saves(mngr):
+            raise OSError(28, "No space left on device")
+
+
+def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
+    """The loss jumps from ~5.5 to ~7.4 when the prototype terms start (epoch 2): a max_loss of 6.5
+    stops the run there, after the save of step 22 began; that checkpoint is committed and named."""
+    cfg = tiny_config(figures_at_end=False)
+    cfg.divergence.max_loss = 6.5
+    with pytest.raises(trainer.DivergedError,
+                       match=r"loss is 7\.\d+ at step 23, above config.divergence.max_loss = 6.5: .* "
+                             r"The last checkpoint kept is step 22 in"):
+        trainer.train_and_evaluate(cfg, str(tmp_path))
+    assert sorted(s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == ["22"]
+
+
+def test_divergence_guard_stops_before_any_save_and_says_none_exists(tmp_path):
+    cfg = tiny_config(figures_at_end=False)
+    cfg.divergence.max_grad_norm = 1e-3  # every step's gradient is above it
+    with pytest.raises(trainer.DivergedError, match=r"grad_norm is .* at step 1, above "
+                                                    r"config.divergence.max_grad_norm = 0.001: .* "
+                                                    r"No checkpoint was saved in"):
+        trainer.train_and_evaluate(cfg, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "22")
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
@@ -196,10 +288,43 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
             if "manifest" in name or name.startswith("_METADATA"):
                 open(os.path.join(root, name), "w").close()
     abstract = jax.eval_shape(lambda: _Stepped(jnp.zeros(4), jnp.array(0, jnp.int32)))
-    restored, meta, hierarchy = checkpoints.restore_latest(checkpoints.manager(str(tmp_path)), abstract)
+    mngr = checkpoints.manager(str(tmp_path))
+    restored, meta, hierarchy = checkpoints.restore_latest(mngr, abstract)
     assert meta["epoch"] == 1 and int(restored.step) == 1 and hierarchy is None
     np.testing.assert_array_equal(restored.w, np.arange(4.0))
     assert "step 2" in caplog.text and "trying the previous one" in caplog.text
+    # Step 2 is kept aside, renamed, and the run can save step 2 again.
+    assert os.path.isdir(tmp_path / "checkpoints" / "2.unusable") and mngr.all_steps() == [1]
+    checkpoints.save(mngr, _Stepped(jnp.arange(4.0) * 2, jnp.array(2, jnp.int32)), {"epoch": 2}, None)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [1, 2]
+
+
+def test_a_checkpoint_whose_values_differ_from_its_digest_is_not_restored(tmp_path, caplog):
+    """Values that read back but differ from those saved (here: the digest saved with them is
+    changed, as flipped bytes in the data would) are not restored silently."""
+    mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2):
+        state = _Stepped(jnp.arange(4.0) * step, jnp.array(step, jnp.int32))
+        checkpoints.save(mngr, state, {"epoch": step}, None)
+    mngr.wait_until_finished()
+    meta_file = next((tmp_path / "checkpoints" / "2" / "meta").glob("metadata"))
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, digest="0" * 64)))
+    abstract = jax.eval_shape(lambda: _Stepped(jnp.zeros(4), jnp.array(0, jnp.int32)))
+    restored, _, _ = checkpoints.restore_latest(checkpoints.manager(str(tmp_path)), abstract)
+    assert int(restored.step) == 1 and "differs from the one saved (SHA-256 digest)" in caplog.text
+
+
+def test_a_checkpoint_holding_nan_is_not_restored(tmp_path, caplog):
+    mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
+    for step, w in ((1, jnp.arange(4.0)), (2, jnp.array([0.0, np.nan, 1.0, 2.0]))):
+        checkpoints.save(mngr, _Stepped(w, jnp.array(step, jnp.int32)), {"epoch": step}, None)
+    mngr.wait_until_finished()
+    abstract = jax.eval_shape(lambda: _Stepped(jnp.zeros(4), jnp.array(0, jnp.int32)))
+    restored, meta, _ = checkpoints.restore_latest(checkpoints.manager(str(tmp_path)), abstract)
+    assert int(restored.step) == 1 and "holds NaN or inf" in caplog.text
+    assert os.path.isdir(tmp_path / "checkpoints" / "2.unusable")
 
 
 def test_bad_configs_fail_with_clear_messages(tmp_path):
@@ -338,6 +463,26 @@ def test_resume_drops_a_cut_metrics_line(finished_run, tmp_path):
     assert after[:len(before)] == before and after[-1]["type"] == "eval"
 
 
+def test_an_empty_or_cut_config_json_is_one_clear_error(finished_run, tmp_path):
+    workdir = _copy_run(finished_run[0], tmp_path / "run")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write('{"batch_size": 6')
+    with pytest.raises(resume.ConfigMismatch, match=r"config.json is empty or cut short .*; restore that "
+                                                    r"file from a copy, or delete it"):
+        trainer.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_a_second_run_on_a_workdir_refuses_with_one_line(tmp_path):
+    """A live run's lock (this test's process) makes train.py exit 2 before it writes anything."""
+    import socket
+
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    done = subprocess.run(tiny_command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"is in use by process {os.getpid()} on {socket.gethostname()}" in done.stderr.splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["run.lock"]
+
+
 def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_run, tmp_path):
     workdir = _copy_run(finished_run[0], tmp_path / "run")
     saved = open(os.path.join(workdir, "config.json")).read()
@@ -346,7 +491,7 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
     with pytest.raises(resume.ConfigMismatch,
                        match=r"batch_size: 64 -> 128, clustering.num_clusters: \[20, 8, 4\] -> "
                              r"\[20, 8\], epochs: 3 -> 4\); .* "
-                             r"\(safe to change: log_every_steps, .* eval.\*, evals.\*, wandb.\*\)"):
+                             r"\(safe to change: log_every_steps, .* wandb.\*, divergence.\*\)"):
         trainer.train_and_evaluate(changed, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == saved
     # Logging, checkpoint cadence and the final evaluation may change.
@@ -382,7 +527,7 @@ def test_unwritable_workdir_is_one_line(tmp_path):
                           timeout=300)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert "cannot write to workdir" in last and "pass a --workdir that exists" in last
+    assert "cannot write to" in last and "pass a --workdir that exists" in last
     assert "Traceback" not in done.stderr
 
 

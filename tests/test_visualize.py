@@ -23,7 +23,7 @@ def _records():
                     {"step": 10, "epoch": 1, "type": "eval", "knn/top1_k20": 0.5,
                      "nmi_per_level": [0.1, 0.2]},
                     {"step": 20, "epoch": 2, "type": "eval", "knn/top1_k20": 0.7,
-                     "nmi_per_level": [0.3, 0.4]}]
+                     "nmi_per_level": [0.3, 0.4], "knn/best_k": 20, "knn/temperature": 0.07}]
 
 
 def _workdir(root, hierarchy_epochs=(1, 2)):
@@ -44,9 +44,19 @@ def test_curve_series_panels():
     # grad_norm and the epoch record are not plotted.
     assert sorted(series["loss"]) == ["loss", "loss_instance"]
     assert series["loss"]["loss"][0][:3] == [1, 2, 3]
+    # Settings and choices (knn/best_k, knn/temperature) are not curves.
     assert series["evaluation"] == {"knn/top1_k20": ([1, 2], [0.5, 0.7]),
                                     "nmi_per_level/0": ([1, 2], [0.1, 0.3]),
                                     "nmi_per_level/1": ([1, 2], [0.2, 0.4])}
+
+
+def test_embedding_figure_has_a_legend_per_panel():
+    rng = np.random.default_rng(0)
+    proj = rng.normal(size=(60, 8)).astype(np.float32)
+    fig = visualize.embedding_figure(proj, rng.integers(0, 10, 60), rng.integers(0, 4, 60))
+    legends = [ax.get_legend() for ax in fig.axes]
+    assert all(legends) and [lg.get_title().get_text() for lg in legends] == ["label", "top-level cluster"]
+    assert len(legends[1].get_texts()) == 4
 
 
 def test_tree_rows_and_nearest_members(tmp_path):

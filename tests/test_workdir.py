@@ -1,4 +1,9 @@
-"""hcsc_jax.workdir: run directories that cannot be written, locally and on a bucket."""
+"""hcsc_jax.workdir: run directories that cannot be written, locally and on a bucket; the run lock."""
+
+import json
+import os
+import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -20,5 +25,26 @@ def test_unwritable_workdirs_say_what_to_change(tmp_path, fake_gcs):  # noqa: F8
     (tmp_path / "file").write_text("")
     for bad in (tmp_path / "file" / "run", "gs://no-such-bucket/run"):
         with pytest.raises(workdir.WorkdirError,
-                           match=r"cannot write to workdir .*; pass a --workdir that exists"):
+                           match=r"cannot write to .*; pass a --workdir that exists"):
             workdir.prepare(bad)
+
+
+def test_the_lock_refuses_a_live_holder_takes_over_a_dead_one_and_is_released(tmp_path):
+    run = workdir.path(tmp_path)
+    with workdir.locked(run):
+        held = json.loads((tmp_path / "run.lock").read_text())
+        assert held == {"pid": os.getpid(), "host": socket.gethostname()}
+        with pytest.raises(workdir.WorkdirError, match=r"is in use by process \d+ on .*; wait for that run"):
+            with workdir.locked(run):
+                pass
+    assert not (tmp_path / "run.lock").exists()  # released
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id of this host that is gone
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with workdir.locked(run):
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] != dead.pid
+    # Another host's lock is never taken over.
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": "elsewhere"}))
+    with pytest.raises(workdir.WorkdirError, match="on elsewhere"):
+        with workdir.locked(run):
+            pass

@@ -248,16 +248,21 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+_UNDERFILLED_LOGGED: set[str] = set()  # the lines `_log_underfilled` gave already (once per process)
+
+
 def _log_underfilled(n: int, sizes: Sequence[int], min_points_per_centroid: int, hierarchical: bool = True):
-    """One log line for the levels whose k-means gets fewer than `min_points_per_centroid`
-    points per centroid (faiss's warning): in a hierarchy level l clusters the M_{l-1} centroids
-    below, independent clusterings all cluster the n samples."""
+    """One log line, once per process (not at every epoch), for the levels whose k-means gets
+    fewer than `min_points_per_centroid` points per centroid (faiss's warning): in a hierarchy
+    level l clusters the M_{l-1} centroids below, independent clusterings all cluster the n samples."""
     points = [n, *sizes[:-1]] if hierarchical else [n] * len(sizes)
     low = [f"level {l}: {m} points for {k} centroids" for l, (m, k) in enumerate(zip(points, sizes))
            if m < k * min_points_per_centroid]
-    if low:
-        log.info("k-means under min_points_per_centroid=%d (harmless for upper levels): %s",
-                 min_points_per_centroid, "; ".join(low))
+    line = (f"k-means under min_points_per_centroid={min_points_per_centroid} (harmless for upper "
+            f"levels): {'; '.join(low)}")
+    if low and line not in _UNDERFILLED_LOGGED:
+        _UNDERFILLED_LOGGED.add(line)
+        log.info("%s", line)
 
 
 def hierarchical_kmeans(

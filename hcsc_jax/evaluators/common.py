@@ -224,9 +224,9 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
                     prefetch=int(data["prefetch"]), bad_images=data["bad_images"])
 
 
-def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
+def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None = None) -> Context:
     """A Context for the query encoder of a train.py workdir (newest readable step, or `step`) or
-    an exported encoder directory (local or a bucket); outputs go to `<path>/eval/`."""
+    an exported encoder directory (local or a bucket); outputs go to `out`, default `<path>/eval/`."""
     path = workdir_lib.path(path)
     if not path.exists():
         raise EvalError(f"checkpoint path {path} does not exist")
@@ -245,5 +245,5 @@ def from_checkpoint(config, path: str, step: int | None, mesh) -> Context:
     graphdef, params, stats = ts.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
     encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))
-    return Context(encoder, data, mesh, path / "eval", int(config.embed_batch), bool(config.progress_bar),
-                   int(config.seed))
+    return Context(encoder, data, mesh, out or path / "eval", int(config.embed_batch),
+                   bool(config.progress_bar), int(config.seed))

@@ -30,13 +30,22 @@ from hcsc_jax.evaluators import common, linear
 
 
 def read_split_file(path: str) -> list[str]:
-    """The file names listed in a split file (local or a bucket), one per line (blank lines ignored)."""
+    """The file names listed in a split file (local or a bucket), one per line (blank lines
+    ignored). Names must be bare file names: a line with a folder part (`../val/x.JPEG`) would
+    match the image of that name in another folder, so it is an error naming the line."""
     path = workdir_lib.path(path)
     if not path.is_file():
         raise common.EvalError(f"split file {path} does not exist; use the authors' "
                                "1percent.txt / 10percent.txt (--config.semisup.split_file) "
                                "or a --config.semisup.fraction without one")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        name = line.strip()
+        if "/" in name or "\\" in name:
+            raise common.EvalError(f"split file {path} line {number}: {name!r} is not a bare file name; list "
+                                   "file names only (as the authors' 1percent.txt: n01440764_10026.JPEG)")
+        if name:
+            names.append(name)
     if not names:
         raise common.EvalError(f"split file {path} lists no file names")
     return names
@@ -50,12 +59,12 @@ def match_names(names: list[str], file_names, where: str) -> np.ndarray:
                                "(image folders and TFDS datasets with a 'file_name' feature have); "
                                "use --config.semisup.fraction")
     index = {os.path.basename(n): i for i, n in enumerate(file_names)}
-    missing = [n for n in names if os.path.basename(n) not in index]
+    missing = [n for n in names if n not in index]
     if missing:
         raise common.EvalError(f"{len(missing)} of the {len(names)} names in the split file match no "
                                f"image of {where}, e.g. {', '.join(missing[:5])}; "
                                "is it the right dataset and split?")
-    return np.sort(np.unique([index[os.path.basename(n)] for n in names])).astype(np.int32)
+    return np.sort(np.unique([index[n] for n in names])).astype(np.int32)
 
 
 def label_subset(labels, fraction: float, seed: int = 0) -> np.ndarray:

@@ -61,6 +61,7 @@ def _load_fashion_mnist(spec, split, data_dir, image_size):
         f"TFDS 'fashion_mnist' is in {data_dir or 'the default TFDS data_dir'}. "
         f"Install the Debian package `dataset-fashion-mnist` (apt-get install "
         f"dataset-fashion-mnist, files in {FASHION_MNIST_DIR}) or put the 4 IDX files in "
-        f"data_dir: {', '.join(expected)}")
+        f"data_dir: {', '.join(expected)}. The runlocal variants' tiny files in /tmp/fashion_mnist_tiny: "
+        "`python tests/imagenet_like.py` writes them")
 
 

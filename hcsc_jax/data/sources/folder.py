@@ -9,6 +9,7 @@ image is converted to that.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ from etils import epath
 from hcsc_jax.data import decode
 from hcsc_jax.data.sources.registry import register_lazy
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 _SPLIT_DIRS = {
@@ -28,7 +30,19 @@ _SPLIT_DIRS = {
 
 
 def _class_dirs(root: epath.Path) -> list[str]:
-    return sorted(e.name for e in root.iterdir() if not e.name.startswith(".") and e.is_dir())
+    """The class folder names in `root`; a link to `root` itself or to a folder above it (a loop,
+    never a class) is skipped with a warning."""
+    names = []
+    for e in root.iterdir():
+        if e.name.startswith(".") or not e.is_dir():
+            continue
+        target = os.path.realpath(os.fspath(e)) if os.path.islink(os.fspath(e)) else None
+        if target and os.path.commonpath([target, os.path.realpath(os.fspath(root))]) == target:
+            log.warning("skipping %s: a link to %s or a folder above it, not a class", os.fspath(e),
+                        os.fspath(root))
+            continue
+        names.append(e.name)
+    return sorted(names)
 
 
 def folder_files(spec: str | None, split: str, data_dir: str | None):
@@ -63,6 +77,9 @@ def folder_files(spec: str | None, split: str, data_dir: str | None):
         if not cls_dir.is_dir():
             continue
         files = sorted(os.fspath(f) for f in cls_dir.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:  # a class with a label and no image: refused, never silent
+            raise ValueError(f"class folder {os.fspath(cls_dir)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} "
+                             "files; add its images or move the folder out of the dataset")
         paths += files
         labels += [label] * len(files)
     if not paths:
