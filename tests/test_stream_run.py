@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
+from test_trainer import start_and_signal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAM = ["--config.input.pipeline=stream", "--config.input.num_workers=2"]
@@ -50,22 +51,6 @@ def assert_no_process_left(tag: str):
     assert processes_with(tag) == []
 
 
-def signal_mid_epoch(cmd, workdir, sig, env):
-    """Starts `cmd`, waits for the end of epoch 1 (step 22) to be committed, a second later sends
-    `sig`; -> (return code, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not os.path.isdir(
-            os.path.join(workdir, "checkpoints", "22")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be signalled"
-    time.sleep(1.0)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=400)
-    return proc.returncode, err
-
-
 def final_state(workdir):
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",)) as mngr:
         return mngr.restore(66, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -86,7 +71,7 @@ def test_sigterm_mid_epoch_resumes_exactly_and_leaves_no_worker(reference, tmp_p
 
     workdir = tmp_path / "stopped"
     tag, env = tagged_env()
-    returncode, err = signal_mid_epoch(command(workdir), str(workdir), signal.SIGTERM, env)
+    returncode, err = start_and_signal(command(workdir), str(workdir), signal.SIGTERM, env)
     assert returncode == 0, err[-3000:]
     assert_no_process_left(tag)
     steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
@@ -105,7 +90,7 @@ def test_sigterm_mid_epoch_resumes_exactly_and_leaves_no_worker(reference, tmp_p
 def test_no_worker_outlives_ctrl_c_or_an_error(tmp_path, how):
     tag, env = tagged_env()
     if how == "SIGINT":
-        returncode, _ = signal_mid_epoch(command(tmp_path / "run"), str(tmp_path / "run"), signal.SIGINT, env)
+        returncode, _ = start_and_signal(command(tmp_path / "run"), str(tmp_path / "run"), signal.SIGINT, env)
         assert returncode != -signal.SIGKILL
     else:  # an unreadable image with bad_images="error": the run stops naming it
         for c in range(2):

@@ -109,12 +109,13 @@ def tiny_command(workdir, *extra):
             "--workdir", str(workdir), *extra]
 
 
-def start_and_signal(cmd, workdir, sig):
-    """Starts `cmd`, waits for the end of epoch 1 (step 22) to be committed, then a second into
-    epoch 2 (its clustering or first steps) sends `sig`. -> the finished process's stderr."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_and_signal(cmd, workdir, sig, env=None):
+    """Starts `cmd` (in `env`), waits for the end of epoch 1 (step 22) to be committed, then a second
+    into epoch 2 (its clustering or first steps) sends `sig`. -> the finished process's stderr."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    deadline = time.time() + 300
+    deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(os.path.join(ckpt_dir, "22")):  # end of epoch 1 committed
             break
