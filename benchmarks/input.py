@@ -23,6 +23,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -141,12 +143,10 @@ def main(argv):
             print(f"stream, {workers} worker(s): {rate:.1f} images/s wall, scaling efficiency "
                   f"{efficiency:.2f} (start-up {startup:.1f} s); reference: {ref:.1f} images/s wall; "
                   f"stream / reference {rate / ref:.2f}", flush=True)
-        if FLAGS.prepared:
-            from hcsc_jax.data import prepare
-
+        if FLAGS.prepared:  # the command a user runs
             out = os.path.join(root, "prepared")
-            prepare.prepare(f"folder:{os.path.join(root, 'jpeg')}", "train", out, max_side=FLAGS.max_side,
-                            workers=max(1, cores - 1))
+            subprocess.run([sys.executable, "-m", "hcsc_jax.data.prepare", f"--source=folder:{root}/jpeg",
+                            f"--out={out}", f"--max_side={FLAGS.max_side}"], check=True, capture_output=True)
             prepared = open_source(f"prepared:{out}", "train")
             for workers in counts:
                 rate, _ = stream_rate(prepared, views, FLAGS.batch, workers, FLAGS.resampling)

@@ -14,9 +14,10 @@ Each yields dicts of NumPy arrays: "index" (b,) int32 (the example each row hold
 (b, S, S, C) uint8 as "view0", "view1", ..., and "skipped" (b,) bool.
 
 `num_workers` worker processes (grain's `mp_prefetch`, batches in shared memory) each build
-whole batches, round robin, with two threads each (file reads overlap decoding); 0 works in
-this process; -1 (the configs' default) takes one worker per core but one, which the training
-loop keeps. Workers import NumPy, Pillow, OpenCV and simplejpeg, never JAX, and hold no
+whole batches, round robin, on one thread each (so N workers use N cores: with two threads a
+worker decoded on two cores, which BENCHMARKS.md would have counted as one); 0 works in this
+process (two threads); -1 (the configs' default) takes one worker per core but one, which the
+training loop keeps. Workers import NumPy, Pillow, OpenCV and simplejpeg, never JAX, and hold no
 accelerator memory. They are daemonic and stop with the iterator's `close()`, at the parent's
 exit (exception, SIGTERM, Ctrl-C) and when the parent dies.
 
@@ -48,7 +49,7 @@ __all__ = ["BAD_IMAGES", "LoaderError", "center_crop_batches", "default_workers"
 
 log = logging.getLogger(__name__)
 BAD_IMAGES = ("skip", "error")
-_THREADS_PER_WORKER = 2
+_THREADS_PER_WORKER = 1
 
 
 class LoaderError(RuntimeError):
