@@ -20,6 +20,7 @@ With --prepared it also times the same loader on a `python -m hcsc_jax.data.prep
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import platform
@@ -80,6 +81,22 @@ def stream_rate(source, views, batch, workers, resampling) -> tuple[float, float
     return rate, first - start
 
 
+def decode_rates(paths: list[str]) -> tuple[float, float]:
+    """(libjpeg-turbo through `decode.decode`, Pillow as torchvision's loader opens an image):
+    images decoded per CPU-second of one thread."""
+    from hcsc_jax.data import decode
+
+    data = [open(p, "rb").read() for p in paths]  # noqa: SIM115
+
+    def rate(fn) -> float:
+        start = time.process_time()
+        for d in data:
+            fn(d)
+        return len(data) / (time.process_time() - start)
+
+    return rate(decode.decode), rate(lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")))
+
+
 def _reference_one(path: str) -> int:
     """torchvision's MoCo v2 crops on a PIL image: decode, 2 x RandomResizedCrop(224) + flip."""
     rng = np.random.default_rng(abs(hash(path)) % 2**32)
@@ -135,6 +152,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as root:
         write_folder(os.path.join(root, "jpeg"), FLAGS.num_images, FLAGS.height, FLAGS.width, FLAGS.quality)
         source = open_source(f"folder:{os.path.join(root, 'jpeg')}", "train")
+        turbo, pillow = decode_rates(list(source.paths[:256]))
+        print(f"decode only, one thread: libjpeg-turbo (simplejpeg) {turbo:.1f}, Pillow {pillow:.1f} images "
+              "per CPU-second", flush=True)
         for workers in counts:
             rate, startup = stream_rate(source, views, FLAGS.batch, workers, FLAGS.resampling)
             ref = reference_rate(list(source.paths), workers)
