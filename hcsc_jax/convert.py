@@ -275,18 +275,7 @@ def torch_to_encoder(
     if is_vit_state_dict(state_dict):
         return vit_torch_to_encoder(state_dict, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
                                     encoder=encoder)
-    sd, notes = normalize_keys(state_dict)
-    for n in notes:
-        log.warning("torch_to_encoder: %s", n)
-    if meta is None:
-        meta = infer_meta(sd)
-    with_head = _has_head(sd)
-    if not with_head:
-        log.warning(
-            "torch_to_encoder: no projection head (fc.0/fc.2) in the state dict; the head keeps its "
-            "fresh initialization (ProjectionHead, nnx.Rngs(%d))",
-            seed,
-        )
+    sd, meta, with_head = _read_keys(normalize_keys(state_dict), meta, infer_meta, seed)
     model = models.build_encoder(meta, abstract=True)
     _key_mismatch(meta, _expected_keys(model, with_head), sd)
 
@@ -504,20 +493,25 @@ def _vit_to_flax(kind: str, x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if kind == "conv" else x.T if kind == "linear" else x
 
 
+def _read_keys(normalized: tuple[dict, list[str]], meta, infer, seed: int):
+    """(state dict, meta, whether it has the projection head) from a `normalize_*_keys` result:
+    its notes logged, `meta` inferred by `infer` when None, a missing head said."""
+    sd, notes = normalized
+    for n in notes:
+        log.warning("torch_to_encoder: %s", n)
+    with_head = _has_head(sd)
+    if not with_head:
+        log.warning("torch_to_encoder: no projection head (fc.0/fc.2) in the state dict; the head keeps its "
+                    "fresh initialization (ProjectionHead, nnx.Rngs(%d))", seed)
+    return sd, infer(sd) if meta is None else meta, with_head
+
+
 def vit_torch_to_encoder(state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
                          interpolate_pos_embed: bool = False, encoder: str = "base") -> Encoder:
     """`torch_to_encoder` of a ViT. A learned ``pos_embed`` for another grid than the model's is
     resized (:func:`interpolate_pos_embed`) only when ``interpolate_pos_embed``; a sin-cos one
     is checked and recomputed by the model for its grid."""
-    sd, notes = normalize_vit_keys(state_dict, encoder)
-    for n in notes:
-        log.warning("torch_to_encoder: %s", n)
-    if meta is None:
-        meta = infer_vit_meta(sd)
-    with_head = _has_head(sd)
-    if not with_head:
-        log.warning("torch_to_encoder: no projection head (fc.0/fc.2) in the state dict; the head keeps its "
-                    "fresh initialization (ProjectionHead, nnx.Rngs(%d))", seed)
+    sd, meta, with_head = _read_keys(normalize_vit_keys(state_dict, encoder), meta, infer_vit_meta, seed)
     model = models.build_encoder(meta, abstract=True)
     vit = model.backbone
     learned = vit.pos_embed_kind == "learn"
