@@ -95,13 +95,13 @@ def test_no_worker_outlives_ctrl_c_or_an_error(tmp_path, how):
     else:  # an unreadable image with bad_images="error": the run stops naming it
         for c in range(2):
             os.makedirs(tmp_path / "images" / f"class{c}")
-            for i in range(8):
-                image = Image.fromarray(np.full((12, 10), 20 * i + c, np.uint8))
+            for i in range(16):
+                image = Image.fromarray(np.full((12, 10), 10 * i + c, np.uint8))
                 image.save(tmp_path / "images" / f"class{c}" / f"{i}.jpg")
         (tmp_path / "images" / "class1" / "3.jpg").write_bytes(b"\xff\xd8 not a jpeg")
         cmd = command(tmp_path / "run", f"--config.dataset=folder:{tmp_path / 'images'}",
-                      "--config.input.bad_images=error", "--config.batch_size=8", "--config.bn_group_size=4",
-                      "--config.queue_size=16", "--config.clustering.num_clusters=(4,2)",
+                      "--config.input.bad_images=error", "--config.batch_size=32", "--config.bn_group_size=4",
+                      "--config.queue_size=64", "--config.clustering.num_clusters=(4,2)",
                       "--config.eval.num_clusters=()")
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode != 0
