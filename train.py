@@ -56,7 +56,7 @@ def main(argv):
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)
-    except trainer.DivergedError as err:
+    except (trainer.DivergedError, trainer.InputError) as err:
         ours.error("%s", err)
         sys.exit(1)
     except resume.Preempted as err:

@@ -51,12 +51,19 @@ from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.crops import CropSpec
+from hcsc_jax.data.decode import DecodeError
+from hcsc_jax.data.loader import LoaderError
 from hcsc_jax.features import embed_input
 
 log = logging.getLogger(__name__)
 
 # Steps the host dispatches ahead of the one it waits for: a stop signal saves within this many steps.
 MAX_IN_FLIGHT = 2
+
+
+class InputError(RuntimeError):
+    """The input stopped the run (an image that cannot be decoded under input.bad_images="error",
+    a loader worker that died); the message names the file and the checkpoint kept."""
 
 
 class DivergedError(RuntimeError):
@@ -262,6 +269,10 @@ def keeping_saves(mngr):
             log.warning("the checkpoint save in flight failed: %s: %s", type(save_err).__name__, save_err)
         if isinstance(err, DivergedError):
             raise type(err)(f"{err}. {checkpoints.describe_latest(mngr)}") from None
+        if isinstance(err, (DecodeError, LoaderError)):
+            what = ("replace or remove that file, or set --config.input.bad_images=skip"
+                    if isinstance(err, DecodeError) else "the same command resumes")
+            raise InputError(f"{err}; {what}. {checkpoints.describe_latest(mngr)}") from None
         if isinstance(err, OSError) and not isinstance(err, workdir_lib.WorkdirError):
             raise workdir_lib.WorkdirError(
                 f"writing the run failed ({type(err).__name__}: {err}); free space or make the workdir "

@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["GRAY_MODES", "DecodeError", "decode", "mode_of"]
 
@@ -29,6 +29,8 @@ def _pillow(data: bytes, mode: str, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             a = np.asarray(im if im.mode == mode else im.convert(mode), np.uint8)
+    except UnidentifiedImageError as e:
+        raise DecodeError(f"cannot decode image {where}: not an image Pillow can read") from e
     except Exception as e:
         raise DecodeError(f"cannot decode image {where}: {e}") from e
     return a[..., None] if a.ndim == 2 else a
@@ -53,5 +55,7 @@ def mode_of(data: bytes, where: str = "<bytes>") -> str:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return "L" if im.mode in GRAY_MODES else "RGB"
+    except UnidentifiedImageError as e:
+        raise DecodeError(f"cannot decode image {where}: not an image Pillow can read") from e
     except Exception as e:
         raise DecodeError(f"cannot decode image {where}: {e}") from e
