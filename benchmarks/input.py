@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from benchmarks.jpegs import write_folder
 from hcsc_jax.data import crops, loader
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.sources import open_source
@@ -53,17 +54,6 @@ FLAGS = flags.FLAGS
 GLOBAL = (CropSpec(224, (0.2, 1.0)),) * 2
 LOCAL = tuple(CropSpec(s, sc) for s, sc in [(192, (0.172, 0.86)), (160, (0.143, 0.715)),
                                             (128, (0.114, 0.571)), (96, (0.086, 0.429))])
-
-
-def write_folder(root: str, n: int, height: int, width: int, quality: int):
-    """n smooth random JPEGs (JPEG-typical content, not noise) in 4 class folders."""
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        os.makedirs(os.path.join(root, f"class{c}"))
-    for i in range(n):
-        coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-        im = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-        im.save(os.path.join(root, f"class{i % 4}", f"{i:06d}.jpg"), quality=quality)
 
 
 def stream_rate(source, views, batch, workers, resampling) -> tuple[float, float]:
