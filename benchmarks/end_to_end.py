@@ -6,8 +6,8 @@ size, batch, queue and prototype levels (taken from the resolved config). It pri
 the step benchmark's pipelined images/s, train.py's images/s over the epochs after the second
 (the warm-up epoch and the first prototype epoch each compile a step: images trained / the
 epochs' wall time, clustering and in-training evaluation included), their ratio, and the
-shares of that wall time spent waiting for input, clustering and evaluating (the epoch records' `input_wait_seconds`, `clustering_seconds`, the
-eval records' `eval_seconds`).
+shares of that wall time spent waiting for input, clustering and evaluating (the epoch
+records' `input_wait_seconds`, `clustering_seconds`, the eval records' `eval_seconds`).
 
 Settings:
 - imagenet: `configs/imagenet_hcsc_200ep.py` (streamed, host decoding) on a generated
