@@ -64,3 +64,8 @@ def test_prepared_errors_and_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--config.dataset=prepared:" in done.stdout
     assert open_source(f"prepared:{tmp_path / 'z'}", "train").num_examples == 6
+    with pytest.raises(FileNotFoundError, match="no split 'validation' .splits: train."):
+        open_source(f"prepared:{tmp_path / 'z'}", "validation")
+    (tmp_path / "z" / "train.json").rename(tmp_path / "z" / "val.json")
+    (tmp_path / "z" / "train.array_record").rename(tmp_path / "z" / "val.array_record")
+    assert open_source(f"prepared:{tmp_path / 'z'}", "validation").num_examples == 6  # as folders name it

@@ -21,7 +21,7 @@ from hcsc_jax.data.sources.registry import register_lazy
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
-_SPLIT_DIRS = {
+SPLIT_NAMES = {  # a split's names, in the order looked for (TFDS says validation, folders val)
     "train": ("train",),
     "val": ("val", "validation"),
     "validation": ("validation", "val"),
@@ -58,7 +58,7 @@ def folder_files(spec: str | None, split: str, data_dir: str | None):
         raise FileNotFoundError(f"image folder {os.fspath(root)!r} does not exist")
     present = [d for d in ("train", "val", "validation", "test") if (root / d).is_dir()]
     if present:
-        chosen = next((d for d in _SPLIT_DIRS.get(split, (split,)) if d in present), None)
+        chosen = next((d for d in SPLIT_NAMES.get(split, (split,)) if d in present), None)
         if chosen is None:
             raise ValueError(f"image folder {os.fspath(root)!r} has split folders {present}, none for "
                              f"split {split!r}")

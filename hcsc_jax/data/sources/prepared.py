@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 
 from hcsc_jax.data import decode
+from hcsc_jax.data.sources.folder import SPLIT_NAMES
 from hcsc_jax.data.sources.registry import register_lazy
 
 FORMAT = "hcsc-jax prepared v1"
@@ -35,7 +36,9 @@ class PreparedSource:
         if not spec:
             raise ValueError("use 'prepared:<dir>' (a directory written by python -m hcsc_jax.data.prepare)")
         root = epath.Path(spec) if data_dir is None else epath.Path(data_dir) / spec
-        self._records_path, meta_path = paths(root, split)
+        names = SPLIT_NAMES.get(split, (split,))  # "validation" finds a copy of "val", as in folders
+        found = next((n for n in names if all(p.is_file() for p in paths(root, n))), names[0])
+        self._records_path, meta_path = paths(root, found)
         if not meta_path.is_file() or not self._records_path.is_file():
             have = sorted(p.stem for p in root.glob("*.json")) if root.is_dir() else []
             raise FileNotFoundError(
