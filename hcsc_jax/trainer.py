@@ -365,7 +365,8 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     pending, inflight = [], collections.deque()
     metrics, protos, bar, t_log, cluster_seconds = None, None, None, time.perf_counter(), 0.0
     input_wait, t_epoch = 0.0, 0.0  # seconds the loop waited for its input this epoch; the epoch's start
-    with resume.PreemptionWatch() as preemption, keeping_saves(mngr):
+    # (closing: the loader's worker processes stop however the loop ends)
+    with resume.PreemptionWatch() as preemption, keeping_saves(mngr), contextlib.closing(train_set):
         for step in range(first_step, total_steps + 1):
             epochs_done, in_epoch = divmod(step, steps_per_epoch)
             epoch = (step - 1) // steps_per_epoch  # of the step just taken
@@ -443,7 +444,6 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
                 jax.block_until_ready(inflight.popleft())
             bar.update()
     mngr.wait_until_finished()
-    train_set.close()  # the loader's worker processes (they also stop with this process)
 
     if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
         final_ctx = context(int(state.step))
