@@ -24,8 +24,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from hcsc_jax import clustering, features, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import clustering, features, models, sharding
 from hcsc_jax.models import make_encoder
 
 flags.DEFINE_integer("n", 100_000, "N, samples to embed and cluster")
@@ -53,7 +52,7 @@ def synthetic_features(rng, n, dim, num_modes=5000):
 def time_features(n, image_size):
     """Seconds of `embed_dataset` over n random uint8 images (image_size^2 x 3), and (n, 128)."""
     model = make_encoder("resnet18", width=0.25, small_stem=True, rngs=nnx.Rngs(0))
-    graphdef, params, stats = ts.split_model(model)
+    graphdef, params, stats = models.split_model(model)
     images = np.random.default_rng(0).integers(0, 256, (n, image_size, image_size, 3), np.uint8)
     start = time.perf_counter()
     _, proj = features.embed_dataset(graphdef, params, stats, images, image_size, IMAGENET_MEAN,

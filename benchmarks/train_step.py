@@ -64,7 +64,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from hcsc_jax import objective, sharding
+from hcsc_jax import models, objective, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.models import ARCHS, VIT_ARCHS, make_encoder
@@ -255,7 +255,7 @@ def main(argv):
     model = make_encoder(f.arch, out_dim=f.embed_dim, small_stem=f.small_stem, width=f.width,
                          bn_group_size=f.bn_group_size, dtype=dtype, in_channels=3,
                          rngs=nnx.Rngs(f.seed), **vit_kw)
-    graphdef, params, stats = ts.split_model(model)
+    graphdef, params, stats = models.split_model(model)
     if optimizer == "adamw":  # MoCo v3's ViT recipe
         tx, _ = ts.make_optimizer(1.5e-4, f.batch, 100_000, 0.1, optimizer="adamw", warmup_steps=10_000)
     else:
@@ -299,7 +299,7 @@ def main(argv):
 
     # XLA's count of one encoder forward (train mode) on one BN group, per image. Counted on the
     # CPU lowering: on GPU, convolutions are cuDNN custom calls that the cost analysis skips.
-    fwd = jax.jit(lambda p, s, x: ts.apply_model(graphdef, p, s, x, train=True)[1])
+    fwd = jax.jit(lambda p, s, x: models.apply_model(graphdef, p, s, x, train=True)[1])
     x_spec = jax.ShapeDtypeStruct((f.bn_group_size, size, size, 3), jnp.float32)
     fwd_flops, fwd_error = None, "cost analysis returned no 'flops'"
     try:

@@ -21,8 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import distributed, models, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
 
@@ -39,7 +38,7 @@ def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
         (x,) = images.views
         x = (augmentations.normalize(x, mean, std) if images.cropped
              else augmentations.center_crop(x, crop, mean, std))
-        feats, proj, _ = ts.apply_model(graphdef, params, stats, x, train=False)
+        feats, proj, _ = models.apply_model(graphdef, params, stats, x, train=False)
         return feats, proj
 
     return embed

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hcsc_jax import objective, sharding
+from hcsc_jax import models, objective, sharding
 from hcsc_jax.data import augmentations
 
 
@@ -108,22 +108,9 @@ def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_d
     return tx, schedule
 
 
-
-def split_model(model: nnx.Module):
-    """-> (graphdef, params, batch_stats) of an NNX encoder."""
-    return nnx.split(model, nnx.Param, nnx.BatchStat)
-
-
-def apply_model(graphdef, params, stats, x, train: bool):
-    """Runs the encoder functionally: -> (pooled features, L2-normalized projection, new stats)."""
-    model = nnx.merge(graphdef, params, stats, copy=True)
-    features, projection = model(x, train=train)
-    return features, projection, nnx.state(model, nnx.BatchStat)
-
-
 def init_state(model: nnx.Module, tx, queue_size: int, embed_dim: int, num_levels: int, seed: int):
     """The initial state: key encoder = copy of the query encoder, queue random-normal, unit rows."""
-    _, params, stats = split_model(model)
+    _, params, stats = models.split_model(model)
     root = jax.random.key(seed)
     queue = jax.random.normal(jax.random.fold_in(root, 1), (queue_size, embed_dim), jnp.float32)
     # jnp.linalg.norm keeps the initial queue of earlier versions bit for bit (models.l2_normalize
@@ -174,12 +161,12 @@ def _query_forward(graphdef, params, stats, x_q, x_local):
     """Query encoder in train mode on the global view, then on the local views with views of one
     crop size concatenated into one batch (BN groups stay within a view, the batch being a
     multiple of the group size). -> (q (B, d), tuple of local q (B, d), new stats)."""
-    _, q, stats = apply_model(graphdef, params, stats, x_q, train=True)
+    _, q, stats = models.apply_model(graphdef, params, stats, x_q, train=True)
     local_q = [None] * len(x_local)
     for size in sorted({x.shape[1] for x in x_local}, reverse=True):
         group = [v for v, x in enumerate(x_local) if x.shape[1] == size]
         x = jnp.concatenate([x_local[v] for v in group]) if len(group) > 1 else x_local[group[0]]
-        _, proj, stats = apply_model(graphdef, params, stats, x, train=True)
+        _, proj, stats = models.apply_model(graphdef, params, stats, x, train=True)
         for v, part in zip(group, jnp.split(proj, len(group))):
             local_q[v] = part
     return q, tuple(local_q), stats
@@ -198,10 +185,10 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     k_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.k_params, state.q_params)
     if cfg.shuffle_bn:
         perm, unperm = shuffle_permutation(key_shuffle, batch)
-        _, keys, k_stats = apply_model(graphdef, k_params, state.k_stats, x_k[perm], train=True)
+        _, keys, k_stats = models.apply_model(graphdef, k_params, state.k_stats, x_k[perm], train=True)
         keys = keys[unperm]
     else:
-        _, keys, k_stats = apply_model(graphdef, k_params, state.k_stats, x_k, train=True)
+        _, keys, k_stats = models.apply_model(graphdef, k_params, state.k_stats, x_k, train=True)
     keys = jax.lax.stop_gradient(keys)
 
     queue_lse = state.queue_lse if prototypes is not None else None

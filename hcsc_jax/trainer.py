@@ -316,7 +316,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     model = models.build_encoder(enc_meta, seed=config.seed)
     if config.get("init_encoder"):
         init_from(model, config.init_encoder)
-    graphdef = ts.split_model(model)[0]
+    graphdef = models.split_model(model)[0]
     tx, schedule = ts.make_optimizer(
         config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum, optimizer=config.optimizer,
         warmup_steps=config.lr_warmup_epochs * steps_per_epoch, grad_clip=config.grad_clip,

@@ -166,8 +166,13 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     L2-normalized key projections (n, d), labels or None)."""
     import ml_collections
 
-    from hcsc_jax import checkpoints, features, sharding, trainer  # jax and the model only for these figures
-    from hcsc_jax import train_step as ts
+    from hcsc_jax import (  # jax and the model only for these figures
+        checkpoints,
+        features,
+        models,
+        sharding,
+        trainer,
+    )
     from hcsc_jax.data import crops, pipeline, sources
     from hcsc_jax.models import l2_normalize
 
@@ -178,7 +183,7 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     images = np.stack([crops.center_crop_image(source.load(int(i)), config.image_size) for i in idx])
     model, _ = checkpoints.load_encoder(workdir, which="key")
     mesh = sharding.make_mesh()
-    graphdef, params, stats = ts.split_model(model)
+    graphdef, params, stats = models.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
     _, _, _, (mean, std) = trainer.view_configs(config, images.shape[-1])
     batches = pipeline.array_batches(images, mesh, 256, cropped=True)

@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hcsc_jax import losses, objective, sharding
+from hcsc_jax import losses, models, objective, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.batch import Images
@@ -106,7 +106,7 @@ def _tiny_model(dtype=jnp.float32):
     abstract = nnx.eval_shape(lambda: make_encoder(
         "resnet18", out_dim=D, hidden_dim=32, small_stem=True, width=0.0625, bn_group_size=G,
         in_channels=C, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, params, stats = ts.split_model(abstract)
+    graphdef, params, stats = models.split_model(abstract)
     rng = np.random.default_rng(0)
 
     def fill(path, x):
@@ -126,7 +126,7 @@ def _tiny_model(dtype=jnp.float32):
 @pytest.fixture(scope="module")
 def setup():
     model = _tiny_model()
-    graphdef = ts.split_model(model)[0]
+    graphdef = models.split_model(model)[0]
     tx, _ = ts.make_optimizer(BASE_LR, B, TOTAL_STEPS, weight_decay=1e-4, momentum=0.9)
     # random crop + flip: the photometric ops are off (skipped statically: much faster to compile)
     view = augmentations.AugmentConfig(crop_size=HW, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
@@ -143,7 +143,7 @@ def setup():
     order = np.random.default_rng(5).permutation(N).astype(np.int32)
     idx = [order[:B], order[B:]]
 
-    fwd = jax.jit(lambda p, s, x: ts.apply_model(graphdef, p, s, x, train=True))
+    fwd = jax.jit(lambda p, s, x: models.apply_model(graphdef, p, s, x, train=True))
 
     @jax.jit
     def views(state, batch):
@@ -537,7 +537,7 @@ BF16_RTOL = 1e-2
 
 def test_bfloat16_step_loss_close_to_float32_and_state_stays_float32(setup, runs):
     one = runs[0]
-    graphdef16 = ts.split_model(_tiny_model(jnp.bfloat16))[0]
+    graphdef16 = models.split_model(_tiny_model(jnp.bfloat16))[0]
     fn = ts.jit_train_step(graphdef16, setup["tx"], setup["cfg"], one.mesh, warmup=False)
     s1, m1 = one.step(one.s0, 0, fn=fn)  # same parameters and batch as one.m1 in float32
     for k in ("loss", "loss_instance", "loss_proto"):

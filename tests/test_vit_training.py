@@ -98,7 +98,7 @@ def _tiny_vit(dtype=jnp.float32):
     abstract = nnx.eval_shape(lambda: models.make_encoder(
         "vit_s4", out_dim=D, hidden_dim=32, width=0.125, depth=2, image_size=HW, dtype=dtype,
         rngs=nnx.Rngs(0)))
-    graphdef, params, stats = ts.split_model(abstract)
+    graphdef, params, stats = models.split_model(abstract)
     return nnx.merge(graphdef, _random(params), stats)
 
 
@@ -138,7 +138,8 @@ def _two_steps(s, mesh, graphdef=None):
     """Two steps with prototypes from state0 (its ICSC cache refreshed) -> [(state, metrics)] on the host."""
     rep, shd = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     protos = objective.make_prototypes(*s["protos"], sharding=rep)
-    fn = ts.jit_train_step(graphdef or ts.split_model(s["model"])[0], s["tx"], s["cfg"], mesh, warmup=False)
+    graphdef = graphdef or models.split_model(s["model"])[0]
+    fn = ts.jit_train_step(graphdef, s["tx"], s["cfg"], mesh, warmup=False)
     batch = pipeline.gather_batch(mesh)
     images, labels = jax.device_put((s["images"], s["labels"]), rep)
     state = jax.jit(ts.refresh_queue_lse, out_shardings=rep)(jax.device_put(s["state0"], rep), protos)
@@ -170,7 +171,7 @@ def test_one_vs_eight_devices_same_step(runs):
 
 
 def test_bfloat16_step_within_tolerance_of_float32(step_setup, runs):
-    graphdef16 = ts.split_model(_tiny_vit(jnp.bfloat16))[0]
+    graphdef16 = models.split_model(_tiny_vit(jnp.bfloat16))[0]
     (s1, m1), _ = _two_steps(step_setup, sharding.make_mesh(jax.devices()[:1]), graphdef16)
     ref = runs[1][0][1]
     for k in ("loss", "loss_instance", "loss_proto"):
@@ -242,7 +243,7 @@ def test_imagenet_vit_s16_runlocal_encoder_transfers_to_voc(tmp_path):
     c = imagenet_hcsc_vit_s16.get_config("runlocal")
     assert (c.model.arch, c.model.dtype, c.input.pipeline) == ("vit_s16", "bfloat16", "stream")
     meta = models.encoder_meta(c.model.to_dict(), 3, c.bn_group_size)
-    graphdef, params, stats = ts.split_model(models.build_encoder(meta, abstract=True))
+    graphdef, params, stats = models.split_model(models.build_encoder(meta, abstract=True))
     checkpoints.export_encoder(str(tmp_path / "enc"), meta, _random(params), stats)
     cfg = eval_imagenet.get_config("runlocal")
     cfg.update(progress_bar=False, dataset=f"folder:{imagenet_like.make_folder(str(tmp_path / 'imagenet'))}",

@@ -13,9 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from hcsc_jax import checkpoints, sharding
+from hcsc_jax import checkpoints, models, sharding
 from hcsc_jax import features as features_lib
-from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.crops import CropSpec
@@ -44,7 +43,7 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """A frozen encoder: `train_step.split_model` parts (replicated), its `models.encoder_meta`, step."""
+    """A frozen encoder: `models.split_model` parts (replicated), its `models.encoder_meta`, step."""
 
     graphdef: Any
     params: Any
@@ -125,7 +124,7 @@ class Context:
         """F of the pooled features (from shapes only, nothing computed)."""
         e, size = self.encoder, self.data.image_size
         x = jax.ShapeDtypeStruct((1, size, size, int(e.meta["in_channels"])), np.float32)
-        out = jax.eval_shape(lambda x: ts.apply_model(e.graphdef, e.params, e.stats, x, False)[0], x)
+        out = jax.eval_shape(lambda x: models.apply_model(e.graphdef, e.params, e.stats, x, False)[0], x)
         return int(out.shape[1])
 
     def feature_path(self, split: str):
@@ -242,7 +241,7 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     if config.get("expect_arch") and arch != config.expect_arch:
         raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; "
                         f"pass the right checkpoint or --config.expect_arch={arch}")
-    graphdef, params, stats = ts.split_model(model)
+    graphdef, params, stats = models.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
     encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))
     return Context(encoder, data, mesh, out or path / "eval", int(config.embed_batch),

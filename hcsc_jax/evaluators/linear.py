@@ -29,8 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import distributed, models, sharding
 from hcsc_jax.data import loader
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common
@@ -174,7 +173,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     @jax.jit
     def frozen_step(head, opt_state, key, params, stats, *inputs):
         x, y = common.labelled_views(key, inputs, aug)
-        feats = jax.lax.stop_gradient(ts.apply_model(e.graphdef, params, stats, x, train=False)[0])
+        feats = jax.lax.stop_gradient(models.apply_model(e.graphdef, params, stats, x, train=False)[0])
         return _sgd_update(tx, head, opt_state, feats.astype(jnp.float32), y)
 
     step = lambda head, opt_state, key, *inputs: frozen_step(head, opt_state, key, e.params, e.stats, *inputs)

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from hcsc_jax import distributed, models, sharding
 from hcsc_jax import features as features_lib
-from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import pipeline, sources
 from hcsc_jax.data.crops import CropSpec
@@ -132,7 +131,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         x, y = common.labelled_views(key, inputs, aug)
 
         def loss_fn(p):
-            feats, _, new_stats = ts.apply_model(graphdef_ft, p["trunk"], stats, x, train=True)
+            feats, _, new_stats = models.apply_model(graphdef_ft, p["trunk"], stats, x, train=True)
             out = linear.logits(p["head"], feats.astype(jnp.float32))
             return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), new_stats
 

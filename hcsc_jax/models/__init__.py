@@ -1,7 +1,17 @@
 """Models: torchvision-layout ResNets with grouped BN, timm-layout ViTs, MoCo v2 projection head,
-encoder (and its builders: `make_encoder`, `encoder_meta`, `build_encoder`, `check_model_config`)."""
+encoder (its builders `make_encoder`, `encoder_meta`, `build_encoder`, `check_model_config`; run
+functionally with `split_model` / `apply_model`)."""
 
-from .encoder import Encoder, build_encoder, check_model_config, encoder_meta, l2_normalize, make_encoder
+from .encoder import (
+    Encoder,
+    apply_model,
+    build_encoder,
+    check_model_config,
+    encoder_meta,
+    l2_normalize,
+    make_encoder,
+    split_model,
+)
 from .heads import ProjectionHead
 from .norm import GroupedBatchNorm
 from .resnet import ARCHS, BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
@@ -17,6 +27,7 @@ __all__ = [
     "ResNet",
     "VIT_ARCHS",
     "VisionTransformer",
+    "apply_model",
     "build_encoder",
     "check_model_config",
     "encoder_meta",
@@ -25,5 +36,6 @@ __all__ = [
     "resnet18",
     "resnet34",
     "resnet50",
+    "split_model",
     "build_vit",
 ]

@@ -55,6 +55,19 @@ class Encoder(nnx.Module):
         return feats, l2_normalize(proj)
 
 
+def split_model(model: nnx.Module):
+    """-> (graphdef, params, batch_stats) of an NNX encoder: the parts `apply_model`, the train
+    state and the checkpoints hold."""
+    return nnx.split(model, nnx.Param, nnx.BatchStat)
+
+
+def apply_model(graphdef, params, stats, x, train: bool):
+    """Runs the encoder functionally: -> (pooled features, L2-normalized projection, new stats)."""
+    model = nnx.merge(graphdef, params, stats, copy=True)
+    features, projection = model(x, train=train)
+    return features, projection, nnx.state(model, nnx.BatchStat)
+
+
 def make_encoder(
     arch: str = "resnet50",
     *,
