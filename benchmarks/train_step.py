@@ -41,8 +41,10 @@ Augmentation, BN, the objective and the optimizer are not counted as model FLOPs
   python benchmarks/train_step.py --arch=vit_s16 --width=0.125 --depth=2 --image_size=32 \
       --batch=64 --bn_group_size=16 --queue=4096 --levels=300,100,30 --steps=10 --warmup_steps=2
 
-Imports only jax, flax, optax, numpy, absl and hcsc_jax.{train_step, objective, models, data}
-(no faiss, ml_collections, tensorflow-datasets or tqdm). Run it from the repo root with the
+The step is the trainer's: the flags become a training config (`train_config`: configs/default.py
+with their changes) and `hcsc_jax.setup.build` makes the encoder, optimizer, state and step
+functions from it, as train.py does. --noaugment feeds views cropped before the step (as a
+streamed input does) with the photometric ops and the flip off. Run it from the repo root with the
 package installed (`pip install -e .`) or with `PYTHONPATH=.`. Figures: BENCHMARKS.md.
 """
 
@@ -60,14 +62,17 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
-from hcsc_jax import models, objective, sharding
+from configs import apply_vit
+from configs import default as default_config
+from hcsc_jax import models, objective, setup, sharding
 from hcsc_jax import train_step as ts
-from hcsc_jax.data import augmentations, pipeline
-from hcsc_jax.models import ARCHS, VIT_ARCHS, make_encoder
+from hcsc_jax.data import pipeline
+from hcsc_jax.data.batch import Images
+from hcsc_jax.models import ARCHS, VIT_ARCHS
 
 flags.DEFINE_enum("arch", "resnet50", list(ARCHS) + list(VIT_ARCHS), "backbone")
 flags.DEFINE_float("width", 1.0, "channel width multiplier (ViT: embedding dim multiplier)")
@@ -113,12 +118,26 @@ def vit_macs(dim: int, depth: int, image_size: int, patch: int, in_channels: int
     return grid * grid * dim * in_channels * patch * patch + depth * (12 * n * dim * dim + 2 * n * n * dim)
 
 
-def _no_augment(key, images, cfg: augmentations.AugmentConfig, indices=None):
-    """Ablation stand-in for `augmentations.augment`: top-left crop, float, normalize."""
-    del key, indices
-    s = cfg.crop_size
-    x = images[:, :s, :s].astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+def train_config(f, levels) -> ml_collections.ConfigDict:
+    """The flags as a training config (configs/default.py, the published ImageNet settings, with
+    the flags' changes): what `setup.build` turns into the trainer's step. A ViT takes MoCo v3's
+    recipe (`configs.apply_vit`: AdamW, no ShuffleBN); --noaugment turns the photometric ops and
+    the flip off."""
+    c = default_config.get_config()
+    if f.arch in VIT_ARCHS:
+        apply_vit(c, f.arch, width=f.width, depth=f.depth or 12)
+    else:
+        c.model.update(arch=f.arch, width=f.width, small_stem=f.small_stem)
+        c.shuffle_bn = f.shuffle_bn
+    c.model.update(embed_dim=f.embed_dim, dtype=f.dtype)
+    c.update(image_size=f.image_size, batch_size=f.batch, bn_group_size=f.bn_group_size, queue_size=f.queue,
+             seed=f.seed, optimizer=f.optimizer or c.optimizer)
+    c.clustering.num_clusters = tuple(levels) if f.objective == "hcsc" else ()
+    if f.multicrop:  # the published local views, scaled with the crop size
+        c.augment.local_views = tuple((round(f.image_size * s / 224), sc) for s, sc in MULTICROP)
+    if not f.augment:
+        c.augment.update(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip=False)
+    return c
 
 
 def random_prototypes(rng, sizes, dim, sharding):
@@ -231,13 +250,11 @@ def main(argv):
     source = f.source_size or (size if not f.augment else round(size * 256 / 224))
     if source < size:
         raise ValueError(f"source_size {source} is smaller than the crop size {size}")
-    dtype = jnp.dtype(f.dtype)
     n = max(f.num_images, f.batch)
     is_vit = f.arch in VIT_ARCHS
-    shuffle_bn = f.shuffle_bn and not is_vit
-    optimizer = f.optimizer or ("adamw" if is_vit else "sgd")
 
     mesh = sharding.make_mesh()
+    config = train_config(f, levels)
     ts.check_batch_config(f.batch, f.queue, f.bn_group_size, mesh.size)
     replicated, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     dev = jax.devices()[0]
@@ -245,33 +262,25 @@ def main(argv):
           f"python {platform.python_version()}")
     print(f"config: {f.arch} width {f.width} small_stem {f.small_stem} | crop {size} from "
           f"{source}x{source}x3 uint8 (N={n} on device) | batch {f.batch} | {f.dtype} compute | "
-          f"bn_group_size {f.bn_group_size} | shuffle_bn {shuffle_bn} | {optimizer} | queue {f.queue} | "
-          f"objective {f.objective}" + (f" levels {levels} d={f.embed_dim}" if f.objective == "hcsc" else "")
+          f"bn_group_size {f.bn_group_size} | shuffle_bn {config.shuffle_bn} | {config.optimizer} | "
+          f"queue {f.queue} | objective {f.objective}"
+          + (f" levels {levels} d={f.embed_dim}" if f.objective == "hcsc" else "")
           + f" | augment {'MoCo v2 on device' if f.augment else 'OFF (ablation)'}")
-    if not f.augment:
-        ts.augmentations.augment = _no_augment  # the step looks the function up at trace time
 
-    vit_kw = dict(depth=f.depth or None, image_size=size) if is_vit else {}
-    model = make_encoder(f.arch, out_dim=f.embed_dim, small_stem=f.small_stem, width=f.width,
-                         bn_group_size=f.bn_group_size, dtype=dtype, in_channels=3,
-                         rngs=nnx.Rngs(f.seed), **vit_kw)
-    graphdef, params, stats = models.split_model(model)
-    if optimizer == "adamw":  # MoCo v3's ViT recipe
-        tx, _ = ts.make_optimizer(1.5e-4, f.batch, 100_000, 0.1, optimizer="adamw", warmup_steps=10_000)
-    else:
-        tx, _ = ts.make_optimizer(0.03, f.batch, total_steps=100_000)
-    num_levels = len(levels) if f.objective == "hcsc" else 0
-    state = jax.device_put(ts.init_state(model, tx, f.queue, f.embed_dim, max(num_levels, 1), f.seed),
-                           replicated)
+    # The trainer's own set-up: encoder, optimizer, state and the two step functions.
+    parts = setup.build(config, channels=3, steps_per_epoch=max(n // f.batch, 1), mesh=mesh)
+    state, graphdef = parts.state, parts.graphdef
 
     rng = np.random.default_rng(f.seed)
     if f.objective == "hcsc":
         protos = random_prototypes(rng, levels, f.embed_dim, replicated)
         assignments = jax.device_put(random_assignments(rng, protos, n, levels), replicated)
-        state = jax.jit(ts.refresh_queue_lse, out_shardings=replicated)(state, protos)
+        state = parts.refresh_lse(state, protos)
+        step = parts.prototype_step
     else:
         protos = None
         assignments = jax.device_put(np.zeros((n, 1), np.int32), replicated)
+        step = parts.warmup_step
 
     images = jax.jit(
         lambda k: jax.random.randint(k, (n, source, source, 3), 0, 256, jnp.int32).astype(jnp.uint8),
@@ -280,16 +289,14 @@ def main(argv):
     indices = [jax.device_put(rng.permutation(n)[: f.batch].astype(np.int32), sharded) for _ in range(total)]
     jax.block_until_ready((state, images, assignments, protos, indices))
 
-    view = augmentations.AugmentConfig(crop_size=size)
-    local = tuple(augmentations.AugmentConfig(crop_size=round(size * s / 224), scale=sc)
-                  for s, sc in MULTICROP) if f.multicrop else ()
-    cfg = ts.StepConfig(
-        objective=objective.ObjectiveConfig(group_size=f.bn_group_size), view_q=view, view_k=view,
-        view_local=local, shuffle_bn=shuffle_bn)
-    step = ts.jit_train_step(graphdef, tx, cfg, mesh, warmup=f.objective == "moco")
-
     t0 = time.perf_counter()
-    batch = pipeline.gather_batch(mesh)  # the resident input's per-step gather, timed with the step
+    if f.augment:  # the resident input's per-step gather, timed with the step
+        batch = pipeline.gather_batch(mesh)
+    else:  # views cropped before the step, as a streamed input's arrive (here: their top-left corner)
+        sizes = (size, size) + tuple(s for s, _ in config.augment.local_views)
+        batch = jax.jit(lambda images, assign, idx: (
+            Images(tuple(images[idx][:, :s, :s] for s in sizes), cropped=True), assign[idx]),
+            out_shardings=sharded)
     lowered = step.lower(state, *batch(images, assignments, indices[0]), protos)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -303,7 +310,8 @@ def main(argv):
     x_spec = jax.ShapeDtypeStruct((f.bn_group_size, size, size, 3), jnp.float32)
     fwd_flops, fwd_error = None, "cost analysis returned no 'flops'"
     try:
-        cost = fwd.trace(params, stats, x_spec).lower(lowering_platforms=("cpu",)).cost_analysis()
+        traced = fwd.trace(state.q_params, state.q_stats, x_spec)
+        cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         if cost is None:  # seen on GPU hosts (jax 0.11.2): no cost analysis of the CPU lowering
             fwd_error = "the CPU lowering's cost analysis returned None on this host"
@@ -351,7 +359,7 @@ def main(argv):
     print(f"model FLOPs per image per step = 4 forward-equivalents (query fwd+bwd = 3, key fwd = 1); "
           f"MFU vs peak {peak:g} TFLOP/s ({peak_note}); median / pipelined")
     if is_vit:
-        vit = model.backbone
+        vit = models.build_encoder(parts.model_meta, abstract=True).backbone
         macs = vit_macs(vit.num_features, len(vit.blocks), size, vit.patch_size)
         nominal = 2 * macs
         nominal_label = (f"nominal fwd {nominal / 1e9:.4g} GFLOP/image (= 2 x {macs / 1e9:.4g} GMACs counted "

@@ -1,16 +1,24 @@
-"""The run: one loop over its steps, clustering between epochs, metrics, checkpoints, final eval.
+"""The run, read top to bottom: set-up, then epochs x steps, then the summary of the final encoder.
 
-After each step one predicate, `itstime`, says what is due: a log line, the checkpoint (one
-save call), the evaluators of `config.evals`, a stop on SIGTERM or Ctrl-C. The host dispatches at
-most `MAX_IN_FLIGHT` steps ahead of the device, so a stop saves within that many steps; any stop
-waits for the save in flight. Checkpoints carry the running metric sums of the log window and of
-the epoch, so a resumed run writes the metrics.jsonl of an uninterrupted one. Before each epoch after
-warm-up, the key encoder (inference mode) embeds a center crop of every training image, k-means
-builds the hierarchy (faiss on the host, or the "jax" backend on the devices), and its arrays
-are put on every device. The images reach the step through a `data.pipeline` input
-(`config.input.pipeline`): "memory" keeps the dataset on the devices and gathers each global
-batch there; "stream" decodes and crops on the host, each process its share. Both yield the
-step's `(images, labels)`, the labels being the batch's k-means assignments.
+Set-up: the training input (`setup.make_input`), the encoder, optimizer, train state and step
+functions (`setup.build`), the newest readable checkpoint, the metrics writer. Each epoch then
+has three parts:
+  start: after the warm-up epochs, the key encoder (inference mode) embeds a center crop of every
+    training image and k-means builds the hierarchy (faiss on the host, or the "jax" backend on
+    the devices); its prototypes go to every device and the queue's cached normalizers are
+    recomputed. The epoch's step function is `warmup_step` without prototypes, else
+    `prototype_step`.
+  steps: a step, then what one predicate, `itstime`, says is due: a log line, the checkpoint (one
+    save call), a stop on SIGTERM or Ctrl-C. The host dispatches at most `MAX_IN_FLIGHT` steps
+    ahead of the device, so a stop saves within that many steps; any stop waits for the save in
+    flight.
+  end: the epoch's record, its checkpoint, the evaluators of `config.evals` that are due.
+Checkpoints carry the running metric sums of the log window and of the epoch, so a resumed run
+writes the metrics.jsonl of an uninterrupted one; evaluations a kill cut off are redone.
+The images reach the step through a `data.pipeline` input (`config.input.pipeline`): "memory"
+keeps the dataset on the devices and gathers each global batch there; "stream" decodes and crops
+on the host, each process its share. Both yield the step's `(images, labels)`, the labels being
+the batch's k-means assignments.
 
 With several processes (`distributed.initialize`) every process runs this loop over one global
 mesh; faiss runs on process 0 and its hierarchy is broadcast, process 0 writes the logs,
@@ -22,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import dataclasses
 import functools
 import logging
 import math
@@ -32,7 +39,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from hcsc_jax import (
@@ -43,14 +49,13 @@ from hcsc_jax import (
     models,
     objective,
     resume,
+    setup,
     sharding,
     visualize,
 )
 from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.data import augmentations, pipeline
-from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.decode import DecodeError
 from hcsc_jax.data.loader import LoaderError
 from hcsc_jax.features import embed_input
@@ -106,58 +111,10 @@ def check_values(config, num_devices: int) -> None:
                           f"{tuple(config.clustering.num_clusters)}; set --config.clustering.num_clusters")
     try:
         ts.check_batch_config(config.batch_size, config.queue_size, config.bn_group_size, num_devices)
-        objective_config(config)
+        setup.objective_config(config)
         check_evals(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-
-
-def objective_config(config) -> objective.ObjectiveConfig:
-    """`config.objective` as the step's static `ObjectiveConfig` (its fields, plus the BN group)."""
-    return objective.ObjectiveConfig(**config.objective, group_size=config.bn_group_size)
-
-
-def view_configs(config, channels: int):
-    """-> (query view, key view, tuple of local views, (mean, std)) augmentation configs: the
-    fields of `config.augment` (mean and std cut to `channels`) at `config.image_size`, and each
-    `local_views` entry's (size, scale)."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.augment.to_dict().items()}
-    local_views = fields.pop("local_views")
-    mean, std = fields.pop("mean")[:channels], fields.pop("std")[:channels]
-    view = augmentations.AugmentConfig(crop_size=config.image_size, mean=mean, std=std, **fields)
-    local = tuple(dataclasses.replace(view, crop_size=size, scale=tuple(scale))
-                  for size, scale in local_views)
-    return view, view, local, (mean, std)
-
-
-def host_crops(config) -> tuple[CropSpec, ...]:
-    """The streaming path's host crops: query, key, then the local views."""
-    a = config.augment
-    view = CropSpec(config.image_size, tuple(a.scale))
-    return (view, view) + tuple(CropSpec(size, tuple(scale)) for size, scale in a.local_views)
-
-
-def make_input(config, split: str, mesh, train: bool = True):
-    """The dataset `split` as `config.input.pipeline` says: "memory" (resident on the devices)
-    or "stream" (host decoding and crops; `train=False`: the feature pass only)."""
-    i = config.input
-    crops = host_crops(config) if train else ()
-    return pipeline.open_input(i.pipeline, config.dataset, split, config.get("data_dir"), mesh,
-                               config.batch_size, config.seed, crops, i.num_workers, i.prefetch,
-                               resampling=i.resampling, bad_images=i.bad_images)
-
-
-def init_from(model, path: str) -> None:
-    """Overwrites `model`'s parameters and BN statistics with those of the encoder at `path`
-    (a workdir or an exported / PyTorch-imported encoder); the architectures must match."""
-    source, meta = checkpoints.load_encoder(path)
-    new, old = nnx.state(source), nnx.state(model)
-    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(t))
-    if shapes(new) != shapes(old):
-        raise ValueError(
-            f"init_encoder {path} holds a different architecture than config.model "
-            f"({meta['model']}, in_channels {meta['in_channels']}); set config.model to match it")
-    nnx.update(model, new)
 
 
 def uses_prototypes(config, epoch: int) -> bool:
@@ -297,10 +254,11 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     main = distributed.is_main()
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     resume.check_config(workdir, config_json)
+
+    # ---- Input ----
     batch = config.batch_size
-    train_set = make_input(config, config.train_split, mesh)
-    n = train_set.num_examples
-    steps_per_epoch = train_set.steps_per_epoch
+    train_set = setup.make_input(config, config.train_split, mesh)
+    n, steps_per_epoch = train_set.num_examples, train_set.steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
     num_levels = len(config.clustering.num_clusters)
@@ -311,20 +269,12 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
         )
     total_steps = steps_per_epoch * config.epochs
 
-    channels = train_set.channels
-    enc_meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size)
-    model = models.build_encoder(enc_meta, seed=config.seed)
-    if config.get("init_encoder"):
-        init_from(model, config.init_encoder)
-    graphdef = models.split_model(model)[0]
-    tx, schedule = ts.make_optimizer(
-        config.lr, batch, total_steps, config.weight_decay, config.sgd_momentum, optimizer=config.optimizer,
-        warmup_steps=config.lr_warmup_epochs * steps_per_epoch, grad_clip=config.grad_clip,
-        betas=tuple(config.adam_betas))
+    # ---- Encoder, optimizer, train state, step functions ----
+    parts = setup.build(config, train_set.channels, steps_per_epoch, mesh)
+    state, graphdef = parts.state, parts.graphdef
     replicated = sharding.replicated(mesh)
-    state = ts.init_state(model, tx, config.queue_size, config.model.embed_dim, num_levels, config.seed)
-    state = jax.device_put(state, replicated)
 
+    # ---- Resume from the newest readable checkpoint ----
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = checkpoints.restore_latest(mngr, abstract)
@@ -342,109 +292,117 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
                  meta["step_in_epoch"])
     if main:  # after the resume checks: a refused run leaves the config of its checkpoints
         workdir_lib.write_atomic(workdir / workdir_lib.CONFIG_FILE, config_json)
-    redo_evals = missing_evals(config, workdir, int(state.step), steps_per_epoch)
-    writer = metrics_lib.MetricsWriter(workdir, int(state.step), config, enabled=main)
+    first_step = int(state.step)  # the loop counts steps on the host: no device sync per step
+    redo_evals = missing_evals(config, workdir, first_step, steps_per_epoch)
 
-    view_q, view_k, view_local, (mean, std) = view_configs(config, channels)
-    step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
-                             view_local=view_local, ema_momentum=config.ema_momentum,
-                             shuffle_bn=config.shuffle_bn)
-    step_fns = {w: ts.jit_train_step(graphdef, tx, step_cfg, mesh, w) for w in (True, False)}
+    # ---- Metrics, checkpoints, evaluators ----
+    writer = metrics_lib.MetricsWriter(workdir, first_step, config, enabled=main)
+    hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     final_ctx = None  # the context of the last epoch's evaluators, whose features the summary reuses
-    refresh_lse = jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,))
-    hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
-    context = lambda step: eval_context(config, graphdef, state.q_params, state.q_stats, enc_meta, step, mesh,
-                                        eval_inputs)  # of the current query encoder
+    context = lambda step: eval_context(config, graphdef, state.q_params, state.q_stats, parts.model_meta,
+                                        step, mesh, eval_inputs)  # of the current query encoder
 
-    # One pass over the positions of the run (`step` steps done): first what is due after the step
-    # just taken (log, save, evaluate, stop), then at an epoch's start the clustering, then a step.
+    def save_checkpoint(step: int) -> None:  # of the state after `step` steps, with the running sums
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        meta = dict(epoch=epoch, step_in_epoch=step_in_epoch, hierarchy_epoch=hierarchy_epoch,
+                    encoder=parts.model_meta, log_sums=copy.deepcopy(window),
+                    epoch_sums=copy.deepcopy(epoch_sums))
+        checkpoints.save(mngr, state, meta, hierarchy)
+
+    def evaluate_epoch(epoch: int, step: int) -> None:  # the evaluators due after `epoch`
+        nonlocal final_ctx
+        t_eval = time.perf_counter()
+        final_ctx = context(step)
+        record = run_evals(config, final_ctx, epoch, step == total_steps)
+        if record:
+            writer.write(dict(record, type="eval", epoch=epoch, step=step,
+                              eval_seconds=time.perf_counter() - t_eval))
+
     # The log window and the epoch's sums so far: those of a mid-epoch checkpoint, else empty.
-    first_step = int(state.step)  # `step` is a host copy: no device sync per step
     window, epoch_sums = meta.get("log_sums", new_sums()), meta.get("epoch_sums", new_sums())
-    pending, inflight = [], collections.deque()
-    metrics, protos, bar, t_log, cluster_seconds = None, None, None, time.perf_counter(), 0.0
-    input_wait, t_epoch = 0.0, 0.0  # seconds the loop waited for its input this epoch; the epoch's start
-    # (closing: the loader's worker processes stop however the loop ends)
+    first_epoch, first_in_epoch = divmod(first_step, steps_per_epoch)
+    pending, inflight = [], collections.deque()  # metrics not yet fetched; steps not yet waited for
     with resume.PreemptionWatch() as preemption, keeping_saves(mngr), contextlib.closing(train_set):
-        for step in range(first_step, total_steps + 1):
-            epochs_done, in_epoch = divmod(step, steps_per_epoch)
-            epoch = (step - 1) // steps_per_epoch  # of the step just taken
-            trained = step > first_step
-            epoch_done, last = trained and in_epoch == 0, step == total_steps
-            stop = trained and preemption.reached(step)
-            save = (trained and (stop or last or itstime(step, config.checkpoint_every_steps)
-                                 or epoch_done and itstime(epochs_done, config.checkpoint_every_epochs))
-                    or last and mngr.latest_step() is None)  # epochs=0: keep the initial encoder
-            if trained:
+        if redo_evals:  # a kill cut off the evaluators after the checkpoint of the last epoch's end
+            evaluate_epoch(first_epoch - 1, first_step)
+        if first_step == total_steps and mngr.latest_step() is None:
+            save_checkpoint(0)  # epochs=0: keep the initial encoder
+
+        for epoch in range(first_epoch, config.epochs):
+            # ---- Start of epoch: its hierarchy, prototypes and the queue's cached normalizers ----
+            start = first_in_epoch if epoch == first_epoch else 0  # a run resumed mid-epoch starts there
+            cluster_seconds, input_wait, t_epoch = 0.0, 0.0, time.perf_counter()
+            if uses_prototypes(config, epoch) and (hierarchy is None or hierarchy_epoch != epoch):
+                hierarchy = key_hierarchy(config, state, graphdef, train_set, parts.mean_std, epoch, mesh)
+                hierarchy_epoch, cluster_seconds = epoch, time.perf_counter() - t_epoch
+                if main:
+                    workdir_lib.save_npz(hierarchy_dir / f"epoch_{epoch:04d}.npz", hierarchy.to_arrays())
+            protos, assignments = None, np.zeros((n, max(num_levels, 1)), np.int32)
+            if hierarchy is not None and hierarchy_epoch == epoch:
+                protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
+                assignments = hierarchy.assignments()
+                if start == 0:  # (resumed mid-epoch, the restored state already holds the cache)
+                    state = parts.refresh_lse(state, protos)
+            train_step = parts.warmup_step if protos is None else parts.prototype_step
+            batches = train_set.steps(epoch, start, assignments)
+            if start == 0:
+                epoch_sums = new_sums()
+            bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="step", leave=False, dynamic_ncols=True,
+                       disable=not (config.progress_bar and main))
+            t_log = time.perf_counter()
+
+            for i in range(start, steps_per_epoch):
+                # ---- Step ----
+                t_input = time.perf_counter()
+                images, labels = next(batches)
+                input_wait += time.perf_counter() - t_input  # the host waiting for the loader
+                state, metrics = train_step(state, images, labels, protos)
+                inflight.append(metrics)
+                if len(inflight) > MAX_IN_FLIGHT:  # the host waits for step s - MAX_IN_FLIGHT before s + 1
+                    jax.block_until_ready(inflight.popleft())
+                bar.update()
+
+                # ---- What is due after it: log, checkpoint, stop ----
+                step, done_in_epoch = epoch * steps_per_epoch + i + 1, i + 1
+                epoch_end = done_in_epoch == steps_per_epoch
+                stop = preemption.reached(step)
+                save = (stop or step == total_steps or itstime(step, config.checkpoint_every_steps)
+                        or epoch_end and itstime(epoch + 1, config.checkpoint_every_epochs))
                 pending.append(metrics)
-                log_due = itstime(in_epoch or steps_per_epoch, config.log_every_steps, final=epoch_done)
+                log_due = itstime(done_in_epoch, config.log_every_steps, final=epoch_end)
                 if log_due or save:  # a checkpoint only after every step since the last was checked
                     per_step = fetch_checked(pending, step, config.divergence)
                     add_steps(window, per_step)
                     add_steps(epoch_sums, per_step)
                     pending = []
                 if log_due:
-                    flush_log(window, step, epoch, float(schedule(step - 1)), batch, t_log, writer, bar)
+                    flush_log(window, step, epoch, float(parts.schedule(step - 1)), batch, t_log, writer, bar)
                     window, t_log = new_sums(), time.perf_counter()
-            if epoch_done:
-                bar.close()
-                summary = dict(means(epoch_sums), step=step, epoch=epoch, type="epoch",
-                               clustering_seconds=cluster_seconds, input_wait_seconds=input_wait,
-                               epoch_seconds=time.perf_counter() - t_epoch)
-                writer.write(summary)
-                log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, summary["loss"],
-                         "instance only" if protos is None else f"{num_levels} prototype levels")
+                if not epoch_end:  # (at the epoch's end, the checkpoint follows the epoch's record)
+                    if save:
+                        save_checkpoint(step)
+                    if stop:
+                        raise resume.preempted(mngr, step, preemption.signal_name)
+
+            # ---- End of epoch: its record, checkpoint and evaluators ----
+            bar.close()
+            record = dict(means(epoch_sums), step=step, epoch=epoch, type="epoch",
+                          clustering_seconds=cluster_seconds, input_wait_seconds=input_wait,
+                          epoch_seconds=time.perf_counter() - t_epoch)
+            writer.write(record)
+            log.info("epoch %d/%d: loss %.4f (%s)", epoch + 1, config.epochs, record["loss"],
+                     "instance only" if protos is None else f"{num_levels} prototype levels")
             if save:
-                meta = dict(epoch=epochs_done, step_in_epoch=in_epoch, hierarchy_epoch=hierarchy_epoch,
-                            encoder=enc_meta, log_sums=copy.deepcopy(window),
-                            epoch_sums=copy.deepcopy(epoch_sums))
-                checkpoints.save(mngr, state, meta, hierarchy)
-            # After the save; evaluations a kill cut short after it are redone on resume.
-            if (epoch_done and not stop or not trained and redo_evals) and config.evals:
-                t_eval = time.perf_counter()
-                final_ctx = context(step)
-                record = run_evals(config, final_ctx, epoch, last)
-                if record:
-                    writer.write(dict(record, type="eval", epoch=epoch, step=step,
-                                      eval_seconds=time.perf_counter() - t_eval))
+                save_checkpoint(step)
             if stop:
                 raise resume.preempted(mngr, step, preemption.signal_name)
-            if last:
-                break
-
-            if in_epoch == 0 or not trained:  # epoch `e` starts (or resumes mid-way)
-                e, cluster_seconds, input_wait, t_epoch = epochs_done, 0.0, 0.0, time.perf_counter()
-                if uses_prototypes(config, e) and (hierarchy is None or hierarchy_epoch != e):
-                    t0 = time.perf_counter()
-                    hierarchy = key_hierarchy(config, state, graphdef, train_set, (mean, std), e, mesh)
-                    hierarchy_epoch = e
-                    cluster_seconds = time.perf_counter() - t0
-                    if main:
-                        workdir_lib.save_npz(hierarchy_dir / f"epoch_{e:04d}.npz", hierarchy.to_arrays())
-                protos, assignments = None, np.zeros((n, max(num_levels, 1)), np.int32)
-                if hierarchy is not None and hierarchy_epoch == e:
-                    protos = objective.prototypes_from_hierarchy(hierarchy, replicated)
-                    assignments = hierarchy.assignments()
-                    if in_epoch == 0:  # (resumed mid-epoch, the restored state already holds the cache)
-                        state = refresh_lse(state, protos)
-                batches = train_set.steps(e, in_epoch, assignments)
-                if in_epoch == 0:
-                    epoch_sums = new_sums()
-                bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {e + 1}/{config.epochs}",
-                           unit="step", leave=False, dynamic_ncols=True,
-                           disable=not (config.progress_bar and main))
-                t_log = time.perf_counter()
-            t_input = time.perf_counter()
-            images, labels = next(batches)
-            input_wait += time.perf_counter() - t_input  # the host waiting for the loader
-            state, metrics = step_fns[protos is None](state, images, labels, protos)
-            inflight.append(metrics)
-            if len(inflight) > MAX_IN_FLIGHT:  # the host waits for step s - MAX_IN_FLIGHT before step s + 1
-                jax.block_until_ready(inflight.popleft())
-            bar.update()
+            if config.evals:  # after the save: evaluations a kill cuts short are redone on resume
+                evaluate_epoch(epoch, step)
     mngr.wait_until_finished()
 
+    # ---- Summary of the final encoder ----
     if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
         final_ctx = context(int(state.step))
     summary = evaluate(config, final_ctx, state, mesh)
@@ -460,12 +418,10 @@ def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mes
                  inputs: dict) -> evaluators.Context:
     """An evaluators.Context for the encoder (params, stats) on the run's data; `inputs` maps split
     names to `pipeline` inputs already open (reused and filled, not re-read)."""
-    channels = enc_meta["in_channels"]
     a, i = config.augment, config.input
-    mean, std = tuple(a.mean)[:channels], tuple(a.std)[:channels]
     data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
-                               config.image_size, mean, std, i.pipeline, i.num_workers, i.prefetch,
-                               i.bad_images)
+                               config.image_size, tuple(a.mean), tuple(a.std), i.pipeline, i.num_workers,
+                               i.prefetch, i.bad_images)
     return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
                               progress=False, seed=config.seed, inputs=inputs)
 

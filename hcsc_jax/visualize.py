@@ -170,8 +170,8 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
         checkpoints,
         features,
         models,
+        setup,
         sharding,
-        trainer,
     )
     from hcsc_jax.data import crops, pipeline, sources
     from hcsc_jax.models import l2_normalize
@@ -185,7 +185,7 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     mesh = sharding.make_mesh()
     graphdef, params, stats = models.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
-    _, _, _, (mean, std) = trainer.view_configs(config, images.shape[-1])
+    _, _, _, (mean, std) = setup.view_configs(config, images.shape[-1])
     batches = pipeline.array_batches(images, mesh, 256, cropped=True)
     _, proj = features.embed_batches(graphdef, params, stats, batches,
                                      len(images), config.image_size, mean, std)

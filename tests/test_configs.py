@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from hcsc_jax import clustering, train_step, trainer
+from hcsc_jax import clustering, setup, train_step, trainer
 
 ROOT = pathlib.Path(__file__).parent.parent
 MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py")
@@ -39,7 +39,7 @@ def test_config_is_consistent(name, variant):
     train_step.check_batch_config(c.batch_size, c.queue_size, c.bn_group_size, 1)
     levels = list(c.clustering.num_clusters)
     assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels)
-    trainer.objective_config(c)  # validates semantics, positive, sampler, switches
+    setup.objective_config(c)  # validates semantics, positive, sampler, switches
     assert 0 <= c.warmup_epochs <= c.epochs
     assert len(c.augment.mean) == len(c.augment.std)
     trainer.check_evals(c)
@@ -53,10 +53,10 @@ def test_config_views_build(name, variant):
     """Every view (global and multi-crop local) is a valid augmentation for both pipelines."""
     c = load(name, variant)
     channels = len(c.augment.mean)
-    q, k, local, _ = trainer.view_configs(c, channels)
+    q, k, local, _ = setup.view_configs(c, channels)
     assert q.crop_size == k.crop_size == c.image_size and q.random_crop
     assert [v.crop_size for v in local] == [size for size, _ in c.augment.local_views]
-    assert len(trainer.host_crops(c)) == 2 + len(c.augment.local_views)
+    assert len(setup.host_crops(c)) == 2 + len(c.augment.local_views)
     assert c.input.pipeline in ("memory", "stream") and c.clustering.backend in clustering.BACKENDS
 
 

@@ -400,6 +400,12 @@ def augment_input(keys, images: Images, cfgs: tuple[AugmentConfig, ...]) -> list
     return [augment(k, x, c) for k, x, c in zip(keys, views, cfgs)]
 
 
+def channel_stats(mean, std, channels: int) -> tuple[tuple, tuple]:
+    """The per-channel (mean, std) of `channels`-channel images: the first `channels` entries of
+    configured ones (configs give the three RGB values; gray-level data uses the first)."""
+    return tuple(mean)[:channels], tuple(std)[:channels]
+
+
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
     """uint8 (B, H, W, C) already cropped on the host -> float32 (x / 255 - mean) / std."""
     return _normalize(jnp.asarray(images).astype(jnp.float32) / 255.0, mean, std)

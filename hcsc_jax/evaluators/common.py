@@ -83,8 +83,9 @@ class Context:
 
     @property
     def mean_std(self) -> tuple[tuple, tuple]:
-        c = int(self.encoder.meta["in_channels"])
-        return tuple(self.data.mean)[:c], tuple(self.data.std)[:c]
+        """The normalization of the encoder's input channels (`augmentations.channel_stats`)."""
+        channels = int(self.encoder.meta["in_channels"])
+        return augmentations.channel_stats(self.data.mean, self.data.std, channels)
 
     def input(self, split: str, crops: tuple[CropSpec, ...] = (), batch: int | None = None,
               indices=None):

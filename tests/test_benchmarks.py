@@ -1,0 +1,20 @@
+"""benchmarks/train_step.py times the trainer's own step (`setup.build`): a tiny run of its
+ablation path (views cropped before the step, multi-crop, warm-up objective) prints its table."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_step_benchmark_runs_the_trainers_step():
+    cmd = [sys.executable, "benchmarks/train_step.py", "--arch=resnet18", "--width=0.125", "--small_stem",
+           "--image_size=16", "--batch=64", "--bn_group_size=8", "--queue=128", "--num_images=64",
+           "--steps=2", "--warmup_steps=1", "--noaugment", "--multicrop", "--objective=moco"]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "augment OFF (ablation)" in out.stdout and "objective moco" in out.stdout
+    assert "WARNING" not in out.stdout
+    assert "images/s:" in out.stdout and "pipelined (2 steps" in out.stdout
