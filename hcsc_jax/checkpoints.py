@@ -5,11 +5,13 @@ Layout: `<workdir>/checkpoints/<global step>/{state, meta, hierarchy}`. `state` 
 function of (seed, epoch), so this is all that is needed to continue mid-epoch); `hierarchy`
 holds `clustering.Hierarchy.to_arrays()` when the epoch uses prototypes. Saves are
 asynchronous; Orbax commits a step atomically, so a run killed while saving leaves the previous
-step intact. A step that fails to restore (corrupt files) is reported and the one before used.
+step intact. A step that fails to restore (corrupt files) is reported and the one before used:
+`restore_newest` is that loop, for the training state (`restore_latest`), the encoders
+(`load_encoder`) and the linear probe's own checkpoints (`evaluators.linear`).
 With several processes every process calls `save` and `restore_latest` (Orbax coordinates the
 writes); encoders load on any number of devices and processes, whatever topology saved them.
-A restored state that differs from the SHA-256 digest saved with it, or holds NaN or inf, counts
-as unreadable; unreadable steps are moved aside
+A restored training state that differs from the SHA-256 digest saved with it, or holds NaN or
+inf, counts as unreadable; unreadable training steps are moved aside
 (`<step>.unusable`) once an older one restores, so the run continues past them.
 """
 
@@ -18,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +39,8 @@ from hcsc_jax.models import Encoder, build_encoder
 log = logging.getLogger(__name__)
 
 _ITEMS = ("state", "meta", "hierarchy")
+
+T = TypeVar("T")
 
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -68,36 +73,46 @@ def save(mngr: ocp.CheckpointManager, state, meta: dict[str, Any], hierarchy: Hi
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+class NoReadableStep(RuntimeError):
+    """No step of a checkpoint directory could be restored (see `restore_newest`)."""
+
+
+def restore_newest(mngr: ocp.CheckpointManager, restore_one: Callable[[int], T],
+                   what: str = "checkpoint") -> tuple[int, T]:
+    """Tries `restore_one(step)` on the steps of `mngr`, newest first -> (step, what it returned)
+    of the first that returns. Any exception from `restore_one` makes that step unreadable: it is
+    logged as a warning ("`what` at step N in <directory> could not be restored (...); trying the
+    previous one") and the step before it tried. Raises NoReadableStep (a RuntimeError) naming
+    the directory and its steps when none restores, or when there are none."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return step, restore_one(step)
+        except Exception as err:  # noqa: BLE001 - any failure means this step is unreadable
+            log.warning("%s at step %d in %s could not be restored (%s: %s); trying the previous one",
+                        what, step, mngr.directory, type(err).__name__, err)
+    raise NoReadableStep(f"no {what} in {mngr.directory} could be restored (steps {steps[::-1]})")
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     """Restores the newest readable step -> (state, meta, hierarchy or None), or None if none.
 
     `abstract_state`: the state's structure with shapes, dtypes and shardings (e.g. from
     `jax.eval_shape` plus shardings). Unreadable steps, those whose restored state differs from
     the digest written at save time and those holding NaN or inf, are logged and skipped, newest
-    first; once an older one restores they are moved aside (`set_aside`), so
-    the run saves those steps again. When none restores, nothing is moved.
+    first (`restore_newest`); once an older one restores they are moved aside (`set_aside`), so
+    the run saves those steps again. When none restores, nothing is moved and NoReadableStep is
+    raised.
     """
-    failed = []
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            restored = _restore(mngr, step, abstract_state)
-            check_restored(restored[0], restored[1], step)
-        except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
-            log.warning(
-                "checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one",
-                step, mngr.directory, type(err).__name__, err,
-            )
-            failed.append(step)
-            continue
-        for bad in failed:
-            log.warning("moved the unusable checkpoint of step %d to %s", bad, set_aside(mngr, bad))
-        return restored
-    if mngr.all_steps():
-        raise RuntimeError(
-            f"no checkpoint in {mngr.directory} could be restored (steps {mngr.all_steps()}); "
-            "move the directory away to start afresh"
-        )
-    return None
+    if not mngr.all_steps():
+        return None
+    try:
+        step, restored = restore_newest(mngr, lambda s: _restore(mngr, s, abstract_state))
+    except NoReadableStep as err:
+        raise NoReadableStep(f"{err}; move the directory away to start afresh") from None
+    for bad in sorted((s for s in mngr.all_steps() if s > step), reverse=True):
+        log.warning("moved the unusable checkpoint of step %d to %s", bad, set_aside(mngr, bad))
+    return restored
 
 
 def describe_latest(mngr: ocp.CheckpointManager) -> str:
@@ -141,6 +156,7 @@ def _restore(mngr, step, abstract_state):
     if meta.get("has_hierarchy"):
         items["hierarchy"] = ocp.args.PyTreeRestore()
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    check_restored(restored["state"], meta, step)
     hierarchy = Hierarchy.from_arrays(restored["hierarchy"]) if meta.get("has_hierarchy") else None
     return restored["state"], meta, hierarchy
 
@@ -164,28 +180,24 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
     """Restores an encoder from a training workdir (its newest readable step, or `step`; the
     query encoder, or the momentum encoder with which="key") or from an `export_encoder`
     directory. -> (Encoder with the restored weights, meta). Raises FileNotFoundError with what
-    was expected when `path` holds neither."""
+    was expected when `path` holds neither (or not `step`), NoReadableStep (a RuntimeError) when
+    no step of the workdir restores; a given `step` that fails to restore raises its own error."""
     path = workdir_lib.path(path)
     if (path / "checkpoints").is_dir():
         mngr = manager(path)
-        steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
-        if not steps or (step is not None and step not in mngr.all_steps()):
+        if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
             raise FileNotFoundError(
                 f"{path}/checkpoints has no step {step if step is not None else ''} "
                 f"(steps: {mngr.all_steps()})")
         prefix = {"query": "q", "key": "k"}[which]
-        for s in steps:
-            try:
-                meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                state = restore_replicated(mngr, s, "state")
-                return (_fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]),
-                        dict(meta["encoder"], step=s))
-            except Exception as err:  # noqa: BLE001 - fall back to an older step
-                if step is not None:
-                    raise
-                log.warning("encoder at step %d of %s could not be restored (%s); trying the previous one",
-                            s, path, err)
-        raise RuntimeError(f"no checkpoint in {path}/checkpoints could be restored")
+
+        def read(s):
+            meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            state = restore_replicated(mngr, s, "state")
+            return (_fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]),
+                    dict(meta["encoder"], step=s))
+
+        return read(step) if step is not None else restore_newest(mngr, read, what="encoder")[1]
     if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(
             f"{path} is neither a training workdir (with checkpoints/) nor an exported encoder; "

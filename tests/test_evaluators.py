@@ -12,6 +12,7 @@ import imagenet_like
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -105,6 +106,43 @@ def test_linear_init_and_lr_schedule():
     assert float(sched(60 * spe - 1)) == pytest.approx(2.5)
     assert float(sched(60 * spe)) == pytest.approx(0.25)
     assert float(sched(80 * spe)) == pytest.approx(0.025)
+
+
+def test_linear_checkpoint_that_cannot_be_read_falls_back_then_starts_afresh(tmp_path, caplog):
+    def manager():
+        return ocp.CheckpointManager(tmp_path / "ckpt", item_names=("train", "meta"),
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+
+    state, protocol = dict(head=jax.numpy.zeros(3)), dict(mode="linear")
+    with manager() as mngr:
+        for step in (1, 2):
+            mngr.save(step, args=ocp.args.Composite(
+                train=ocp.args.StandardSave(dict(head=jax.numpy.full(3, float(step)))),
+                meta=ocp.args.JsonSave(dict(global_step=step, history=[], epoch_losses=[], protocol=protocol,
+                                            weights="w"))), force=True)
+        mngr.wait_until_finished()
+
+    def corrupt(step):  # empty the index files of its state, as a cut write would leave them
+        for root, _, files in os.walk(tmp_path / "ckpt" / str(step) / "train"):
+            for name in files:
+                if "manifest" in name or name.startswith("_METADATA"):
+                    open(os.path.join(root, name), "w").close()
+
+    corrupt(2)
+    restored, meta = linear._restore(manager(), state, protocol, "w")
+    assert meta["global_step"] == 1 and float(restored["head"][0]) == 1.0
+    assert "checkpoint at step 2 in" in caplog.text and "trying the previous one" in caplog.text
+    corrupt(1)
+    restored, meta = linear._restore(manager(), state, protocol, "w")
+    assert meta == dict(global_step=0, history=[], epoch_losses=[]) and restored is state
+    # A readable step of other weights is an error, not a step to skip.
+    with manager() as mngr:
+        mngr.save(3, args=ocp.args.Composite(
+            train=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(dict(global_step=3, protocol=protocol, weights="other"))), force=True)
+        mngr.wait_until_finished()
+    with pytest.raises(EvalError, match="other weights or settings"):
+        linear._restore(manager(), state, protocol, "w")
 
 
 def test_cluster_nmi_ami_perfect_and_random():

@@ -301,6 +301,25 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert mngr.all_steps() == [1, 2]
 
 
+def test_restore_newest_skips_unreadable_steps_and_names_them_when_none_restores(tmp_path, caplog):
+    mngr = checkpoints.manager(str(tmp_path), max_to_keep=3)
+    for step in (1, 2, 3):
+        checkpoints.save(mngr, _Stepped(jnp.arange(4.0), jnp.array(step, jnp.int32)), {"epoch": step}, None)
+    mngr.wait_until_finished()
+
+    def read(step):
+        if step > 1:
+            raise OSError(f"bad {step}")
+        return "one"
+
+    assert checkpoints.restore_newest(mngr, read, what="thing") == (1, "one")
+    assert "thing at step 3 in" in caplog.text and "(OSError: bad 2); trying the previous one" in caplog.text
+    none = r"no thing in .* could be restored \(steps \[1, 2, 3\]\)"
+    with pytest.raises(checkpoints.NoReadableStep, match=none):
+        checkpoints.restore_newest(mngr, lambda step: 1 / 0, what="thing")
+    assert mngr.all_steps() == [1, 2, 3]  # nothing moved
+
+
 def test_a_checkpoint_whose_values_differ_from_its_digest_is_not_restored(tmp_path, caplog):
     """Values that read back but differ from those saved (here: the digest saved with them is
     changed, as flipped bytes in the data would) are not restored silently."""

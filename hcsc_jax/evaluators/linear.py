@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed, models, sharding
+from hcsc_jax import checkpoints, distributed, models, sharding
 from hcsc_jax.data import loader
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common
@@ -136,23 +136,24 @@ def _floats(losses) -> list[float]:
 
 
 def _restore(mngr, state, protocol: dict, digest: str):
-    """(state, meta) of the newest readable step; a step that cannot be read (e.g. cut by a kill
-    while saving) is skipped. EvalError if the run was made with other weights or settings."""
+    """(state, meta) of the newest readable step (`checkpoints.restore_newest`: a step that cannot
+    be read, e.g. cut by a kill while saving, is skipped; when none can, the run starts afresh).
+    EvalError if the run was made with other weights or settings."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            restored = mngr.restore(
-                step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract)))["train"]
-        except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
-            log.warning("%s step %d could not be restored (%s); trying the previous one",
-                        mngr.directory, step, err)
-            continue
-        if meta.pop("weights") != digest or meta.pop("protocol") != json.loads(json.dumps(protocol)):
-            raise common.EvalError(f"{mngr.directory} holds a run with other weights or settings; "
-                                   "delete it to start this one afresh")
-        return restored, meta
-    return state, dict(global_step=0, history=[], epoch_losses=[])
+
+    def read(step):
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        train = mngr.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract)))["train"]
+        return train, meta
+
+    try:
+        _, (restored, meta) = checkpoints.restore_newest(mngr, read)
+    except checkpoints.NoReadableStep:
+        return state, dict(global_step=0, history=[], epoch_losses=[])
+    if meta.pop("weights") != digest or meta.pop("protocol") != json.loads(json.dumps(protocol)):
+        raise common.EvalError(f"{mngr.directory} holds a run with other weights or settings; "
+                               "delete it to start this one afresh")
+    return restored, meta
 
 
 def run(ctx: common.Context, cfg) -> tuple[dict, str]:
