@@ -365,6 +365,21 @@ def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encode
     assert read(tmp_path / "results" / "knn_step0.json")["eval"] == "knn"
 
 
+def test_the_summary_of_an_exported_encoder_says_what_it_needs(gray_encoder, tmp_path):
+    """An exported encoder has no key encoder and no training config.json: `--eval=summary` is one
+    line naming both (exit 1), before any feature pass; nothing written."""
+    enc = str(tmp_path / "enc")
+    subprocess.run(["cp", "-r", gray_encoder, enc], check=True)
+    proc = run_eval("--eval=summary", f"--checkpoint={enc}", "--config.dataset=digits",
+                    "--config.train_split=train", "--config.eval_split=test", "--config.image_size=8",
+                    "--config.mean=(0.5,)", "--config.std=(0.5,)", "--config.progress_bar=False")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "eval.py: error: the summary's NMI needs the key encoder and the training run's config.json: pass a "
+        "train.py workdir as --checkpoint, or set --config.evals.summary.num_clusters=()")
+    assert os.listdir(os.path.join(enc, "eval")) == []
+
+
 def test_semisup_fraction_lr_history(gray_encoder, tmp_path):
     ctx, cfg = _ctx(gray_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test",
                     image_size=8, mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)

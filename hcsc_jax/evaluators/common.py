@@ -1,7 +1,8 @@
 """What every evaluator works on: a frozen encoder, a dataset description and its features.
 
 An evaluator is a module with `run(ctx: Context, cfg) -> (result dict, one-line summary)`;
-`cfg` is its section of the eval config (or of `config.evals` during training).
+`cfg` is its entry of `config.evals` (of the eval config for eval.py, of the training config
+during training).
 """
 
 from __future__ import annotations

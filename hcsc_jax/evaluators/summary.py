@@ -31,6 +31,11 @@ def key_hierarchy(ctx: common.Context, inp, num_clusters) -> clustering.Hierarch
 def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     """-> ({"knn_top1": fraction, "nmi_per_level": [...], "num_clusters": [...]}, one line)
     (cfg: knn_k, knn_temperature, num_clusters; empty num_clusters: no NMI)."""
+    missing = [what for what, v in (("the key encoder", ctx.key_encoder),
+                                    ("the training run's config.json", ctx.run_config)) if v is None]
+    if cfg.num_clusters and missing:  # (before any feature pass)
+        raise common.EvalError(f"the summary's NMI needs {' and '.join(missing)}: pass a train.py "
+                               "workdir as --checkpoint, or set --config.evals.summary.num_clusters=()")
     d, result = ctx.data, {}
     train = ctx.input(d.train_split)
     if train.labels is not None and ctx.input(d.eval_split).labels is not None:
@@ -38,11 +43,6 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         res, _ = knn.run(ctx, knn_cfg)
         result["knn_top1"] = res["best_top1"] / 100
     if train.labels is not None and cfg.num_clusters:
-        missing = [what for what, v in (("the key encoder", ctx.key_encoder),
-                                        ("the training run's config.json", ctx.run_config)) if v is None]
-        if missing:
-            raise common.EvalError(f"the summary's NMI needs {' and '.join(missing)}: pass a train.py "
-                                   "workdir as --checkpoint, or set --config.evals.summary.num_clusters=()")
         final = key_hierarchy(ctx, train, tuple(cfg.num_clusters))
         result["nmi_per_level"] = [cluster.nmi(lv.assignments, train.labels) for lv in final.levels]
         result["num_clusters"] = list(final.num_clusters)
