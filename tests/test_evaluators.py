@@ -245,7 +245,7 @@ def test_streamed_equals_resident(data, tmp_path):
     np.testing.assert_allclose(feats["stream"], feats["memory"], atol=0.05 * scale)
     cfg = eval_imagenet.get_config("runlocal")
     for name, fn in (("knn", knn.run), ("cluster", cluster.run), ("linear", linear.run_fast)):
-        results = [fn(ctxs[p], cfg[name])[0] for p in ("memory", "stream")]
+        results = [fn(ctxs[p], cfg.evals[name])[0] for p in ("memory", "stream")]
         key = {"knn": "per_k", "cluster": "per_k", "linear": "top1"}[name]
         assert results[0][key] == results[1][key], name
 

@@ -231,7 +231,7 @@ def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
     assert ctx.feature_dim() == 48 and ctx.encoder.meta["model"]["arch"] == "vit_t4"
     cfg.evals.semisup.update(fraction=0.1, batch_size=128)
     for name, fn in (("knn", knn.run), ("semisup", semisup.run), ("cluster", cluster.run)):
-        res, line = fn(ctx, cfg[name])
+        res, line = fn(ctx, cfg.evals[name])
         assert line and res, name
 
 
