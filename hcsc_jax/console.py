@@ -86,8 +86,9 @@ def _config_flags() -> list[str]:
 
 def explain(argv: list[str], err: Exception) -> str:
     """One line for a command line that failed to parse with `err`: the config file that does not
-    exist, the overridden field that is not in the config (with the closest name), or the last
-    line of the error."""
+    exist, a renamed field the config file or an override still uses (with its new name), the
+    overridden field that is not in the config (with the closest name), or the last line of the
+    error."""
     for name in _config_flags():
         path = config_argument(argv, name)
         file = path.split(":", 1)[0]

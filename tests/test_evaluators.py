@@ -405,6 +405,9 @@ def test_eval_configs_load():
     assert c.evals.knn.temperature == 0.07
     # linear_fast: the linear protocol's settings under its own entry (no remapping)
     assert dict(c.evals.linear_fast) == dict(c.evals.linear, type="linear_fast")
+    from hcsc_jax import evaluators  # every entry of the eval configs names a protocol (no remapping)
+    for config in (eval_digits.get_config(), c, eval_imagenet.get_config("runlocal")):
+        assert {evaluators.protocol(n, e) for n, e in config.evals.items()} == set(evaluators.PROTOCOLS)
     with pytest.raises(ValueError, match="unknown variant"):
         eval_imagenet.get_config("nope")
     assert isinstance(c, ml_collections.ConfigDict)
