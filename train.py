@@ -9,8 +9,9 @@ Several processes (one per host): the same command on each, with --coordinator_a
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID); SLURM, Open MPI and Cloud TPU VMs are detected. See README "Multi-host and pods".
 Outputs in --workdir (a local path or a bucket, gs://...): config.json, metrics.jsonl,
-tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (kNN top-1 on the held-out
-split, NMI of each prototype level), figures/. On SIGTERM (preemption) or Ctrl-C the run saves a
+tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (step, epochs and the result of
+the config's `evals.summary` entry: kNN top-1 on the held-out split, NMI of each level of the key
+encoder's hierarchy; printed at the end), figures/. On SIGTERM (preemption) or Ctrl-C the run saves a
 checkpoint within a few steps (trainer.MAX_IN_FLIGHT) and exits 0; the same command resumes it.
 A second Ctrl-C stops at once. A config that cannot train, or a workdir another run holds
 (run.lock), is one line and exit status 2, before anything is written.

@@ -51,7 +51,7 @@ CPU = {  # a small model on this project's 2-core CPU machine
                  "batch_size=32", "bn_group_size=8", "queue_size=256", "augment.local_views=()"],
     "fashion_mnist": ["data_dir=/tmp/fashion_mnist_tiny", "image_size=16", "batch_size=64", "bn_group_size=8",
                       "queue_size=128", "model.width=0.125", "model.embed_dim=16", "model.hidden_dim=32",
-                      "clustering.num_clusters=(12,6,3)", "eval.num_clusters=(10,)"],
+                      "clustering.num_clusters=(12,6,3)", "evals.summary.num_clusters=(10,)"],
 }
 
 
@@ -143,7 +143,8 @@ def main(argv):
                             dict(os.environ, PYTHONPATH=ROOT))
                 levels = tuple(max(2, n // d) for d in (40, 80, 160))  # 3000/2000/1000 scaled to the data
                 overrides = common + [f"dataset={dataset}", f"clustering.num_clusters={levels}",
-                                      f"eval.num_clusters={levels[-1:]}"] + (CPU["imagenet"] if cpu else [])
+                                      f"evals.summary.num_clusters={levels[-1:]}"]
+                overrides += CPU["imagenet"] if cpu else []
                 config_arg = "configs/imagenet_hcsc_200ep.py"
             else:
                 if cpu and not os.path.isdir("/tmp/fashion_mnist_tiny"):

@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.warmup_epochs = 20
     c.clustering.num_clusters = (200, 50, 10)
     c.augment.update(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
-    c.eval.num_clusters = (200, 50, 10)
+    c.evals.summary.num_clusters = (200, 50, 10)
     c.log_every_steps = 50
     if "runlocal" in chosen:
         c.train_split, c.eval_split = "train[:256]", "test[:128]"
@@ -36,5 +36,5 @@ def get_config(arg=None):
                  log_every_steps=1, checkpoint_every_epochs=1, progress_bar=False)
         c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
         c.clustering.update(num_clusters=(12, 6, 3), nredo=1, niter=5)
-        c.eval.num_clusters = (10,)
+        c.evals.summary.num_clusters = (10,)
     return c

@@ -78,12 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.input = ml_collections.ConfigDict(dict(pipeline="memory", num_workers=-1, prefetch=2,
                                              resampling="linear", bad_images="skip"))
 
-    # Final evaluation: kNN on `eval_split`, NMI of a hierarchy with these level sizes.
-    c.eval = ml_collections.ConfigDict(dict(knn_k=20, knn_temperature=0.07, num_clusters=(1000,)))
-    # Evaluators during training (hcsc_jax/evaluators/), results in metrics.jsonl ("type": "eval"):
-    # name -> its settings (as in configs/eval_digits.py) + every_epochs (+ type, when the name is
-    # not the protocol's). They also run after the last epoch.
+    # Evaluators (hcsc_jax/evaluators/), one schema with configs/eval_*.py: name -> {type (the
+    # protocol; default: the name), every_epochs (0: after the last epoch only), its settings}.
+    # Each runs every `every_epochs` epochs and after the last; results in metrics.jsonl ("type":
+    # "eval", "<name>/<metric>"). The entry of type "summary" is summary.json: kNN top-1 on
+    # `eval_split` (k = knn_k) and the NMI of a hierarchy of the key encoder's projections with
+    # levels `num_clusters` (empty: no NMI); without one, summary.json holds only step and epochs.
     c.evals = ml_collections.ConfigDict()
+    c.evals.summary = dict(type="summary", every_epochs=0, knn_k=20, knn_temperature=0.07,
+                           num_clusters=(1000,))
 
     # Metrics go to metrics.jsonl and TensorBoard event files (<workdir>/tensorboard); also to
     # Weights & Biases when wandb.project is set (pip install wandb; mode "offline" writes to the

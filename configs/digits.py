@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.clustering.update(num_clusters=(60, 30, 10), niter=20, nredo=5)
     # 8-px gray digits: milder crops, no flips (they change a digit's meaning), no blur.
     c.augment.update(scale=(0.4, 1.0), grayscale_prob=0.0, blur_prob=0.0, flip=False, mean=(0.5,), std=(0.5,))
-    c.eval.update(num_clusters=(60, 30, 10))
+    c.evals.summary.num_clusters = (60, 30, 10)
     c.evals.knn = dict(every_epochs=5, ks=(20, 200), temperature=0.07)  # a kNN curve in metrics.jsonl
     c.log_every_steps = 11
     c.checkpoint_every_epochs = 10
@@ -59,7 +59,7 @@ def get_config(arg=None):
                  lr=0.03, log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
         c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
         c.clustering.update(num_clusters=(20, 8, 4), nredo=1, niter=10)
-        c.eval.num_clusters = (20, 10)
+        c.evals.summary.num_clusters = (20, 10)
         c.evals.knn.update(every_epochs=2, ks=(5, 20))
     if "vit" in chosen:
         apply_vit(c, "vit_t4", width=0.5, depth=6, lr=1e-3, lr_warmup_epochs=5)

@@ -1,11 +1,11 @@
 """The paper's evaluation of an ImageNet ResNet-50 (docs/method.md §7, the authors' eval_*.py scripts).
 
-  python eval.py --config=configs/eval_imagenet.py --mode=knn    --checkpoint=RUN   # kNN, k 10/20/100/200
-  python eval.py --config=configs/eval_imagenet.py --mode=linear --checkpoint=RUN   # linear, 100 epochs
-  python eval.py --config=configs/eval_imagenet.py:semisup1  --mode=semisup --checkpoint=RUN   # 1% labels
-  python eval.py --config=configs/eval_imagenet.py:semisup10 --mode=semisup --checkpoint=RUN   # 10% labels
-  python eval.py --config=configs/eval_imagenet.py --mode=voc    --checkpoint=RUN   # VOC07 SVM mAP
-  python eval.py --config=configs/eval_imagenet.py:places205 --mode=linear --checkpoint=RUN
+  python eval.py --config=configs/eval_imagenet.py --eval=knn    --checkpoint=RUN   # kNN, k 10/20/100/200
+  python eval.py --config=configs/eval_imagenet.py --eval=linear --checkpoint=RUN   # linear, 100 epochs
+  python eval.py --config=configs/eval_imagenet.py:semisup1  --eval=semisup --checkpoint=RUN   # 1% labels
+  python eval.py --config=configs/eval_imagenet.py:semisup10 --eval=semisup --checkpoint=RUN   # 10% labels
+  python eval.py --config=configs/eval_imagenet.py --eval=voc    --checkpoint=RUN   # VOC07 SVM mAP
+  python eval.py --config=configs/eval_imagenet.py:places205 --eval=linear --checkpoint=RUN
 
 Data: a prepared TFDS imagenet2012 (ArrayRecord) in --config.data_dir, or an image folder
 (`--config.dataset=folder:/data/imagenet --config.eval_split=val`). `split_dir` holds the
@@ -33,18 +33,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.expect_arch = "resnet50"
     c.embed_batch = 1024
     c.split_dir = "splits"  # where 1percent.txt / 10percent.txt are (--config.split_dir=...)
-    c.linear.update(checkpoint_every_steps=1000)  # the published protocol otherwise (eval_digits.py)
-    c.cluster.update(ks=(1000, 25000), max_points_per_centroid=256)
+    for name in ("linear", "linear_fast"):  # the published protocol otherwise (eval_digits.py)
+        c.evals[name].update(checkpoint_every_steps=1000)
+    c.evals.cluster.update(ks=(1000, 25000), max_points_per_centroid=256)
+    c.evals.summary.num_clusters = (1000,)  # configs/imagenet_hcsc_200ep.py's
     if split:
-        c.semisup.split_file = c.get_ref("split_dir") + f"/{split[len('semisup'):]}percent.txt"
+        c.evals.semisup.split_file = c.get_ref("split_dir") + f"/{split[len('semisup'):]}percent.txt"
     if "places205" in chosen:  # the same linear protocol on an image folder of Places205
         c.dataset, c.train_split, c.eval_split = "folder:/data/places205", "train", "val"
     if "runlocal" in chosen:  # smoke test: a tiny image folder, two epochs of everything
         c.dataset, c.eval_split, c.expect_arch = "folder:/tmp/imagenet_tiny", "val", None
         c.image_size, c.embed_batch = 32, 16
-        c.knn.ks = (2, 4)
-        c.linear.update(epochs=2, batch_size=16, milestones=(1,), checkpoint_every_steps=1)
-        c.semisup.update(epochs=2, batch_size=16, milestones=(1,))
-        c.cluster.ks = (3,)
-        c.voc.update(image_size=32, costs=(1.0,), folds=2)
+        c.evals.knn.ks = (2, 4)
+        for name in ("linear", "linear_fast"):
+            c.evals[name].update(epochs=2, batch_size=16, milestones=(1,), checkpoint_every_steps=1)
+        c.evals.semisup.update(epochs=2, batch_size=16, milestones=(1,))
+        c.evals.cluster.ks = (3,)
+        c.evals.voc.update(image_size=32, costs=(1.0,), folds=2)
+        c.evals.summary.update(knn_k=5, num_clusters=(3,))  # configs/imagenet_hcsc_200ep.py:runlocal's
     return c

@@ -45,7 +45,7 @@ def get_config(arg=None):
     c.clustering.num_clusters = (200, 50, 10)
     c.augment.update(scale=(0.3, 1.0), grayscale_prob=0.0, blur_prob=0.0, flip=True, mean=(0.286,),
                      std=(0.353,))
-    c.eval.num_clusters = (200, 50, 10)
+    c.evals.summary.num_clusters = (200, 50, 10)
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5
     if "runlocal" in chosen:
@@ -54,7 +54,7 @@ def get_config(arg=None):
                  log_every_steps=1, checkpoint_every_epochs=1, progress_bar=False)
         c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
         c.clustering.update(num_clusters=(12, 6, 3), nredo=1, niter=5)
-        c.eval.num_clusters = (10,)
+        c.evals.summary.num_clusters = (10,)
     if "vit" in chosen:
         apply_vit(c, "vit_s4", lr=5e-4, lr_warmup_epochs=10)
         if "runlocal" in chosen:

@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.dataset = "tfds:imagenet2012"
     c.model.dtype = "bfloat16"
     c.input.pipeline = "stream"
-    c.eval.num_clusters = (1000,)
+    c.evals.summary.num_clusters = (1000,)
     c.evals.knn = dict(every_epochs=10, ks=(20, 200), temperature=0.07)  # a kNN curve
     c.log_every_steps = 100
     c.checkpoint_every_epochs = 1
@@ -41,6 +41,6 @@ def get_config(arg=None):
         # "jax" even on a CPU: the smoke run goes through the k-means that "auto" picks on accelerators.
         c.clustering.update(num_clusters=(6, 3), niter=5, nredo=1, min_points_per_centroid=1, backend="jax")
         c.input.num_workers = 2
-        c.eval.update(knn_k=5, num_clusters=(3,))
+        c.evals.summary.update(knn_k=5, num_clusters=(3,))
         c.evals.knn.update(every_epochs=1, ks=(2, 5))
     return c

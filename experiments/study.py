@@ -5,7 +5,7 @@
   python experiments/study.py --setting=digits --root=/tmp/study --report_only
 
 Every run is `python train.py --config <config> --workdir <root>/<setting>/<run> --config.seed=S
-<overrides>` followed by `python eval.py --mode=knn|linear_fast|cluster --checkpoint=<workdir>`;
+<overrides>` followed by `python eval.py --eval=knn|linear_fast|cluster --checkpoint=<workdir>`;
 the tables are built from the files those commands write (eval/<mode>_step<N>.json, the last
 hierarchy/epoch_XXXX.npz) and nothing else. Runs go in the order of `plan()`: the main methods
 seed by seed (so partial results stay balanced), then the ablations.
@@ -108,8 +108,8 @@ SETTINGS = {
          Method("HCSC", "digits.py", seeds=(0,))),
         common=("--config.epochs=2", "--config.warmup_epochs=1", "--config.model.width=0.125",
                 "--config.model.arch=resnet18", "--config.clustering.nredo=1", "--config.clustering.niter=5",
-                "--config.eval.num_clusters=(10,)"),
-        eval_overrides=("--config.linear.epochs=5",)),
+                "--config.evals.summary.num_clusters=(10,)"),
+        eval_overrides=("--config.evals.linear_fast.epochs=5",)),
 }
 
 
@@ -134,12 +134,12 @@ def train_command(setting: Setting, method: Method, seed: int, workdir: str, ext
 
 
 def eval_command(setting: Setting, mode: str, workdir: str) -> list[str]:
-    cmd = [sys.executable, "eval.py", f"--mode={mode}", f"--checkpoint={workdir}",
+    cmd = [sys.executable, "eval.py", f"--eval={mode}", f"--checkpoint={workdir}",
            "--config.progress_bar=False"]
     if mode == "knn":
-        cmd.append("--config.knn.ks=(20,200)")
+        cmd.append("--config.evals.knn.ks=(20,200)")
     if mode == "cluster":
-        cmd.append(f"--config.cluster.ks=({setting.num_classes},)")
+        cmd.append(f"--config.evals.cluster.ks=({setting.num_classes},)")
     return cmd + list(setting.eval_overrides)
 
 
@@ -254,7 +254,7 @@ def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list
         if rc != 0 or eval_result(workdir, mode) is None:
             failures.append(dict(run=name, workdir=workdir, stage=f"eval {mode}", command=" ".join(cmd),
                                  returncode=rc, log=log_path, log_tail=_tail(log_path)))
-            log(f"[FAILED] {name}: eval.py --mode={mode} exited with {rc}; see {log_path}")
+            log(f"[FAILED] {name}: eval.py --eval={mode} exited with {rc}; see {log_path}")
             break
     else:
         log(f"[done] {name} ({times.get('train_seconds', 0):.0f} s training)")
@@ -556,9 +556,9 @@ DESCRIPTION = {
 METRIC_NOTES = (
     "Metrics per run, all from `eval.py` on the final checkpoint unless said otherwise: kNN top-1 on the "
     "held-out split (k = 20 and 200, T = 0.07, pooled features of the query encoder); **linear_fast** top-1 "
-    "(`eval.py --mode=linear_fast`: the linear protocol's classifier on cached center-crop features, no "
+    "(`eval.py --eval=linear_fast`: the linear protocol's classifier on cached center-crop features, no "
     "augmentation; not the full linear protocol); NMI / AMI of faiss k-means of the pooled train features "
-    "with k = number of classes (`--mode=cluster`); for PCL and HCSC the NMI of each prototype level / "
+    "with k = number of classes (`--eval=cluster`); for PCL and HCSC the NMI of each prototype level / "
     "clustering of the run's last `hierarchy/epoch_XXXX.npz` against the train labels. Means ± sample std "
     "over the seeds that finished; paired differences are taken seed by seed against MoCo v2 (same seed = "
     "same initialization and data order), listed per seed in brackets. Train wall time includes compilation, "

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
                   "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch",
                   "input.bad_images", "clustering.backend", "eval.", "evals.", "wandb.",
-                  "divergence.")
+                  "divergence.")  # ("eval.": the final evaluation of configs before `evals.summary`)
 
 
 # Fields added to the configs after runs had been started, with the value that an older config.json

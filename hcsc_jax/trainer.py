@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from hcsc_jax import (
     checkpoints,
     clustering,
+    console,
     distributed,
     evaluators,
     models,
@@ -121,30 +122,6 @@ def uses_prototypes(config, epoch: int) -> bool:
     return bool(config.clustering.num_clusters) and epoch >= config.warmup_epochs
 
 
-def cluster(config, proj: np.ndarray, epoch: int, num_clusters=None, mesh=None) -> clustering.Hierarchy:
-    """Hierarchy of the projections; level sizes from the config unless given. Backend
-    `config.clustering.backend` (resolved by `clustering.resolve_backend`): "faiss" runs on
-    process 0 and the result is broadcast; "jax" runs on the devices of `mesh`, every process
-    taking part. Every process gets the same
-    hierarchy. `clustering.mode` ("hierarchical" or PCL's "independent") applies to the training
-    clusterings; the evaluation's (`num_clusters` given) is always hierarchical."""
-    c = config.clustering
-    backend = clustering.resolve_backend(c.backend)
-    kmeans = functools.partial(
-        clustering.hierarchical_kmeans, np.ascontiguousarray(proj, np.float32),
-        list(num_clusters or c.num_clusters), temperature=c.temperature, niter=c.niter, nredo=c.nredo,
-        seed=config.seed + 1000 * epoch, max_points_per_centroid=c.max_points_per_centroid,
-        min_points_per_centroid=c.min_points_per_centroid, backend=backend,
-        mode=c.get("mode", "hierarchical") if num_clusters is None else "hierarchical")
-    if backend == "jax":
-        return kmeans(mesh=mesh)
-    hierarchy = kmeans() if distributed.is_main() else None
-    if jax.process_count() == 1:
-        return hierarchy
-    arrays = hierarchy.to_arrays() if hierarchy is not None else None
-    return clustering.Hierarchy.from_arrays(distributed.broadcast_arrays(arrays))
-
-
 def itstime(count: int, every: int, *, final: bool = False) -> bool:
     """The loop's one "is it time?" predicate: whether a task done every `every` units (steps,
     epochs, logged steps; 0: never) is due after `count` of them, or forced by `final`."""
@@ -186,12 +163,12 @@ def flush_log(window: dict, step: int, epoch: int, lr: float, batch: int, since:
     bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
 
 
-def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mesh,
-                  num_clusters=None) -> clustering.Hierarchy:
-    """The hierarchy (see `cluster`) of the key encoder's projections of the center crops of the
-    images of the `pipeline` input `inp`."""
+def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mesh) -> clustering.Hierarchy:
+    """The training hierarchy of epoch `epoch` (`clustering.cluster_from_config`: the levels and
+    settings of `config.clustering`, seed `config.seed + 1000 * epoch`) of the key encoder's
+    projections of the center crops of the images of the `pipeline` input `inp`."""
     _, proj = embed_input(graphdef, state.k_params, state.k_stats, inp, config.image_size, *mean_std)
-    return cluster(config, proj, epoch, num_clusters, mesh)
+    return clustering.cluster_from_config(config.clustering, proj, config.seed + 1000 * epoch, mesh=mesh)
 
 
 def check_health(per_step: list[dict], first_step: int, divergence) -> None:
@@ -299,9 +276,10 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     writer = metrics_lib.MetricsWriter(workdir, first_step, config, enabled=main)
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
-    final_ctx = None  # the context of the last epoch's evaluators, whose features the summary reuses
-    context = lambda step: eval_context(config, graphdef, state.q_params, state.q_stats, parts.model_meta,
-                                        step, mesh, eval_inputs)  # of the current query encoder
+    # The context of the last epoch's evaluators and their results, which the summary reuses.
+    final_ctx, final_results = None, {}
+    context = lambda step: eval_context(config, graphdef, state, parts.model_meta, step, mesh,
+                                        eval_inputs)  # of the current encoders
 
     def save_checkpoint(step: int) -> None:  # of the state after `step` steps, with the running sums
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -311,10 +289,10 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
         checkpoints.save(mngr, state, meta, hierarchy)
 
     def evaluate_epoch(epoch: int, step: int) -> None:  # the evaluators due after `epoch`
-        nonlocal final_ctx
+        nonlocal final_ctx, final_results
         t_eval = time.perf_counter()
         final_ctx = context(step)
-        record = run_evals(config, final_ctx, epoch, step == total_steps)
+        record, final_results = run_evals(config, final_ctx, epoch, step == total_steps)
         if record:
             writer.write(dict(record, type="eval", epoch=epoch, step=step,
                               eval_seconds=time.perf_counter() - t_eval))
@@ -404,8 +382,8 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
 
     # ---- Summary of the final encoder ----
     if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
-        final_ctx = context(int(state.step))
-    summary = evaluate(config, final_ctx, state, mesh)
+        final_ctx, final_results = context(int(state.step)), {}
+    summary = evaluate(config, final_ctx, final_results)
     writer.close()
     if main:
         workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
@@ -414,16 +392,19 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     return summary
 
 
-def eval_context(config, graphdef, params, stats, enc_meta: dict, step: int, mesh,
+def eval_context(config, graphdef, state, enc_meta: dict, step: int, mesh,
                  inputs: dict) -> evaluators.Context:
-    """An evaluators.Context for the encoder (params, stats) on the run's data; `inputs` maps split
-    names to `pipeline` inputs already open (reused and filled, not re-read)."""
+    """An evaluators.Context for the query encoder of `state` (its key encoder and `config` as the
+    context's `key_encoder` and `run_config`) on the run's data; `inputs` maps split names to
+    `pipeline` inputs already open (reused and filled, not re-read)."""
     a, i = config.augment, config.input
     data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
                                config.image_size, tuple(a.mean), tuple(a.std), i.pipeline, i.num_workers,
                                i.prefetch, i.bad_images)
-    return evaluators.Context(evaluators.Encoder(graphdef, params, stats, enc_meta, step), data, mesh, None,
-                              progress=False, seed=config.seed, inputs=inputs)
+    encoder = lambda params, stats: evaluators.Encoder(graphdef, params, stats, enc_meta, step)
+    return evaluators.Context(encoder(state.q_params, state.q_stats), data, mesh, None, progress=False,
+                              seed=config.seed, inputs=inputs,
+                              key_encoder=encoder(state.k_params, state.k_stats), run_config=config)
 
 
 def missing_evals(config, workdir, step: int, steps_per_epoch: int) -> bool:
@@ -445,28 +426,44 @@ def missing_evals(config, workdir, step: int, steps_per_epoch: int) -> bool:
 
 
 def check_evals(config) -> None:
-    """ValueError saying what to change for a `config.evals` entry of an unknown protocol or
-    without a positive `every_epochs`."""
+    """ValueError saying what to change for a config that still has a renamed field
+    (`config.eval`, `console.RENAMED_FIELDS`), a `config.evals` entry of an unknown protocol or
+    without an `every_epochs` >= 0 (0: after the last epoch only), or more than one "summary"
+    entry (summary.json holds one)."""
+    renamed = console.renamed_fields(config)
+    if renamed:
+        raise ValueError(renamed)
     for name, cfg in config.evals.items():
-        protocol = cfg.get("type", name)
+        protocol = evaluators.protocol(name, cfg)
         if protocol not in evaluators.PROTOCOLS:
             raise ValueError(f"config.evals.{name}: unknown evaluator {protocol!r}; known: "
                              f"{', '.join(evaluators.PROTOCOLS)} (or set its 'type')")
-        if int(cfg.get("every_epochs", 0)) < 1:
-            raise ValueError(f"config.evals.{name}.every_epochs must be >= 1, got {cfg.get('every_epochs')}")
+        every = cfg.get("every_epochs")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(f"config.evals.{name}.every_epochs must be an integer >= 0 (0: after the last "
+                             f"epoch only), got {every!r}; set --config.evals.{name}.every_epochs")
+    summaries = summary_entries(config)
+    if len(summaries) > 1:
+        raise ValueError(f"config.evals has {len(summaries)} entries of type 'summary' "
+                         f"({', '.join(summaries)}); summary.json holds one: keep one")
 
 
-def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> dict[str, Any]:
+def summary_entries(config) -> list[str]:
+    """Names of the `config.evals` entries of type "summary" (at most one: `check_evals`)."""
+    return [name for name, cfg in config.evals.items() if evaluators.protocol(name, cfg) == "summary"]
+
+
+def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> tuple[dict[str, Any], dict]:
     """The evaluators of `config.evals` due after `epoch` (every `every_epochs`, and at the end) ->
-    one flat record {"<name>/<metric>": value} of their scalar results."""
-    record = {}
+    (one flat record {"<name>/<metric>": value} of their scalar results, {name: result})."""
+    record, results = {}, {}
     for name, cfg in config.evals.items():
         if not itstime(epoch + 1, cfg.every_epochs, final=final):
             continue
-        result, line = evaluators.run(cfg.get("type", name), ctx, cfg)
+        results[name], line = evaluators.run(evaluators.protocol(name, cfg), ctx, cfg)
         log.info("%s", line)
-        record.update(flat_scalars(result, name))
-    return record
+        record.update(flat_scalars(results[name], name))
+    return record, results
 
 
 def flat_scalars(tree, prefix: str) -> dict[str, float]:
@@ -476,21 +473,15 @@ def flat_scalars(tree, prefix: str) -> dict[str, float]:
     return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
 
 
-def evaluate(config, ctx: evaluators.Context, state, mesh) -> dict[str, Any]:
-    """kNN top-1 on the held-out split (query encoder pooled features, `config.eval.knn_k`) and
-    the NMI against the training labels of every level of a hierarchy (`config.eval.num_clusters`)
-    built from the final key encoder's projections."""
-    summary: dict[str, Any] = {"step": int(state.step), "epochs": config.epochs}
-    train_set = ctx.input(config.train_split)
-    if train_set.labels is not None and ctx.input(config.eval_split).labels is not None:
-        e = config.eval
-        knn_cfg = ml_collections.ConfigDict(dict(ks=(e.knn_k,), temperature=e.knn_temperature))
-        res, _ = evaluators.knn.run(ctx, knn_cfg)
-        summary["knn_top1"] = res["best_top1"] / 100
-    if train_set.labels is not None and config.eval.num_clusters:
-        final = key_hierarchy(config, state, ctx.encoder.graphdef, train_set, ctx.mean_std, config.epochs,
-                              mesh, config.eval.num_clusters)
-        labels = train_set.labels
-        summary["nmi_per_level"] = [evaluators.cluster.nmi(lv.assignments, labels) for lv in final.levels]
-        summary["num_clusters"] = list(final.num_clusters)
+def evaluate(config, ctx: evaluators.Context, results: dict) -> dict[str, Any]:
+    """summary.json: {"step", "epochs"} and the result of the `config.evals` entry of type
+    "summary" (`evaluators.summary`: knn_top1, nmi_per_level, num_clusters), taken from `results`
+    (the evaluators' results of the last epoch on `ctx`) or run here on `ctx`. Without a summary
+    entry, only the step and the epochs."""
+    summary: dict[str, Any] = {"step": ctx.encoder.step, "epochs": config.epochs}
+    for name in summary_entries(config):
+        if name not in results:
+            results[name], line = evaluators.run("summary", ctx, config.evals[name])
+            log.info("%s", line)
+        summary.update(results[name])
     return summary

@@ -81,6 +81,9 @@ def test_help_exits_0(script):
     (["--config=configs/digits.py:foo"], "unknown variant 'foo' of configs/digits.py"),
     (["--config.batch_size=abc"], "flag --config.batch_size=abc: invalid literal"),
     (["--bogus=1"], "Unknown command line flag 'bogus'"),
+    (["--config.eval.knn_k=5"], "train.py: error: --config.eval.knn_k: config.eval was replaced by "
+                                "config.evals.summary (knn_k, knn_temperature, num_clusters); set "
+                                "--config.evals.summary.knn_k=..."),
 ])
 def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, message):
     done = run("train.py", *args, "--workdir", str(tmp_path / "run"))
@@ -101,3 +104,60 @@ def test_a_config_that_cannot_train_is_one_line_exit_2_and_nothing_written(tmp_p
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+OLD_TRAIN_CONFIG = """
+from configs import digits
+
+def get_config():
+    c = digits.get_config()
+    c.eval.num_clusters = (10,)  # before config.evals.summary
+    return c
+"""
+
+OLD_EVAL_CONFIG = """
+import ml_collections
+from configs import eval_digits
+
+def get_config():
+    c = eval_digits.get_config()
+    c.knn = ml_collections.ConfigDict(dict(ks=(5,), temperature=0.07))  # before config.evals
+    return c
+"""
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("eval.py", ["--config.knn.ks=(5,)"],
+     "eval.py: error: --config.knn.ks: config.knn was replaced by config.evals.knn (ks, temperature, ...); "
+     "set --config.evals.knn.ks="),
+    ("eval.py", ["--config.linear.epochs=5"],
+     "config.linear was replaced by config.evals.linear (and evals.linear_fast); "
+     "set --config.evals.linear.epochs="),
+    ("eval.py", ["--config=OLD"], "config.knn was replaced by config.evals.knn"),
+    ("train.py", ["--config=OLD"],
+     "config.eval was replaced by config.evals.summary (knn_k, knn_temperature, num_clusters); "
+     "set --config.evals.summary.<setting>=..."),
+])
+def test_an_old_config_field_is_one_line_naming_the_new_one(tmp_path, script, args, message):
+    """The final evaluation `config.eval` and eval.py's sections became `config.evals` entries:
+    an override or a config file that uses an old name is exit 2 with the new name."""
+    old = tmp_path / "old.py"
+    old.write_text(OLD_TRAIN_CONFIG if script == "train.py" else OLD_EVAL_CONFIG)
+    args = [a.replace("OLD", str(old)) for a in args]
+    more = ["--workdir", str(tmp_path / "run")] if script == "train.py" else ["--eval=knn", "--checkpoint=x"]
+    done = run(script, *args, *more, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "pass --eval=NAME, an entry of the config's evals: cluster, knn, linear, linear_fast, semisup, "
+         "summary, voc"),
+    (["--eval=nope"], "--eval=nope: the config has no evals.nope; known: cluster, knn"),
+    (["--eval=knn", "--mode=linear"], "--eval=knn and --mode=linear disagree"),
+])
+def test_eval_names_an_entry_of_the_configs_evals(tmp_path, args, message):
+    done = run("eval.py", *args, f"--checkpoint={tmp_path}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]

@@ -94,9 +94,43 @@ def test_bad_evals_say_what_to_change():
     with pytest.raises(ValueError, match=r"config.evals.nope: unknown evaluator 'nope'; known: knn, linear"):
         trainer.check_evals(c)
     c = digits.get_config()
-    c.evals.knn.every_epochs = 0
-    with pytest.raises(ValueError, match=r"every_epochs must be >= 1"):
+    c.evals.knn.every_epochs = 0  # after the last epoch only: accepted
+    trainer.check_evals(c)
+    c.evals.knn.every_epochs = -1
+    with pytest.raises(ValueError, match=r"config.evals.knn.every_epochs must be an integer >= 0 \(0: "
+                                         r"after the last epoch only\), got -1; set "
+                                         r"--config.evals.knn.every_epochs"):
         trainer.check_evals(c)
+    c = digits.get_config()
+    c.evals.final = dict(c.evals.summary)  # (its type: "summary")
+    with pytest.raises(ValueError,
+                       match=r"2 entries of type 'summary' \(final, summary\); summary.json holds one"):
+        trainer.check_evals(c)
+
+
+def test_a_config_with_the_old_final_evaluation_names_its_replacement():
+    """A config file written before `config.evals.summary` (its own `c.eval`) is refused with the
+    new field's name, as trainer.ConfigError (train.py: exit status 2)."""
+    from configs import digits
+
+    c = digits.get_config()
+    c.eval = dict(knn_k=20, knn_temperature=0.07, num_clusters=(10,))
+    with pytest.raises(trainer.ConfigError, match=r"^config.eval was replaced by config.evals.summary "
+                                                r"\(knn_k, knn_temperature, num_clusters\); set "
+                                                r"--config.evals.summary"):
+        trainer.check_values(c, 1)
+
+
+def test_the_summary_is_an_evals_entry_of_every_training_config():
+    """configs/default.py's `evals.summary`: after the last epoch only, the former `config.eval`
+    settings; the dataset configs set its levels."""
+    from configs import default, digits
+
+    s = default.get_config().evals.summary
+    assert (s.type, s.every_epochs, s.knn_k, s.knn_temperature, tuple(s.num_clusters)) == (
+        "summary", 0, 20, 0.07, (1000,))
+    assert tuple(digits.get_config().evals.summary.num_clusters) == (60, 30, 10)
+    assert "eval" not in default.get_config()
 
 
 def _flat(c, prefix=""):
@@ -172,7 +206,7 @@ def test_digits_runlocal_is_the_tests_tiny_run():
     assert (c.log_every_steps, c.checkpoint_every_epochs, c.progress_bar) == (5, 1, False)
     assert (c.model.arch, c.model.width, c.model.embed_dim, c.model.hidden_dim) == ("resnet18", 0.125, 16, 32)
     assert (tuple(c.clustering.num_clusters), c.clustering.nredo, c.clustering.niter) == ((20, 8, 4), 1, 10)
-    assert tuple(c.eval.num_clusters) == (20, 10)
+    assert tuple(c.evals.summary.num_clusters) == (20, 10)
     assert (c.evals.knn.every_epochs, tuple(c.evals.knn.ks)) == (2, (5, 20))
     # Everything else is the digits config.
     assert c.dataset == "digits" and c.augment == load("digits").augment and c.seed == 0

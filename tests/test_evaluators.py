@@ -283,7 +283,7 @@ def test_streamed_equals_resident(data, tmp_path):
     np.testing.assert_allclose(feats["stream"], feats["memory"], atol=0.05 * scale)
     cfg = eval_imagenet.get_config("runlocal")
     for name, fn in (("knn", knn.run), ("cluster", cluster.run), ("linear", linear.run_fast)):
-        results = [fn(ctxs[p], cfg[name])[0] for p in ("memory", "stream")]
+        results = [fn(ctxs[p], cfg.evals[name])[0] for p in ("memory", "stream")]
         key = {"knn": "per_k", "cluster": "per_k", "linear": "top1"}[name]
         assert results[0][key] == results[1][key], name
 
@@ -297,15 +297,15 @@ def test_bad_input_stops_with_what_to_change(data, gray_encoder, tmp_path):
     with pytest.raises(EvalError, match=r"holds a resnet18 encoder, this eval config is for resnet50"):
         _ctx(data["encoder"], tmp_path, dataset=folder, expect_arch="resnet50")
     ctx, cfg = _ctx(data["encoder"], tmp_path, dataset=folder)
-    cfg.knn.ks = (2, 500)
+    cfg.evals.knn.ks = (2, 500)
     with pytest.raises(EvalError, match=r"k = \[500\] larger than the 30 training samples"):
-        knn.run(ctx, cfg.knn)
-    cfg.semisup.split_file = str(tmp_path / "missing.txt")
+        knn.run(ctx, cfg.evals.knn)
+    cfg.evals.semisup.split_file = str(tmp_path / "missing.txt")
     with pytest.raises(EvalError, match="does not exist"):
-        semisup.run(ctx, cfg.semisup)
+        semisup.run(ctx, cfg.evals.semisup)
     unlabelled, _ = _ctx(data["encoder"], tmp_path, dataset="tfds:hcsc_tiny_voc", data_dir=data["tfds"])
     with pytest.raises(EvalError, match="has no labels"):
-        knn.run(unlabelled, cfg.knn)
+        knn.run(unlabelled, cfg.evals.knn)
     empty = tmp_path.parent / "empty"
     empty.mkdir()
     with pytest.raises(EvalError, match=r"not prepared .*tfds build hcsc_tiny_imagenet"):
@@ -337,29 +337,29 @@ def test_readme_commands_on_generated_imagenet(data, tmp_path):
     common_args = ["--config=configs/eval_imagenet.py:runlocal", f"--checkpoint={enc}",
                    f"--config.dataset=folder:{data['folder']}", f"--config.data_dir={data['tfds']}",
                    "--config.progress_bar=False"]
-    runs = {"knn": [], "linear": [], "cluster": [], "semisup": [f"--config.semisup.split_file={split}"],
-            "voc": ["--config.voc.dataset=tfds:hcsc_tiny_voc"]}
+    runs = {"knn": [], "linear": [], "cluster": [], "semisup": [f"--config.evals.semisup.split_file={split}"],
+            "voc": ["--config.evals.voc.dataset=tfds:hcsc_tiny_voc"]}
     for mode, extra in runs.items():
-        proc = run_eval(f"--mode={mode}", *common_args, *extra)
+        proc = run_eval(f"--eval={mode}", *common_args, *extra)
         assert proc.returncode == 0, (mode, proc.stderr[-3000:])
         res = read(os.path.join(enc, "eval", f"{mode}_step0.json"))
-        assert res["mode"] == mode and res["model"]["arch"] == "resnet18"
+        assert res["eval"] == mode and res["model"]["arch"] == "resnet18"
     eval_dir = os.path.join(enc, "eval")
     assert read(os.path.join(eval_dir, "knn_step0.json"))["per_k"]["2"]["top1"] > 60  # colored squares: easy
     assert read(os.path.join(eval_dir, "semisup_step0.json"))["num_labelled"] == 6
     assert len(read(os.path.join(eval_dir, "voc_step0.json"))["ap"]) == 20
     assert read(os.path.join(eval_dir, "linear_step0.json"))["protocol"]["augmented"] is True
-    proc = run_eval("--mode=knn", *common_args, "--config.knn.ks=(2,5000)")
+    proc = run_eval("--eval=knn", *common_args, "--config.evals.knn.ks=(2,5000)")
     assert (proc.returncode == 1
             and proc.stderr.strip().splitlines()[-1].startswith("eval.py: error: kNN k = [5000]"))
     assert "Traceback" not in proc.stderr
 
 
 def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_path):
-    args = ["--mode=linear", "--config.dataset=digits", "--config.train_split=train",
+    args = ["--eval=linear", "--config.dataset=digits", "--config.train_split=train",
             "--config.eval_split=test", "--config.image_size=8", "--config.mean=(0.5,)",
-            "--config.std=(0.5,)", "--config.progress_bar=False", "--config.linear.epochs=3",
-            "--config.linear.milestones=(2,)", "--config.linear.checkpoint_every_steps=2"]
+            "--config.std=(0.5,)", "--config.progress_bar=False", "--config.evals.linear.epochs=3",
+            "--config.evals.linear.milestones=(2,)", "--config.evals.linear.checkpoint_every_steps=2"]
     dirs = [str(tmp_path / name) for name in ("whole", "killed")]
     for d in dirs:
         subprocess.run(["cp", "-r", gray_encoder, d], check=True)
@@ -380,7 +380,7 @@ def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_p
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert (a["top1"], a["top5"]) == (b["top1"], b["top5"]) and len(a["history"]) == 3
     # Settings changed under a kept checkpoint: refused, not silently mixed.
-    proc = run_eval(f"--checkpoint={dirs[1]}", *args[:-1], "--config.linear.checkpoint_every_steps=3")
+    proc = run_eval(f"--checkpoint={dirs[1]}", *args[:-1], "--config.evals.linear.checkpoint_every_steps=3")
     assert proc.returncode == 1 and "other weights or settings; delete it" in proc.stderr
 
 
@@ -391,7 +391,7 @@ def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encode
     subprocess.run(["cp", "-r", gray_encoder, enc], check=True)
     with open(os.path.join(enc, "eval"), "w"):
         pass
-    args = ["--config=configs/eval_digits.py:runlocal", f"--checkpoint={enc}", "--mode=knn",
+    args = ["--config=configs/eval_digits.py:runlocal", f"--checkpoint={enc}", "--eval=knn",
             "--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",
             "--config.image_size=8", "--config.mean=(0.5,)", "--config.std=(0.5,)"]
     proc = run_eval(*args)
@@ -400,14 +400,29 @@ def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encode
                      proc.stderr.strip().splitlines()[-1])
     proc = run_eval(*args, f"--out={tmp_path / 'results'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read(tmp_path / "results" / "knn_step0.json")["mode"] == "knn"
+    assert read(tmp_path / "results" / "knn_step0.json")["eval"] == "knn"
+
+
+def test_the_summary_of_an_exported_encoder_says_what_it_needs(gray_encoder, tmp_path):
+    """An exported encoder has no key encoder and no training config.json: `--eval=summary` is one
+    line naming both (exit 1), before any feature pass; nothing written."""
+    enc = str(tmp_path / "enc")
+    subprocess.run(["cp", "-r", gray_encoder, enc], check=True)
+    proc = run_eval("--eval=summary", f"--checkpoint={enc}", "--config.dataset=digits",
+                    "--config.train_split=train", "--config.eval_split=test", "--config.image_size=8",
+                    "--config.mean=(0.5,)", "--config.std=(0.5,)", "--config.progress_bar=False")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "eval.py: error: the summary's NMI needs the key encoder and the training run's config.json: pass a "
+        "train.py workdir as --checkpoint, or set --config.evals.summary.num_clusters=()")
+    assert os.listdir(os.path.join(enc, "eval")) == []
 
 
 def test_semisup_fraction_lr_history(gray_encoder, tmp_path):
     ctx, cfg = _ctx(gray_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test",
                     image_size=8, mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)
-    cfg.semisup.update(split_file=None, fraction=0.05, epochs=2, milestones=(1,), batch_size=256)
-    res, line = semisup.run(ctx, cfg.semisup)
+    cfg.evals.semisup.update(split_file=None, fraction=0.05, epochs=2, milestones=(1,), batch_size=256)
+    res, line = semisup.run(ctx, cfg.evals.semisup)
     assert res["num_labelled"] == 72 and 0 <= res["top1"] <= res["top5"] <= 100
     scale = 72 / 256  # one batch of all 72 labelled samples (a multiple of the 8 devices)
     h = res["history"]
@@ -418,12 +433,19 @@ def test_semisup_fraction_lr_history(gray_encoder, tmp_path):
 
 
 def test_eval_configs_load():
-    assert eval_digits.get_config().knn.ks == (10, 20, 100, 200)
+    assert eval_digits.get_config().evals.knn.ks == (10, 20, 100, 200)
     c = eval_imagenet.get_config("semisup10")
-    assert c.semisup.split_file == "splits/10percent.txt" and c.linear.lr == 5.0 and c.linear.epochs == 100
+    assert (c.evals.semisup.split_file == "splits/10percent.txt" and c.evals.linear.lr == 5.0
+            and c.evals.linear.epochs == 100)
     c.split_dir = "/data/splits"  # the split file follows its folder
-    assert c.semisup.split_file == "/data/splits/10percent.txt"
-    assert c.linear.milestones == (60, 80) and c.linear.momentum == 0.9 and c.knn.temperature == 0.07
+    assert c.evals.semisup.split_file == "/data/splits/10percent.txt"
+    assert c.evals.linear.milestones == (60, 80) and c.evals.linear.momentum == 0.9
+    assert c.evals.knn.temperature == 0.07
+    # linear_fast: the linear protocol's settings under its own entry (no remapping)
+    assert dict(c.evals.linear_fast) == dict(c.evals.linear, type="linear_fast")
+    from hcsc_jax import evaluators  # every entry of the eval configs names a protocol (no remapping)
+    for config in (eval_digits.get_config(), c, eval_imagenet.get_config("runlocal")):
+        assert {evaluators.protocol(n, e) for n, e in config.evals.items()} == set(evaluators.PROTOCOLS)
     with pytest.raises(ValueError, match="unknown variant"):
         eval_imagenet.get_config("nope")
     assert isinstance(c, ml_collections.ConfigDict)

@@ -39,7 +39,7 @@ def _digits_head(spec, split, data_dir, image_size):
 
 def config(variant: str):
     c = tiny_config(dataset="digits_head", epochs=2, warmup_epochs=1, batch_size=64, queue_size=128)
-    c.eval.num_clusters = (10,)
+    c.evals.summary.num_clusters = (10,)
     if variant == "stream":
         # Pillow's filter: with OpenCV's the last-bit differences of the cross-process reductions
         # happened to flip one Bernoulli draw on this data (1 vs 2 processes then differ by ~0.02).

@@ -30,6 +30,17 @@ def test_runs_from_before_the_host_resampling_field_resume_only_with_their_filte
     assert resume.changed_fields(old, new) == []
 
 
+def test_runs_from_before_evals_summary_resume():
+    """A config.json written before the final evaluation became `evals.summary` holds `eval` and
+    no `evals.summary`: the new config resumes it (the summary is safe to change)."""
+    new = json.loads(digits.get_config().to_json())
+    old = json.loads(json.dumps(new))
+    del old["evals"]["summary"]
+    old["eval"] = {"knn_k": 20, "knn_temperature": 0.07, "num_clusters": [60, 30, 10]}
+    assert resume.changed_fields(old, new) == []
+    assert "eval." in resume.SAFE_TO_CHANGE and "evals." in resume.SAFE_TO_CHANGE
+
+
 def _workdir(tmp_path, config, with_checkpoint=True):
     workdir = epath.Path(tmp_path)
     workdir.mkdir(parents=True)

@@ -42,7 +42,7 @@ def check_run(workdir, summary, c, steps_per_epoch):
         assert os.listdir(os.path.join(workdir, "hierarchy")) == ["epoch_0001.npz"]
         h = clustering.Hierarchy.from_arrays(np.load(os.path.join(workdir, "hierarchy", "epoch_0001.npz")))
         assert h.num_clusters == levels
-    assert summary["num_clusters"] == list(c.eval.num_clusters) and 0 <= summary["knn_top1"] <= 1
+    assert summary["num_clusters"] == list(c.evals.summary.num_clusters) and 0 <= summary["knn_top1"] <= 1
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == summary
 

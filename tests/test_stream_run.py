@@ -102,7 +102,7 @@ def test_no_worker_outlives_ctrl_c_or_an_error(tmp_path, how):
         cmd = command(tmp_path / "run", f"--config.dataset=folder:{tmp_path / 'images'}",
                       "--config.input.bad_images=error", "--config.batch_size=32", "--config.bn_group_size=4",
                       "--config.queue_size=64", "--config.clustering.num_clusters=(4,2)",
-                      "--config.eval.num_clusters=()")
+                      "--config.evals.summary.num_clusters=()")
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 1
         message = done.stderr.strip().splitlines()[-1]  # one line, no traceback

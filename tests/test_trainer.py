@@ -75,6 +75,8 @@ def test_run_writes_outputs_and_learns_something(finished_run):
     assert all(np.isfinite(r["loss"]) for r in records if r.get("type") != "eval")
     evals = [r for r in records if r.get("type") == "eval"]
     assert records[-1] == evals[-1] and evals[-1]["step"] == summary["step"]  # the last evaluators' record
+    assert evals[-1]["summary/knn_top1"] == summary["knn_top1"]  # the summary entry ran after the last epoch
+    assert not any("summary/knn_top1" in r for r in evals[:-1])  # (every_epochs 0: only then)
     assert json.load(open(os.path.join(workdir, "config.json")))["queue_size"] == 256
     # One hierarchy per prototype epoch, a valid tree over the training set.
     files = sorted(os.listdir(os.path.join(workdir, "hierarchy")))
@@ -97,10 +99,88 @@ def test_evaluators_during_training_match_eval_py(finished_run):
     cfg = eval_digits.get_config("runlocal")  # kNN with k 5 and 20, no progress bar
     ctx = evaluators.common.from_checkpoint(cfg, workdir, None, sharding.make_mesh())
     ctx.out_dir = None
-    res, _ = evaluators.knn.run(ctx, cfg.knn)
+    res, _ = evaluators.knn.run(ctx, cfg.evals.knn)
     assert res["per_k"]["5"]["top1"] == evals[-1]["knn/per_k/5/top1"]
     assert (res["per_k"]["20"]["top1"] == evals[-1]["knn/per_k/20/top1"]
             == pytest.approx(100 * summary["knn_top1"]))
+
+
+SUMMARY_UNDER_ANOTHER_NAME = """
+from configs import eval_digits
+
+def get_config():
+    c = eval_digits.get_config("runlocal")
+    c.evals.final = dict(c.evals.summary, type="summary")
+    return c
+"""
+
+
+def test_eval_py_summary_equals_the_runs_summary_json(finished_run, tmp_path):
+    """`eval.py --eval=summary` on the workdir recomputes summary.json's numbers exactly (query
+    encoder kNN, key encoder hierarchy with the run's clustering settings and seed); --mode is the
+    same flag; an entry under another name with `type: summary` is the same evaluator and names its
+    results file."""
+    workdir, summary = finished_run
+    config = tmp_path / "eval_final.py"
+    config.write_text(SUMMARY_UNDER_ANOTHER_NAME)
+    results = {}
+    for flag in ("--eval=final", "--mode=summary", "--eval=summary"):
+        out = tmp_path / flag[2:].replace("=", "_")
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--config={config}", flag,
+                               f"--checkpoint={workdir}", f"--out={out}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        name = flag.split("=")[1]
+        (results[flag],) = [json.load(open(out / f)) for f in os.listdir(out) if f.endswith(".json")]
+        assert os.path.isfile(out / f"{name}_step{summary['step']}.json")
+        assert (results[flag]["eval"], results[flag]["type"]) == (name, "summary")
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f) == summary
+    for res in results.values():
+        assert res["step"] == summary["step"]
+        assert {k: res[k] for k in ("knn_top1", "nmi_per_level", "num_clusters")} == {
+            k: summary[k] for k in ("knn_top1", "nmi_per_level", "num_clusters")}
+
+
+def test_a_custom_named_entry_runs_its_type_and_the_summary_needs_the_key_encoder(finished_run):
+    from configs import eval_digits
+    from hcsc_jax import evaluators
+
+    workdir, summary = finished_run
+    evals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("type") == "eval"]
+    cfg = eval_digits.get_config("runlocal")
+    ctx = evaluators.common.from_checkpoint(cfg, workdir, None, sharding.make_mesh())
+    ctx.out_dir = None
+    assert ctx.key_encoder is None and ctx.run_config.epochs == 3  # (the key encoder only when asked)
+    c = tiny_config()
+    c.evals = {"nn": dict(type="knn", every_epochs=0, ks=(5,), temperature=0.07)}
+    trainer.check_evals(c)
+    record, results = trainer.run_evals(c, ctx, 2, final=True)
+    assert record["nn/per_k/5/top1"] == evals[-1]["knn/per_k/5/top1"] and "nn" in results
+    assert trainer.run_evals(c, ctx, 1, final=False) == ({}, {})  # every_epochs 0: at the end only
+    with pytest.raises(evaluators.EvalError,
+                       match=r"the summary.s NMI needs the key encoder: pass a train.py workdir"):
+        evaluators.run("summary", ctx, cfg.evals.summary)
+
+
+def test_an_old_finished_workdir_reruns_to_the_same_summary(finished_run, tmp_path):
+    """A finished workdir whose config.json predates `evals.summary` (it has `eval`) resumes under
+    the new config at its last step: no training, no eval record, the summary computed again
+    after the loop and written the same."""
+    workdir, summary = finished_run
+    old = str(tmp_path / "old")
+    shutil.copytree(workdir, old)
+    saved = json.load(open(os.path.join(old, "config.json")))
+    saved["eval"] = dict(saved["evals"].pop("summary"), knn_k=20, knn_temperature=0.07)
+    for key in ("type", "every_epochs"):
+        del saved["eval"][key]
+    workdir_lib.write_atomic(workdir_lib.path(old) / "config.json", json.dumps(saved))
+    os.remove(os.path.join(old, "summary.json"))
+    before = read_jsonl(os.path.join(old, "metrics.jsonl"))
+    assert trainer.train_and_evaluate(tiny_config(figures_at_end=False), old) == summary
+    assert json.load(open(os.path.join(old, "summary.json"))) == summary
+    assert read_jsonl(os.path.join(old, "metrics.jsonl")) == before
+    assert "eval" not in json.load(open(os.path.join(old, "config.json")))
 
 
 def tiny_command(workdir, *extra):
@@ -206,7 +286,7 @@ def test_the_host_waits_for_all_but_max_in_flight_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_step, "jit_train_step", counting)
     c = tiny_config(epochs=1, warmup_epochs=1, figures_at_end=False)
-    c.evals, c.eval.num_clusters = {}, ()
+    c.evals = {}
     trainer.train_and_evaluate(c, str(tmp_path))
     assert len(unfinished) == 1437 // 64 and max(unfinished) <= trainer.MAX_IN_FLIGHT
 
@@ -405,7 +485,7 @@ def test_streaming_input_trains_like_resident_input(tmp_path):
         c = tiny_config(epochs=1, warmup_epochs=1)  # warm-up only: the steps, no clustering
         c.augment.scale = (1.0, 1.0)
         c.input.update(pipeline=pipe, num_workers=2)
-        c.eval.num_clusters = ()
+        c.evals.summary.num_clusters = ()
         trainer.train_and_evaluate(c, str(tmp_path / pipe))
         runs[pipe] = _final_params(str(tmp_path / pipe))
     a, b = (jax.tree.leaves(runs[p]) for p in ("memory", "stream"))
@@ -430,7 +510,7 @@ def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     c = tiny_config(epochs=2, warmup_epochs=1)
     c.augment.local_views = ((6, (0.3, 0.8)), (6, (0.3, 0.8)), (4, (0.2, 0.5)))
     c.input.update(pipeline="stream", num_workers=2)
-    c.eval.num_clusters = (10,)
+    c.evals.summary.num_clusters = (10,)
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "type" not in r]  # step records
     warm = [r for r in records if r["epoch"] == 0]
@@ -516,7 +596,7 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
     assert open(os.path.join(workdir, "config.json")).read() == saved
     # Logging, checkpoint cadence and the final evaluation may change.
     ok = tiny_config(log_every_steps=7, keep_checkpoints=5)
-    ok.eval.num_clusters = (10,)
+    ok.evals.summary.num_clusters = (10,)
     assert trainer.train_and_evaluate(ok, workdir)["num_clusters"] == [10]
     assert json.load(open(os.path.join(workdir, "config.json")))["log_every_steps"] == 7
 
@@ -532,7 +612,7 @@ def test_step_checkpoint_on_an_epochs_last_step_is_saved(tmp_path):
     steps_per_epoch = 1437 // 64
     c = tiny_config(epochs=2, warmup_epochs=2, checkpoint_every_epochs=5,
                     checkpoint_every_steps=steps_per_epoch, figures_at_end=False)
-    c.eval.num_clusters = ()
+    c.evals.summary.num_clusters = ()
     trainer.train_and_evaluate(c, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert steps == [steps_per_epoch, 2 * steps_per_epoch]

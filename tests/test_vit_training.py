@@ -203,7 +203,7 @@ def test_shuffle_bn_for_a_vit_stops_before_anything_is_written(tmp_path):
 
 def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
     """`python train.py --config configs/digits.py:vit,runlocal` (README), then the README's
-    `python eval.py --config=configs/eval_digits.py:runlocal --mode=linear --checkpoint=RUN` and
+    `python eval.py --config=configs/eval_digits.py:runlocal --eval=linear --checkpoint=RUN` and
     kNN, semi-supervised and cluster (eval_digits.py:runlocal protocols) on its ViT."""
     from configs import eval_digits
 
@@ -218,7 +218,7 @@ def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
     assert [r["epoch"] for r in records if r.get("type") == "eval"] == [1, 2]
     assert 0 <= summary["knn_top1"] <= 1 and summary["num_clusters"] == [20, 10]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    cmd = [sys.executable, "eval.py", "--config=configs/eval_digits.py:runlocal", "--mode=linear",
+    cmd = [sys.executable, "eval.py", "--config=configs/eval_digits.py:runlocal", "--eval=linear",
            f"--checkpoint={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,9 +229,9 @@ def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
     cfg.update(progress_bar=False, embed_batch=256)
     ctx = common.from_checkpoint(cfg, str(tmp_path), None, sharding.make_mesh())
     assert ctx.feature_dim() == 48 and ctx.encoder.meta["model"]["arch"] == "vit_t4"
-    cfg.semisup.update(fraction=0.1, batch_size=128)
+    cfg.evals.semisup.update(fraction=0.1, batch_size=128)
     for name, fn in (("knn", knn.run), ("semisup", semisup.run), ("cluster", cluster.run)):
-        res, line = fn(ctx, cfg[name])
+        res, line = fn(ctx, cfg.evals[name])
         assert line and res, name
 
 
@@ -248,10 +248,10 @@ def test_imagenet_vit_s16_runlocal_encoder_transfers_to_voc(tmp_path):
     cfg = eval_imagenet.get_config("runlocal")
     cfg.update(progress_bar=False, dataset=f"folder:{imagenet_like.make_folder(str(tmp_path / 'imagenet'))}",
                data_dir=imagenet_like.make_tfds(str(tmp_path / "tfds")))
-    cfg.voc.dataset = "tfds:hcsc_tiny_voc"
+    cfg.evals.voc.dataset = "tfds:hcsc_tiny_voc"
     ctx = common.from_checkpoint(cfg, str(tmp_path / "enc"), None, sharding.make_mesh())
     assert ctx.encoder.meta["model"]["arch"] == "vit_s16" and ctx.feature_dim() == 48
-    res, _ = voc.run(ctx, cfg.voc)
+    res, _ = voc.run(ctx, cfg.evals.voc)
     assert len(res["ap"]) == 20 and 0 <= res["map"] <= 100
 
 

@@ -7,15 +7,18 @@
 | `semisup` | fine-tuning on 1% / 10% of the labels (split files or class-balanced fractions) |
 | `cluster` | k-means NMI / AMI |
 | `voc` | VOC07 linear-SVM mAP (transfer) |
+| `summary` | a training run's summary.json: kNN top-1 and the NMI of the key encoder's hierarchy |
 
 `common.Context` holds the encoder, the data and the features; `run(name, ctx, cfg)` runs one
-protocol. eval.py runs one on a checkpoint; the trainer runs those of `config.evals` every
-`every_epochs` epochs.
+protocol. Every config names its evaluators in one schema, `config.evals = {name: {type,
+every_epochs, ...settings}}` (`type`, the protocol, defaults to the name: `protocol`). eval.py
+runs one entry on a checkpoint (`--eval=NAME`); the trainer runs those of its config every
+`every_epochs` epochs (0: after the last epoch only) and after the last epoch.
 """
 
 from __future__ import annotations
 
-from hcsc_jax.evaluators import cluster, common, knn, linear, semisup, voc
+from hcsc_jax.evaluators import cluster, common, knn, linear, semisup, summary, voc
 from hcsc_jax.evaluators.common import Context, DataSpec, Encoder, EvalError
 
 PROTOCOLS = {
@@ -25,7 +28,13 @@ PROTOCOLS = {
     "semisup": semisup.run,
     "cluster": cluster.run,
     "voc": voc.run,
+    "summary": summary.run,
 }
+
+
+def protocol(name: str, cfg) -> str:
+    """The protocol of the `config.evals` entry `name`: its `type`, by default its name."""
+    return cfg.get("type", name)
 
 
 def run(name: str, ctx: Context, cfg) -> tuple[dict, str]:
@@ -36,4 +45,4 @@ def run(name: str, ctx: Context, cfg) -> tuple[dict, str]:
 
 
 __all__ = ["PROTOCOLS", "Context", "DataSpec", "Encoder", "EvalError", "cluster", "common", "knn", "linear",
-           "run", "semisup", "voc"]
+           "protocol", "run", "semisup", "summary", "voc"]

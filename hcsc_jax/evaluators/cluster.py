@@ -45,7 +45,8 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     """NMI / AMI of k-means of the train split's features (cfg: ks, niter, nredo, max_points_per_centroid)."""
     d = ctx.data
     labels = ctx.labels(d.train_split)
-    common.check_ks(cfg.ks, len(labels), "cluster", f"{d.dataset}:{d.train_split}", "--config.cluster.ks")
+    common.check_ks(cfg.ks, len(labels), "cluster", f"{d.dataset}:{d.train_split}",
+                    "--config.evals.cluster.ks")
     per_k = evaluate(ctx.features(d.train_split), labels, tuple(cfg.ks), niter=cfg.niter, nredo=cfg.nredo,
                      seed=ctx.seed, max_points_per_centroid=cfg.get("max_points_per_centroid", 256))
     summary = ", ".join(f"k={k}: NMI {r['nmi']:.3f} AMI {r['ami']:.3f}" for k, r in per_k.items())

@@ -1,7 +1,8 @@
 """What every evaluator works on: a frozen encoder, a dataset description and its features.
 
 An evaluator is a module with `run(ctx: Context, cfg) -> (result dict, one-line summary)`;
-`cfg` is its section of the eval config (or of `config.evals` during training).
+`cfg` is its entry of `config.evals` (of the eval config for eval.py, of the training config
+during training).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from hcsc_jax import checkpoints, models, sharding
@@ -57,10 +59,14 @@ class Context:
     computed once (features also cached on disk under `out_dir` when given)."""
 
     def __init__(self, encoder: Encoder, data: DataSpec, mesh, out_dir: str | None = None, batch: int = 256,
-                 progress: bool = True, seed: int = 0, inputs: dict | None = None):
+                 progress: bool = True, seed: int = 0, inputs: dict | None = None,
+                 key_encoder: Encoder | None = None, run_config: ml_collections.ConfigDict | None = None):
         """`inputs`: split name -> feature-pass input already open, shared (and filled) across
-        contexts, e.g. the trainer's from epoch to epoch."""
+        contexts, e.g. the trainer's from epoch to epoch. `key_encoder` (the run's momentum
+        encoder) and `run_config` (the training config: clustering settings, seed, epochs), known
+        for a training run, not for an exported encoder: the "summary" evaluator needs them."""
         self.encoder, self.data, self.mesh = encoder, data, mesh
+        self.key_encoder, self.run_config = key_encoder, run_config
         self.out_dir = None if out_dir is None else workdir_lib.path(out_dir)  # an epath
         self.batch, self.progress, self.seed = batch, progress, seed
         self._inputs: dict[str, Any] = {} if inputs is None else inputs
@@ -70,7 +76,8 @@ class Context:
     def with_data(self, **changes) -> Context:
         """The same encoder (and weight digest) on other data, e.g. a transfer dataset."""
         ctx = Context(self.encoder, dataclasses.replace(self.data, **changes), self.mesh, self.out_dir,
-                      self.batch, self.progress, self.seed)
+                      self.batch, self.progress, self.seed, key_encoder=self.key_encoder,
+                      run_config=self.run_config)
         ctx._digest = self._digest
         return ctx
 
@@ -224,9 +231,12 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
                     prefetch=int(data["prefetch"]), bad_images=data["bad_images"])
 
 
-def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None = None) -> Context:
+def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None = None,
+                    key_encoder: bool = False) -> Context:
     """A Context for the query encoder of a train.py workdir (newest readable step, or `step`) or
-    an exported encoder directory (local or a bucket); outputs go to `out`, default `<path>/eval/`."""
+    an exported encoder directory (local or a bucket); outputs go to `out`, default `<path>/eval/`.
+    With `key_encoder`, a workdir's momentum encoder of the same step too (`Context.key_encoder`;
+    an exported encoder has none). `Context.run_config`: `<path>/config.json` when there is one."""
     path = workdir_lib.path(path)
     if not path.exists():
         raise EvalError(f"checkpoint path {path} does not exist")
@@ -242,8 +252,17 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     if config.get("expect_arch") and arch != config.expect_arch:
         raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; "
                         f"pass the right checkpoint or --config.expect_arch={arch}")
+    encoder = frozen(model, meta, int(meta.get("step", 0) if step is None else step), mesh)
+    key = None
+    if key_encoder and (path / "checkpoints").is_dir():  # (an exported directory holds one encoder)
+        key = frozen(*checkpoints.load_encoder(path, encoder.step, which="key"), encoder.step, mesh)
+    return Context(encoder, data, mesh, out or path / "eval", int(config.embed_batch),
+                   bool(config.progress_bar), int(config.seed), key_encoder=key,
+                   run_config=None if run_config is None else ml_collections.ConfigDict(run_config))
+
+
+def frozen(model, meta: dict, step: int, mesh) -> Encoder:
+    """A restored encoder module as an `Encoder` replicated on `mesh`."""
     graphdef, params, stats = models.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)
-    encoder = Encoder(graphdef, params, stats, meta, int(meta.get("step", 0) if step is None else step))
-    return Context(encoder, data, mesh, out or path / "eval", int(config.embed_batch),
-                   bool(config.progress_bar), int(config.seed))
+    return Encoder(graphdef, params, stats, meta, step)

@@ -106,7 +106,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     """kNN of the eval split against the train split (cfg: ks, temperature, train_chunk, test_block)."""
     d = ctx.data
     train_labels = ctx.labels(d.train_split)
-    common.check_ks(cfg.ks, len(train_labels), "kNN", f"{d.dataset}:{d.train_split}", "--config.knn.ks")
+    common.check_ks(cfg.ks, len(train_labels), "kNN", f"{d.dataset}:{d.train_split}", "--config.evals.knn.ks")
     res = evaluate(ctx.features(d.train_split), train_labels, ctx.features(d.eval_split),
                    ctx.labels(d.eval_split), ks=tuple(cfg.ks), temperature=cfg.temperature,
                    num_classes=ctx.num_classes(), train_chunk=cfg.get("train_chunk", 16384),

@@ -166,7 +166,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
                       batch=cfg.batch_size)
     if train.steps_per_epoch == 0:
         raise common.EvalError(f"linear batch_size {cfg.batch_size} is larger than the {train.num_examples} "
-                               "training images; set a smaller --config.linear.batch_size")
+                               "training images; set a smaller --config.evals.linear.batch_size")
     e = ctx.encoder
     tx = optax.sgd(lr_schedule(cfg.lr, cfg.batch_size, train.steps_per_epoch, tuple(cfg.milestones),
                                cfg.gamma), momentum=cfg.momentum)
@@ -197,7 +197,7 @@ def run_fast(ctx: common.Context, cfg) -> tuple[dict, str]:
     n, b = len(labels), int(cfg.batch_size)
     if b > n:
         raise common.EvalError(f"linear batch_size {b} is larger than the {n} training images; set a smaller "
-                               "--config.linear.batch_size")
+                               "--config.evals.linear.batch_size")
     spe = n // b
     tx = optax.sgd(lr_schedule(cfg.lr, b, spe, tuple(cfg.milestones), cfg.gamma), momentum=cfg.momentum)
     update = jax.jit(lambda head, opt_state, x, y: _sgd_update(tx, head, opt_state, x, y))

@@ -35,8 +35,8 @@ def read_split_file(path: str) -> list[str]:
     path = workdir_lib.path(path)
     if not path.is_file():
         raise common.EvalError(f"split file {path} does not exist; use the authors' "
-                               "1percent.txt / 10percent.txt (--config.semisup.split_file) "
-                               "or a --config.semisup.fraction without one")
+                               "1percent.txt / 10percent.txt (--config.evals.semisup.split_file) "
+                               "or a --config.evals.semisup.fraction without one")
     names = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         name = line.strip()
@@ -56,7 +56,7 @@ def match_names(names: list[str], file_names, where: str) -> np.ndarray:
     if file_names is None:
         raise common.EvalError(f"{where} has no file names to match a split file against "
                                "(image folders and TFDS datasets with a 'file_name' feature have); "
-                               "use --config.semisup.fraction")
+                               "use --config.evals.semisup.fraction")
     index = {os.path.basename(n): i for i, n in enumerate(file_names)}
     missing = [n for n in names if n not in index]
     if missing:
@@ -91,7 +91,7 @@ def labelled_subset(ctx: common.Context, cfg) -> np.ndarray:
     try:
         return label_subset(ctx.labels(d.train_split), cfg.fraction, ctx.seed)
     except ValueError as err:
-        raise common.EvalError(f"{err} (--config.semisup.fraction)") from None
+        raise common.EvalError(f"{err} (--config.evals.semisup.fraction)") from None
 
 
 def run(ctx: common.Context, cfg) -> tuple[dict, str]:

@@ -1,0 +1,53 @@
+"""A training run's end-of-run summary (summary.json): kNN top-1 and the NMI of a hierarchy.
+
+kNN top-1 (a fraction) of the eval split against the train split with the query encoder's pooled
+features (`knn.run`, k = `knn_k`, temperature `knn_temperature`), and the NMI against the training
+labels of every level of a hierarchical k-means (level sizes `num_clusters`; the run's
+`config.clustering` settings, seed `config.seed + 1000 * config.epochs`) of the KEY encoder's
+projections of the train split's center crops. It needs `Context.key_encoder` and
+`Context.run_config`: the trainer's context, or eval.py on a train.py workdir (not on an
+exported encoder). Parts whose labels are missing are left out.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from hcsc_jax import clustering
+from hcsc_jax.evaluators import cluster, common, knn
+from hcsc_jax.features import embed_input
+
+
+def key_hierarchy(ctx: common.Context, inp, num_clusters) -> clustering.Hierarchy:
+    """The hierarchy with levels `num_clusters` (`clustering.cluster_from_config`: the run's
+    clustering settings, the seed of the epoch after its last) of the key encoder's projections of
+    the center crops of the `pipeline` input `inp`."""
+    k, run = ctx.key_encoder, ctx.run_config
+    _, proj = embed_input(k.graphdef, k.params, k.stats, inp, ctx.data.image_size, *ctx.mean_std, ctx.batch)
+    return clustering.cluster_from_config(run.clustering, proj, run.seed + 1000 * run.epochs, num_clusters,
+                                          ctx.mesh)
+
+
+def run(ctx: common.Context, cfg) -> tuple[dict, str]:
+    """-> ({"knn_top1": fraction, "nmi_per_level": [...], "num_clusters": [...]}, one line)
+    (cfg: knn_k, knn_temperature, num_clusters; empty num_clusters: no NMI)."""
+    missing = [what for what, v in (("the key encoder", ctx.key_encoder),
+                                    ("the training run's config.json", ctx.run_config)) if v is None]
+    if cfg.num_clusters and missing:  # (before any feature pass)
+        raise common.EvalError(f"the summary's NMI needs {' and '.join(missing)}: pass a train.py "
+                               "workdir as --checkpoint, or set --config.evals.summary.num_clusters=()")
+    d, result = ctx.data, {}
+    train = ctx.input(d.train_split)
+    if train.labels is not None and ctx.input(d.eval_split).labels is not None:
+        knn_cfg = ml_collections.ConfigDict(dict(ks=(cfg.knn_k,), temperature=cfg.knn_temperature))
+        res, _ = knn.run(ctx, knn_cfg)
+        result["knn_top1"] = res["best_top1"] / 100
+    if train.labels is not None and cfg.num_clusters:
+        final = key_hierarchy(ctx, train, tuple(cfg.num_clusters))
+        result["nmi_per_level"] = [cluster.nmi(lv.assignments, train.labels) for lv in final.levels]
+        result["num_clusters"] = list(final.num_clusters)
+    parts = [f"knn top-1 {100 * result['knn_top1']:.2f}% (k={cfg.knn_k})"] if "knn_top1" in result else []
+    if "nmi_per_level" in result:
+        parts.append("NMI " + " / ".join(f"{v:.3f}" for v in result["nmi_per_level"])
+                     + f" (k {'/'.join(map(str, result['num_clusters']))})")
+    return result, f"summary step {ctx.encoder.step}: {', '.join(parts) or 'no labels, nothing to report'}"
