@@ -72,8 +72,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                        image_size=224, costs=(0.01, 0.1, 1.0, 10.0), folds=3)
 
     # A training run's summary.json (evaluators/summary.py; needs a train.py workdir: the key
-    # encoder and config.json), with configs/digits.py's settings.
-    c.evals.summary = dict(knn_k=20, knn_temperature=0.07, num_clusters=(60, 30, 10))
+    # encoder and config.json). Settings left unset (None) are the run's own summary entry's.
+    c.evals.summary = dict(knn_k=config_dict.placeholder(int), knn_temperature=config_dict.placeholder(float),
+                           num_clusters=config_dict.placeholder(tuple))
     if "runlocal" in chosen:
         c.progress_bar = False
         c.evals.knn.ks = (5, 20)
@@ -81,5 +82,4 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             c.evals[name].update(epochs=2, milestones=(1,))
         c.evals.cluster.ks = (10,)
         c.evals.voc.update(image_size=32, costs=(1.0,), folds=2)
-        c.evals.summary.num_clusters = (20, 10)  # configs/digits.py:runlocal's
     return c

@@ -36,7 +36,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     for name in ("linear", "linear_fast"):  # the published protocol otherwise (eval_digits.py)
         c.evals[name].update(checkpoint_every_steps=1000)
     c.evals.cluster.update(ks=(1000, 25000), max_points_per_centroid=256)
-    c.evals.summary.num_clusters = (1000,)  # configs/imagenet_hcsc_200ep.py's
     if split:
         c.evals.semisup.split_file = c.get_ref("split_dir") + f"/{split[len('semisup'):]}percent.txt"
     if "places205" in chosen:  # the same linear protocol on an image folder of Places205
@@ -50,5 +49,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.evals.semisup.update(epochs=2, batch_size=16, milestones=(1,))
         c.evals.cluster.ks = (3,)
         c.evals.voc.update(image_size=32, costs=(1.0,), folds=2)
-        c.evals.summary.update(knn_k=5, num_clusters=(3,))  # configs/imagenet_hcsc_200ep.py:runlocal's
     return c

@@ -404,13 +404,22 @@ def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encode
 
 
 def test_the_summary_of_an_exported_encoder_says_what_it_needs(gray_encoder, tmp_path):
-    """An exported encoder has no key encoder and no training config.json: `--eval=summary` is one
-    line naming both (exit 1), before any feature pass; nothing written."""
+    """An exported encoder has no training config.json to take the summary's settings from, nor a
+    key encoder: `--eval=summary` is one line naming what to set (exit 1), before any feature
+    pass; nothing written."""
     enc = str(tmp_path / "enc")
     subprocess.run(["cp", "-r", gray_encoder, enc], check=True)
-    proc = run_eval("--eval=summary", f"--checkpoint={enc}", "--config.dataset=digits",
-                    "--config.train_split=train", "--config.eval_split=test", "--config.image_size=8",
-                    "--config.mean=(0.5,)", "--config.std=(0.5,)", "--config.progress_bar=False")
+    args = ["--eval=summary", f"--checkpoint={enc}", "--config.dataset=digits", "--config.train_split=train",
+            "--config.eval_split=test", "--config.image_size=8", "--config.mean=(0.5,)",
+            "--config.std=(0.5,)", "--config.progress_bar=False"]
+    proc = run_eval(*args, "--config.evals.summary.knn_k=20")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "eval.py: error: the summary's knn_temperature, num_clusters are not set and the checkpoint has no "
+        "training config.json to take them from; set --config.evals.summary.knn_temperature=... "
+        "--config.evals.summary.num_clusters=...")
+    proc = run_eval(*args, "--config.evals.summary.knn_k=20", "--config.evals.summary.knn_temperature=0.07",
+                    "--config.evals.summary.num_clusters=(10,)")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "eval.py: error: the summary's NMI needs the key encoder and the training run's config.json: pass a "

@@ -28,9 +28,30 @@ def key_hierarchy(ctx: common.Context, inp, num_clusters) -> clustering.Hierarch
                                           ctx.mesh)
 
 
+SETTINGS = ("knn_k", "knn_temperature", "num_clusters")
+
+
+def settings(ctx: common.Context, cfg) -> ml_collections.ConfigDict:
+    """The entry's `SETTINGS`, those left unset (None, as in the eval configs) taken from the
+    summary entry of the training run's config (`ctx.run_config`; a config.json written before
+    `evals` held it: its `eval` section). EvalError naming the flag when neither has one."""
+    run, own = ctx.run_config, {}
+    if run is not None:
+        entries = [e for n, e in run.get("evals", {}).items() if e.get("type", n) == "summary"]
+        own = entries[0] if entries else run.get("eval", {})
+    out = {key: own.get(key) if cfg.get(key) is None else cfg.get(key) for key in SETTINGS}
+    missing = [key for key, value in out.items() if value is None]
+    if missing:
+        raise common.EvalError(f"the summary's {', '.join(missing)} are not set and the checkpoint has no "
+                               "training config.json to take them from; set "
+                               + " ".join(f"--config.evals.summary.{key}=..." for key in missing))
+    return ml_collections.ConfigDict(out)
+
+
 def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     """-> ({"knn_top1": fraction, "nmi_per_level": [...], "num_clusters": [...]}, one line)
-    (cfg: knn_k, knn_temperature, num_clusters; empty num_clusters: no NMI)."""
+    (cfg: knn_k, knn_temperature, num_clusters, see `settings`; empty num_clusters: no NMI)."""
+    cfg = settings(ctx, cfg)
     missing = [what for what, v in (("the key encoder", ctx.key_encoder),
                                     ("the training run's config.json", ctx.run_config)) if v is None]
     if cfg.num_clusters and missing:  # (before any feature pass)
