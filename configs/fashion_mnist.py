@@ -14,6 +14,9 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
   ProtoNCE against r = 64 sampled negative prototypes per clustering (32% of the finest
   clustering; PCL's 16384 is 16-66% of its clusterings), PCL's code semantics, no selection
   (configs/digits.py explains the choices).
+- cpu: a budget for a 2-core CPU (<= 15 minutes a run): the first 15,000 training images
+  (the test split stays whole), 16 px, ResNet-18 at width 0.25, 18 epochs (4 warm-up), queue
+  4096, levels 50 / 16 / 4 (PCL: r = 16); combines with the methods (`cpu,pcl`).
 - vit: the encoder is ViT-S with 4-px patches (vit_s4: 384 dims, 6 heads, 12 blocks; a 7x7 grid
   at 28 px) trained with MoCo v3's ViT recipe (AdamW, weight decay 0.1, 10 epochs of linear lr
   warm-up, no ShuffleBN); combines with the methods. Not tuned.
@@ -24,7 +27,7 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
 
 from configs import apply_method, apply_vit, default, one_of, parse_variants
 
-VARIANTS = ("hcsc", "mocov2", "pcl", "vit", "runlocal")
+VARIANTS = ("hcsc", "mocov2", "pcl", "cpu", "vit", "runlocal")
 METHODS = ("hcsc", "mocov2", "pcl")
 
 
@@ -48,6 +51,15 @@ def get_config(arg=None):
     c.evals.summary.num_clusters = (200, 50, 10)
     c.log_every_steps = 50
     c.checkpoint_every_epochs = 5
+    if "cpu" in chosen:
+        # One run in <= 15 minutes on a 2-core CPU: the first 15,000 training images (1,445-1,548
+        # per class), 16 px, a quarter-width ResNet-18; 300 images per bottom cluster.
+        c.train_split = "train[:15000]"
+        c.update(image_size=16, epochs=18, warmup_epochs=4, queue_size=4096, checkpoint_every_epochs=3)
+        c.model.update(width=0.25, embed_dim=64, hidden_dim=128)
+        c.clustering.num_clusters = (50, 16, 4)
+        c.evals.summary.num_clusters = (50, 16, 4)
+        c.evals.knn = dict(every_epochs=3, ks=(20, 200), temperature=0.07)
     if "runlocal" in chosen:
         c.data_dir = "/tmp/fashion_mnist_tiny"
         c.update(epochs=2, warmup_epochs=1, image_size=16, batch_size=64, bn_group_size=8, queue_size=128,
@@ -60,5 +72,5 @@ def get_config(arg=None):
         if "runlocal" in chosen:
             c.model.update(width=0.125, depth=2)
             c.lr_warmup_epochs = 1
-    apply_method(c, method, proto_negatives=64)
+    apply_method(c, method, proto_negatives=16 if "cpu" in chosen else 64)
     return c

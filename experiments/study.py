@@ -78,23 +78,34 @@ class Setting:
 ABL = ("--config.objective.instance_selection", "--config.objective.prototype_selection")
 
 
-def _digits_methods(main_seeds, abl_seeds):
+def _methods(config: str, main_seeds, abl_seeds):
+    """MoCo v2, PCL and HCSC of one config file ("digits.py", "fashion_mnist.py:cpu"), then the
+    Table-5 ablations as command-line overrides of its HCSC config."""
+    file, _, variant = config.partition(":")
+
+    def variant_of(method):
+        return f"{file}:{','.join(v for v in (variant, method) if v)}"
+
     return (
-        Method("MoCo v2", "digits.py:mocov2", seeds=main_seeds),
-        Method("PCL", "digits.py:pcl", seeds=main_seeds),
-        Method("HCSC", "digits.py", seeds=main_seeds),
-        Method("hier. prototypes, no selection", "digits.py", (f"{ABL[0]}=False", f"{ABL[1]}=False"),
+        Method("MoCo v2", variant_of("mocov2"), seeds=main_seeds),
+        Method("PCL", variant_of("pcl"), seeds=main_seeds),
+        Method("HCSC", config, seeds=main_seeds),
+        Method("hier. prototypes, no selection", config, (f"{ABL[0]}=False", f"{ABL[1]}=False"),
                "ablation", abl_seeds),
-        Method("+ ICSC only", "digits.py", (f"{ABL[1]}=False",), "ablation", abl_seeds),
-        Method("+ PCSC only", "digits.py", (f"{ABL[0]}=False",), "ablation", abl_seeds),
-        Method("+ ICSC + PCSC (= HCSC)", "digits.py", (), "ablation", abl_seeds, reuse="HCSC"),
-        Method("HCSC, official semantics", "digits.py", ("--config.objective.semantics=official",),
+        Method("+ ICSC only", config, (f"{ABL[1]}=False",), "ablation", abl_seeds),
+        Method("+ PCSC only", config, (f"{ABL[0]}=False",), "ablation", abl_seeds),
+        Method("+ ICSC + PCSC (= HCSC)", config, (), "ablation", abl_seeds, reuse="HCSC"),
+        Method("HCSC, official semantics", config, ("--config.objective.semantics=official",),
                "ablation", abl_seeds),
     )
 
 
 SETTINGS = {
-    "digits": Setting("digits", "digits", 10, _digits_methods((0, 1, 2, 3, 4), (0, 1, 2))),
+    "digits": Setting("digits", "digits", 10, _methods("digits.py", (0, 1, 2, 3, 4), (0, 1, 2))),
+    # The 2-core CPU budget of configs/fashion_mnist.py:cpu (<= 15 minutes a run).
+    "fashion_mnist_cpu": Setting("fashion_mnist_cpu", "fashion_mnist", 10,
+                                 _methods("fashion_mnist.py:cpu", (0, 1, 2), (0, 1, 2)),
+                                 coarse="fashion_mnist"),
     "fashion_mnist": Setting(
         "fashion_mnist", "fashion_mnist", 10,
         (Method("MoCo v2", "fashion_mnist.py:mocov2", seeds=(0, 1, 2)),

@@ -60,6 +60,20 @@ def test_digits_bad_split_and_image_size():
                                                            (16, 16)))
 
 
+def test_split_slices_take_those_examples():
+    train = load_dataset("digits", "train")
+    for split, rows in (("train[:500]", slice(None, 500)), ("train[1000:]", slice(1000, None)),
+                        ("train[-7:]", slice(-7, None)), ("train[10:20]", slice(10, 20))):
+        part = load_dataset("digits", split)
+        np.testing.assert_array_equal(part.images, train.images[rows])
+        np.testing.assert_array_equal(part.labels, train.labels[rows])
+    with pytest.raises(ValueError, match=r"'train\[5:5\]' selects no examples \(the split has 1437\)"):
+        load_dataset("digits", "train[5:5]")
+    for bad in ("train[:10%]", "train[:5", "val[:5]", "train[a:b]"):
+        with pytest.raises(ValueError, match=r"no split .*e\.g\. train\[:20000\]"):
+            load_dataset("digits", bad)
+
+
 def test_unknown_dataset_lists_registered_names():
     with pytest.raises(ValueError) as err:
         load_dataset("imagenet_typo", "train")
@@ -171,6 +185,8 @@ def test_fashion_mnist_from_generated_idx(tmp_path):
         np.testing.assert_array_equal(ds.images[..., 0], imgs)
         np.testing.assert_array_equal(ds.labels, lbls.astype(np.int32))
         assert ds.labels.dtype == np.int32
+    head = load_dataset("fashion_mnist", "train[:4]", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(head.images[..., 0], want["train"][0][:4])
 
 
 def test_fashion_mnist_mismatched_files(tmp_path):

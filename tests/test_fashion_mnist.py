@@ -36,3 +36,12 @@ def test_config_normalization_matches_the_data(train):
     aug = fashion_mnist.get_config().augment
     np.testing.assert_allclose(aug.mean[0], x.mean(), atol=1e-3)
     np.testing.assert_allclose(aug.std[0], x.std(), atol=1e-3)
+
+
+def test_cpu_budget_subset_is_the_first_15000_and_near_balanced(train):
+    c = fashion_mnist.get_config("cpu")
+    part = load_dataset(c.dataset, c.train_split)
+    np.testing.assert_array_equal(part.labels, train.labels[:15000])
+    counts = np.bincount(part.labels, minlength=10)
+    assert counts.min() == 1445 and counts.max() == 1548  # as the config's comment says
+    assert c.eval_split == "test" and len(part) // c.clustering.num_clusters[0] == 300

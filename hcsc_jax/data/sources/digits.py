@@ -1,6 +1,7 @@
 """`digits`: scikit-learn's 8x8 handwritten digits (ships with scikit-learn, no download).
 
-Splits "train" (1437), "test" (360: the last 20% of a fixed permutation), "all" (1797)."""
+Splits "train" (1437), "test" (360: the last 20% of a fixed permutation), "all" (1797),
+or a slice of one ("train[:500]")."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import math
 import numpy as np
 
 from hcsc_jax.data.sources.base import ArrayDataset
-from hcsc_jax.data.sources.registry import check_split, no_spec, register
+from hcsc_jax.data.sources.registry import check_split, no_spec, register, take
 
 
 @register("digits")
 def load_digits(spec, split, data_dir, image_size):
     no_spec("digits", spec)
-    check_split("digits", split, ("train", "test", "all"))
+    whole, rows = check_split("digits", split, ("train", "test", "all"))
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
@@ -24,10 +25,11 @@ def load_digits(spec, split, data_dir, image_size):
     n = len(images)
     perm = np.random.default_rng(0).permutation(n)
     n_test = math.ceil(0.2 * n)  # 360 of 1797
-    if split == "train":
+    if whole == "train":
         idx = np.sort(perm[:n - n_test])
-    elif split == "test":
+    elif whole == "test":
         idx = np.sort(perm[n - n_test:])
     else:
         idx = np.arange(n)
-    return ArrayDataset(images[idx], labels[idx], 10, "digits", tuple(str(d) for d in range(10)))
+    return take(ArrayDataset(images[idx], labels[idx], 10, "digits", tuple(str(d) for d in range(10))),
+                rows, split)

@@ -1,6 +1,6 @@
 """`fashion_mnist`: the four IDX files, from `data_dir` or `/usr/share/datasets/fashion-mnist/`
 (Debian package `dataset-fashion-mnist`); falls back to a prepared TFDS `fashion_mnist`. Splits
-"train" (60000) and "test" (10000)."""
+"train" (60000) and "test" (10000), or a slice of one ("train[:20000]": the first 20,000)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from etils import epath
 from hcsc_jax.data.sources import tfds as tfds_source
 from hcsc_jax.data.sources.base import ArrayDataset
 from hcsc_jax.data.sources.idx import read_idx
-from hcsc_jax.data.sources.registry import check_split, no_spec, register
+from hcsc_jax.data.sources.registry import check_split, no_spec, register, take
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -33,9 +33,9 @@ def _find_file(directory: str, stem: str) -> str | None:
 @register("fashion_mnist")
 def _load_fashion_mnist(spec, split, data_dir, image_size):
     no_spec("fashion_mnist", spec)
-    check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
+    whole, rows = check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
     directory = data_dir if data_dir is not None else FASHION_MNIST_DIR
-    stems = FASHION_MNIST_FILES[split]
+    stems = FASHION_MNIST_FILES[whole]
     paths = [_find_file(directory, s) for s in stems]
     if all(paths):
         images = read_idx(paths[0])
@@ -49,8 +49,8 @@ def _load_fashion_mnist(spec, split, data_dir, image_size):
         labels = labels.astype(np.int32)
         names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                  "Sneaker", "Bag", "Ankle boot")
-        return ArrayDataset(np.ascontiguousarray(images[..., None]), labels, 10,
-                            "fashion_mnist", names)
+        return take(ArrayDataset(np.ascontiguousarray(images[..., None]), labels, 10,
+                                 "fashion_mnist", names), rows, split)
     if tfds_source.is_prepared("fashion_mnist", data_dir):
         ds = tfds_source.load_tfds("fashion_mnist", split, data_dir, image_size)
         return dataclasses.replace(ds, name="fashion_mnist")

@@ -8,6 +8,7 @@ have both, when reading it whole has a faster way than one example at a time (TF
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -106,6 +107,27 @@ def no_spec(name: str, spec: str | None):
         raise ValueError(f"dataset {name!r} takes no ':<argument>', got {name}:{spec}")
 
 
-def check_split(name: str, split: str, splits):
-    if split not in splits:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
+_SLICED = re.compile(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?")
+
+
+def check_split(name: str, split: str, splits) -> tuple[str, slice]:
+    """'train' or a slice of it in TFDS's syntax with example counts, 'train[:20000]',
+    'train[1000:]', 'test[-500:]' -> ('train', slice(None, 20000)), ...; anything else, or a
+    split the dataset lacks -> ValueError naming the splits."""
+    m = _SLICED.fullmatch(split)
+    if m is None or m.group(1) not in splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)} "
+                         "(a slice of one: e.g. train[:20000], train[1000:])")
+    bounds = [int(b) if b else None for b in m.group(2, 3)]
+    return m.group(1), slice(*bounds)
+
+
+def take(ds: ArrayDataset, rows: slice, split: str) -> ArrayDataset:
+    """The examples `rows` of a whole split; a slice that selects none -> ValueError."""
+    if rows == slice(None):
+        return ds
+    images = ds.images[rows]
+    if not len(images):
+        raise ValueError(f"{ds.name} split {split!r} selects no examples (the split has {len(ds)})")
+    labels = None if ds.labels is None else ds.labels[rows]
+    return dataclasses.replace(ds, images=np.ascontiguousarray(images), labels=labels)
