@@ -1,8 +1,10 @@
 """Multi-seed study: HCSC vs MoCo v2 and PCL, and the paper's Table-5 ablations (issue 12).
 
   python experiments/study.py --setting=digits --root=/tmp/study          # train + eval + report
+  nice -n 19 python experiments/study.py --setting=fashion_mnist_cpu --root=/tmp/study \
+      --results_md=RESULTS.md                                             # 2-core CPU, <= 15 min a run
   python experiments/study.py --setting=fashion_mnist --root=/data/study  # needs a GPU
-  python experiments/study.py --setting=digits --root=/tmp/study --report_only
+  python experiments/study.py --setting=fashion_mnist_cpu --report_only --results_md=RESULTS.md
 
 Every run is `python train.py --config <config> --workdir <root>/<setting>/<run> --config.seed=S
 <overrides>` followed by `python eval.py --eval=knn|linear_fast|cluster --checkpoint=<workdir>`;
@@ -10,15 +12,22 @@ the tables are built from the files those commands write (eval/<mode>_step<N>.js
 hierarchy/epoch_XXXX.npz) and nothing else. Runs go in the order of `plan()`: the main methods
 seed by seed (so partial results stay balanced), then the ablations.
 
-Resuming: a run whose train and eval outputs all exist is skipped; a half-trained run continues
-from its newest checkpoint (train.py resumes by itself); missing evals are redone. A run that
+Archive: each finished run's small outputs (config.json, summary.json, metrics.jsonl, the eval
+JSONs, study_times.json, the last hierarchy/epoch_XXXX.npz if under 1 MB; no checkpoints) are
+copied to --archive/<setting>/<run> (default experiments/runs, committed to the repository), and
+the report is built from the archive alone, so a later checkout continues where this one stopped.
+
+Resuming: a run whose outputs are in the archive, or whose train and eval outputs all exist in
+its workdir, is skipped; a half-trained run continues from its newest checkpoint (train.py
+resumes by itself); missing evals are redone. A run that
 fails (missing dataset, NaN loss, ...) is reported with its command, exit code and the end of its
 log in <root>/<setting>/failures.json; the study goes on with the others, reports on what
 finished and exits with status 1.
 
-Outputs in --out (default: <root>/<setting>/report): results.json (one row per finished run),
-tables.md (mean +- std over seeds, paired differences to MoCo v2), PNG figures; --results_md
-also writes RESULTS.md (every setting found under --root; figures under results/).
+Outputs in --out (default: <archive>/<setting>/report): results.json (one row per finished run),
+tables.md (mean +- std over seeds, paired differences to MoCo v2 and PCL), PNG figures;
+--results_md also writes RESULTS.md (one section per setting of the archive; a setting with no
+archived run keeps the section the file already has; figures under results/).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +48,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHIVE = os.path.join(REPO, "experiments", "runs")
 EVAL_MODES = ("knn", "linear_fast", "cluster")
+ARCHIVED_FILES = ("config.json", "summary.json", "metrics.jsonl", "study_times.json")
+MAX_ARCHIVED_HIERARCHY = 1 << 20  # bytes
 
 # Fashion-MNIST's 10 classes in 4 coarse groups, for the NMI of the top prototype level.
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -172,6 +185,35 @@ def trained(workdir: str) -> bool:
     return os.path.isfile(os.path.join(workdir, "summary.json"))
 
 
+def complete(workdir: str) -> bool:
+    """Trained, and every eval of EVAL_MODES written."""
+    return trained(workdir) and all(eval_result(workdir, m) is not None for m in EVAL_MODES)
+
+
+def archive_run(workdir: str, dest: str) -> list[str]:
+    """Copies the small outputs of a finished run (ARCHIVED_FILES, the newest eval JSON of each
+    mode, the last hierarchy npz when under MAX_ARCHIVED_HIERARCHY bytes) to `dest` -> the files
+    written (relative to dest). Written into `dest`.tmp first, then renamed: an archive folder is
+    whole or absent."""
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "eval"))
+    names = [f for f in ARCHIVED_FILES if os.path.isfile(os.path.join(workdir, f))]
+    for mode in EVAL_MODES:
+        files = glob.glob(os.path.join(workdir, "eval", f"{mode}_step*.json"))
+        newest = max(files, key=lambda p: int(re.search(r"_step(\d+)\.json$", p).group(1)))
+        names.append(os.path.relpath(newest, workdir))
+    hierarchies = sorted(glob.glob(os.path.join(workdir, "hierarchy", "epoch_*.npz")))
+    if hierarchies and os.path.getsize(hierarchies[-1]) <= MAX_ARCHIVED_HIERARCHY:
+        os.makedirs(os.path.join(tmp, "hierarchy"))
+        names.append(os.path.relpath(hierarchies[-1], workdir))
+    for name in names:
+        shutil.copy2(os.path.join(workdir, name), os.path.join(tmp, name))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+    return sorted(names)
+
+
 def _run(cmd, log_path) -> tuple[int, float]:
     t0 = time.time()
     with open(log_path, "a") as log:
@@ -215,25 +257,35 @@ def _lock(workdir: str) -> bool:
     return False
 
 
-def execute(setting: Setting, root: str, extra=(), only=None, log=print) -> list[dict]:
-    """Trains and evaluates every planned run not yet complete. -> failures (dicts).
-    Several study processes may work on one root at once: each run is claimed by a lock file."""
+def execute(setting: Setting, root: str, extra=(), only=None, log=print, archive=ARCHIVE) -> list[dict]:
+    """Trains and evaluates every planned run not yet complete, archiving each as it finishes
+    (`archive_run`). -> failures (dicts). Several study processes may work on one root at once:
+    each run is claimed by a lock file."""
     failures = []
     for method, seed in plan(setting):
         if only and slug(method.name) not in only:
             continue
         workdir = run_dir(root, setting, method, seed)
+        kept = run_dir(archive, setting, method, seed)
         name = f"{method.name} seed {seed}"
+        if complete(kept):
+            log(f"[skip] {name}: archived ({kept})")
+            continue
         todo = [m for m in EVAL_MODES if eval_result(workdir, m) is None]
         if trained(workdir) and not todo:
-            log(f"[skip] {name}: complete ({workdir})")
+            archive_run(workdir, kept)
+            log(f"[skip] {name}: complete ({workdir}); archived to {kept}")
             continue
         os.makedirs(workdir, exist_ok=True)
         if not _lock(workdir):
             log(f"[busy] {name}: another study process is running it")
             continue
         try:
-            failures += _execute_run(setting, method, seed, workdir, name, todo, extra, log)
+            failed = _execute_run(setting, method, seed, workdir, name, todo, extra, log)
+            failures += failed
+            if not failed:
+                archive_run(workdir, kept)
+                log(f"[archived] {name}: {kept}")
         finally:
             os.remove(os.path.join(workdir, "study.lock"))
     return failures
@@ -251,6 +303,7 @@ def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list
         rc, secs = _run(cmd, log_path)
         times["train_seconds"] = times.get("train_seconds", 0.0) + secs
         times["train_command"] = " ".join(cmd[1:])
+        times.setdefault("environment", environment())  # where it trained (its first part, if resumed)
         json.dump(times, open(times_path, "w"), indent=2)
         if rc != 0 or not trained(workdir):
             failures.append(dict(run=name, workdir=workdir, stage="train", command=" ".join(cmd),
@@ -276,11 +329,13 @@ def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list
 # Collecting and reporting
 
 
-def _labels(dataset: str, split: str = "train"):
+def _labels(config_path: str):
+    """The labels of the training split of the run whose config.json is `config_path`."""
     sys.path.insert(0, REPO)
     from hcsc_jax.data import sources  # the dataset's labels only
 
-    return sources.load_dataset(dataset, split).labels
+    config = json.load(open(config_path))
+    return sources.load_dataset(config["dataset"], config["train_split"], config.get("data_dir")).labels
 
 
 def level_nmi(workdir: str, labels, coarse=None) -> dict:
@@ -304,28 +359,32 @@ def level_nmi(workdir: str, labels, coarse=None) -> dict:
     return out
 
 
-def collect(setting: Setting, root: str) -> list[dict]:
-    """One row per finished run (train + every eval), from the runs' own files."""
-    labels = coarse = None
+def collect(setting: Setting, archive: str) -> list[dict]:
+    """One row per archived run (train + every eval), from the run's own files."""
+    labels = {}  # train split -> its labels
     rows = []
     for method in setting.methods:
         source = next(m for m in setting.methods if m.name == method.reuse) if method.reuse else method
         for seed in method.seeds:
-            workdir = run_dir(root, setting, source, seed)
-            results = {m: eval_result(workdir, m) for m in EVAL_MODES}
-            if not trained(workdir) or any(r is None for r in results.values()):
+            workdir = run_dir(archive, setting, source, seed)
+            if not complete(workdir):
                 continue
+            results = {m: eval_result(workdir, m) for m in EVAL_MODES}
             knn, lin, clu = results["knn"]["per_k"], results["linear_fast"], results["cluster"]["per_k"]
             k = str(setting.num_classes)
             times = json.load(open(os.path.join(workdir, "study_times.json")))
-            row = dict(method=method.name, group=method.group, seed=seed, workdir=workdir,
+            row = dict(method=method.name, group=method.group, seed=seed,
+                       environment=times.get("environment"),
+                       workdir=os.path.relpath(workdir, REPO) if workdir.startswith(REPO) else workdir,
                        knn20=knn["20"]["top1"], knn200=knn["200"]["top1"], linear_fast=lin["top1"],
                        nmi=clu[k]["nmi"], ami=clu[k]["ami"], train_seconds=times.get("train_seconds"),
                        command=times.get("train_command"))
-            if labels is None:
-                labels = _labels(setting.dataset)
-                coarse = fashion_coarse_labels(labels) if setting.coarse == "fashion_mnist" else None
-            row.update(level_nmi(workdir, labels, coarse))
+            config_path = os.path.join(workdir, "config.json")
+            split = json.load(open(config_path))["train_split"]
+            if split not in labels:
+                labels[split] = _labels(config_path)
+            coarse = fashion_coarse_labels(labels[split]) if setting.coarse == "fashion_mnist" else None
+            row.update(level_nmi(workdir, labels[split], coarse))
             row.update(_curve(workdir))
             rows.append(row)
     return rows
@@ -388,10 +447,11 @@ def tables(setting: Setting, rows: list[dict]) -> str:
             out.append(f"| {m.name} | {len(rs)} / {len(m.seeds)} (seeds {seeds or '-'}) | "
                        + " | ".join(cells) + f" | {lvl} | {t} |")
         out.append("")
-    # Paired differences over the seeds both have: every method vs MoCo v2; the ablations also vs
+    # Paired differences over the seeds both have: every method vs MoCo v2 and vs PCL; the ablations also vs
     # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
     no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
     for base_name, methods in (("MoCo v2", [m.name for m in setting.methods if m.name != "MoCo v2"]),
+                               ("PCL", [m.name for m in setting.methods if m.name not in ("MoCo v2", "PCL")]),
                                (no_sel, [m.name for m in setting.methods
                                          if m.group == "ablation" and m.name != no_sel])):
         base = {r["seed"]: r for r in by_method.get(base_name, [])}
@@ -524,19 +584,21 @@ def environment() -> dict:
         timespec="minutes"))
 
 
-def report(setting: Setting, root: str, out_dir: str, failures: list[dict], command: str) -> dict:
+def report(setting: Setting, archive: str, out_dir: str, failures: list[dict], command: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    rows = collect(setting, root)
+    rows = collect(setting, archive)
     env = environment()
+    trained_on = sorted({_env_line(r["environment"]) for r in rows if r.get("environment")})
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(setting=setting.name, rows=rows, environment=env, failures=failures,
                        command=command), f, indent=2)
     text = tables(setting, rows)
     done = {m.name: sum(r["method"] == m.name for r in rows) for m in setting.methods}
-    header = [f"Command: `{command}`", "",
-              f"Date {env['date']}; {env['device']}; "
-              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-              "", "Finished runs per method: " + ", ".join(f"{k} {v}" for k, v in done.items()), ""]
+    header = [f"Command: `{command}`", "", f"Report written {_env_line(env)}.", ""]
+    if trained_on:
+        header += ["Runs trained on (date of each run's start; machine; versions):", ""]
+        header += [f"- {line}" for line in trained_on] + [""]
+    header += ["Finished runs per method: " + ", ".join(f"{k} {v}" for k, v in done.items()), ""]
     if failures:
         header += ["Failed runs:", ""] + [f"- {f['run']} ({f['stage']}, exit {f['returncode']}): "
                                           f"see {f['log']}" for f in failures] + [""]
@@ -545,6 +607,11 @@ def report(setting: Setting, root: str, out_dir: str, failures: list[dict], comm
         f.write(text)
     figs = figures(setting, rows, out_dir)
     return dict(rows=rows, text=text, figures=figs, env=env)
+
+
+def _env_line(env: dict) -> str:
+    return (f"{env['date'][:10]}; {env['device']}; "
+            + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
 
 
 DESCRIPTION = {
@@ -563,6 +630,16 @@ DESCRIPTION = {
         "PCL with r = 64. Top-level NMI is also reported against 4 coarse groups: "
         + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}"
                     for g, m in FASHION_COARSE.items()) + "."),
+    "fashion_mnist_cpu": (
+        "Fashion-MNIST on a 2-core CPU budget (`configs/fashion_mnist.py:cpu`, one run <= 15 minutes on an "
+        "idle machine): the first 15,000 training images (1,445-1,548 per class) for training, kNN banks and "
+        "k-means; the whole 10,000-image test split for kNN and linear_fast; 16 px crops, small-stem "
+        "ResNet-18 at width 0.25 (64-d projection), 18 epochs (4 warm-up epochs of InfoNCE only), batch "
+        "256, queue 4096, levels / clusterings 50/16/4 (300 images per bottom cluster); PCL with r = 16. "
+        "MoCo v2 = `:cpu,mocov2`, PCL = `:cpu,pcl`, HCSC = `:cpu`. Top-level NMI is also reported against "
+        "the 4 coarse groups: "
+        + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}"
+                    for g, m in FASHION_COARSE.items()) + "."),
 }
 METRIC_NOTES = (
     "Metrics per run, all from `eval.py` on the final checkpoint unless said otherwise: kNN top-1 on the "
@@ -572,16 +649,25 @@ METRIC_NOTES = (
     "with k = number of classes (`--eval=cluster`); for PCL and HCSC the NMI of each prototype level / "
     "clustering of the run's last `hierarchy/epoch_XXXX.npz` against the train labels. Means ± sample std "
     "over the seeds that finished; paired differences are taken seed by seed against MoCo v2 (same seed = "
-    "same initialization and data order), listed per seed in brackets. Train wall time includes compilation, "
+    "same initialization and data order; and against PCL), listed per seed in brackets. Train wall time "
+    "includes compilation, "
     "the final in-train evaluation, and contention: runs shared the machine with other jobs.")
 
 
-def results_md(root: str, path: str, command: str, names=("digits", "fashion_mnist")) -> str:
-    """RESULTS.md: one section per setting from <root>/<setting>/report (figures copied next to
-    `path` under results/), or a note where a setting has no finished run."""
-    import shutil
+def _sections(text: str) -> dict[str, str]:
+    """The "## <name>" sections of a RESULTS.md text -> {name: the section's text, heading included}."""
+    found = list(re.finditer(r"^## (\S+)\s*$", text, flags=re.M))
+    return {m.group(1): text[m.start():found[i + 1].start() if i + 1 < len(found) else len(text)].strip()
+            for i, m in enumerate(found)}
 
+
+def results_md(archive: str, path: str, command: str,
+               names=("fashion_mnist_cpu", "digits", "fashion_mnist")) -> str:
+    """RESULTS.md: one section per setting from <archive>/<setting>/report (figures copied next to
+    `path` under results/). A setting with no archived run keeps the section `path` already has
+    (made by an earlier study whose runs were not archived), or gets a note saying it was not run."""
     fig_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
+    before = _sections(open(path).read()) if os.path.isfile(path) else {}
     parts = ["# Results: HCSC vs MoCo v2 and PCL, with the paper's ablations", "",
              f"Written by `{command}` from the runs' own outputs (see `experiments/study.py`).", "",
              METRIC_NOTES, ""]
@@ -590,11 +676,13 @@ def results_md(root: str, path: str, command: str, names=("digits", "fashion_mni
         parts += [open(notes).read().strip(), ""]
     for name in names:
         setting = SETTINGS[name]
-        parts += [f"## {name}", "", DESCRIPTION.get(name, ""), ""]
-        report_dir = os.path.join(root, name, "report")
-        tables_path = os.path.join(report_dir, "tables.md")
+        report_dir = os.path.join(archive, name, "report")
         res_path = os.path.join(report_dir, "results.json")
         rows = json.load(open(res_path))["rows"] if os.path.isfile(res_path) else []
+        if not rows and name in before and "**Not run yet.**" not in before[name]:
+            parts += [before[name], ""]
+            continue
+        parts += [f"## {name}", "", DESCRIPTION.get(name, ""), ""]
         if not rows:
             parts += [
                 "**Not run yet.**" + (" This setting needs a GPU (about 52 images/s on the 2-core CPU, "
@@ -604,7 +692,7 @@ def results_md(root: str, path: str, command: str, names=("digits", "fashion_mni
                     f"--results_md=RESULTS.md` (MoCo v2, PCL, HCSC x seeds "
                     f"{', '.join(map(str, setting.methods[0].seeds))}).", ""]
             continue
-        parts += [open(tables_path).read().strip(), ""]
+        parts += [open(os.path.join(report_dir, "tables.md")).read().strip(), ""]
         os.makedirs(fig_dir, exist_ok=True)
         for png in sorted(glob.glob(os.path.join(report_dir, "*.png"))):
             shutil.copy(png, fig_dir)
@@ -620,34 +708,37 @@ def results_md(root: str, path: str, command: str, names=("digits", "fashion_mni
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="digits")
-    p.add_argument("--root", default="runs/study", help="where the runs' workdirs go")
-    p.add_argument("--out", default=None, help="report folder (default <root>/<setting>/report)")
+    p.add_argument("--root", default="runs/study", help="where the runs' workdirs go (checkpoints included)")
+    p.add_argument("--archive", default=ARCHIVE,
+                   help="where each finished run's small outputs are copied, and the report is read from")
+    p.add_argument("--out", default=None, help="report folder (default <archive>/<setting>/report)")
     p.add_argument("--report_only", action="store_true",
                    help="only collect what finished and write the report")
     p.add_argument("--only", default="", help="comma-separated method slugs to run (e.g. moco_v2,hcsc)")
     p.add_argument("--extra", action="append", default=[], help="extra train.py flag for every run")
     p.add_argument("--results_md", default=None,
-                   help="also write RESULTS.md (every setting's report under --root)")
+                   help="also write RESULTS.md (every setting's report under --archive)")
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]
-    root = os.path.abspath(args.root)
-    out_dir = os.path.abspath(args.out or os.path.join(root, setting.name, "report"))
+    root, archive = os.path.abspath(args.root), os.path.abspath(args.archive)
+    out_dir = os.path.abspath(args.out or os.path.join(archive, setting.name, "report"))
     command = "python experiments/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     fail_path = os.path.join(root, setting.name, "failures.json")
     failures = []
     if not args.report_only:
         os.makedirs(os.path.join(root, setting.name), exist_ok=True)
         only = {s for s in args.only.split(",") if s}
-        failures = execute(setting, root, tuple(args.extra), only, log=lambda s: print(s, flush=True))
+        failures = execute(setting, root, tuple(args.extra), only, log=lambda s: print(s, flush=True),
+                           archive=archive)
         with open(fail_path, "w") as f:
             json.dump(failures, f, indent=2)
     elif os.path.isfile(fail_path):
         failures = json.load(open(fail_path))
-    res = report(setting, root, out_dir, failures, command)
+    res = report(setting, archive, out_dir, failures, command)
     print(res["text"])
     print(f"report: {out_dir}")
     if args.results_md:
-        results_md(root, args.results_md, command)
+        results_md(archive, args.results_md, command)
         print(f"wrote {args.results_md}")
     if failures:
         print(f"{len(failures)} run(s) failed: " + "; ".join(f"{f['run']} ({f['stage']})" for f in failures),

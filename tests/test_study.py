@@ -17,22 +17,33 @@ SMOKE = study.SETTINGS["smoke"]
 
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
-    """The smoke setting, HCSC only (one train.py and three eval.py runs: ~1 min on 2 idle cores)."""
+    """The smoke setting, HCSC only (one train.py and three eval.py runs: ~1 min on 2 idle cores);
+    workdirs in <root>, the archive in <root>/archive."""
     root = str(tmp_path_factory.mktemp("study"))
     # The subprocesses run on one CPU device, not the 8 virtual ones of conftest.py.
     saved = os.environ.get("XLA_FLAGS")
     os.environ["XLA_FLAGS"] = " ".join(f for f in (saved or "").split() if "device_count" not in f)
     try:
-        assert study.main(["--setting=smoke", f"--root={root}", "--only=hcsc"]) == 0
+        assert study.main(["--setting=smoke", f"--root={root}", f"--archive={root}/archive",
+                           "--only=hcsc"]) == 0
         yield root
     finally:
         os.environ["XLA_FLAGS"] = saved or ""
 
 
 def test_smoke_study_produces_rows(smoke_root):
-    report = os.path.join(smoke_root, "smoke", "report")
+    report = os.path.join(smoke_root, "archive", "smoke", "report")
     res = json.load(open(os.path.join(report, "results.json")))
     (row,) = res["rows"]
+    # The row comes from the archive: the run's small outputs, no checkpoints.
+    kept = os.path.join(smoke_root, "archive", "smoke", "hcsc_seed0")
+    assert row["workdir"] == kept
+    assert sorted(os.listdir(kept)) == ["config.json", "eval", "hierarchy", "metrics.jsonl",
+                                        "study_times.json", "summary.json"]
+    assert sorted(os.listdir(os.path.join(kept, "eval"))) == [
+        "cluster_step22.json", "knn_step22.json", "linear_fast_step22.json"]
+    assert os.listdir(os.path.join(kept, "hierarchy")) == ["epoch_0001.npz"]
+    assert row["environment"]["versions"]["jax"] and row["environment"]["date"]
     assert row["method"] == "HCSC" and row["seed"] == 0
     for key in ("knn20", "knn200", "linear_fast", "nmi", "ami"):
         assert np.isfinite(row[key]), key
@@ -44,36 +55,45 @@ def test_smoke_study_produces_rows(smoke_root):
     assert "| HCSC | 1 / 1 (seeds 0) |" in tables and "| MoCo v2 | 0 / 1" in tables
     assert os.path.isfile(os.path.join(report, "smoke_bars.png"))
     assert res["environment"]["versions"]["jax"]
-    # RESULTS.md: the finished setting's tables and figure; Fashion-MNIST marked as not run.
-    md = _write_md(smoke_root)
-    text = open(md).read()
-    assert "| HCSC | 1 / 1 (seeds 0) |" in text and "](results/smoke_bars.png)" in text
-    assert "## fashion_mnist" in text and "**Not run yet.** This setting needs a GPU" in text
-    assert os.path.isfile(os.path.join(os.path.dirname(md), "results", "smoke_bars.png"))
-
-
-def _write_md(root):
-    path = os.path.join(root, "md", "RESULTS.md")
+    assert "Runs trained on (date of each run's start; machine; versions):" in tables
+    # RESULTS.md: the finished setting's tables and figure; Fashion-MNIST marked as not run; a
+    # section of the file a setting has no archived run for is kept as it was.
+    path = os.path.join(smoke_root, "md", "RESULTS.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    study.results_md(root, path, "python experiments/study.py --setting=smoke",
-                     names=("smoke", "fashion_mnist"))
-    return path
+    with open(path, "w") as f:
+        f.write("# old\n\n## digits\n\nkept table | 1 |\n\n## smoke\n\nold smoke text\n")
+    study.results_md(os.path.join(smoke_root, "archive"), path, "python experiments/study.py --setting=smoke",
+                     names=("smoke", "digits", "fashion_mnist"))
+    text = open(path).read()
+    assert "| HCSC | 1 / 1 (seeds 0) |" in text and "](results/smoke_bars.png)" in text
+    assert "## digits\n\nkept table | 1 |" in text and "old smoke text" not in text
+    assert "## fashion_mnist" in text and "**Not run yet.** This setting needs a GPU" in text
+    assert os.path.isfile(os.path.join(os.path.dirname(path), "results", "smoke_bars.png"))
+
+
+def test_an_archived_run_is_skipped_without_its_workdir(smoke_root, tmp_path, capsys):
+    # A later checkout: the archive is there (committed), the workdirs are not.
+    assert study.main(["--setting=smoke", f"--root={tmp_path}", f"--archive={smoke_root}/archive",
+                       "--only=hcsc"]) == 0
+    out = capsys.readouterr().out
+    assert "[skip] HCSC seed 0: archived" in out and "| HCSC | 1 / 1 (seeds 0) |" in out
+    assert not os.path.exists(tmp_path / "smoke" / "hcsc_seed0")
 
 
 def test_failed_run_is_reported_and_finished_runs_kept(smoke_root, capsys):
     # A missing dataset: the MoCo v2 run fails; the finished HCSC run is skipped, not redone.
-    rc = study.main(["--setting=smoke", f"--root={smoke_root}", "--only=moco_v2,hcsc",
-                     "--extra=--config.dataset=no_such_dataset"])
+    rc = study.main(["--setting=smoke", f"--root={smoke_root}", f"--archive={smoke_root}/archive",
+                     "--only=moco_v2,hcsc", "--extra=--config.dataset=no_such_dataset"])
     assert rc == 1
     out, err = capsys.readouterr()
-    assert "[skip] HCSC seed 0: complete" in out
+    assert "[skip] HCSC seed 0: archived" in out
     assert "[FAILED] MoCo v2 seed 0: train.py exited with" in out and "MoCo v2 seed 0 (train)" in err
     (failure,) = json.load(open(os.path.join(smoke_root, "smoke", "failures.json")))
     assert failure["run"] == "MoCo v2 seed 0" and failure["returncode"] != 0
     assert "no_such_dataset" in failure["log_tail"]  # why: the end of its log
-    res = json.load(open(os.path.join(smoke_root, "smoke", "report", "results.json")))
+    res = json.load(open(os.path.join(smoke_root, "archive", "smoke", "report", "results.json")))
     assert [r["method"] for r in res["rows"]] == ["HCSC"]
-    assert "Failed runs:" in open(os.path.join(smoke_root, "smoke", "report", "tables.md")).read()
+    assert "Failed runs:" in open(os.path.join(smoke_root, "archive", "smoke", "report", "tables.md")).read()
 
 
 def _rows(method, values, metric_shift=0.0):
@@ -89,6 +109,8 @@ def test_tables_paired_differences_and_verdicts():
     # HCSC - MoCo v2 per seed: +1, +2, +0.5 -> mean 1.17, std 0.76.
     assert "| HCSC | 3 | 1.17 ± 0.76 [+1.00, +2.00, +0.50] |" in text
     assert "| PCL | 2 | -1.00 ± 0.00 [-1.00, -1.00] |" in text
+    # HCSC - PCL on the seeds both have (0, 1): +2, +3.
+    assert "#### Paired difference to PCL" in text and "| HCSC | 2 | 2.50 ± 0.71 [+2.00, +3.00] |" in text
     lines = study.verdicts(study.SETTINGS["digits"], rows)
     knn_moco = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − MoCo v2"))
     assert "+1.17" in knn_moco and "3/3 seeds" in knn_moco and "HCSC higher" in knn_moco
@@ -105,6 +127,12 @@ def test_plan_order_and_commands():
     assert [m.config for m in fm.methods] == [
         "fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
     assert fm.needs_gpu and fm.coarse == "fashion_mnist"
+    cpu = study.SETTINGS["fashion_mnist_cpu"]
+    assert [m.config for m in cpu.methods[:3]] == [
+        "fashion_mnist.py:cpu,mocov2", "fashion_mnist.py:cpu,pcl", "fashion_mnist.py:cpu"]
+    assert [(m.name, s) for m, s in study.plan(cpu)][:4] == [
+        ("MoCo v2", 0), ("PCL", 0), ("HCSC", 0), ("MoCo v2", 1)]
+    assert not cpu.needs_gpu and cpu.coarse == "fashion_mnist"
 
 
 def test_fashion_coarse_groups():
