@@ -41,7 +41,7 @@ from PIL import Image
 from hcsc_jax import console
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data.sources import open_source
-from hcsc_jax.data.sources.prepared import FORMAT, PreparedSource, meta_path, read_meta, records_name
+from hcsc_jax.data.sources.prepared import FORMAT, PreparedSource, meta_path, records_name
 
 __all__ = ["encode", "prepare"]
 
@@ -113,8 +113,7 @@ def _kept(out: epath.Path, split: str, want: dict) -> dict | None:
     doc), None when there is none; ValueError when it differs from `want` or fails its checks."""
     if not meta_path(out, split).exists():
         return None
-    PreparedSource(os.fspath(out), split)  # checked against its description (DataError, one line)
-    have = read_meta(meta_path(out, split))
+    have = PreparedSource(os.fspath(out), split).meta  # checked against it (DataError, one line)
     differ = [k for k in SAME if have.get(k) != want[k]]
     if differ:
         show = lambda v: f"{len(v)} entries" if isinstance(v, list) else repr(v)
