@@ -192,3 +192,36 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+WORKER_SCRIPT = """
+import multiprocessing, os, time
+from hcsc_jax.data.prepare import die_with
+
+def work(parent, ready):
+    die_with(parent)
+    ready.set()
+    time.sleep(600)  # busy, as an encoding worker: never back at its queue
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    context.Process(target=work, args=(os.getpid(), ready)).start()
+    ready.wait()
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_worker_past_its_start_dies_when_its_parent_is_sigkilled(tmp_path):
+    """`die_with` after the worker's own check of its parent: the kernel's PR_SET_PDEATHSIG."""
+    from test_stream_run import assert_no_process_left, tagged_env
+
+    (tmp_path / "parent.py").write_text(WORKER_SCRIPT)
+    tag, env = tagged_env()
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env=dict(env, PYTHONPATH=ROOT))
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    assert_no_process_left(tag)
