@@ -83,11 +83,11 @@ def main(argv):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     out = workdir_lib.path(_OUT.value or workdir_lib.path(_CHECKPOINT.value) / "eval")
     try:
-        if distributed.is_main():
-            workdir_lib.prepare(out, flag="--out")
         protocol = evaluators.protocol(name, cfg)
         ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh(),
                                                 out, key_encoder=protocol == "summary")
+        if distributed.is_main():  # after the checkpoint was found: a path that is not one gets no eval/
+            workdir_lib.prepare(out, flag="--out")
         result, line = evaluators.run(protocol, ctx, cfg)
     except workdir_lib.WorkdirError as err:
         console.usage_error(err)

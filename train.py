@@ -14,7 +14,9 @@ the config's `evals.summary` entry: kNN top-1 on the held-out split, NMI of each
 encoder's hierarchy; printed at the end), figures/. On SIGTERM (preemption) or Ctrl-C the run saves a
 checkpoint within a few steps (trainer.MAX_IN_FLIGHT) and exits 0; the same command resumes it.
 A second Ctrl-C stops at once. A config that cannot train, or a workdir another run holds
-(run.lock), is one line and exit status 2, before anything is written.
+(run.lock), is one line and exit status 2, before anything is written; data that cannot be read
+(an unknown dataset or split, missing files) is one line and exit status 1, before anything is
+written.
 """
 
 import json
@@ -49,6 +51,7 @@ def main(argv):
     ours = console.setup()
     from hcsc_jax import distributed, resume, trainer  # after flag parsing, so --help is fast
     from hcsc_jax import workdir as workdir_lib
+    from hcsc_jax.data.sources import DataError
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():
         ours.setLevel(logging.WARNING)
@@ -57,8 +60,8 @@ def main(argv):
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)
-    except (trainer.DivergedError, trainer.InputError) as err:
-        ours.error("%s", err)
+    except (trainer.DivergedError, trainer.InputError, DataError) as err:
+        ours.error("%s", err)  # one line; nothing written when it is the data's (DataError)
         sys.exit(1)
     except resume.Preempted as err:
         ours.warning("%s", err)

@@ -75,8 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     # `prefetch` batches ready); flip and photometric ops still run on the devices.
     # `resampling` of the host crops: "linear" (OpenCV bilinear, fast) or "antialias" (Pillow, as
     # torchvision); `bad_images`: "skip" (warn, use the next readable image) or "error" (stop).
+    # `max_pixels`: an image whose header says more pixels is refused before decoding, and a file
+    # of more than 4 bytes per such pixel before reading, as bad_images says (Pillow's
+    # decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS; data/decode.py).
     c.input = ml_collections.ConfigDict(dict(pipeline="memory", num_workers=-1, prefetch=2,
-                                             resampling="linear", bad_images="skip"))
+                                             resampling="linear", bad_images="skip",
+                                             max_pixels=89_478_485))
 
     # Evaluators (hcsc_jax/evaluators/), one schema with configs/eval_*.py: name -> {type (the
     # protocol; default: the name), every_epochs (0: after the last epoch only), its settings}.

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Config fields (dotted; a trailing "." covers a whole group) that a resumed run may change.
 SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
                   "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch",
-                  "input.bad_images", "clustering.backend", "eval.", "evals.", "wandb.",
+                  "input.bad_images", "input.max_pixels", "clustering.backend", "eval.", "evals.", "wandb.",
                   "divergence.")  # ("eval.": the final evaluation of configs before `evals.summary`)
 
 

@@ -118,7 +118,7 @@ def make_input(config, split: str, mesh, train: bool = True):
     crops = host_crops(config) if train else ()
     return pipeline.open_input(i.pipeline, config.dataset, split, config.get("data_dir"), mesh,
                                config.batch_size, config.seed, crops, i.num_workers, i.prefetch,
-                               resampling=i.resampling, bad_images=i.bad_images)
+                               resampling=i.resampling, bad_images=i.bad_images, max_pixels=i.max_pixels)
 
 
 def init_from(model, path: str) -> None:

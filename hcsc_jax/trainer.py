@@ -59,6 +59,7 @@ from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data.decode import DecodeError
 from hcsc_jax.data.loader import LoaderError
+from hcsc_jax.data.sources import check_available
 from hcsc_jax.features import embed_input
 
 log = logging.getLogger(__name__)
@@ -216,12 +217,16 @@ def keeping_saves(mngr):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict.
-    The config is checked before anything is written; the workdir is locked while the run lasts."""
+    The config and the data (DataError: the dataset, its training split and, with evaluators, its
+    eval split can be read) are checked before anything is written; the workdir is locked while
+    the run lasts."""
     main = distributed.is_main()
     mesh = sharding.make_mesh()
     check_values(config, mesh.size)
     models.check_model_config(config.model, config.image_size, config.shuffle_bn,
                               [size for size, _ in config.augment.local_views])
+    check_available(config.dataset, (config.train_split, *([config.eval_split] if config.evals else [])),
+                    config.get("data_dir"))
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
     with workdir_lib.locked(workdir, enabled=main):
         return _train_and_evaluate(config, workdir, mesh)
@@ -400,7 +405,7 @@ def eval_context(config, graphdef, state, enc_meta: dict, step: int, mesh,
     a, i = config.augment, config.input
     data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
                                config.image_size, tuple(a.mean), tuple(a.std), i.pipeline, i.num_workers,
-                               i.prefetch, i.bad_images)
+                               i.prefetch, i.bad_images, i.max_pixels)
     encoder = lambda params, stats: evaluators.Encoder(graphdef, params, stats, enc_meta, step)
     return evaluators.Context(encoder(state.q_params, state.q_stats), data, mesh, None, progress=False,
                               seed=config.seed, inputs=inputs,

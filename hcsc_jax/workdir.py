@@ -87,14 +87,15 @@ def stale(holder: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def locked(workdir: epath.Path, enabled: bool = True):
-    """Holds `workdir/run.lock` (this process's id and host) while the block runs, so a second run
-    on the same workdir refuses with WorkdirError. A lock left by a dead process of this host is
-    taken over; one of another host must be removed by hand once that run is known to be gone."""
+def locked(workdir: epath.Path, enabled: bool = True, name: str = LOCK_FILE, flag: str = "--workdir"):
+    """Holds `workdir/run.lock` (or `workdir/<name>`: this process's id and host) while the block
+    runs, so a second run on the same workdir refuses with WorkdirError (naming `flag`). A lock left
+    by a dead process of this host is taken over; one of another host must be removed by hand once
+    that run is known to be gone."""
     if not enabled:
         yield
         return
-    lock, me = workdir / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname()}
+    lock, me = workdir / name, {"pid": os.getpid(), "host": socket.gethostname()}
     while True:
         try:
             if is_local(lock):
@@ -113,7 +114,7 @@ def locked(workdir: epath.Path, enabled: bool = True):
             if holder and not stale(holder):
                 raise WorkdirError(
                     f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} ({lock}); "
-                    "wait for that run to end or pass another --workdir (if that run is gone, delete "
+                    f"wait for that run to end or pass another {flag} (if that run is gone, delete "
                     "the lock file)") from None
             log.warning("removing the stale lock %s (%s)", lock, holder or "unreadable")
             lock.unlink(missing_ok=True)

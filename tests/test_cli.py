@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from ml_collections.config_flags import config_path
 
@@ -161,3 +162,55 @@ def test_eval_names_an_entry_of_the_configs_evals(tmp_path, args, message):
     done = run("eval.py", *args, f"--checkpoint={tmp_path}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def train_only_copy(tmp_path_factory):
+    """A prepared copy that has a train split and no eval split."""
+    from PIL import Image
+
+    from hcsc_jax.data import prepare
+
+    root = tmp_path_factory.mktemp("train_only")
+    (root / "images" / "ant").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "images" / "ant" / "a.png")
+    prepare.prepare(f"folder:{root / 'images'}", "train", root / "copy")
+    return root / "copy"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/digits.py:runlocal", "--config.dataset=mnist"],
+     "unknown dataset 'mnist'; registered: digits, fashion_mnist, folder, prepared, tfds"),
+    (["--config=configs/fashion_mnist.py:runlocal", "--config.data_dir=/nonexistent/dir"],
+     "Fashion-MNIST not found: /nonexistent/dir lacks train-images-idx3-ubyte"),
+    (["--config=configs/cifar10.py:runlocal", "--config.data_dir=TMP/tfds"],
+     "TFDS dataset 'cifar10' is not prepared in TMP/tfds"),
+    (["--config=configs/digits.py:runlocal", "--config.dataset=folder:/nonexistent/images"],
+     "image folder '/nonexistent/images' does not exist"),
+    (["--config=configs/digits.py:runlocal", "--config.dataset=prepared:COPY",
+      "--config.eval_split=validation"],
+     "prepared dataset 'COPY' has no split 'validation' (splits: train)"),
+], ids=["unknown", "missing_data_dir", "unprepared_tfds", "missing_folder", "no_eval_split"])
+def test_data_that_cannot_be_read_is_one_line_exit_1_and_nothing_written(tmp_path, train_only_copy, args,
+                                                                          message):
+    """Each was a 30-70-line traceback after the workdir was made (the missing eval split: after a
+    whole epoch)."""
+    fill = lambda text: text.replace("TMP", str(tmp_path)).replace("COPY", str(train_only_copy))
+    done = run("train.py", *map(fill, args), f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert fill(message) in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("checkpoint,message", [
+    ("missing", "checkpoint path TMP/missing does not exist"),
+    ("not_a_run", "TMP/not_a_run is not a train.py run (it has no checkpoints/) nor an exported encoder"),
+])
+def test_eval_of_a_path_that_is_not_a_run_is_one_line_and_creates_nothing(tmp_path, checkpoint, message):
+    """It said "no training config.json ..." and created <path>/eval/."""
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "not_a_run" / "notes.py").write_text("")
+    done = run("eval.py", "--eval=knn", f"--checkpoint={tmp_path / checkpoint}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert message.replace("TMP", str(tmp_path)) in done.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["not_a_run", "notes.py"]

@@ -1,13 +1,17 @@
 """Dataset sources: digits split, IDX parsing, Fashion-MNIST, TFDS (mocked), image folders."""
 
+import contextlib
 import gzip
+import io
+import logging
 import os
+import signal
 import struct
 
 import numpy as np
 import pytest
 
-from hcsc_jax.data import sources
+from hcsc_jax.data import decode, sources
 from hcsc_jax.data.resize import bilinear_weights, resize_uint8
 from hcsc_jax.data.sources import ArrayDataset, load_dataset, read_idx
 from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
@@ -326,6 +330,135 @@ def test_image_folder_skips_a_looping_link_and_refuses_an_empty_class(tmp_path, 
     (tmp_path / "train" / "cat").mkdir()
     with pytest.raises(ValueError, match=r"class folder '.*train/cat' holds no .* files; add its images"):
         load_dataset(f"folder:{tmp_path}", "train")
+
+
+def test_channels_follow_a_sample_of_the_folder_not_its_first_file(tmp_path):
+    """A gray JPEG or an unreadable file sorting first must not make an RGB folder 1-channel or stop
+    the open; every image is converted to the decided mode."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(6)
+    gray = rng.integers(0, 256, (9, 7), dtype=np.uint8)
+    _save(Image, tmp_path / "rgb" / "ant" / "a_gray.jpg", gray)
+    (tmp_path / "rgb" / "ant" / "aa_cut.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    for k in range(3):
+        _save(Image, tmp_path / "rgb" / "bee" / f"{k}.png", rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
+    src = sources.open_source(f"folder:{tmp_path / 'rgb'}", "train")
+    assert src.channels == 3 and src.file_names[:2] == ("a_gray.jpg", "aa_cut.jpg")
+    want = np.asarray(Image.open(tmp_path / "rgb" / "ant" / "a_gray.jpg"))
+    np.testing.assert_array_equal(src.load(0), np.repeat(want[..., None], 3, axis=-1))
+    with pytest.raises(decode.DecodeError, match="aa_cut.jpg"):
+        src.load(1)  # (the loader skips it or stops, as input.bad_images says)
+    for k in range(3):
+        _save(Image, tmp_path / "gray" / "ant" / f"{k}.png", gray)
+    (tmp_path / "gray" / "ant" / "3.png").write_bytes(b"unreadable")
+    assert sources.open_source(f"folder:{tmp_path / 'gray'}", "train").channels == 1
+    (tmp_path / "none" / "ant").mkdir(parents=True)
+    (tmp_path / "none" / "ant" / "x.png").write_bytes(b"unreadable")
+    with pytest.raises(decode.DecodeError, match="none of the 1 images sampled"):
+        sources.open_source(f"folder:{tmp_path / 'none'}", "train")
+
+
+def _png(array) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_16_bit_png_keeps_its_top_8_bits():
+    """Pillow's I;16 -> L conversion clips every value above 255 to white."""
+    wide = np.random.default_rng(7).integers(0, 65536, (6, 9), dtype=np.uint16)
+    data = _png(wide)
+    assert decode.mode_of(data) == "L"
+    want = (wide >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(decode.decode(data, "L")[..., 0], want)
+    np.testing.assert_array_equal(decode.decode(data, "RGB"), np.repeat(want[..., None], 3, axis=-1))
+
+
+def test_an_image_of_more_than_max_pixels_is_refused_from_its_header(tmp_path):
+    """A 30000 x 30000 JPEG is 14 MB on disk and 2.7 GB decoded: refused by name before decoding."""
+    image = np.random.default_rng(8).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    import simplejpeg
+
+    for data in (simplejpeg.encode_jpeg(image), _png(image)):
+        assert decode.decode(data, "RGB", "x.img", max_pixels=1200).shape == (30, 40, 3)
+        with pytest.raises(decode.DecodeError, match=r"x.img: 40 x 30 = 1,200 pixels, more than the limit of "
+                                                     r"1,199 \(config.input.max_pixels\)"):
+            decode.decode(data, "RGB", "x.img", max_pixels=1199)
+    (tmp_path / "ant").mkdir()
+    (tmp_path / "ant" / "a.png").write_bytes(_png(image))
+    src = sources.open_source(f"folder:{tmp_path}", "train", max_pixels=1000)
+    with pytest.raises(decode.DecodeError, match="a.png: 40 x 30"):
+        src.load(0)
+
+
+def test_max_pixels_of_the_config_reaches_the_decoder(tmp_path):
+    from configs import digits
+    from hcsc_jax import setup, sharding
+
+    (tmp_path / "ant").mkdir()
+    (tmp_path / "ant" / "a.png").write_bytes(_png(np.zeros((30, 40, 3), np.uint8)))
+    config = digits.get_config("runlocal")
+    config.dataset, config.batch_size = f"folder:{tmp_path}", 1
+    config.input.update(pipeline="stream", max_pixels=1000)
+    inp = setup.make_input(config, "train", sharding.make_mesh(), train=False)
+    with pytest.raises(decode.DecodeError, match="more than the limit of 1,000"):
+        inp.source.load(0)
+
+
+@contextlib.contextmanager
+def _at_most(seconds: int):
+    """Fails a block that blocks (e.g. opening a FIFO no one writes) for more than `seconds`."""
+    def hung(signum, frame):
+        raise AssertionError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_a_device_or_a_too_large_file_is_refused_before_reading(tmp_path):
+    """A FIFO named .JPEG blocks whoever opens it; a link to /dev/zero grows a run to a MemoryError."""
+    from hcsc_jax.data.sources.folder import read_bytes
+
+    Image = pytest.importorskip("PIL.Image")
+    cls = tmp_path / "ant"
+    _save(Image, cls / "b.png", np.zeros((4, 4, 3), np.uint8))
+    os.mkfifo(cls / "a_fifo.JPEG")  # sorts first: the channel sample reads it
+    os.symlink("/dev/zero", cls / "c_zero.JPEG")
+    with open(cls / "d_big.png", "wb") as f:
+        f.truncate(4 * 1000 + 1)  # sparse: 4 bytes per pixel of max_pixels = 1000, and one more
+    with _at_most(20):
+        for name in ("a_fifo.JPEG", "c_zero.JPEG"):
+            with pytest.raises(decode.DecodeError, match=f"{name}: not a regular file"):
+                read_bytes(os.fspath(cls / name))
+        with pytest.raises(decode.DecodeError, match=r"d_big.png: 4,001 bytes, more than 4,000 bytes"):
+            read_bytes(os.fspath(cls / "d_big.png"), max_pixels=1000)
+        src = sources.open_source(f"folder:{tmp_path}", "train", max_pixels=1000)
+        assert src.channels == 3 and src.load(1).shape == (4, 4, 3)
+        for i in (0, 2, 3):
+            with pytest.raises(decode.DecodeError, match=src.file_names[i]):
+                src.load(i)
+
+
+def test_check_available_is_one_line_and_says_digits_ignores_data_dir(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        sources.check_available("digits", ("train", "test"), str(tmp_path))
+    assert caplog.text.count(f"digits ships with scikit-learn: data_dir {tmp_path} is not used") == 1
+    missing = tmp_path / "nope"
+    for name, splits, message in [
+            ("mnist", ("train",), "unknown dataset 'mnist'; registered: digits"),
+            ("digits", ("train", "validation"), "dataset 'digits' has no split 'validation'"),
+            ("fashion_mnist", ("train",), f"Fashion-MNIST not found: {tmp_path} lacks train-images-idx3"),
+            (f"folder:{missing}", ("train",), f"image folder '{missing}' does not exist")]:
+        with pytest.raises(sources.DataError, match=message) as err:
+            sources.check_available(name, splits, str(tmp_path))
+        assert "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- host resize

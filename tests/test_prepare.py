@@ -1,15 +1,18 @@
 """python -m hcsc_jax.data.prepare: a resized ArrayRecord copy, read back as `prepared:<dir>`."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from hcsc_jax.data import prepare
-from hcsc_jax.data.sources import load_dataset, open_source
+from hcsc_jax.data.sources import DataError, load_dataset, open_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,9 +66,162 @@ def test_prepared_errors_and_cli(tmp_path):
                "--workers=2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--config.dataset=prepared:" in done.stdout
+    again = run(f"--source=folder:{tmp_path / 'images'}", f"--out={tmp_path / 'z'}", "--max_side=32")
+    assert again.returncode == 0 and "already holds" in again.stdout and "nothing to do" in again.stdout
+    other = run(f"--source=folder:{tmp_path / 'images'}", f"--out={tmp_path / 'z'}", "--max_side=16")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "max_side: 32 -> 16" in other.stderr and "--overwrite" in other.stderr
     assert open_source(f"prepared:{tmp_path / 'z'}", "train").num_examples == 6
     with pytest.raises(FileNotFoundError, match="no split 'validation' .splits: train."):
         open_source(f"prepared:{tmp_path / 'z'}", "validation")
-    (tmp_path / "z" / "train.json").rename(tmp_path / "z" / "val.json")
-    (tmp_path / "z" / "train.array_record").rename(tmp_path / "z" / "val.array_record")
+    (tmp_path / "z" / "train.json").rename(tmp_path / "z" / "val.json")  # (it names its records file)
     assert open_source(f"prepared:{tmp_path / 'z'}", "validation").num_examples == 6  # as folders name it
+
+
+def _records(out):
+    return sorted(p.name for p in out.iterdir() if p.name.endswith(".array_record"))
+
+
+def _edit_meta(out, **changes):
+    meta = json.loads((out / "train.json").read_text())
+    (out / "train.json").write_text(json.dumps(dict(meta, **changes)))
+    return meta
+
+
+def test_a_copy_that_does_not_match_its_description_is_refused_on_open(tmp_path):
+    """A count smaller than the records trained on part of the data; larger, a bare traceback."""
+    _folder(tmp_path / "images")
+    out = tmp_path / "out"
+    meta = prepare.prepare(f"folder:{tmp_path / 'images'}", "train", out, max_side=32)
+    records = out / meta["records"]
+    data = records.read_bytes()
+    labels = meta["labels"]
+    for changes, message in [
+            (dict(num_examples=5), f"{records.name}: holds 6 records, train.json says num_examples = 5"),
+            (dict(num_examples=7), "holds 6 records, train.json says num_examples = 7"),
+            (dict(labels=labels[:5]), "train.json: labels has 5 entries for 6 examples"),
+            (dict(labels=labels[:5] + [2]), r"train.json: labels outside \[0, 2\): from 0 to 2"),
+            (dict(labels=labels[:5] + [-1]), r"labels outside \[0, 2\): from -1 to 1"),
+            (dict(file_names=meta["file_names"][1:]), "file_names has 5 entries for 6 examples"),
+            (dict(records_bytes=len(data) + 1), f"{records.name}: {len(data):,} bytes, train.json says"),
+            (dict(records="other.array_record"), "its records file other.array_record is missing")]:
+        _edit_meta(out, **changes)
+        with pytest.raises(DataError, match=message) as err:
+            open_source(f"prepared:{out}", "train")
+        assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+        (out / "train.json").write_text(json.dumps(meta))
+    records.write_bytes(data[:len(data) // 2])  # a cut file
+    with pytest.raises(DataError, match=f"{records.name}: .* bytes, train.json says {len(data):,}"):
+        open_source(f"prepared:{out}", "train")
+    # A copy of the first format (no records name or size): the reader finds the cut.
+    records.rename(out / "train.array_record")
+    v1 = {k: v for k, v in meta.items() if k not in ("records", "records_bytes")}
+    (out / "train.json").write_text(json.dumps(dict(v1, format="hcsc-jax prepared v1")))
+    with pytest.raises(DataError, match="train.array_record: not a readable ArrayRecord file"):
+        open_source(f"prepared:{out}", "train")
+    (out / "train.array_record").write_bytes(data)
+    assert open_source(f"prepared:{out}", "train").num_examples == 6
+
+
+def test_a_rerun_keeps_refuses_or_overwrites_and_removes_leftovers(tmp_path):
+    """A rerun redid all the work, then failed with FileExistsError; a killed run's files stayed."""
+    _folder(tmp_path / "images")
+    out, source = tmp_path / "out", f"folder:{tmp_path / 'images'}"
+    first = prepare.prepare(source, "train", out, max_side=32)
+    assert not first["reused"] and _records(out) == [first["records"]]
+    leftovers = ["train.0123456789ab.array_record", "train.array_record", "train.json.tmp",
+                 "train.array_record.tmp"]
+    for name in leftovers:  # a killed run's (and the first format's) files
+        (out / name).write_bytes(b"left over")
+    (out / "val.0123456789ab.array_record").write_bytes(b"another split's")
+    again = prepare.prepare(source, "train", out, max_side=32)
+    assert again["reused"] and again["records"] == first["records"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([first["records"], "train.json",
+                                                            "val.0123456789ab.array_record"])
+    with pytest.raises(ValueError, match=r"train.json holds a copy made otherwise \(max_side: 32 -> 16\); "
+                                         "pass --overwrite"):
+        prepare.prepare(source, "train", out, max_side=16)
+    new = prepare.prepare(source, "train", out, max_side=16, overwrite=True)
+    assert not new["reused"] and _records(out) == sorted([new["records"], "val.0123456789ab.array_record"])
+    assert max(open_source(f"prepared:{out}", "train").load(0).shape[:2]) <= 16
+
+
+def test_a_second_writer_of_a_split_is_refused_at_start(tmp_path):
+    """Two prepares into one --out ended with the labels of one folder over the records of the other."""
+    _folder(tmp_path / "images")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "train.prepare.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live writer
+    command = [sys.executable, "-m", "hcsc_jax.data.prepare", f"--source=folder:{tmp_path}/images",
+               f"--out={out}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert f"{out} is in use by process {os.getpid()}" in done.stderr and "another --out" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["train.prepare.lock"]
+
+
+def test_a_killed_prepare_leaves_no_worker_and_its_files_are_removed_by_the_next(tmp_path):
+    """6 SIGKILLed prepares left 6 encoding workers alive 25 minutes later."""
+    from test_stream_run import assert_no_process_left, processes_with, tagged_env
+
+    _folder(tmp_path / "images")
+    out, source = tmp_path / "out", f"folder:{tmp_path / 'images'}"
+    tag, env = tagged_env()
+    proc = subprocess.Popen([sys.executable, "-m", "hcsc_jax.data.prepare", f"--source={source}",
+                             f"--out={out}", "--workers=2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+
+    def workers():
+        return [p for p in processes_with(tag) if p != proc.pid and b"spawn_main" in _cmdline(p)]
+
+    while not workers() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert workers(), "no worker started"
+    proc.kill()
+    proc.wait()
+    assert_no_process_left(tag)
+    meta = prepare.prepare(source, "train", out, max_side=32)
+    assert sorted(p.name for p in out.iterdir()) == sorted([meta["records"], "train.json"])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+WORKER_SCRIPT = """
+import multiprocessing, os, time
+from hcsc_jax.data.prepare import die_with
+
+def work(parent, ready):
+    die_with(parent)
+    ready.set()
+    time.sleep(600)  # busy, as an encoding worker: never back at its queue
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    context.Process(target=work, args=(os.getpid(), ready)).start()
+    ready.wait()
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_worker_past_its_start_dies_when_its_parent_is_sigkilled(tmp_path):
+    """`die_with` after the worker's own check of its parent: the kernel's PR_SET_PDEATHSIG."""
+    from test_stream_run import assert_no_process_left, tagged_env
+
+    (tmp_path / "parent.py").write_text(WORKER_SCRIPT)
+    tag, env = tagged_env()
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env=dict(env, PYTHONPATH=ROOT))
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    assert_no_process_left(tag)

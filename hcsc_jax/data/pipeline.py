@@ -32,6 +32,7 @@ from hcsc_jax import sharding
 from hcsc_jax.data import loader, sources
 from hcsc_jax.data.batch import Images
 from hcsc_jax.data.crops import CropSpec
+from hcsc_jax.data.decode import MAX_PIXELS
 from hcsc_jax.data.sources import ArrayDataset, RandomAccessSource
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,20 @@ log = logging.getLogger(__name__)
 
 def open_input(pipeline: str, dataset: str, split: str, data_dir, mesh, global_batch: int, seed: int,
                crops: tuple[CropSpec, ...] = (), num_workers: int = -1, prefetch: int = 2,
-               indices=None, resampling: str = "linear", bad_images: str = "skip"):
+               indices=None, resampling: str = "linear", bad_images: str = "skip",
+               max_pixels: int = MAX_PIXELS):
     """One split as a `ResidentInput` ("memory") or a `StreamInput` ("stream"), restricted to the
     examples `indices` when given. `crops` (stream): the host's random-resized crops per example;
-    none for an input that only feeds the feature pass."""
+    none for an input that only feeds the feature pass. `max_pixels`: the decoder's bound on an
+    image (`decode.decode`)."""
     if pipeline == "memory":
-        data = sources.load_dataset(dataset, split, data_dir)
+        data = sources.load_dataset(dataset, split, data_dir, max_pixels=max_pixels)
         if indices is not None:
             labels = None if data.labels is None else data.labels[indices]
             data = ArrayDataset(data.images[indices], labels, data.num_classes, data.name, data.class_names)
         return ResidentInput(data, mesh, global_batch, seed)
     if pipeline == "stream":
-        source = sources.open_source(dataset, split, data_dir)
+        source = sources.open_source(dataset, split, data_dir, max_pixels)
         if indices is not None:
             source = sources.SubsetSource(source, indices)
         return StreamInput(source, mesh, global_batch, seed, crops, num_workers, prefetch, resampling,

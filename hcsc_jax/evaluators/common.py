@@ -20,6 +20,7 @@ from hcsc_jax import features as features_lib
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.crops import CropSpec
+from hcsc_jax.data.decode import MAX_PIXELS
 
 
 class EvalError(Exception):
@@ -41,6 +42,7 @@ class DataSpec:
     num_workers: int = -1  # loader worker processes (data.loader): -1 one per core but one, 0 none
     prefetch: int = 2
     bad_images: str = "skip"  # an undecodable image: "skip" (warn, next one) or "error"
+    max_pixels: int = MAX_PIXELS  # the decoder's bound on an image (data.decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Context:
         try:
             inp = pipeline.open_input(d.pipeline, d.dataset, split, d.data_dir, self.mesh,
                                       batch or self.batch, self.seed, crops, d.num_workers, d.prefetch,
-                                      indices, bad_images=d.bad_images)
+                                      indices, bad_images=d.bad_images, max_pixels=d.max_pixels)
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise EvalError(str(err)) from None
         want = int(self.encoder.meta["in_channels"])
@@ -215,7 +217,7 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
                     image_size=run.get("image_size"), mean=aug.get("mean"),
                     std=aug.get("std"), pipeline=inp.get("pipeline", "memory"),
                     num_workers=inp.get("num_workers", -1), prefetch=inp.get("prefetch", 2),
-                    bad_images=inp.get("bad_images", "skip"))
+                    bad_images=inp.get("bad_images", "skip"), max_pixels=inp.get("max_pixels", MAX_PIXELS))
     data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
     missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std")
                if data[k] is None]
@@ -228,7 +230,8 @@ def data_spec(config, run_config: dict | None = None) -> DataSpec:
                     eval_split=data["eval_split"], image_size=int(data["image_size"]),
                     mean=tuple(float(m) for m in data["mean"]), std=tuple(float(s) for s in data["std"]),
                     pipeline=data["pipeline"], num_workers=int(data["num_workers"]),
-                    prefetch=int(data["prefetch"]), bad_images=data["bad_images"])
+                    prefetch=int(data["prefetch"]), bad_images=data["bad_images"],
+                    max_pixels=int(data["max_pixels"]))
 
 
 def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None = None,
@@ -240,14 +243,18 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     path = workdir_lib.path(path)
     if not path.exists():
         raise EvalError(f"checkpoint path {path} does not exist")
-    run_config = workdir_lib.read_json(path / "config.json") if (path / "config.json").exists() else None
-    data = data_spec(config, run_config)
     try:
         model, meta = checkpoints.load_encoder(path, step)
     except FileNotFoundError as err:
+        if not (path / "checkpoints").is_dir():
+            raise EvalError(f"{path} is not a train.py run (it has no checkpoints/) nor an exported encoder; "
+                            "pass the --workdir of a run or a directory written by export_encoder or "
+                            "`convert import-torch`") from None
         raise EvalError(f"no encoder found: {err}") from None
     except RuntimeError as err:  # every step of the workdir failed to restore
         raise EvalError(f"{err} (see the warnings above)") from None
+    run_config = workdir_lib.read_json(path / "config.json") if (path / "config.json").exists() else None
+    data = data_spec(config, run_config)
     arch = meta["model"]["arch"]
     if config.get("expect_arch") and arch != config.expect_arch:
         raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; "

@@ -11,6 +11,11 @@ import numpy as np
 from hcsc_jax.data.resize import resize_uint8
 
 
+class DataError(ValueError):
+    """A dataset that cannot be read as asked (an unknown name or split, missing files, a copy that
+    does not match its description): one line naming the file, or what to set."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
     """All images of one split: (N, H, W, C) uint8 (C = 1 gray, 3 color), (N,) int32 labels."""

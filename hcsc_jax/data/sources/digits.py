@@ -1,22 +1,36 @@
 """`digits`: scikit-learn's 8x8 handwritten digits (ships with scikit-learn, no download).
 
 Splits "train" (1437), "test" (360: the last 20% of a fixed permutation), "all" (1797),
-or a slice of one ("train[:500]")."""
+or a slice of one ("train[:500]"). A `data_dir` is not used (`check_digits` says so)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 from hcsc_jax.data.sources.base import ArrayDataset
-from hcsc_jax.data.sources.registry import check_split, no_spec, register, take
+from hcsc_jax.data.sources.registry import check_split, no_spec, register, register_check, take
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "test", "all")
+
+
+@register_check("digits")
+def check_digits(spec, splits, data_dir):
+    """The split names; a warning that `data_dir` is not used (the data ships with scikit-learn)."""
+    no_spec("digits", spec)
+    for split in splits:
+        check_split("digits", split, SPLITS)
+    if data_dir is not None:
+        log.warning("digits ships with scikit-learn: data_dir %s is not used", data_dir)
 
 
 @register("digits")
 def load_digits(spec, split, data_dir, image_size):
     no_spec("digits", spec)
-    whole, rows = check_split("digits", split, ("train", "test", "all"))
+    whole, rows = check_split("digits", split, SPLITS)
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()

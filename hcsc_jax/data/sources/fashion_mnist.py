@@ -13,7 +13,7 @@ from etils import epath
 from hcsc_jax.data.sources import tfds as tfds_source
 from hcsc_jax.data.sources.base import ArrayDataset
 from hcsc_jax.data.sources.idx import read_idx
-from hcsc_jax.data.sources.registry import check_split, no_spec, register, take
+from hcsc_jax.data.sources.registry import check_split, no_spec, register, register_check, take
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -30,13 +30,40 @@ def _find_file(directory: str, stem: str) -> str | None:
     return None
 
 
+def _files(data_dir, whole: str) -> tuple[str, list[str | None]]:
+    """(the directory looked in, [images file, labels file] of split `whole`, None where missing)."""
+    directory = data_dir if data_dir is not None else FASHION_MNIST_DIR
+    return directory, [_find_file(directory, s) for s in FASHION_MNIST_FILES[whole]]
+
+
+def _not_found(directory: str, data_dir, stems, paths) -> FileNotFoundError:
+    expected = [s + "[.gz]" for split_stems in FASHION_MNIST_FILES.values() for s in split_stems]
+    missing = [s for s, p in zip(stems, paths) if p is None]
+    return FileNotFoundError(
+        f"Fashion-MNIST not found: {directory} lacks {', '.join(missing)}(.gz) and no prepared "
+        f"TFDS 'fashion_mnist' is in {data_dir or 'the default TFDS data_dir'}. "
+        f"Install the Debian package `dataset-fashion-mnist` (apt-get install "
+        f"dataset-fashion-mnist, files in {FASHION_MNIST_DIR}) or put the 4 IDX files in "
+        f"data_dir: {', '.join(expected)}. The runlocal variants' tiny files in /tmp/fashion_mnist_tiny: "
+        "`python tests/imagenet_like.py` writes them")
+
+
+@register_check("fashion_mnist")
+def check_fashion_mnist(spec, splits, data_dir):
+    """The split names, and each split's two IDX files present (or a prepared TFDS copy)."""
+    no_spec("fashion_mnist", spec)
+    for split in splits:
+        whole, _ = check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
+        directory, paths = _files(data_dir, whole)
+        if not all(paths) and not tfds_source.is_prepared("fashion_mnist", data_dir):
+            raise _not_found(directory, data_dir, FASHION_MNIST_FILES[whole], paths)
+
+
 @register("fashion_mnist")
 def _load_fashion_mnist(spec, split, data_dir, image_size):
     no_spec("fashion_mnist", spec)
     whole, rows = check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
-    directory = data_dir if data_dir is not None else FASHION_MNIST_DIR
-    stems = FASHION_MNIST_FILES[whole]
-    paths = [_find_file(directory, s) for s in stems]
+    directory, paths = _files(data_dir, whole)
     if all(paths):
         images = read_idx(paths[0])
         labels = read_idx(paths[1])
@@ -54,14 +81,4 @@ def _load_fashion_mnist(spec, split, data_dir, image_size):
     if tfds_source.is_prepared("fashion_mnist", data_dir):
         ds = tfds_source.load_tfds("fashion_mnist", split, data_dir, image_size)
         return dataclasses.replace(ds, name="fashion_mnist")
-    expected = [s + "[.gz]" for split_stems in FASHION_MNIST_FILES.values() for s in split_stems]
-    missing = [s for s, p in zip(stems, paths) if p is None]
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found: {directory} lacks {', '.join(missing)}(.gz) and no prepared "
-        f"TFDS 'fashion_mnist' is in {data_dir or 'the default TFDS data_dir'}. "
-        f"Install the Debian package `dataset-fashion-mnist` (apt-get install "
-        f"dataset-fashion-mnist, files in {FASHION_MNIST_DIR}) or put the 4 IDX files in "
-        f"data_dir: {', '.join(expected)}. The runlocal variants' tiny files in /tmp/fashion_mnist_tiny: "
-        "`python tests/imagenet_like.py` writes them")
-
-
+    raise _not_found(directory, data_dir, FASHION_MNIST_FILES[whole], paths)

@@ -3,14 +3,26 @@
 `path/<split>/<class>/...` when split folders exist (train, val/validation, test), else the whole
 folder for every split. Files are listed once, up front (sorted by name within a class; this
 order defines the example indices), and decoded on demand (`decode.decode`: libjpeg-turbo for
-JPEGs, Pillow for the rest). `channels` follows the first image: gray-level -> 1, else 3; every
-image is converted to that.
+JPEGs, Pillow for the rest).
+
+`channels` is decided from the headers of up to `CHANNEL_SAMPLE` files spread evenly over the
+split (the first and the last included): 3 when any of them is color (RGB, CMYK, palette, ...),
+1 when all that can be read are gray-level; a file that cannot be read is passed over (the loader
+names it when it reaches it), and a split none of whose sampled files can be read is refused.
+Every image is converted to the decided mode on decoding (a gray JPEG of ImageNet becomes three
+equal channels, a color image of a gray folder its luma).
+
+A file is checked before it is read (`read_bytes`): one that is not a regular file (a FIFO, a
+device, a link to /dev/zero) or larger than `decode.max_file_bytes(max_pixels)` is refused with a
+`DecodeError` naming it, as is one whose header says more than `max_pixels` pixels; the loader's
+`bad_images` setting then skips it or stops the run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 
 import numpy as np
 from etils import epath
@@ -19,6 +31,7 @@ from hcsc_jax.data import decode
 from hcsc_jax.data.sources.registry import register_lazy
 
 log = logging.getLogger(__name__)
+CHANNEL_SAMPLE = 32  # files whose headers decide `channels`
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 SPLIT_NAMES = {  # a split's names, in the order looked for (TFDS says validation, folders val)
@@ -87,24 +100,65 @@ def folder_files(spec: str | None, split: str, data_dir: str | None):
     return split_root, paths, np.asarray(labels, np.int32), tuple(classes)
 
 
-def read_bytes(path: str) -> bytes:
-    """The file's bytes (local path or bucket); DecodeError naming it when it cannot be read."""
+def read_bytes(path: str, max_pixels: int = decode.MAX_PIXELS) -> bytes:
+    """The file's bytes (local path or bucket). DecodeError naming it, before anything is read,
+    for a local file that is not a regular file (FIFO, device, a link to one) or holds more than
+    `decode.max_file_bytes(max_pixels)` bytes; also when it cannot be read or grows past that
+    bound while being read (a bucket object: read up to the bound)."""
+    limit = decode.max_file_bytes(max_pixels)
+    too_large = lambda size: decode.DecodeError(
+        f"cannot read image {path}: {size}more than {limit:,} bytes (4 bytes per pixel of "
+        f"config.input.max_pixels = {int(max_pixels):,})")
     try:
-        return epath.Path(path).read_bytes()
+        if "://" not in path:
+            st = os.stat(path)  # (follows links: a link to /dev/zero is a character device)
+            if not stat.S_ISREG(st.st_mode):
+                raise decode.DecodeError(f"cannot read image {path}: not a regular file (a FIFO, a device or "
+                                         "a link to one)")
+            if st.st_size > limit:
+                raise too_large(f"{st.st_size:,} bytes, ")
+        with epath.Path(path).open("rb") as f:
+            data = f.read(limit + 1)
     except OSError as e:
         raise decode.DecodeError(f"cannot read image {path}: {e}") from e
+    if len(data) > limit:
+        raise too_large("")
+    return data
+
+
+def channel_mode(paths: list[str], max_pixels: int = decode.MAX_PIXELS) -> str:
+    """The mode every image of `paths` is decoded to (see the module doc): "RGB" when any of up
+    to CHANNEL_SAMPLE files spread evenly over them is color, "L" when those that can be read are
+    all gray-level; DecodeError when none can be read."""
+    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(len(paths), CHANNEL_SAMPLE)).round()})
+    gray, first_error = 0, None
+    for i in picks:
+        try:
+            mode = decode.mode_of(read_bytes(paths[i], max_pixels), paths[i])
+        except decode.DecodeError as e:
+            first_error = first_error or e
+            continue
+        if mode == "RGB":
+            return "RGB"
+        gray += 1
+    if not gray:
+        raise decode.DecodeError(f"none of the {len(picks)} images sampled to decide the channels can be "
+                                 f"read ({first_error})")
+    return "L"
 
 
 @register_lazy("folder")
 class FolderSource:
     """`folder:<path>` read lazily (see the module doc); picklable, so loader workers share it."""
 
-    def __init__(self, spec: str | None, split: str, data_dir: str | None = None):
+    def __init__(self, spec: str | None, split: str, data_dir: str | None = None,
+                 max_pixels: int = decode.MAX_PIXELS):
         _, self.paths, self.labels, self.class_names = folder_files(spec, split, data_dir)
         self.name = f"folder:{spec}"
         self.num_examples = len(self.paths)
         self.num_classes = len(self.class_names)
-        self._mode = decode.mode_of(read_bytes(self.paths[0]), self.paths[0])
+        self.max_pixels = max_pixels
+        self._mode = channel_mode(self.paths, max_pixels)
         self.channels = 1 if self._mode == "L" else 3
         self.file_names = tuple(os.path.basename(p) for p in self.paths)
 
@@ -114,4 +168,4 @@ class FolderSource:
 
     def load(self, i: int) -> np.ndarray:
         path = self.paths[i]
-        return decode.decode(read_bytes(path), self._mode, path)
+        return decode.decode(read_bytes(path, self.max_pixels), self._mode, path, self.max_pixels)

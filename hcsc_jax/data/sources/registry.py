@@ -3,6 +3,8 @@ demand; a name is registered once, as an in-memory loader (`register`) or as a l
 class (`register_lazy`), and each of the two functions serves both kinds (a lazy source is
 decoded whole for `load_dataset`; an in-memory split is wrapped for `open_source`). A name may
 have both, when reading it whole has a faster way than one example at a time (TFRecord TFDS).
+`check_available` says, before a run writes anything, whether a dataset's splits can be read
+(`register_check`: a dataset's own cheap check; without one, the splits are opened).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hcsc_jax.data.decode import MAX_PIXELS
 from hcsc_jax.data.resize import resize_uint8
-from hcsc_jax.data.sources.base import ArrayDataset, ArraySource, RandomAccessSource, materialize
+from hcsc_jax.data.sources.base import ArrayDataset, ArraySource, DataError, RandomAccessSource, materialize
 
 Loader = Callable[[str | None, str, str | None, tuple[int, int] | None], ArrayDataset]
 _LOADERS: dict[str, Loader] = {}
 _LAZY: dict[str, type] = {}
+_CHECKS: dict[str, Callable] = {}
 
 
 def _check_new(name: str, table: dict):
@@ -46,8 +50,32 @@ def register(name: str):
 
 
 def register_lazy(name: str):
-    """Class decorator registering a `RandomAccessSource` class `cls(spec, split, data_dir)`."""
+    """Class decorator registering a `RandomAccessSource` class `cls(spec, split, data_dir,
+    max_pixels)` (`max_pixels`: the decoder's bound on an image's pixels, `decode.decode`)."""
     return _registrar(_LAZY, name)
+
+
+def register_check(name: str):
+    """Decorator registering `check(spec, splits, data_dir)` for dataset `name`: raises ValueError
+    or OSError, one line, when a split of `splits` cannot be read from `data_dir`; reads metadata
+    only (names, file lists, descriptions), never a whole split."""
+    return _registrar(_CHECKS, name)
+
+
+def check_available(name: str, splits, data_dir: str | None = None) -> None:
+    """DataError, one line, unless dataset `name` is registered and each of `splits` can be read
+    from `data_dir`: the dataset's `register_check`, else each split opened (`open_source`) or,
+    for an in-memory loader, loaded. A run calls it before it writes anything."""
+    try:
+        base, spec = _parse(name)
+        splits = tuple(dict.fromkeys(splits))
+        if base in _CHECKS:
+            _CHECKS[base](spec, splits, data_dir)
+        else:
+            for split in splits:
+                open_source(name, split, data_dir) if base in _LAZY else load_dataset(name, split, data_dir)
+    except (ValueError, OSError) as e:
+        raise DataError(" ".join(str(e).split()) or type(e).__name__) from None
 
 
 def list_datasets() -> list[str]:
@@ -78,27 +106,30 @@ def _parse(name: str) -> tuple[str, str | None]:
 
 
 def load_dataset(name: str, split: str, data_dir: str | None = None,
-                 image_size: int | tuple[int, int] | None = None) -> ArrayDataset:
+                 image_size: int | tuple[int, int] | None = None,
+                 max_pixels: int = MAX_PIXELS) -> ArrayDataset:
     """One split of a registered dataset fully in memory. `image_size` (int or (h, w)) resizes
     every image to that size (antialiased bilinear, aspect ratio not kept): sources whose images
-    differ in size need it."""
+    differ in size need it. `max_pixels`: the decoder's bound on an image of a lazy source."""
     base, spec = _parse(name)
     size = size_tuple(image_size)
     if base in _LOADERS:
         ds = _LOADERS[base](spec, split, data_dir, size)
     else:
-        ds = materialize(_LAZY[base](spec, split, data_dir), size)
+        ds = materialize(_LAZY[base](spec, split, data_dir, max_pixels=max_pixels), size)
     if size is not None and ds.images.shape[1:3] != size:
         ds = dataclasses.replace(ds, images=resize_uint8(ds.images, size))
     return ds
 
 
-def open_source(name: str, split: str, data_dir: str | None = None) -> RandomAccessSource:
-    """One split read on demand: a lazy source (`folder:`, `tfds:`, `prepared:`), or any other
-    registered dataset loaded in memory behind an `ArraySource`."""
+def open_source(name: str, split: str, data_dir: str | None = None,
+                max_pixels: int = MAX_PIXELS) -> RandomAccessSource:
+    """One split read on demand: a lazy source (`folder:`, `tfds:`, `prepared:`; `max_pixels`: its
+    decoder's bound on an image), or any other registered dataset loaded in memory behind an
+    `ArraySource`."""
     base, spec = _parse(name)
     if base in _LAZY:
-        return _LAZY[base](spec, split, data_dir)
+        return _LAZY[base](spec, split, data_dir, max_pixels=max_pixels)
     return ArraySource(load_dataset(name, split, data_dir))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from hcsc_jax.data import decode
 from hcsc_jax.data.sources.base import ArrayDataset, as_hwc, materialize, stack_images
-from hcsc_jax.data.sources.registry import register, register_lazy
+from hcsc_jax.data.sources.registry import register, register_check, register_lazy
 
 
 def is_prepared(name: str, data_dir: str | None) -> bool:
@@ -78,11 +78,13 @@ class TfdsSource:
     """`tfds:<name>` prepared as ArrayRecord, read with random access and without TensorFlow.
     Picklable: a loader worker reopens the ArrayRecord files itself."""
 
-    def __init__(self, name: str | None, split: str, data_dir: str | None = None):
+    def __init__(self, name: str | None, split: str, data_dir: str | None = None,
+                 max_pixels: int = decode.MAX_PIXELS):
         if not name:
             raise ValueError("use 'tfds:<name>', e.g. 'tfds:cifar10'")
         tfds, builder = _builder(name, data_dir)
         self._tfds_name, self._data_dir, self._split = name, data_dir, split
+        self.max_pixels = max_pixels
         try:
             self.num_examples = len(self._records)
         except Exception as e:
@@ -159,8 +161,26 @@ class TfdsSource:
     def load(self, i: int) -> np.ndarray:
         image = self._records[int(i)]["image"]
         if isinstance(image, bytes):
-            image = decode.decode(image, self._mode, self.where(i))
+            image = decode.decode(image, self._mode, self.where(i), self.max_pixels)
         return as_hwc(image, self._where)
+
+
+@register_check("tfds")
+def check_tfds(name: str | None, splits, data_dir: str | None) -> None:
+    """The dataset is known to TFDS, prepared in `data_dir`, and has each split (or slice of one)."""
+    if not name:
+        raise ValueError("use 'tfds:<name>', e.g. 'tfds:cifar10'")
+    tfds, builder = _builder(name, data_dir)
+    try:
+        if not builder.is_prepared():
+            raise _not_prepared(name, builder)
+        for split in splits:
+            try:
+                builder.info.splits[split]
+            except (KeyError, ValueError) as e:  # "Unknown split 'x'. Should be one of [...]."
+                raise ValueError(f"TFDS dataset {name!r}: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        _hide_gpus_from_tensorflow()
 
 
 @register("tfds")
