@@ -246,8 +246,9 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
         model, meta = checkpoints.load_encoder(path, step)
     except FileNotFoundError as err:
         raise EvalError(f"no encoder found: {err}") from None
-    except RuntimeError as err:  # every step of the workdir failed to restore
-        raise EvalError(f"{err} (see the warnings above)") from None
+    except RuntimeError as err:  # no step of the workdir (or not `step`, or not the export) restores
+        raise EvalError(f"{err} (see the warnings above)" if step is None and (path / "checkpoints").is_dir()
+                        else str(err)) from None
     arch = meta["model"]["arch"]
     if config.get("expect_arch") and arch != config.expect_arch:
         raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; "

@@ -1,0 +1,126 @@
+"""hcsc_jax.checkpoints: the weights an evaluation reads are the weights that were saved.
+
+`load_encoder` restores a workdir's `TrainState` as a tree of dicts, yet checks the SHA-256
+digest that training computed over the `TrainState` leaves in their own order; an exported
+encoder carries a digest of its own. Small states filled from NumPy (no XLA initialization).
+"""
+
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import digits
+from hcsc_jax import checkpoints, models, setup
+from hcsc_jax import train_step as ts
+
+
+def _filled(meta, seed=0):
+    """The encoder of `meta` with random NumPy weights (unit BN variances)."""
+    graphdef, p, s = nnx.split(models.build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+    rng = np.random.default_rng(seed)
+    nnx.replace_by_pure_dict(p, jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 0.1,
+                                             nnx.to_pure_dict(p)))
+    nnx.replace_by_pure_dict(s, jax.tree.map(lambda x: np.ones(x.shape, np.float32), nnx.to_pure_dict(s)))
+    return nnx.merge(graphdef, p, s)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir with steps 1 and 2 of a real TrainState: a ViT of 11 blocks (integer keys past 9,
+    which a tree of dicts orders "10" < "2") under AdamW (optax's named-tuple states)."""
+    config = digits.get_config("vit,runlocal")
+    config.model.depth = 11
+    meta = models.encoder_meta(config.model.to_dict(), 1, config.bn_group_size)
+    tx, _ = setup.make_optimizer(config, 10)
+    state = ts.init_state(_filled(meta), tx, config.queue_size, config.model.embed_dim, 2, 0)
+    path = tmp_path_factory.mktemp("run")
+    mngr = checkpoints.manager(str(path))
+    for step in (1, 2):
+        checkpoints.save(mngr, state.replace(step=jax.numpy.array(step, jax.numpy.int32)),
+                         {"epoch": step, "encoder": meta}, None)
+    mngr.wait_until_finished()
+    return str(path)
+
+
+def _flip_a_bit(monkeypatch, step):
+    """Restores of `step` come back with one bit of one query-encoder weight flipped (as a bad
+    disk block or a copy error would leave it): the exponent's top bit, 0.0253 -> ~1e37."""
+    restore = checkpoints.restore_replicated
+
+    def flipped(mngr, s, item):
+        tree = restore(mngr, s, item)
+        if s == step:
+            params = tree["q_params"] if "q_params" in tree else tree["params"]
+            leaf = params["backbone"]["cls_token"]
+            leaf = leaf["value"] if isinstance(leaf, dict) else leaf
+            bits = np.asarray(leaf).copy().view(np.uint32)
+            bits.flat[0] ^= np.uint32(1 << 30)
+            new = jax.device_put(bits.view(np.float32), leaf.sharding)
+            if isinstance(params["backbone"]["cls_token"], dict):
+                params["backbone"]["cls_token"]["value"] = new
+            else:
+                params["backbone"]["cls_token"] = new
+        return tree
+
+    monkeypatch.setattr(checkpoints, "restore_replicated", flipped)
+
+
+def test_load_encoder_checks_the_training_digest_and_falls_back(workdir, monkeypatch, caplog):
+    model, meta = checkpoints.load_encoder(workdir)  # the digest of an intact step matches
+    assert meta["step"] == 2 and meta["model"]["depth"] == 11
+    key, _ = checkpoints.load_encoder(workdir, which="key")
+    intact = np.asarray(model.backbone.cls_token[...])
+    _flip_a_bit(monkeypatch, 2)
+    with caplog.at_level(logging.WARNING):
+        model, meta = checkpoints.load_encoder(workdir)
+    assert meta["step"] == 1 and np.array_equal(np.asarray(model.backbone.cls_token[...]), intact)
+    assert ("encoder at step 2 in" in caplog.text and "differs from the one saved (SHA-256 digest)); trying "
+            "the previous one" in caplog.text)
+    with pytest.raises(checkpoints.NoReadableStep,
+                       match=r"^the encoder at step 2 in .* could not be restored \(ValueError: the restored "
+                             r"state of step 2 differs from the one saved \(SHA-256 digest\)\)$"):
+        checkpoints.load_encoder(workdir, step=2)
+    _flip_a_bit(monkeypatch, 1)
+    with pytest.raises(checkpoints.NoReadableStep,
+                       match=r"no encoder in .* could be restored \(steps \[1, 2\]\)"):
+        checkpoints.load_encoder(workdir)
+
+
+def _export(path, meta, nan=False):
+    model = _filled(meta)
+    _, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
+    if nan:
+        s["backbone"]["bn1"]["var"][...] = np.full(s["backbone"]["bn1"]["var"].shape, np.nan, np.float32)
+    checkpoints.export_encoder(str(path), meta, p, s)
+    return model
+
+
+def test_an_exported_encoder_carries_a_digest_and_nan_is_refused(tmp_path, monkeypatch, caplog):
+    meta = models.encoder_meta(dict(arch="resnet18", width=0.0625, small_stem=True, embed_dim=8,
+                                    hidden_dim=16, dtype="float32"), 3, 8)
+    model = _export(tmp_path / "enc", meta)
+    loaded, got = checkpoints.load_encoder(str(tmp_path / "enc"))
+    assert len(got["digest"]) == 64
+    assert np.array_equal(np.asarray(loaded.head.fc2.kernel[...]), np.asarray(model.head.fc2.kernel[...]))
+    # An export of an earlier version has no digest: NaN / inf only, with a note.
+    meta_file = tmp_path / "enc" / "0" / "meta" / "metadata"
+    old = {k: v for k, v in json.loads(meta_file.read_text()).items() if k != "digest"}
+    meta_file.write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING):
+        checkpoints.load_encoder(str(tmp_path / "enc"))
+    assert "exported without a weight digest" in caplog.text
+    _export(tmp_path / "nan", meta, nan=True)
+    with pytest.raises(checkpoints.NoReadableStep,
+                       match=r"the encoder in .*/nan cannot be used: \['batch_stats'\]\['backbone'\]\['bn1'\]"
+                             r"\['var'\] of step 0 holds NaN or inf"):
+        checkpoints.load_encoder(str(tmp_path / "nan"))
+    vit = models.encoder_meta(digits.get_config("vit,runlocal").model.to_dict(), 1, None)
+    _export(tmp_path / "vit", vit)
+    _flip_a_bit(monkeypatch, 0)
+    with pytest.raises(checkpoints.NoReadableStep,
+                       match=r"the encoder in .*/vit cannot be used: the restored state of step 0 differs"):
+        checkpoints.load_encoder(str(tmp_path / "vit"))
