@@ -7,15 +7,24 @@ encoder carries a digest of its own. Small states filled from NumPy (no XLA init
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import digits
-from hcsc_jax import checkpoints, models, setup
+from configs import digits, eval_digits
+from hcsc_jax import checkpoints, models, setup, sharding
 from hcsc_jax import train_step as ts
+from hcsc_jax.evaluators import EvalError, common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = ["--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",
+          "--config.image_size=8", "--config.mean=(0.5,)", "--config.std=(0.5,)"]
 
 
 def _filled(meta, seed=0):
@@ -46,6 +55,14 @@ def workdir(tmp_path_factory):
     return str(path)
 
 
+def _eval_config():
+    """configs/eval_digits.py:runlocal with the digits fields an encoder without config.json needs."""
+    config = eval_digits.get_config("runlocal")
+    config.update(dataset="digits", train_split="train", eval_split="test", image_size=8, mean=(0.5,),
+                  std=(0.5,))
+    return config
+
+
 def _flip_a_bit(monkeypatch, step):
     """Restores of `step` come back with one bit of one query-encoder weight flipped (as a bad
     disk block or a copy error would leave it): the exponent's top bit, 0.0253 -> ~1e37."""
@@ -72,7 +89,6 @@ def _flip_a_bit(monkeypatch, step):
 def test_load_encoder_checks_the_training_digest_and_falls_back(workdir, monkeypatch, caplog):
     model, meta = checkpoints.load_encoder(workdir)  # the digest of an intact step matches
     assert meta["step"] == 2 and meta["model"]["depth"] == 11
-    key, _ = checkpoints.load_encoder(workdir, which="key")
     intact = np.asarray(model.backbone.cls_token[...])
     _flip_a_bit(monkeypatch, 2)
     with caplog.at_level(logging.WARNING):
@@ -84,6 +100,9 @@ def test_load_encoder_checks_the_training_digest_and_falls_back(workdir, monkeyp
                        match=r"^the encoder at step 2 in .* could not be restored \(ValueError: the restored "
                              r"state of step 2 differs from the one saved \(SHA-256 digest\)\)$"):
         checkpoints.load_encoder(workdir, step=2)
+    config = _eval_config()
+    with pytest.raises(EvalError, match=r"^the encoder at step 2 in .* could not be restored \(ValueError: "):
+        common.from_checkpoint(config, workdir, 2, sharding.make_mesh())  # eval.py --step=2: one line, exit 1
     _flip_a_bit(monkeypatch, 1)
     with pytest.raises(checkpoints.NoReadableStep,
                        match=r"no encoder in .* could be restored \(steps \[1, 2\]\)"):
@@ -124,3 +143,21 @@ def test_an_exported_encoder_carries_a_digest_and_nan_is_refused(tmp_path, monke
     with pytest.raises(checkpoints.NoReadableStep,
                        match=r"the encoder in .*/vit cannot be used: the restored state of step 0 differs"):
         checkpoints.load_encoder(str(tmp_path / "vit"))
+
+
+def test_eval_py_stops_in_one_line_when_no_step_is_readable(workdir, tmp_path):
+    """Every step's weights differ from their digest: eval.py exits 1 with one line, no results."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    for step in (1, 2):
+        meta_file = run / "checkpoints" / str(step) / "meta" / "metadata"
+        meta_file.write_text(json.dumps(dict(json.loads(meta_file.read_text()), digest="0" * 64)))
+    proc = subprocess.run(
+        [sys.executable, "eval.py", "--config=configs/eval_digits.py:runlocal", "--eval=knn",
+         f"--checkpoint={run}", *DIGITS], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"eval.py: error: no encoder in {run}/checkpoints could be restored (steps [1, 2]) (see the warnings "
+        "above)")
+    assert "encoder at step 2 in" in proc.stderr and not any((run / "eval").glob("*.json"))
