@@ -33,10 +33,15 @@ with a note: the HCSC head is ``fc.0``/``fc.2`` as for ResNets, freshly initiali
 The architecture comes from the shapes (``vit_t/s/b`` by the embedding dim, the patch size from
 the patch conv; ``arch`` names it for narrower widths), the position embedding is recognized as
 MoCo v3's fixed sin-cos table or taken as a learned one. A learned table for another grid than
-the requested ``image_size`` is an error unless ``interpolate_pos_embed``, which resizes the
-grid bicubically as timm and DINO do (torch's bicubic kernel, a = -0.75, align_corners=False);
-the sin-cos table is simply recomputed for any grid. Export writes timm's keys (the sin-cos
-table included, for the model's image size), so ``timm.create_model('vit_small_patch16_224')
+the requested ``image_size`` is an error unless ``interpolate_pos_embed`` says how to resize
+the grid, as torch's ``F.interpolate(mode="bicubic", align_corners=False)`` does: "bicubic"
+(a = -0.75, no antialiasing: what DINO's and MoCo v3's loaders do) or "bicubic_antialias"
+(``antialias=True``: Keys' a = -0.5 kernel, widened when shrinking, what timm's
+``resample_abs_pos_embed`` does, e.g. for ``timm.create_model(..., img_size=...)``); the two
+differ (for a ViT-S/16 resized to 256 px, by 8e-2 in the table and 3e-3 in the output, as
+reported in issue #29). No mode is guessed from the file: timm, DINO and MoCo v3 ViTs share one
+key layout. The sin-cos table is simply recomputed for any grid. Export writes timm's keys (the
+sin-cos table included, for the model's image size), so ``timm.create_model('vit_small_patch16_224')
 .load_state_dict(sd, strict=False)`` reports only the classifier as missing and ``fc.*`` as
 unexpected.
 
@@ -44,7 +49,7 @@ Command line::
 
   python -m hcsc_jax.convert import-torch model.pth OUT_DIR    # -> checkpoints.load_encoder(OUT_DIR)
   python -m hcsc_jax.convert import-torch vit.pth OUT_DIR [--arch vit_s16] [--image-size 224] \
-      [--interpolate-pos-embed] [--encoder base|momentum]          # a ViT
+      [--interpolate-pos-embed bicubic|bicubic_antialias] [--encoder base|momentum]   # a ViT
   python -m hcsc_jax.convert export-torch CHECKPOINT OUT.pth [--backbone-only | --moco-layout]
 
 ``export-torch`` writes plain torchvision names for the backbone and ``fc.0.*``/``fc.2.*`` for the
@@ -61,7 +66,9 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
+import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -249,6 +256,22 @@ def _fresh_head(num_features: int, meta: dict[str, Any], seed: int) -> dict:
     return nnx.to_pure_dict(nnx.state(head, nnx.Param))
 
 
+def _check_values(sd: Mapping[str, Any], keys) -> None:
+    """ValueError naming the first tensor of `keys` that the model cannot take as weights: not
+    floating-point (e.g. an int64 tensor where a weight belongs), NaN or inf values, or a BatchNorm
+    ``running_var`` with a negative variance."""
+    for key in keys:
+        x = np.asarray(sd[key])
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{key} is a {x.dtype} tensor; the model needs floating-point values there")
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise ValueError(f"{key} holds NaN or inf ({bad} of {x.size} values)")
+        if key.endswith("running_var") and (x < 0).any():
+            raise ValueError(f"{key} holds negative variances (min {x.min():.4g}): not a BatchNorm's running "
+                             "variance")
+
+
 def _key_mismatch(meta, expected: list[str], sd: Mapping[str, Any], optional=()) -> None:
     """ValueError naming the missing and unexpected keys (first 20 of each, with counts)."""
     missing = [k for k in expected if k not in sd]
@@ -264,13 +287,15 @@ def _key_mismatch(meta, expected: list[str], sd: Mapping[str, Any], optional=())
 
 def torch_to_encoder(
     state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
-    interpolate_pos_embed: bool = False, encoder: str = "base",
+    interpolate_pos_embed: str | None = None, encoder: str = "base",
 ) -> Encoder:
     """An :class:`Encoder` holding the weights of a torch state dict (values: NumPy arrays or
     anything ``np.asarray`` takes). ``meta``: a `models.encoder_meta` dict; inferred from the
     shapes (:func:`infer_meta`) when None. Without head keys the head is freshly initialized as
     ``ProjectionHead(F, hidden_dim, embed_dim, rngs=nnx.Rngs(seed))``. Raises ValueError listing
-    missing / unexpected keys (first 20 of each, with counts) and shape mismatches. A ViT state
+    missing / unexpected keys (first 20 of each, with counts) and shape mismatches, or naming the
+    first tensor that is not floating-point, holds NaN or inf, or a negative BatchNorm running
+    variance (`num_batches_tracked`, an integer, is dropped before). A ViT state
     dict goes to :func:`vit_torch_to_encoder` (``interpolate_pos_embed``, ``encoder``: ViT only)."""
     if is_vit_state_dict(state_dict):
         return vit_torch_to_encoder(state_dict, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
@@ -278,6 +303,7 @@ def torch_to_encoder(
     sd, meta, with_head = _read_keys(normalize_keys(state_dict), meta, infer_meta, seed)
     model = models.build_encoder(meta, abstract=True)
     _key_mismatch(meta, _expected_keys(model, with_head), sd)
+    _check_values(sd, _expected_keys(model, with_head))
 
     graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(p), nnx.to_pure_dict(s)
@@ -477,14 +503,47 @@ def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     return m
 
 
-def interpolate_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
-    """A learned (1, 1 + g*g, D) position embedding resized to a grid x grid patch grid as timm /
-    DINO do: the class token's row kept, the patch rows resized bicubically as a g x g image of
-    D channels (torch's ``F.interpolate(mode="bicubic", align_corners=False)``)."""
+def _bicubic_antialias_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
+    """(n_out, n_in) weights of torch's 1-D antialiased bicubic resize (``antialias=True``,
+    align_corners=False): Keys' kernel with a = -0.5 (PIL's), stretched by the scale when
+    downsampling, taken over the input pixels only and normalized to sum to 1 (ATen's
+    ``_compute_index_ranges_weights``)."""
+    scale = n_in / n_out
+    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1.0 else (2.0, 1.0)
+
+    def kernel(x):
+        x = abs(x)
+        return (((a + 2) * x - (a + 3)) * x * x + 1 if x < 1 else
+                (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0)
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        w = np.array([kernel((j - center + 0.5) * inv) for j in range(lo, hi)])
+        m[i, lo:hi] = w / w.sum() if w.sum() else w
+    return m
+
+
+# --interpolate-pos-embed: how a learned position embedding is resized to another grid.
+POS_EMBED_RESIZE = {
+    "bicubic": _bicubic_matrix,  # DINO, MoCo v3: F.interpolate(mode="bicubic", align_corners=False)
+    "bicubic_antialias": _bicubic_antialias_matrix,  # timm's resample_abs_pos_embed (antialias=True)
+}
+
+
+def interpolate_pos_embed(pos_embed: np.ndarray, grid: int, mode: str = "bicubic") -> np.ndarray:
+    """A learned (1, 1 + g*g, D) position embedding resized to a grid x grid patch grid: the class
+    token's row kept, the patch rows resized as a g x g image of D channels, as torch's
+    ``F.interpolate(size=(grid, grid), mode="bicubic", align_corners=False)`` does (`mode`
+    "bicubic": what DINO's and MoCo v3's loaders do) or with ``antialias=True`` ("bicubic_antialias":
+    timm's ``resample_abs_pos_embed``, what ``timm.create_model(..., img_size=...)`` does)."""
+    if mode not in POS_EMBED_RESIZE:
+        raise ValueError(f"unknown pos_embed resize {mode!r}; one of {', '.join(POS_EMBED_RESIZE)}")
     g = _grid(pos_embed)
     pos = np.asarray(pos_embed, np.float64)
     table = pos[0, 1:].reshape(g, g, -1)
-    m = _bicubic_matrix(g, grid)
+    m = POS_EMBED_RESIZE[mode](g, grid)
     resized = np.einsum("ai,ijd,bj->abd", m, table, m).reshape(1, grid * grid, -1)
     return np.concatenate([pos[:, :1], resized], axis=1).astype(np.float32)
 
@@ -507,16 +566,18 @@ def _read_keys(normalized: tuple[dict, list[str]], meta, infer, seed: int):
 
 
 def vit_torch_to_encoder(state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
-                         interpolate_pos_embed: bool = False, encoder: str = "base") -> Encoder:
+                         interpolate_pos_embed: str | None = None, encoder: str = "base") -> Encoder:
     """`torch_to_encoder` of a ViT. A learned ``pos_embed`` for another grid than the model's is
-    resized (:func:`interpolate_pos_embed`) only when ``interpolate_pos_embed``; a sin-cos one
-    is checked and recomputed by the model for its grid."""
+    resized (:func:`interpolate_pos_embed`) only when ``interpolate_pos_embed`` names how
+    ("bicubic" or "bicubic_antialias"); a sin-cos one is checked and recomputed by the model for
+    its grid."""
     sd, meta, with_head = _read_keys(normalize_vit_keys(state_dict, encoder), meta, infer_vit_meta, seed)
     model = models.build_encoder(meta, abstract=True)
     vit = model.backbone
     learned = vit.pos_embed_kind == "learn"
     expected = [k for k, _, _ in _vit_layout(vit, with_head) if learned or k != "pos_embed"]
     _key_mismatch(meta, expected, sd, optional=("pos_embed",))
+    _check_values(sd, [k for k, _, _ in _vit_layout(vit, with_head) if k in sd])
     if "pos_embed" in sd:
         sd = dict(sd, pos_embed=_fit_pos_embed(sd["pos_embed"], vit, interpolate_pos_embed))
     graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -540,10 +601,10 @@ def vit_torch_to_encoder(state_dict: Mapping[str, Any], meta: dict[str, Any] | N
     return nnx.merge(graphdef, p, s)
 
 
-def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: bool) -> np.ndarray:
+def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: str | None) -> np.ndarray:
     """The checkpoint's position embedding for the model: a sin-cos table is checked (the model
     recomputes it for its grid); a learned one must cover the model's grid, or be resized to it
-    when `interpolate`."""
+    the `interpolate` way (a `POS_EMBED_RESIZE` mode; None: refused)."""
     g = _grid(pos)
     size = g * vit.patch_size
     if vit.pos_embed_kind == "sincos":
@@ -558,11 +619,12 @@ def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: bool) -
     if not interpolate:
         raise ValueError(
             f"the checkpoint's learned pos_embed covers a {g}x{g} grid of patches ({size}-px images), the "
-            f"model a {new}x{new} grid ({new * vit.patch_size} px); import at image_size={size}, or pass "
-            "interpolate_pos_embed=True (--interpolate-pos-embed) to resize the grid bicubically as timm and "
-            "DINO do")
-    log.warning("torch_to_encoder: pos_embed resized from a %dx%d to a %dx%d grid (bicubic)", g, g, new, new)
-    return interpolate_pos_embed(pos, new)
+            f"model a {new}x{new} grid ({new * vit.patch_size} px); import at image_size={size}, or resize "
+            "the grid with --interpolate-pos-embed=bicubic (as DINO and MoCo v3 do) or =bicubic_antialias "
+            "(as timm does)")
+    log.warning("torch_to_encoder: pos_embed resized from a %dx%d to a %dx%d grid (%s)", g, g, new, new,
+                interpolate)
+    return interpolate_pos_embed(pos, new, interpolate)
 
 
 def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict[str, np.ndarray]:
@@ -588,14 +650,50 @@ def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict
 # ----------------------------------------------------------------------------- files
 
 
+# torch.save stores the members of its zip archive uncompressed, so they add up to less than the
+# file; members that would expand to more than this many times the file's size are a zip bomb.
+MAX_ZIP_EXPANSION = 4.0
+
+
+def check_torch_file(path: str, max_expansion: float = MAX_ZIP_EXPANSION) -> None:
+    """ValueError (one line, no --trust-pickle advice) unless `path` is what ``torch.save`` writes,
+    checked before ``torch.load`` reads anything: a zip archive with a ``<name>/data.pkl`` member
+    whose members expand to at most `max_expansion` times the file's size in all, or a legacy
+    (``_use_new_zipfile_serialization=False``) pickle file. A .tar.gz, random bytes, a zip
+    without ``data.pkl`` or a zip bomb (a small file whose data.pkl would expand to GBs) is refused."""
+    size = os.path.getsize(path)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.infolist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ValueError(f"{path} is not a PyTorch checkpoint: a damaged zip archive ({err})") from None
+        if not any(re.fullmatch(r"[^/]+/data\.pkl", m.filename) for m in members):
+            raise ValueError(f"{path} is not a PyTorch checkpoint: a zip archive without the <name>/data.pkl "
+                             "that torch.save writes")
+        total = sum(m.file_size for m in members)
+        if total > max_expansion * size:
+            raise ValueError(
+                f"{path} is not a PyTorch checkpoint: its zip members would expand to {total:,} bytes, "
+                f"{total / size:.0f}x the file's {size:,} (torch.save stores them uncompressed); not read")
+        return
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:  # pickle's PROTO opcode, protocol 2-5
+        raise ValueError(f"{path} is not a PyTorch checkpoint: neither the zip archive that torch.save "
+                         "writes nor a legacy pickle; pass the .pth file of a saved state dict")
+
+
 def load_torch_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a ``.pth`` file (torch needed) -> {key: float NumPy array or int array}, unwrapping
     ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers. Only tensors and plain containers are
     unpickled unless `trust_pickle` (which runs whatever code the file names: trusted files only).
-    A file that is no checkpoint at all is a ValueError that does not suggest --trust-pickle."""
+    A file that is no checkpoint at all (`check_torch_file`, before torch.load) is a ValueError
+    that does not suggest --trust-pickle."""
     torch = import_torch_module()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such PyTorch checkpoint file: {path}")
+    check_torch_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # noqa: BLE001 - torch.load raises anything on a file that is not its own
@@ -644,7 +742,8 @@ def save_torch_state_dict(
 
 
 def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = False,
-                 interpolate_pos_embed: bool = False, encoder: str = "base", **meta_kw) -> dict[str, Any]:
+                 interpolate_pos_embed: str | None = None, encoder: str = "base",
+                 **meta_kw) -> dict[str, Any]:
     """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta.
     Nothing is written unless the whole state dict converts."""
     sd = load_torch_state_dict(pth, trust_pickle)
@@ -695,9 +794,10 @@ def main(argv: list[str] | None = None) -> int:
                      "is not the standard one")
     imp.add_argument("--image-size", type=int, default=None,
                      help="ViT only: image side to use (default: the checkpoint's position-embedding grid)")
-    imp.add_argument("--interpolate-pos-embed", action="store_true",
-                     help="ViT only: resize a learned position embedding to --image-size (bicubic, as "
-                     "timm and DINO do)")
+    imp.add_argument("--interpolate-pos-embed", choices=tuple(POS_EMBED_RESIZE), default=None,
+                     help="ViT only: resize a learned position embedding to --image-size: bicubic (torch's "
+                     "F.interpolate, as DINO and MoCo v3 do) or bicubic_antialias (antialias=True, as timm's "
+                     "resample_abs_pos_embed does)")
     imp.add_argument("--encoder", choices=_MOCO_V3_ENCODERS, default="base",
                      help="MoCo v3 files: base_encoder (default) or momentum_encoder")
     exp = sub.add_parser("export-torch",
@@ -743,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
                 which=args.which,
             )
             print(f"wrote {args.out_pth}: {len(sd)} tensors")
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError, checkpoints.NoReadableStep) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
