@@ -63,6 +63,7 @@ for their ``main_lincls.py`` and MoCo's ``convert-pretrain-to-detectron2.py``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -77,6 +78,8 @@ import numpy as np
 from flax import nnx
 
 from hcsc_jax import checkpoints, models
+from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from hcsc_jax.models import VIT_ARCHS, Encoder, ProjectionHead, VisionTransformer
 from hcsc_jax.models.resnet import Bottleneck
 from hcsc_jax.models.vit import sincos_pos_embed
@@ -743,16 +746,64 @@ def save_torch_state_dict(
 
 def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = False,
                  interpolate_pos_embed: str | None = None, encoder: str = "base",
-                 **meta_kw) -> dict[str, Any]:
+                 image_size: int | None = None, mean=None, std=None, **meta_kw) -> dict[str, Any]:
     """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta.
-    Nothing is written unless the whole state dict converts."""
+    The file's sidecar ``<pth>.json`` (written by `export_torch`), when there is one, names the
+    architecture when ``arch`` does not and the input the weights were trained on (`models.input_meta`,
+    kept as ``meta["input"]`` for eval.py) where ``image_size`` / ``mean`` / ``std`` do not; what
+    neither says is ImageNet's for 3-channel weights (224 px, or the ViT's image size), logged as
+    assumed. Nothing is written unless the whole state dict converts."""
     sd = load_torch_state_dict(pth, trust_pickle)
-    meta = infer_meta(sd, converted_from=os.path.abspath(pth), encoder=encoder, **meta_kw)
+    recorded = read_sidecar(pth)
+    if meta_kw.get("arch") is None and "model" in recorded:
+        meta_kw["arch"] = recorded["model"]["arch"]
+    meta = infer_meta(sd, converted_from=os.path.abspath(pth), encoder=encoder, image_size=image_size,
+                      **meta_kw)
     model = torch_to_encoder(sd, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
                              encoder=encoder)
+    trained_on = _input_meta(meta, recorded.get("input", {}), image_size, mean, std)
+    if trained_on is not None:
+        meta["input"] = trained_on
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     checkpoints.export_encoder(out_dir, meta, params, stats)
     return meta
+
+
+def sidecar_path(pth: str) -> str:
+    """The JSON beside a ``.pth`` that `export_torch` writes and `import_torch` reads."""
+    return pth + ".json"
+
+
+def read_sidecar(pth: str) -> dict[str, Any]:
+    """The encoder meta of `pth`'s sidecar ({} when it has none); ValueError when it is no JSON."""
+    if not os.path.isfile(sidecar_path(pth)):
+        return {}
+    try:
+        with open(sidecar_path(pth)) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{sidecar_path(pth)} is not the JSON that export-torch writes ({err}); move it "
+                         "away to import the file without it") from None
+
+
+def _input_meta(meta, recorded: dict, image_size, mean, std) -> dict[str, Any] | None:
+    """`models.input_meta` of an import: the flags, else the sidecar's, else (3-channel weights)
+    ImageNet's, logged as assumed; None (logged) for other channel counts when something is unknown."""
+    channels = int(meta["in_channels"])
+    values = dict(image_size=image_size or recorded.get("image_size") or meta["model"].get("image_size"),
+                  mean=mean or recorded.get("mean"), std=std or recorded.get("std"))
+    unknown = [k for k, v in values.items() if v is None]
+    flags = " ".join(f"--{k.replace('_', '-')}" for k in unknown)
+    if unknown and channels != 3:
+        log.warning("import-torch: the file does not say the %s of its %d-channel images: pass %s, or give "
+                    "them to eval.py", ", ".join(unknown), channels, flags)
+        return None
+    if unknown:
+        imagenet = dict(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        values.update({k: imagenet[k] for k in unknown})
+        log.warning("import-torch: assumed ImageNet's %s (the file does not say); pass %s if the weights "
+                    "were trained otherwise", ", ".join(f"{k}={values[k]}" for k in unknown), flags)
+    return models.input_meta(values["image_size"], channels, values["mean"], values["std"])
 
 
 def export_torch(
@@ -764,15 +815,33 @@ def export_torch(
     which: str = "query",
 ) -> dict[str, np.ndarray]:
     """Train workdir or exported encoder -> torchvision-named (timm-named for a ViT) ``.pth``;
-    returns the arrays."""
+    returns the arrays. Beside it, ``<out_pth>.json`` (`sidecar_path`) holds the encoder's meta
+    and the input it was trained on (a workdir's config.json, an exported encoder's meta), which
+    `import_torch` reads back: a ViT of any width then imports without ``--arch``."""
     model, meta = checkpoints.load_encoder(checkpoint, which=which)
     sd = encoder_to_torch(model, backbone_only=backbone_only)
+    recorded = {k: v for k, v in meta.items() if k != "digest"}  # (the digest is of the Orbax weights)
+    run_config = workdir_lib.path(checkpoint) / workdir_lib.CONFIG_FILE
+    if "input" not in recorded and run_config.exists():
+        run = workdir_lib.read_json(run_config)
+        recorded["input"] = models.input_meta(run["image_size"], meta["in_channels"], run["augment"]["mean"],
+                                              run["augment"]["std"])
     if moco_layout:
         wrap = {"arch": meta["model"]["arch"], "epoch": int(meta.get("epoch", 0) or 0)}
         save_torch_state_dict(out_pth, {f"module.encoder_q.{k}": v for k, v in sd.items()}, wrap)
     else:
         save_torch_state_dict(out_pth, sd)
+    workdir_lib.write_atomic(workdir_lib.path(sidecar_path(out_pth)), workdir_lib.dumps(recorded))
     return sd
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """A --mean / --std value: comma-separated floats."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        message = f"{text!r} is not comma-separated numbers, e.g. 0.5,0.5,0.5"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -793,7 +862,11 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--arch", default=None, help="ViT only: the architecture (e.g. vit_s16) when the width "
                      "is not the standard one")
     imp.add_argument("--image-size", type=int, default=None,
-                     help="ViT only: image side to use (default: the checkpoint's position-embedding grid)")
+                     help="image side the weights were trained on, recorded for eval.py; a ViT's model size "
+                     "too (default: the sidecar's, else a ViT's position-embedding grid, else 224)")
+    imp.add_argument("--mean", type=_floats, default=None, help="per-channel input mean the weights were "
+                     "trained with, e.g. 0.485,0.456,0.406 (default: the sidecar's, else ImageNet's for RGB)")
+    imp.add_argument("--std", type=_floats, default=None, help="per-channel input std (as --mean)")
     imp.add_argument("--interpolate-pos-embed", choices=tuple(POS_EMBED_RESIZE), default=None,
                      help="ViT only: resize a learned position embedding to --image-size: bicubic (torch's "
                      "F.interpolate, as DINO and MoCo v3 do) or bicubic_antialias (antialias=True, as timm's "
@@ -829,11 +902,14 @@ def main(argv: list[str] | None = None) -> int:
                 encoder=args.encoder,
                 arch=args.arch,
                 image_size=args.image_size,
+                mean=args.mean,
+                std=args.std,
                 embed_dim=args.embed_dim,
                 hidden_dim=args.hidden_dim,
                 bn_group_size=args.bn_group_size,
             )
-            print(f"wrote {args.out_dir}: {meta['model']} in_channels={meta['in_channels']}")
+            print(f"wrote {args.out_dir}: {meta['model']} in_channels={meta['in_channels']} "
+                  f"input={meta.get('input')}")
         else:
             sd = export_torch(
                 args.checkpoint,
@@ -842,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
                 moco_layout=args.moco_layout,
                 which=args.which,
             )
-            print(f"wrote {args.out_pth}: {len(sd)} tensors")
+            print(f"wrote {args.out_pth}: {len(sd)} tensors; its meta in {sidecar_path(args.out_pth)}")
     except (FileNotFoundError, ValueError, ImportError, checkpoints.NoReadableStep) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -161,3 +161,36 @@ def test_eval_py_stops_in_one_line_when_no_step_is_readable(workdir, tmp_path):
         f"eval.py: error: no encoder in {run}/checkpoints could be restored (steps [1, 2]) (see the warnings "
         "above)")
     assert "encoder at step 2 in" in proc.stderr and not any((run / "eval").glob("*.json"))
+
+
+def test_a_vit_exported_to_torch_imports_back_without_arch_and_keeps_its_input(workdir, tmp_path, caplog):
+    """export-torch writes the encoder's meta and the input it was trained on (the workdir's
+    config.json) beside the .pth; import-torch reads them: a ViT of a non-standard width needs no
+    --arch, and eval.py no --config.image_size / mean / std."""
+    pytest.importorskip("torch")
+    from hcsc_jax import convert
+
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    config_json = dict(image_size=8, augment=dict(mean=[0.5] * 3, std=[0.25] * 3))  # the fields it reads
+    (run / "config.json").write_text(json.dumps(config_json))
+    pth = str(tmp_path / "vit.pth")
+    assert convert.main(["export-torch", str(run), pth]) == 0
+    recorded = json.loads(open(convert.sidecar_path(pth)).read())
+    assert recorded["input"] == dict(image_size=8, channels=1, mean=[0.5], std=[0.25])
+    assert recorded["model"]["arch"] == "vit_t4" and recorded["model"]["width"] == 0.25
+    with caplog.at_level(logging.WARNING):
+        assert convert.main(["import-torch", pth, str(tmp_path / "imported")]) == 0
+    assert "assumed" not in caplog.text
+    model, meta = checkpoints.load_encoder(str(tmp_path / "imported"))
+    assert meta["model"]["arch"] == "vit_t4" and meta["input"] == recorded["input"]
+    original, _ = checkpoints.load_encoder(str(run))
+    assert np.array_equal(np.asarray(model.backbone.blocks[10].mlp.fc2.kernel[...]),
+                          np.asarray(original.backbone.blocks[10].mlp.fc2.kernel[...]))
+    config = _eval_config()
+    config.update(image_size=None, mean=None, std=None)
+    ctx = common.from_checkpoint(config, str(tmp_path / "imported"), None, sharding.make_mesh())
+    assert (ctx.data.image_size, ctx.data.mean, ctx.data.std) == (8, (0.5,), (0.25,))
+    # Without its sidecar the width cannot be told from the shapes: --arch, as for any timm file.
+    os.remove(convert.sidecar_path(pth))
+    assert convert.main(["import-torch", pth, str(tmp_path / "bare")]) == 2
