@@ -47,7 +47,8 @@ unexpected.
 
 Command line::
 
-  python -m hcsc_jax.convert import-torch model.pth OUT_DIR    # -> checkpoints.load_encoder(OUT_DIR)
+  python -m hcsc_jax.convert import-torch model.pth OUT_DIR [--image-size 224] [--mean 0.485,0.456,0.406] \
+      [--std 0.229,0.224,0.225]                                # -> checkpoints.load_encoder(OUT_DIR)
   python -m hcsc_jax.convert import-torch vit.pth OUT_DIR [--arch vit_s16] [--image-size 224] \
       [--interpolate-pos-embed bicubic|bicubic_antialias] [--encoder base|momentum]   # a ViT
   python -m hcsc_jax.convert export-torch CHECKPOINT OUT.pth [--backbone-only | --moco-layout]
@@ -57,7 +58,13 @@ head: ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` then r
 head keys as unexpected and ``fc.weight``/``fc.bias`` as missing. ``--backbone-only`` leaves the
 head out (what detectron2's ``convert-torchvision-to-d2.py`` expects); ``--moco-layout`` writes
 ``{'arch', 'epoch', 'state_dict': {'module.encoder_q.<key>': ...}}`` as the authors' files are,
-for their ``main_lincls.py`` and MoCo's ``convert-pretrain-to-detectron2.py``.
+for their ``main_lincls.py`` and MoCo's ``convert-pretrain-to-detectron2.py``. Beside the
+``.pth`` it writes ``<OUT.pth>.json``: the encoder's meta (architecture, width, depth, ...) and
+the input it was trained on (image size, mean, std: `models.input_meta`, from a workdir's
+config.json or an encoder's meta); ``import-torch`` reads that sidecar when it finds one, so an
+exported ViT of any width imports back without ``--arch``. An import records the input in the
+encoder's meta for eval.py: ``--image-size`` / ``--mean`` / ``--std``, else the sidecar's, else
+ImageNet's (224 px, or the ViT's size) for 3-channel weights, with a warning saying so.
 """
 
 from __future__ import annotations
