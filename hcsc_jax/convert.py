@@ -312,8 +312,9 @@ def torch_to_encoder(
                                     encoder=encoder)
     sd, meta, with_head = _read_keys(normalize_keys(state_dict), meta, infer_meta, seed)
     model = models.build_encoder(meta, abstract=True)
-    _key_mismatch(meta, _expected_keys(model, with_head), sd)
-    _check_values(sd, _expected_keys(model, with_head))
+    expected = _expected_keys(model, with_head)
+    _key_mismatch(meta, expected, sd)
+    _check_values(sd, expected)
 
     graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(p), nnx.to_pure_dict(s)
@@ -665,10 +666,10 @@ def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict
 MAX_ZIP_EXPANSION = 4.0
 
 
-def check_torch_file(path: str, max_expansion: float = MAX_ZIP_EXPANSION) -> None:
+def check_torch_file(path: str) -> None:
     """ValueError (one line, no --trust-pickle advice) unless `path` is what ``torch.save`` writes,
     checked before ``torch.load`` reads anything: a zip archive with a ``<name>/data.pkl`` member
-    whose members expand to at most `max_expansion` times the file's size in all, or a legacy
+    whose members expand to at most `MAX_ZIP_EXPANSION` times the file's size in all, or a legacy
     (``_use_new_zipfile_serialization=False``) pickle file. A .tar.gz, random bytes, a zip
     without ``data.pkl`` or a zip bomb (a small file whose data.pkl would expand to GBs) is refused."""
     size = os.path.getsize(path)
@@ -682,7 +683,7 @@ def check_torch_file(path: str, max_expansion: float = MAX_ZIP_EXPANSION) -> Non
             raise ValueError(f"{path} is not a PyTorch checkpoint: a zip archive without the <name>/data.pkl "
                              "that torch.save writes")
         total = sum(m.file_size for m in members)
-        if total > max_expansion * size:
+        if total > MAX_ZIP_EXPANSION * size:
             raise ValueError(
                 f"{path} is not a PyTorch checkpoint: its zip members would expand to {total:,} bytes, "
                 f"{total / size:.0f}x the file's {size:,} (torch.save stores them uncompressed); not read")
