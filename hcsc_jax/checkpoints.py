@@ -11,12 +11,15 @@ step intact. A step that fails to restore (corrupt files) is reported and the on
 With several processes every process calls `save` and `restore_latest` (Orbax coordinates the
 writes); encoders load on any number of devices and processes, whatever topology saved them.
 A restored training state that differs from the SHA-256 digest saved with it, or holds NaN or
-inf, counts as unreadable; unreadable training steps are moved aside
-(`<step>.unusable`) once an older one restores, so the run continues past them.
+inf, counts as unreadable, for training and for `load_encoder` alike (which restores it as a tree
+of dicts and hashes it in the saved order, `saved_order`); an exported encoder carries the digest
+of its weights too. Unreadable training steps are moved aside (`<step>.unusable`) once an older
+one restores, so the run continues past them; `load_encoder` only skips them.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
 import os
@@ -123,14 +126,39 @@ def describe_latest(mngr: ocp.CheckpointManager) -> str:
     return f"The last checkpoint kept is step {step} in {mngr.directory}; the same command resumes from it"
 
 
-def check_restored(tree, meta: dict[str, Any], step: int) -> None:
+def check_restored(tree, meta: dict[str, Any], step: int, leaves: list | None = None) -> None:
     """Raises ValueError when the restored `tree` is not what was saved (its `digest` differs
-    from the one in `meta`, when the checkpoint has one) or a floating-point array holds NaN or inf."""
-    if "digest" in meta and digest(tree) != meta["digest"]:
+    from the one in `meta`, when the checkpoint has one) or a floating-point array holds NaN or inf.
+    `leaves`: the arrays of `tree` in the order `digest` hashed them at save time, when `tree` was
+    restored in another structure than the one saved (`saved_order`); default: `tree`'s own."""
+    if "digest" in meta and digest(tree if leaves is None else leaves) != meta["digest"]:
         raise ValueError(f"the restored state of step {step} differs from the one saved (SHA-256 digest)")
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
         if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
             raise ValueError(f"{jax.tree_util.keystr(path)} of step {step} holds NaN or inf")
+
+
+def saved_order(mngr: ocp.CheckpointManager, step: int, item: str, tree) -> list:
+    """The arrays of `tree`, `item` of `step` restored as a tree of dicts and lists
+    (`restore_replicated`), in the order of `jax.tree.leaves` of the pytree that was saved (a
+    `TrainState`: its fields, then each `nnx.State` by key, integers by value), which is the order
+    `digest` hashed them in. Orbax's `_METADATA` of the item lists the saved key paths in that
+    order (it writes them from `jax.tree_util.tree_flatten_with_path`); entries that hold no array
+    (an empty optimizer state, a ViT's empty BN statistics) are skipped. ValueError when they do
+    not match `tree`'s arrays."""
+    metadata_file = epath.Path(mngr.directory) / str(step) / item / "_METADATA"
+    entries = workdir_lib.read_json(metadata_file)["tree_metadata"]
+    ordered = []
+    for keypath in entries:
+        node = tree
+        for key in ast.literal_eval(keypath):
+            node = node[int(key)] if isinstance(node, list | tuple) else node[key]
+        if node is not None and not isinstance(node, dict | list | tuple):
+            ordered.append(node)
+    if len(ordered) != len(jax.tree.leaves(tree)):
+        raise ValueError(f"the {item} of step {step} lists {len(ordered)} arrays in its _METADATA, "
+                         f"{len(jax.tree.leaves(tree))} were restored")
+    return ordered
 
 
 def set_aside(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -168,20 +196,27 @@ _ENCODER_ITEMS = ("encoder", "meta")
 
 def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
     """Writes an encoder-only Orbax checkpoint: parameters and BN statistics (pure dicts) and
-    `meta` (from `models.encoder_meta`) as JSON. `load_encoder` reads it back."""
+    `meta` (from `models.encoder_meta`) as JSON, with the `digest` of the two pure dicts.
+    `load_encoder` reads it back and checks it."""
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     with ocp.CheckpointManager(workdir_lib.path(directory), item_names=_ENCODER_ITEMS) as mngr:
         mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure),
-                                             meta=ocp.args.JsonSave(meta)), force=True)
+                                             meta=ocp.args.JsonSave(dict(meta, digest=digest(pure)))),
+                  force=True)
         mngr.wait_until_finished()
 
 
 def load_encoder(path: str, step: int | None = None, which: str = "query") -> tuple[Encoder, dict[str, Any]]:
     """Restores an encoder from a training workdir (its newest readable step, or `step`; the
     query encoder, or the momentum encoder with which="key") or from an `export_encoder`
-    directory. -> (Encoder with the restored weights, meta). Raises FileNotFoundError with what
-    was expected when `path` holds neither (or not `step`), NoReadableStep (a RuntimeError) when
-    no step of the workdir restores; a given `step` that fails to restore raises its own error."""
+    directory. -> (Encoder with the restored weights, meta). The weights are checked as training
+    checks a state it resumes from (`check_restored`): a workdir step whose restored state differs
+    from its SHA-256 digest or holds NaN or inf is unreadable, as is an exported encoder whose
+    weights differ from the digest written at export (one exported without a digest, by an earlier
+    version, is only checked for NaN and inf, with a note). Raises FileNotFoundError with what was
+    expected when `path` holds neither (or not `step`); NoReadableStep (a RuntimeError) when no
+    step of the workdir restores (each unreadable one logged as a warning, newest first), when the
+    given `step` does not (one line naming it and why), or when an exported encoder does not."""
     path = workdir_lib.path(path)
     if (path / "checkpoints").is_dir():
         mngr = manager(path)
@@ -194,10 +229,17 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
         def read(s):
             meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             state = restore_replicated(mngr, s, "state")
+            check_restored(state, meta, s, saved_order(mngr, s, "state", state))
             return (_fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]),
                     dict(meta["encoder"], step=s))
 
-        return read(step) if step is not None else restore_newest(mngr, read, what="encoder")[1]
+        if step is None:
+            return restore_newest(mngr, read, what="encoder")[1]
+        try:
+            return read(step)
+        except Exception as err:  # noqa: BLE001 - any failure means the step is unreadable
+            raise NoReadableStep(f"the encoder at step {step} in {mngr.directory} could not be restored "
+                                 f"({type(err).__name__}: {_first_line(err)})") from None
     if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(
             f"{path} is neither a training workdir (with checkpoints/) nor an exported encoder; "
@@ -206,8 +248,19 @@ def load_encoder(path: str, step: int | None = None, which: str = "query") -> tu
         if mngr.latest_step() is None:
             raise FileNotFoundError(f"{path} holds no encoder checkpoint")
         meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        enc = restore_replicated(mngr, mngr.latest_step(), "encoder")
+        enc = _unwrap(restore_replicated(mngr, mngr.latest_step(), "encoder"))
+    if "digest" not in meta:
+        log.warning("%s was exported without a weight digest (by an earlier version): its weights are only "
+                    "checked for NaN and inf", path)
+    try:
+        check_restored(enc, meta, mngr.latest_step())
+    except ValueError as err:
+        raise NoReadableStep(f"the encoder in {path} cannot be used: {err}") from None
     return _fill(meta, enc["params"], enc["batch_stats"]), meta
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ""
 
 
 def restore_replicated(mngr: ocp.CheckpointManager, step: int, item: str):

@@ -33,18 +33,24 @@ with a note: the HCSC head is ``fc.0``/``fc.2`` as for ResNets, freshly initiali
 The architecture comes from the shapes (``vit_t/s/b`` by the embedding dim, the patch size from
 the patch conv; ``arch`` names it for narrower widths), the position embedding is recognized as
 MoCo v3's fixed sin-cos table or taken as a learned one. A learned table for another grid than
-the requested ``image_size`` is an error unless ``interpolate_pos_embed``, which resizes the
-grid bicubically as timm and DINO do (torch's bicubic kernel, a = -0.75, align_corners=False);
-the sin-cos table is simply recomputed for any grid. Export writes timm's keys (the sin-cos
-table included, for the model's image size), so ``timm.create_model('vit_small_patch16_224')
+the requested ``image_size`` is an error unless ``interpolate_pos_embed`` says how to resize
+the grid, as torch's ``F.interpolate(mode="bicubic", align_corners=False)`` does: "bicubic"
+(a = -0.75, no antialiasing: what DINO's and MoCo v3's loaders do) or "bicubic_antialias"
+(``antialias=True``: Keys' a = -0.5 kernel, widened when shrinking, what timm's
+``resample_abs_pos_embed`` does, e.g. for ``timm.create_model(..., img_size=...)``); the two
+differ (for a ViT-S/16 resized to 256 px, by 8e-2 in the table and 3e-3 in the output, as
+reported in issue #29). No mode is guessed from the file: timm, DINO and MoCo v3 ViTs share one
+key layout. The sin-cos table is simply recomputed for any grid. Export writes timm's keys (the
+sin-cos table included, for the model's image size), so ``timm.create_model('vit_small_patch16_224')
 .load_state_dict(sd, strict=False)`` reports only the classifier as missing and ``fc.*`` as
 unexpected.
 
 Command line::
 
-  python -m hcsc_jax.convert import-torch model.pth OUT_DIR    # -> checkpoints.load_encoder(OUT_DIR)
+  python -m hcsc_jax.convert import-torch model.pth OUT_DIR [--image-size 224] [--mean 0.485,0.456,0.406] \
+      [--std 0.229,0.224,0.225]                                # -> checkpoints.load_encoder(OUT_DIR)
   python -m hcsc_jax.convert import-torch vit.pth OUT_DIR [--arch vit_s16] [--image-size 224] \
-      [--interpolate-pos-embed] [--encoder base|momentum]          # a ViT
+      [--interpolate-pos-embed bicubic|bicubic_antialias] [--encoder base|momentum]   # a ViT
   python -m hcsc_jax.convert export-torch CHECKPOINT OUT.pth [--backbone-only | --moco-layout]
 
 ``export-torch`` writes plain torchvision names for the backbone and ``fc.0.*``/``fc.2.*`` for the
@@ -52,16 +58,25 @@ head: ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` then r
 head keys as unexpected and ``fc.weight``/``fc.bias`` as missing. ``--backbone-only`` leaves the
 head out (what detectron2's ``convert-torchvision-to-d2.py`` expects); ``--moco-layout`` writes
 ``{'arch', 'epoch', 'state_dict': {'module.encoder_q.<key>': ...}}`` as the authors' files are,
-for their ``main_lincls.py`` and MoCo's ``convert-pretrain-to-detectron2.py``.
+for their ``main_lincls.py`` and MoCo's ``convert-pretrain-to-detectron2.py``. Beside the
+``.pth`` it writes ``<OUT.pth>.json``: the encoder's meta (architecture, width, depth, ...) and
+the input it was trained on (image size, mean, std: `models.input_meta`, from a workdir's
+config.json or an encoder's meta); ``import-torch`` reads that sidecar when it finds one, so an
+exported ViT of any width imports back without ``--arch``. An import records the input in the
+encoder's meta for eval.py: ``--image-size`` / ``--mean`` / ``--std``, else the sidecar's, else
+ImageNet's (224 px, or the ViT's size) for 3-channel weights, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import re
 import sys
+import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -70,6 +85,8 @@ import numpy as np
 from flax import nnx
 
 from hcsc_jax import checkpoints, models
+from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from hcsc_jax.models import VIT_ARCHS, Encoder, ProjectionHead, VisionTransformer
 from hcsc_jax.models.resnet import Bottleneck
 from hcsc_jax.models.vit import sincos_pos_embed
@@ -249,6 +266,22 @@ def _fresh_head(num_features: int, meta: dict[str, Any], seed: int) -> dict:
     return nnx.to_pure_dict(nnx.state(head, nnx.Param))
 
 
+def _check_values(sd: Mapping[str, Any], keys) -> None:
+    """ValueError naming the first tensor of `keys` that the model cannot take as weights: not
+    floating-point (e.g. an int64 tensor where a weight belongs), NaN or inf values, or a BatchNorm
+    ``running_var`` with a negative variance."""
+    for key in keys:
+        x = np.asarray(sd[key])
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{key} is a {x.dtype} tensor; the model needs floating-point values there")
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise ValueError(f"{key} holds NaN or inf ({bad} of {x.size} values)")
+        if key.endswith("running_var") and (x < 0).any():
+            raise ValueError(f"{key} holds negative variances (min {x.min():.4g}): not a BatchNorm's running "
+                             "variance")
+
+
 def _key_mismatch(meta, expected: list[str], sd: Mapping[str, Any], optional=()) -> None:
     """ValueError naming the missing and unexpected keys (first 20 of each, with counts)."""
     missing = [k for k in expected if k not in sd]
@@ -264,20 +297,24 @@ def _key_mismatch(meta, expected: list[str], sd: Mapping[str, Any], optional=())
 
 def torch_to_encoder(
     state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
-    interpolate_pos_embed: bool = False, encoder: str = "base",
+    interpolate_pos_embed: str | None = None, encoder: str = "base",
 ) -> Encoder:
     """An :class:`Encoder` holding the weights of a torch state dict (values: NumPy arrays or
     anything ``np.asarray`` takes). ``meta``: a `models.encoder_meta` dict; inferred from the
     shapes (:func:`infer_meta`) when None. Without head keys the head is freshly initialized as
     ``ProjectionHead(F, hidden_dim, embed_dim, rngs=nnx.Rngs(seed))``. Raises ValueError listing
-    missing / unexpected keys (first 20 of each, with counts) and shape mismatches. A ViT state
+    missing / unexpected keys (first 20 of each, with counts) and shape mismatches, or naming the
+    first tensor that is not floating-point, holds NaN or inf, or a negative BatchNorm running
+    variance (`num_batches_tracked`, an integer, is dropped before). A ViT state
     dict goes to :func:`vit_torch_to_encoder` (``interpolate_pos_embed``, ``encoder``: ViT only)."""
     if is_vit_state_dict(state_dict):
         return vit_torch_to_encoder(state_dict, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
                                     encoder=encoder)
     sd, meta, with_head = _read_keys(normalize_keys(state_dict), meta, infer_meta, seed)
     model = models.build_encoder(meta, abstract=True)
-    _key_mismatch(meta, _expected_keys(model, with_head), sd)
+    expected = _expected_keys(model, with_head)
+    _key_mismatch(meta, expected, sd)
+    _check_values(sd, expected)
 
     graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, stats = nnx.to_pure_dict(p), nnx.to_pure_dict(s)
@@ -477,14 +514,47 @@ def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     return m
 
 
-def interpolate_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
-    """A learned (1, 1 + g*g, D) position embedding resized to a grid x grid patch grid as timm /
-    DINO do: the class token's row kept, the patch rows resized bicubically as a g x g image of
-    D channels (torch's ``F.interpolate(mode="bicubic", align_corners=False)``)."""
+def _bicubic_antialias_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
+    """(n_out, n_in) weights of torch's 1-D antialiased bicubic resize (``antialias=True``,
+    align_corners=False): Keys' kernel with a = -0.5 (PIL's), stretched by the scale when
+    downsampling, taken over the input pixels only and normalized to sum to 1 (ATen's
+    ``_compute_index_ranges_weights``)."""
+    scale = n_in / n_out
+    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1.0 else (2.0, 1.0)
+
+    def kernel(x):
+        x = abs(x)
+        return (((a + 2) * x - (a + 3)) * x * x + 1 if x < 1 else
+                (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0)
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        w = np.array([kernel((j - center + 0.5) * inv) for j in range(lo, hi)])
+        m[i, lo:hi] = w / w.sum() if w.sum() else w
+    return m
+
+
+# --interpolate-pos-embed: how a learned position embedding is resized to another grid.
+POS_EMBED_RESIZE = {
+    "bicubic": _bicubic_matrix,  # DINO, MoCo v3: F.interpolate(mode="bicubic", align_corners=False)
+    "bicubic_antialias": _bicubic_antialias_matrix,  # timm's resample_abs_pos_embed (antialias=True)
+}
+
+
+def interpolate_pos_embed(pos_embed: np.ndarray, grid: int, mode: str = "bicubic") -> np.ndarray:
+    """A learned (1, 1 + g*g, D) position embedding resized to a grid x grid patch grid: the class
+    token's row kept, the patch rows resized as a g x g image of D channels, as torch's
+    ``F.interpolate(size=(grid, grid), mode="bicubic", align_corners=False)`` does (`mode`
+    "bicubic": what DINO's and MoCo v3's loaders do) or with ``antialias=True`` ("bicubic_antialias":
+    timm's ``resample_abs_pos_embed``, what ``timm.create_model(..., img_size=...)`` does)."""
+    if mode not in POS_EMBED_RESIZE:
+        raise ValueError(f"unknown pos_embed resize {mode!r}; one of {', '.join(POS_EMBED_RESIZE)}")
     g = _grid(pos_embed)
     pos = np.asarray(pos_embed, np.float64)
     table = pos[0, 1:].reshape(g, g, -1)
-    m = _bicubic_matrix(g, grid)
+    m = POS_EMBED_RESIZE[mode](g, grid)
     resized = np.einsum("ai,ijd,bj->abd", m, table, m).reshape(1, grid * grid, -1)
     return np.concatenate([pos[:, :1], resized], axis=1).astype(np.float32)
 
@@ -507,16 +577,18 @@ def _read_keys(normalized: tuple[dict, list[str]], meta, infer, seed: int):
 
 
 def vit_torch_to_encoder(state_dict: Mapping[str, Any], meta: dict[str, Any] | None = None, *, seed: int = 0,
-                         interpolate_pos_embed: bool = False, encoder: str = "base") -> Encoder:
+                         interpolate_pos_embed: str | None = None, encoder: str = "base") -> Encoder:
     """`torch_to_encoder` of a ViT. A learned ``pos_embed`` for another grid than the model's is
-    resized (:func:`interpolate_pos_embed`) only when ``interpolate_pos_embed``; a sin-cos one
-    is checked and recomputed by the model for its grid."""
+    resized (:func:`interpolate_pos_embed`) only when ``interpolate_pos_embed`` names how
+    ("bicubic" or "bicubic_antialias"); a sin-cos one is checked and recomputed by the model for
+    its grid."""
     sd, meta, with_head = _read_keys(normalize_vit_keys(state_dict, encoder), meta, infer_vit_meta, seed)
     model = models.build_encoder(meta, abstract=True)
     vit = model.backbone
     learned = vit.pos_embed_kind == "learn"
     expected = [k for k, _, _ in _vit_layout(vit, with_head) if learned or k != "pos_embed"]
     _key_mismatch(meta, expected, sd, optional=("pos_embed",))
+    _check_values(sd, [k for k, _, _ in _vit_layout(vit, with_head) if k in sd])
     if "pos_embed" in sd:
         sd = dict(sd, pos_embed=_fit_pos_embed(sd["pos_embed"], vit, interpolate_pos_embed))
     graphdef, p, s = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -540,10 +612,10 @@ def vit_torch_to_encoder(state_dict: Mapping[str, Any], meta: dict[str, Any] | N
     return nnx.merge(graphdef, p, s)
 
 
-def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: bool) -> np.ndarray:
+def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: str | None) -> np.ndarray:
     """The checkpoint's position embedding for the model: a sin-cos table is checked (the model
     recomputes it for its grid); a learned one must cover the model's grid, or be resized to it
-    when `interpolate`."""
+    the `interpolate` way (a `POS_EMBED_RESIZE` mode; None: refused)."""
     g = _grid(pos)
     size = g * vit.patch_size
     if vit.pos_embed_kind == "sincos":
@@ -558,11 +630,12 @@ def _fit_pos_embed(pos: np.ndarray, vit: VisionTransformer, interpolate: bool) -
     if not interpolate:
         raise ValueError(
             f"the checkpoint's learned pos_embed covers a {g}x{g} grid of patches ({size}-px images), the "
-            f"model a {new}x{new} grid ({new * vit.patch_size} px); import at image_size={size}, or pass "
-            "interpolate_pos_embed=True (--interpolate-pos-embed) to resize the grid bicubically as timm and "
-            "DINO do")
-    log.warning("torch_to_encoder: pos_embed resized from a %dx%d to a %dx%d grid (bicubic)", g, g, new, new)
-    return interpolate_pos_embed(pos, new)
+            f"model a {new}x{new} grid ({new * vit.patch_size} px); import at image_size={size}, or resize "
+            "the grid with --interpolate-pos-embed=bicubic (as DINO and MoCo v3 do) or =bicubic_antialias "
+            "(as timm does)")
+    log.warning("torch_to_encoder: pos_embed resized from a %dx%d to a %dx%d grid (%s)", g, g, new, new,
+                interpolate)
+    return interpolate_pos_embed(pos, new, interpolate)
 
 
 def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict[str, np.ndarray]:
@@ -588,14 +661,50 @@ def vit_encoder_to_torch(model: Encoder, *, backbone_only: bool = False) -> dict
 # ----------------------------------------------------------------------------- files
 
 
+# torch.save stores the members of its zip archive uncompressed, so they add up to less than the
+# file; members that would expand to more than this many times the file's size are a zip bomb.
+MAX_ZIP_EXPANSION = 4.0
+
+
+def check_torch_file(path: str) -> None:
+    """ValueError (one line, no --trust-pickle advice) unless `path` is what ``torch.save`` writes,
+    checked before ``torch.load`` reads anything: a zip archive with a ``<name>/data.pkl`` member
+    whose members expand to at most `MAX_ZIP_EXPANSION` times the file's size in all, or a legacy
+    (``_use_new_zipfile_serialization=False``) pickle file. A .tar.gz, random bytes, a zip
+    without ``data.pkl`` or a zip bomb (a small file whose data.pkl would expand to GBs) is refused."""
+    size = os.path.getsize(path)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = z.infolist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ValueError(f"{path} is not a PyTorch checkpoint: a damaged zip archive ({err})") from None
+        if not any(re.fullmatch(r"[^/]+/data\.pkl", m.filename) for m in members):
+            raise ValueError(f"{path} is not a PyTorch checkpoint: a zip archive without the <name>/data.pkl "
+                             "that torch.save writes")
+        total = sum(m.file_size for m in members)
+        if total > MAX_ZIP_EXPANSION * size:
+            raise ValueError(
+                f"{path} is not a PyTorch checkpoint: its zip members would expand to {total:,} bytes, "
+                f"{total / size:.0f}x the file's {size:,} (torch.save stores them uncompressed); not read")
+        return
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:  # pickle's PROTO opcode, protocol 2-5
+        raise ValueError(f"{path} is not a PyTorch checkpoint: neither the zip archive that torch.save "
+                         "writes nor a legacy pickle; pass the .pth file of a saved state dict")
+
+
 def load_torch_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a ``.pth`` file (torch needed) -> {key: float NumPy array or int array}, unwrapping
     ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers. Only tensors and plain containers are
     unpickled unless `trust_pickle` (which runs whatever code the file names: trusted files only).
-    A file that is no checkpoint at all is a ValueError that does not suggest --trust-pickle."""
+    A file that is no checkpoint at all (`check_torch_file`, before torch.load) is a ValueError
+    that does not suggest --trust-pickle."""
     torch = import_torch_module()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such PyTorch checkpoint file: {path}")
+    check_torch_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # noqa: BLE001 - torch.load raises anything on a file that is not its own
@@ -644,16 +753,65 @@ def save_torch_state_dict(
 
 
 def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = False,
-                 interpolate_pos_embed: bool = False, encoder: str = "base", **meta_kw) -> dict[str, Any]:
+                 interpolate_pos_embed: str | None = None, encoder: str = "base",
+                 image_size: int | None = None, mean=None, std=None, **meta_kw) -> dict[str, Any]:
     """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta.
-    Nothing is written unless the whole state dict converts."""
+    The file's sidecar ``<pth>.json`` (written by `export_torch`), when there is one, names the
+    architecture when ``arch`` does not and the input the weights were trained on (`models.input_meta`,
+    kept as ``meta["input"]`` for eval.py) where ``image_size`` / ``mean`` / ``std`` do not; what
+    neither says is ImageNet's for 3-channel weights (224 px, or the ViT's image size), logged as
+    assumed. Nothing is written unless the whole state dict converts."""
     sd = load_torch_state_dict(pth, trust_pickle)
-    meta = infer_meta(sd, converted_from=os.path.abspath(pth), encoder=encoder, **meta_kw)
+    recorded = read_sidecar(pth)
+    if meta_kw.get("arch") is None and "model" in recorded:
+        meta_kw["arch"] = recorded["model"]["arch"]
+    meta = infer_meta(sd, converted_from=os.path.abspath(pth), encoder=encoder, image_size=image_size,
+                      **meta_kw)
     model = torch_to_encoder(sd, meta, seed=seed, interpolate_pos_embed=interpolate_pos_embed,
                              encoder=encoder)
+    trained_on = _input_meta(meta, recorded.get("input", {}), image_size, mean, std)
+    if trained_on is not None:
+        meta["input"] = trained_on
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     checkpoints.export_encoder(out_dir, meta, params, stats)
     return meta
+
+
+def sidecar_path(pth: str) -> str:
+    """The JSON beside a ``.pth`` that `export_torch` writes and `import_torch` reads."""
+    return pth + ".json"
+
+
+def read_sidecar(pth: str) -> dict[str, Any]:
+    """The encoder meta of `pth`'s sidecar ({} when it has none); ValueError when it is no JSON."""
+    if not os.path.isfile(sidecar_path(pth)):
+        return {}
+    try:
+        with open(sidecar_path(pth)) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{sidecar_path(pth)} is not the JSON that export-torch writes ({err}); move it "
+                         "away to import the file without it") from None
+
+
+def _input_meta(meta, recorded: dict, image_size, mean, std) -> dict[str, Any] | None:
+    """`models.input_meta` of an import: the flags, else the sidecar's, else (3-channel weights)
+    ImageNet's, logged as assumed; None (logged) for other channel counts when something is unknown."""
+    channels = int(meta["in_channels"])
+    values = dict(image_size=image_size or recorded.get("image_size") or meta["model"].get("image_size"),
+                  mean=mean or recorded.get("mean"), std=std or recorded.get("std"))
+    unknown = [k for k, v in values.items() if v is None]
+    flags = " ".join(f"--{k.replace('_', '-')}" for k in unknown)
+    if unknown and channels != 3:
+        log.warning("import-torch: the file does not say the %s of its %d-channel images: pass %s, or give "
+                    "them to eval.py", ", ".join(unknown), channels, flags)
+        return None
+    if unknown:
+        imagenet = dict(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        values.update({k: imagenet[k] for k in unknown})
+        log.warning("import-torch: assumed ImageNet's %s (the file does not say); pass %s if the weights "
+                    "were trained otherwise", ", ".join(f"{k}={values[k]}" for k in unknown), flags)
+    return models.input_meta(values["image_size"], channels, values["mean"], values["std"])
 
 
 def export_torch(
@@ -665,15 +823,33 @@ def export_torch(
     which: str = "query",
 ) -> dict[str, np.ndarray]:
     """Train workdir or exported encoder -> torchvision-named (timm-named for a ViT) ``.pth``;
-    returns the arrays."""
+    returns the arrays. Beside it, ``<out_pth>.json`` (`sidecar_path`) holds the encoder's meta
+    and the input it was trained on (a workdir's config.json, an exported encoder's meta), which
+    `import_torch` reads back: a ViT of any width then imports without ``--arch``."""
     model, meta = checkpoints.load_encoder(checkpoint, which=which)
     sd = encoder_to_torch(model, backbone_only=backbone_only)
+    recorded = {k: v for k, v in meta.items() if k != "digest"}  # (the digest is of the Orbax weights)
+    run_config = workdir_lib.path(checkpoint) / workdir_lib.CONFIG_FILE
+    if "input" not in recorded and run_config.exists():
+        run = workdir_lib.read_json(run_config)
+        recorded["input"] = models.input_meta(run["image_size"], meta["in_channels"], run["augment"]["mean"],
+                                              run["augment"]["std"])
     if moco_layout:
         wrap = {"arch": meta["model"]["arch"], "epoch": int(meta.get("epoch", 0) or 0)}
         save_torch_state_dict(out_pth, {f"module.encoder_q.{k}": v for k, v in sd.items()}, wrap)
     else:
         save_torch_state_dict(out_pth, sd)
+    workdir_lib.write_atomic(workdir_lib.path(sidecar_path(out_pth)), workdir_lib.dumps(recorded))
     return sd
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """A --mean / --std value: comma-separated floats."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        message = f"{text!r} is not comma-separated numbers, e.g. 0.5,0.5,0.5"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,10 +870,15 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--arch", default=None, help="ViT only: the architecture (e.g. vit_s16) when the width "
                      "is not the standard one")
     imp.add_argument("--image-size", type=int, default=None,
-                     help="ViT only: image side to use (default: the checkpoint's position-embedding grid)")
-    imp.add_argument("--interpolate-pos-embed", action="store_true",
-                     help="ViT only: resize a learned position embedding to --image-size (bicubic, as "
-                     "timm and DINO do)")
+                     help="image side the weights were trained on, recorded for eval.py; a ViT's model size "
+                     "too (default: the sidecar's, else a ViT's position-embedding grid, else 224)")
+    imp.add_argument("--mean", type=_floats, default=None, help="per-channel input mean the weights were "
+                     "trained with, e.g. 0.485,0.456,0.406 (default: the sidecar's, else ImageNet's for RGB)")
+    imp.add_argument("--std", type=_floats, default=None, help="per-channel input std (as --mean)")
+    imp.add_argument("--interpolate-pos-embed", choices=tuple(POS_EMBED_RESIZE), default=None,
+                     help="ViT only: resize a learned position embedding to --image-size: bicubic (torch's "
+                     "F.interpolate, as DINO and MoCo v3 do) or bicubic_antialias (antialias=True, as timm's "
+                     "resample_abs_pos_embed does)")
     imp.add_argument("--encoder", choices=_MOCO_V3_ENCODERS, default="base",
                      help="MoCo v3 files: base_encoder (default) or momentum_encoder")
     exp = sub.add_parser("export-torch",
@@ -729,11 +910,14 @@ def main(argv: list[str] | None = None) -> int:
                 encoder=args.encoder,
                 arch=args.arch,
                 image_size=args.image_size,
+                mean=args.mean,
+                std=args.std,
                 embed_dim=args.embed_dim,
                 hidden_dim=args.hidden_dim,
                 bn_group_size=args.bn_group_size,
             )
-            print(f"wrote {args.out_dir}: {meta['model']} in_channels={meta['in_channels']}")
+            print(f"wrote {args.out_dir}: {meta['model']} in_channels={meta['in_channels']} "
+                  f"input={meta.get('input')}")
         else:
             sd = export_torch(
                 args.checkpoint,
@@ -742,8 +926,8 @@ def main(argv: list[str] | None = None) -> int:
                 moco_layout=args.moco_layout,
                 which=args.which,
             )
-            print(f"wrote {args.out_pth}: {len(sd)} tensors")
-    except (FileNotFoundError, ValueError, ImportError) as err:
+            print(f"wrote {args.out_pth}: {len(sd)} tensors; its meta in {sidecar_path(args.out_pth)}")
+    except (FileNotFoundError, ValueError, ImportError, checkpoints.NoReadableStep) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -102,8 +102,6 @@ def cached(path, key: dict, compute) -> np.ndarray:
     t0 = time.perf_counter()
     array = compute()
     log.info("computed %s in %.1fs", path.name if path is not None else "features", time.perf_counter() - t0)
-    if path is not None and distributed.is_main():
-        tmp = path.with_name(path.name + ".tmp")
-        workdir_lib.save_npz(tmp, dict(array=array, key=np.asarray(json.dumps(key))))
-        tmp.rename(path)
+    if path is not None and distributed.is_main():  # atomic: concurrent evals of one step may share `path`
+        workdir_lib.save_npz(path, dict(array=array, key=np.asarray(json.dumps(key))))
     return array

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import socket
 from typing import Any
 
@@ -62,13 +63,24 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
-def write_atomic(p: epath.Path, text: str):
-    """Writes `text` to `p` through a temporary file renamed over it: a reader (or a kill) sees
-    the old file or the new one, never a cut one."""
-    tmp = p.with_name(p.name + ".tmp")
+def write_bytes_atomic(p: epath.Path, data: bytes):
+    """Writes `data` to `p` through a temporary file beside it, of a name no other writer uses
+    (`<name>.<pid>-<random>.tmp`), replaced over `p`: a reader (or a kill) sees the old file or
+    the new one, never a cut one; writers of the same `p` at the same time all succeed (the last
+    one's file stays), and a temporary file left by a killed writer blocks no later write."""
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    tmp.replace(p)
+    tmp = p.with_name(f"{p.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(p: epath.Path, text: str):
+    """`text` (UTF-8) written to `p` by `write_bytes_atomic`."""
+    write_bytes_atomic(p, text.encode())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -129,11 +141,11 @@ def read_json(p: epath.Path) -> Any:
 
 
 def save_npz(p: epath.Path, arrays: dict[str, np.ndarray]):
-    """`np.savez` to any epath (built in memory: object stores cannot seek)."""
+    """`np.savez` to any epath (built in memory: object stores cannot seek), written by
+    `write_bytes_atomic`."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(buf.getvalue())
+    write_bytes_atomic(p, buf.getvalue())
 
 
 def load_npz(p: epath.Path) -> dict[str, np.ndarray]:

@@ -10,8 +10,10 @@ padding and layout differences they guard against show at any even size.
 """
 
 import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -309,6 +311,16 @@ def test_cli_import_then_export_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     model, meta = checkpoints.load_encoder(str(out))
     assert meta["model"]["arch"] == "resnet18" and meta["model"]["small_stem"] is True
+    # The file does not say what input it was trained on: ImageNet's, said, recorded for eval.py.
+    assert ("assumed ImageNet's image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225) "
+            "(the file does not say); pass --image-size --mean --std if the weights were trained "
+            "otherwise") in r.stderr
+    assert meta["input"] == dict(image_size=224, channels=3, mean=[0.485, 0.456, 0.406],
+                                 std=[0.229, 0.224, 0.225])
+    assert convert.main(["import-torch", str(pth), str(tmp_path / "given"), "--image-size=16",
+                         "--mean=0.5,0.5,0.5", "--std=0.2,0.2,0.2"]) == 0
+    assert checkpoints.load_encoder(str(tmp_path / "given"))[1]["input"] == dict(
+        image_size=16, channels=3, mean=[0.5] * 3, std=[0.2] * 3)
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         f_ref, z_ref = (t.numpy() for t in net(torch.from_numpy(x)))
@@ -344,15 +356,79 @@ def _convert_cli(*args):
     )
 
 
-def test_a_file_that_is_no_checkpoint_is_not_told_to_trust_pickle(tmp_path, capsys):
-    pytest.importorskip("torch")
-    pth = tmp_path / "notes.pth"
-    pth.write_text("hello world\n")
-    for flags in ([], ["--trust-pickle"]):
-        assert convert.main(["import-torch", str(pth), str(tmp_path / "out"), *flags]) == 2
-        err = capsys.readouterr().err
-        assert "is not a PyTorch checkpoint that torch.load can read" in err and "--trust-pickle" not in err
-        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+def _not_checkpoints(tmp_path, good_pth):
+    """Files that torch.load must never see -> {name: (path, what the one line says)}."""
+    import tarfile
+
+    files = {}
+    (tmp_path / "notes.pth").write_text("hello world\n")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
+        tar.add(good_pth, arcname="model.pth")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("notes/readme.txt", "not a checkpoint")
+    # A zip bomb: a few KB whose data.pkl expands to 5 MB (a 1 MB file expanding to 1 GiB alike).
+    with zipfile.ZipFile(tmp_path / "bomb.pth", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", bytes(5 * 2**20))
+        z.writestr("archive/version", "3\n")
+    neither = ("is not a PyTorch checkpoint: neither the zip archive that torch.save writes nor a legacy "
+               "pickle")
+    files.update({name: (tmp_path / name, neither) for name in ("notes.pth", "random.pth", "model.tar.gz")})
+    files["other.zip"] = (tmp_path / "other.zip", "is not a PyTorch checkpoint: a zip archive without the "
+                                                   "<name>/data.pkl that torch.save writes")
+    files["bomb.pth"] = (tmp_path / "bomb.pth", "is not a PyTorch checkpoint: its zip members would expand "
+                                                 "to 5,242,882 bytes, ")
+    return files
+
+
+def test_a_file_that_is_no_checkpoint_is_not_told_to_trust_pickle(tmp_path, capsys, monkeypatch):
+    """Text, random bytes, a .tar.gz, a zip without data.pkl and a zip bomb are refused before
+    torch.load reads them, in one line that gives no --trust-pickle advice; the files torch.save
+    writes (zip, and the legacy pickle) are read."""
+    torch = pytest.importorskip("torch")
+    net = _torch_resnet("resnet18", small_stem=True, width=0.25, hidden_dim=32, out_dim=16)
+    good = tmp_path / "good.pth"
+    torch.save(net.state_dict(), good)
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    for name, (path, message) in _not_checkpoints(tmp_path, good).items():
+        for flags in ([], ["--trust-pickle"]):
+            assert convert.main(["import-torch", str(path), str(tmp_path / "out"), *flags]) == 2, name
+            err = capsys.readouterr().err
+            assert message in err and "--trust-pickle" not in err, (name, err)
+            assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    monkeypatch.setattr(torch, "load", load)
+    torch.save(net.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for path in (good, tmp_path / "legacy.pth"):
+        np.testing.assert_array_equal(convert.load_torch_state_dict(str(path))["conv1.weight"],
+                                      net.state_dict()["conv1.weight"].numpy())
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("conv1.weight", np.nan, r"conv1.weight holds NaN or inf \(432 of 432 values\)"),
+    ("layer2.1.bn2.weight", np.inf, r"layer2.1.bn2.weight holds NaN or inf \(1 of 32 values\)"),
+    ("layer1.0.bn1.running_var", -0.5,
+     r"layer1.0.bn1.running_var holds negative variances \(min -0.5\): not a BatchNorm's running variance"),
+    ("fc.0.weight", "int64", r"fc.0.weight is a int64 tensor; the model needs floating-point values there"),
+])
+def test_weights_that_are_no_weights_are_refused_naming_the_tensor(tmp_path, capsys, key, value, message):
+    """NaN, inf, integer tensors where weights belong, negative running variances: one line
+    naming the tensor, nothing written (num_batches_tracked, int64, is fine)."""
+    torch = pytest.importorskip("torch")
+    net = _torch_resnet("resnet18", small_stem=True, width=0.25, hidden_dim=32, out_dim=16)
+    sd = net.state_dict()
+    assert sd["bn1.num_batches_tracked"].dtype == torch.int64
+    if value == "int64":
+        sd[key] = sd[key].to(torch.int64)
+    else:
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[0] = value
+        if np.isnan(value):
+            sd[key].fill_(value)
+    torch.save(sd, tmp_path / "bad.pth")
+    assert convert.main(["import-torch", str(tmp_path / "bad.pth"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"error: {message}\n", err) and not (tmp_path / "out").exists()
 
 
 def test_without_torch_import_is_one_line_saying_how_to_install_it(tmp_path, capsys, monkeypatch):

@@ -258,10 +258,11 @@ def test_missing_unexpected_and_unknown_width_are_named():
         convert.infer_meta(sd, arch="vit_s16")
 
 
-def _torch_bicubic(pos, grid):
+def _torch_bicubic(pos, grid, antialias=False):
     g = int(math.isqrt(pos.shape[1] - 1))
     t = torch.from_numpy(pos[:, 1:]).reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    t = nn.functional.interpolate(t, size=(grid, grid), mode="bicubic", align_corners=False)
+    t = nn.functional.interpolate(t, size=(grid, grid), mode="bicubic", align_corners=False,
+                                  antialias=antialias)
     return np.concatenate([pos[:, :1], t.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).numpy()], axis=1)
 
 
@@ -270,16 +271,28 @@ def test_learned_pos_embed_of_another_grid_needs_interpolation(caplog):
     meta = convert.infer_meta(sd, arch="vit_s4", image_size=24)  # a 6x6 grid
     assert meta["model"]["image_size"] == 24 and meta["model"]["pos_embed"] == "learn"
     with pytest.raises(ValueError, match=r"covers a 4x4 grid of patches \(16-px images\), the model a 6x6 "
-                                         r"grid \(24 px\).*--interpolate-pos-embed.*as timm and DINO do"):
+                                         r"grid \(24 px\).*--interpolate-pos-embed=bicubic \(as DINO and "
+                                         r"MoCo v3 do\) or =bicubic_antialias \(as timm does\)"):
         convert.torch_to_encoder(sd, meta)
-    with caplog.at_level(logging.WARNING):
-        model = convert.torch_to_encoder(sd, meta, interpolate_pos_embed=True)
-    assert "resized from a 4x4 to a 6x6 grid" in caplog.text
-    got = np.asarray(model.backbone.pos_embed[...])
-    assert got.shape == (1, 37, 48)
-    np.testing.assert_allclose(got, _torch_bicubic(sd["pos_embed"], 6), atol=1e-5)  # torch's bicubic
-    np.testing.assert_allclose(convert.interpolate_pos_embed(sd["pos_embed"], 2),
-                               _torch_bicubic(sd["pos_embed"], 2), atol=1e-5)  # downsampling too
+    for mode, antialias in (("bicubic", False), ("bicubic_antialias", True)):
+        with caplog.at_level(logging.WARNING):
+            model = convert.torch_to_encoder(sd, meta, interpolate_pos_embed=mode)
+        assert f"resized from a 4x4 to a 6x6 grid ({mode})" in caplog.text
+        got = np.asarray(model.backbone.pos_embed[...])
+        assert got.shape == (1, 37, 48)
+        np.testing.assert_allclose(got, _torch_bicubic(sd["pos_embed"], 6, antialias), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown pos_embed resize 'bilinear'; one of bicubic, "
+                                         "bicubic_antialias"):
+        convert.interpolate_pos_embed(sd["pos_embed"], 6, "bilinear")
+    # 14 -> 16 (224 -> 256 px at patch 16), 14 -> 10 (160 px), downsampling by more than 2, odd sizes:
+    # torch's F.interpolate without and with antialias=True (what timm's resample_abs_pos_embed calls).
+    rng = np.random.default_rng(0)
+    for g, new in ((14, 16), (14, 10), (4, 2), (24, 5), (3, 11)):
+        pos = (0.02 * rng.normal(size=(1, 1 + g * g, 8))).astype(np.float32)  # timm's initial scale
+        plain, smooth = (convert.interpolate_pos_embed(pos, new, m) for m in ("bicubic", "bicubic_antialias"))
+        np.testing.assert_allclose(plain, _torch_bicubic(pos, new), atol=1e-6)
+        np.testing.assert_allclose(smooth, _torch_bicubic(pos, new, antialias=True), atol=1e-6)
+        assert np.abs(plain - smooth).max() > 1e-3  # two different resizes
     # A sin-cos table is recomputed for any grid: nothing to interpolate.
     sincos = convert.encoder_to_torch(_random_encoder(_meta()))
     model = convert.torch_to_encoder(sincos, convert.infer_meta(sincos, arch="vit_s4", image_size=24))
@@ -317,7 +330,7 @@ def test_cli_import_then_export_end_to_end(tmp_path, capsys):
     assert convert.main(["import-torch", str(pth), str(out), "--arch=vit_s4", "--image-size=24"]) == 2
     assert "--interpolate-pos-embed" in capsys.readouterr().err and not out.exists()  # nothing written
     assert convert.main(["import-torch", str(pth), str(out), "--arch=vit_s4", "--image-size=24",
-                         "--interpolate-pos-embed"]) == 0
+                         "--interpolate-pos-embed=bicubic"]) == 0
     assert "'image_size': 24" in capsys.readouterr().out
     back = tmp_path / "back.pth"
     assert convert.main(["export-torch", str(out), str(back)]) == 0

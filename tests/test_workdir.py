@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -48,3 +49,38 @@ def test_the_lock_refuses_a_live_holder_takes_over_a_dead_one_and_is_released(tm
     with pytest.raises(workdir.WorkdirError, match="on elsewhere"):
         with workdir.locked(run):
             pass
+
+
+def test_writers_of_one_file_at_once_all_succeed_and_a_stale_tmp_blocks_nothing(tmp_path):
+    """Two evaluations of one checkpoint share its feature cache: writers of the same file at the
+    same time (threads here, as processes) all succeed and leave a whole file; a second cache key
+    replaces the first; a temporary file left by a killed writer blocks nothing."""
+    from hcsc_jax import features
+
+    target = workdir.path(tmp_path) / "features_step66_digits_train.npz"
+    (tmp_path / "features_step66_digits_train.npz.tmp").write_bytes(b"left by a killed writer")
+    barrier, errors = threading.Barrier(2), []
+
+    def writer(i):
+        try:
+            for round_ in range(30):
+                barrier.wait()
+                key = dict(writer=i, round=round_)
+                got = features.cached(target, key, lambda: np.full((4, 3), i, np.float32))
+                np.testing.assert_array_equal(got, np.full((4, 3), i, np.float32))
+                workdir.write_atomic(target.with_name("result.json"), json.dumps(key))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    saved = workdir.load_npz(target)
+    assert json.loads(str(saved["key"]))["writer"] == int(saved["array"][0, 0])  # one writer's whole file
+    assert json.loads((tmp_path / "result.json").read_text())["round"] == 29
+    assert sorted(os.listdir(tmp_path)) == ["features_step66_digits_train.npz",
+                                            "features_step66_digits_train.npz.tmp", "result.json"]

@@ -206,23 +206,26 @@ def accuracies(scores, labels) -> dict[str, float]:
     return dict(top1=100 * topk_accuracy(scores, labels, 1), top5=100 * topk_accuracy(scores, labels, 5))
 
 
-
-def data_spec(config, run_config: dict | None = None) -> DataSpec:
+def data_spec(config, run_config: dict | None = None, trained_on: dict | None = None) -> DataSpec:
     """The eval config's data fields, unset (None) ones taken from a training run's config.json
-    (`run_config`); EvalError naming the flags to set when neither has them."""
-    run = run_config or {}
+    (`run_config`), else (image_size, mean, std) from the input an exported or imported encoder
+    records (`trained_on`: its `models.input_meta`); EvalError naming the flags to set when none
+    has them."""
+    run, enc = run_config or {}, trained_on or {}
     aug, inp = run.get("augment", {}), run.get("input", {})
     fallback = dict(dataset=run.get("dataset"), data_dir=run.get("data_dir"),
                     train_split=run.get("train_split"), eval_split=run.get("eval_split"),
-                    image_size=run.get("image_size"), mean=aug.get("mean"),
-                    std=aug.get("std"), pipeline=inp.get("pipeline", "memory"),
+                    image_size=run.get("image_size", enc.get("image_size")),
+                    mean=aug.get("mean", enc.get("mean")), std=aug.get("std", enc.get("std")),
+                    pipeline=inp.get("pipeline", "memory"),
                     num_workers=inp.get("num_workers", -1), prefetch=inp.get("prefetch", 2),
                     bad_images=inp.get("bad_images", "skip"), max_pixels=inp.get("max_pixels", MAX_PIXELS))
     data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
     missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std")
                if data[k] is None]
     if missing:
-        raise EvalError("no training config.json to take " + ", ".join(missing) + " from; set them with "
+        raise EvalError("neither a training config.json nor the encoder's input metadata give "
+                        + ", ".join(missing) + "; set them with "
                         + " ".join(f"--config.{k}=..." for k in missing))
     if data["pipeline"] not in ("memory", "stream"):
         raise EvalError(f"pipeline must be 'memory' or 'stream', got {data['pipeline']!r}")
@@ -238,6 +241,8 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
                     key_encoder: bool = False) -> Context:
     """A Context for the query encoder of a train.py workdir (newest readable step, or `step`) or
     an exported encoder directory (local or a bucket); outputs go to `out`, default `<path>/eval/`.
+    Data fields the eval config leaves unset come from `<path>/config.json` or the encoder's
+    recorded input (`data_spec`).
     With `key_encoder`, a workdir's momentum encoder of the same step too (`Context.key_encoder`;
     an exported encoder has none). `Context.run_config`: `<path>/config.json` when there is one."""
     path = workdir_lib.path(path)
@@ -251,10 +256,11 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
                             "pass the --workdir of a run or a directory written by export_encoder or "
                             "`convert import-torch`") from None
         raise EvalError(f"no encoder found: {err}") from None
-    except RuntimeError as err:  # every step of the workdir failed to restore
-        raise EvalError(f"{err} (see the warnings above)") from None
+    except RuntimeError as err:  # no step of the workdir (or not `step`, or not the export) restores
+        raise EvalError(f"{err} (see the warnings above)" if step is None and (path / "checkpoints").is_dir()
+                        else str(err)) from None
     run_config = workdir_lib.read_json(path / "config.json") if (path / "config.json").exists() else None
-    data = data_spec(config, run_config)
+    data = data_spec(config, run_config, meta.get("input"))
     arch = meta["model"]["arch"]
     if config.get("expect_arch") and arch != config.expect_arch:
         raise EvalError(f"{path} holds a {arch} encoder, this eval config is for {config.expect_arch}; "

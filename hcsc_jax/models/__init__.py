@@ -1,5 +1,5 @@
 """Models: torchvision-layout ResNets with grouped BN, timm-layout ViTs, MoCo v2 projection head,
-encoder (its builders `make_encoder`, `encoder_meta`, `build_encoder`, `check_model_config`; run
+encoder (its builders `make_encoder`, `encoder_meta`, `input_meta`, `build_encoder`, `check_model_config`; run
 functionally with `split_model` / `apply_model`)."""
 
 from .encoder import (
@@ -8,6 +8,7 @@ from .encoder import (
     build_encoder,
     check_model_config,
     encoder_meta,
+    input_meta,
     l2_normalize,
     make_encoder,
     split_model,
@@ -31,6 +32,7 @@ __all__ = [
     "build_encoder",
     "check_model_config",
     "encoder_meta",
+    "input_meta",
     "l2_normalize",
     "make_encoder",
     "resnet18",

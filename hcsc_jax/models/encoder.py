@@ -105,6 +105,17 @@ def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, 
     return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
 
 
+def input_meta(image_size: int, channels: int, mean, std) -> dict[str, Any]:
+    """The input an encoder was trained on, kept as `meta["input"]` beside its weights (exported
+    and imported encoders, whose directory has no training config.json): the crop size and the
+    per-channel normalization of its `channels`-channel images (the first `channels` entries of
+    `mean` / `std`, as `augmentations.channel_stats`). ValueError when fewer are given."""
+    mean, std = [float(m) for m in mean][:channels], [float(s) for s in std][:channels]
+    if len(mean) < channels or len(std) < channels:
+        raise ValueError(f"mean {mean} and std {std} need a value for each of the {channels} channels")
+    return dict(image_size=int(image_size), channels=int(channels), mean=mean, std=std)
+
+
 def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -> Encoder:
     """The encoder described by `encoder_meta` (shapes only, no allocation, if `abstract`)."""
     m = meta["model"]
