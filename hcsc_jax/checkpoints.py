@@ -7,14 +7,14 @@ holds `clustering.Hierarchy.to_arrays()` when the epoch uses prototypes. Saves a
 asynchronous; Orbax commits a step atomically, so a run killed while saving leaves the previous
 step intact. A step that fails to restore (corrupt files) is reported and the one before used:
 `restore_newest` is that loop, for the training state (`restore_latest`), the encoders
-(`load_encoder`) and the linear probe's own checkpoints (`evaluators.linear`).
+(`restore_encoder`) and the linear probe's own checkpoints (`evaluators.linear`).
 With several processes every process calls `save` and `restore_latest` (Orbax coordinates the
 writes); encoders load on any number of devices and processes, whatever topology saved them.
 A restored training state that differs from the SHA-256 digest saved with it, or holds NaN or
-inf, counts as unreadable, for training and for `load_encoder` alike (which restores it as a tree
+inf, counts as unreadable, for training and for `restore_encoder` alike (which restores it as a tree
 of dicts and hashes it in the saved order, `saved_order`); an exported encoder carries the digest
 of its weights too. Unreadable training steps are moved aside (`<step>.unusable`) once an older
-one restores, so the run continues past them; `load_encoder` only skips them.
+one restores, so the run continues past them; `restore_encoder` only skips them.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ _ENCODER_ITEMS = ("encoder", "meta")
 def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
     """Writes an encoder-only Orbax checkpoint: parameters and BN statistics (pure dicts) and
     `meta` (from `models.encoder_meta`) as JSON, with the `digest` of the two pure dicts.
-    `load_encoder` reads it back and checks it."""
+    `restore_encoder` reads it back and checks it."""
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     with ocp.CheckpointManager(workdir_lib.path(directory), item_names=_ENCODER_ITEMS) as mngr:
         mngr.save(0, args=ocp.args.Composite(encoder=ocp.args.StandardSave(pure),
@@ -206,7 +206,8 @@ def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
         mngr.wait_until_finished()
 
 
-def load_encoder(path: str, step: int | None = None, which: str = "query") -> tuple[Encoder, dict[str, Any]]:
+def restore_encoder(path: str, step: int | None = None,
+                    which: str = "query") -> tuple[Encoder, dict[str, Any]]:
     """Restores an encoder from a training workdir (its newest readable step, or `step`; the
     query encoder, or the momentum encoder with which="key") or from an `export_encoder`
     directory. -> (Encoder with the restored weights, meta). The weights are checked as training

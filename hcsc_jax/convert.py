@@ -48,7 +48,7 @@ unexpected.
 Command line::
 
   python -m hcsc_jax.convert import-torch model.pth OUT_DIR [--image-size 224] [--mean 0.485,0.456,0.406] \
-      [--std 0.229,0.224,0.225]                                # -> checkpoints.load_encoder(OUT_DIR)
+      [--std 0.229,0.224,0.225]                                # -> checkpoints.restore_encoder(OUT_DIR)
   python -m hcsc_jax.convert import-torch vit.pth OUT_DIR [--arch vit_s16] [--image-size 224] \
       [--interpolate-pos-embed bicubic|bicubic_antialias] [--encoder base|momentum]   # a ViT
   python -m hcsc_jax.convert export-torch CHECKPOINT OUT.pth [--backbone-only | --moco-layout]
@@ -755,7 +755,7 @@ def save_torch_state_dict(
 def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = False,
                  interpolate_pos_embed: str | None = None, encoder: str = "base",
                  image_size: int | None = None, mean=None, std=None, **meta_kw) -> dict[str, Any]:
-    """``.pth`` -> Orbax encoder directory (readable by `checkpoints.load_encoder`); returns meta.
+    """``.pth`` -> Orbax encoder directory (readable by `checkpoints.restore_encoder`); returns meta.
     The file's sidecar ``<pth>.json`` (written by `export_torch`), when there is one, names the
     architecture when ``arch`` does not and the input the weights were trained on (`models.input_meta`,
     kept as ``meta["input"]`` for eval.py) where ``image_size`` / ``mean`` / ``std`` do not; what
@@ -826,7 +826,7 @@ def export_torch(
     returns the arrays. Beside it, ``<out_pth>.json`` (`sidecar_path`) holds the encoder's meta
     and the input it was trained on (a workdir's config.json, an exported encoder's meta), which
     `import_torch` reads back: a ViT of any width then imports without ``--arch``."""
-    model, meta = checkpoints.load_encoder(checkpoint, which=which)
+    model, meta = checkpoints.restore_encoder(checkpoint, which=which)
     sd = encoder_to_torch(model, backbone_only=backbone_only)
     recorded = {k: v for k, v in meta.items() if k != "digest"}  # (the digest is of the Orbax weights)
     run_config = workdir_lib.path(checkpoint) / workdir_lib.CONFIG_FILE

@@ -124,7 +124,7 @@ def make_input(config, split: str, mesh, train: bool = True):
 def init_from(model, path: str) -> None:
     """Overwrites `model`'s parameters and BN statistics with those of the encoder at `path`
     (a workdir or an exported / PyTorch-imported encoder); the architectures must match."""
-    source, meta = checkpoints.load_encoder(path)
+    source, meta = checkpoints.restore_encoder(path)
     new, old = nnx.state(source), nnx.state(model)
     shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(t))
     if shapes(new) != shapes(old):

@@ -181,7 +181,7 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     n = source.num_examples
     idx = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
     images = np.stack([crops.center_crop_image(source.load(int(i)), config.image_size) for i in idx])
-    model, _ = checkpoints.load_encoder(workdir, which="key")
+    model, _ = checkpoints.restore_encoder(workdir, which="key")
     mesh = sharding.make_mesh()
     graphdef, params, stats = models.split_model(model)
     params, stats = sharding.replicate((params, stats), mesh)

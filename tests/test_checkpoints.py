@@ -1,6 +1,6 @@
 """hcsc_jax.checkpoints: the weights an evaluation reads are the weights that were saved.
 
-`load_encoder` restores a workdir's `TrainState` as a tree of dicts, yet checks the SHA-256
+`restore_encoder` restores a workdir's `TrainState` as a tree of dicts, yet checks the SHA-256
 digest that training computed over the `TrainState` leaves in their own order; an exported
 encoder carries a digest of its own. Small states filled from NumPy (no XLA initialization).
 """
@@ -86,27 +86,27 @@ def _flip_a_bit(monkeypatch, step):
     monkeypatch.setattr(checkpoints, "restore_replicated", flipped)
 
 
-def test_load_encoder_checks_the_training_digest_and_falls_back(workdir, monkeypatch, caplog):
-    model, meta = checkpoints.load_encoder(workdir)  # the digest of an intact step matches
+def test_restore_encoder_checks_the_training_digest_and_falls_back(workdir, monkeypatch, caplog):
+    model, meta = checkpoints.restore_encoder(workdir)  # the digest of an intact step matches
     assert meta["step"] == 2 and meta["model"]["depth"] == 11
     intact = np.asarray(model.backbone.cls_token[...])
     _flip_a_bit(monkeypatch, 2)
     with caplog.at_level(logging.WARNING):
-        model, meta = checkpoints.load_encoder(workdir)
+        model, meta = checkpoints.restore_encoder(workdir)
     assert meta["step"] == 1 and np.array_equal(np.asarray(model.backbone.cls_token[...]), intact)
     assert ("encoder at step 2 in" in caplog.text and "differs from the one saved (SHA-256 digest)); trying "
             "the previous one" in caplog.text)
     with pytest.raises(checkpoints.NoReadableStep,
                        match=r"^the encoder at step 2 in .* could not be restored \(ValueError: the restored "
                              r"state of step 2 differs from the one saved \(SHA-256 digest\)\)$"):
-        checkpoints.load_encoder(workdir, step=2)
+        checkpoints.restore_encoder(workdir, step=2)
     config = _eval_config()
     with pytest.raises(EvalError, match=r"^the encoder at step 2 in .* could not be restored \(ValueError: "):
         common.from_checkpoint(config, workdir, 2, sharding.make_mesh())  # eval.py --step=2: one line, exit 1
     _flip_a_bit(monkeypatch, 1)
     with pytest.raises(checkpoints.NoReadableStep,
                        match=r"no encoder in .* could be restored \(steps \[1, 2\]\)"):
-        checkpoints.load_encoder(workdir)
+        checkpoints.restore_encoder(workdir)
 
 
 def _export(path, meta, nan=False):
@@ -122,7 +122,7 @@ def test_an_exported_encoder_carries_a_digest_and_nan_is_refused(tmp_path, monke
     meta = models.encoder_meta(dict(arch="resnet18", width=0.0625, small_stem=True, embed_dim=8,
                                     hidden_dim=16, dtype="float32"), 3, 8)
     model = _export(tmp_path / "enc", meta)
-    loaded, got = checkpoints.load_encoder(str(tmp_path / "enc"))
+    loaded, got = checkpoints.restore_encoder(str(tmp_path / "enc"))
     assert len(got["digest"]) == 64
     assert np.array_equal(np.asarray(loaded.head.fc2.kernel[...]), np.asarray(model.head.fc2.kernel[...]))
     # An export of an earlier version has no digest: NaN / inf only, with a note.
@@ -130,19 +130,19 @@ def test_an_exported_encoder_carries_a_digest_and_nan_is_refused(tmp_path, monke
     old = {k: v for k, v in json.loads(meta_file.read_text()).items() if k != "digest"}
     meta_file.write_text(json.dumps(old))
     with caplog.at_level(logging.WARNING):
-        checkpoints.load_encoder(str(tmp_path / "enc"))
+        checkpoints.restore_encoder(str(tmp_path / "enc"))
     assert "exported without a weight digest" in caplog.text
     _export(tmp_path / "nan", meta, nan=True)
     with pytest.raises(checkpoints.NoReadableStep,
                        match=r"the encoder in .*/nan cannot be used: \['batch_stats'\]\['backbone'\]\['bn1'\]"
                              r"\['var'\] of step 0 holds NaN or inf"):
-        checkpoints.load_encoder(str(tmp_path / "nan"))
+        checkpoints.restore_encoder(str(tmp_path / "nan"))
     vit = models.encoder_meta(digits.get_config("vit,runlocal").model.to_dict(), 1, None)
     _export(tmp_path / "vit", vit)
     _flip_a_bit(monkeypatch, 0)
     with pytest.raises(checkpoints.NoReadableStep,
                        match=r"the encoder in .*/vit cannot be used: the restored state of step 0 differs"):
-        checkpoints.load_encoder(str(tmp_path / "vit"))
+        checkpoints.restore_encoder(str(tmp_path / "vit"))
 
 
 def test_eval_py_stops_in_one_line_when_no_step_is_readable(workdir, tmp_path):
@@ -182,9 +182,9 @@ def test_a_vit_exported_to_torch_imports_back_without_arch_and_keeps_its_input(w
     with caplog.at_level(logging.WARNING):
         assert convert.main(["import-torch", pth, str(tmp_path / "imported")]) == 0
     assert "assumed" not in caplog.text
-    model, meta = checkpoints.load_encoder(str(tmp_path / "imported"))
+    model, meta = checkpoints.restore_encoder(str(tmp_path / "imported"))
     assert meta["model"]["arch"] == "vit_t4" and meta["input"] == recorded["input"]
-    original, _ = checkpoints.load_encoder(str(run))
+    original, _ = checkpoints.restore_encoder(str(run))
     assert np.array_equal(np.asarray(model.backbone.blocks[10].mlp.fc2.kernel[...]),
                           np.asarray(original.backbone.blocks[10].mlp.fc2.kernel[...]))
     config = _eval_config()

@@ -309,7 +309,7 @@ def test_cli_import_then_export_end_to_end(tmp_path):
     out = tmp_path / "enc"
     r = _convert_cli("import-torch", str(pth), str(out))
     assert r.returncode == 0, r.stderr
-    model, meta = checkpoints.load_encoder(str(out))
+    model, meta = checkpoints.restore_encoder(str(out))
     assert meta["model"]["arch"] == "resnet18" and meta["model"]["small_stem"] is True
     # The file does not say what input it was trained on: ImageNet's, said, recorded for eval.py.
     assert ("assumed ImageNet's image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225) "
@@ -319,7 +319,7 @@ def test_cli_import_then_export_end_to_end(tmp_path):
                                  std=[0.229, 0.224, 0.225])
     assert convert.main(["import-torch", str(pth), str(tmp_path / "given"), "--image-size=16",
                          "--mean=0.5,0.5,0.5", "--std=0.2,0.2,0.2"]) == 0
-    assert checkpoints.load_encoder(str(tmp_path / "given"))[1]["input"] == dict(
+    assert checkpoints.restore_encoder(str(tmp_path / "given"))[1]["input"] == dict(
         image_size=16, channels=3, mean=[0.5] * 3, std=[0.2] * 3)
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():

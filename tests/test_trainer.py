@@ -440,7 +440,7 @@ def test_bad_configs_fail_with_clear_messages(tmp_path):
 
 def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
     workdir, summary = finished_run
-    model, meta = checkpoints.load_encoder(workdir)
+    model, meta = checkpoints.restore_encoder(workdir)
     assert meta["step"] == summary["step"] and meta["in_channels"] == 1
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = _restore_raw(os.path.join(workdir, "checkpoints"), summary["step"])
@@ -452,12 +452,12 @@ def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
     # Export, then load: the same function of the input.
     export_dir = str(tmp_path / "encoder")
     checkpoints.export_encoder(export_dir, meta, params, stats)
-    again, meta2 = checkpoints.load_encoder(export_dir)
+    again, meta2 = checkpoints.restore_encoder(export_dir)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 8, 8, 1)), jnp.float32) / 255
     for a, b in zip(model(x, train=False), again(x, train=False)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="neither a training workdir"):
-        checkpoints.load_encoder(str(tmp_path / "nothing"))
+        checkpoints.restore_encoder(str(tmp_path / "nothing"))
 
 
 def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path):
@@ -473,7 +473,7 @@ def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path):
 
 
 def _final_params(workdir):
-    model, _ = checkpoints.load_encoder(workdir)
+    model, _ = checkpoints.restore_encoder(workdir)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

@@ -249,7 +249,7 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     if not path.exists():
         raise EvalError(f"checkpoint path {path} does not exist")
     try:
-        model, meta = checkpoints.load_encoder(path, step)
+        model, meta = checkpoints.restore_encoder(path, step)
     except FileNotFoundError as err:
         if not (path / "checkpoints").is_dir():
             raise EvalError(f"{path} is not a train.py run (it has no checkpoints/) nor an exported encoder; "
@@ -268,7 +268,7 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     encoder = frozen(model, meta, int(meta.get("step", 0) if step is None else step), mesh)
     key = None
     if key_encoder and (path / "checkpoints").is_dir():  # (an exported directory holds one encoder)
-        key = frozen(*checkpoints.load_encoder(path, encoder.step, which="key"), encoder.step, mesh)
+        key = frozen(*checkpoints.restore_encoder(path, encoder.step, which="key"), encoder.step, mesh)
     return Context(encoder, data, mesh, out or path / "eval", int(config.embed_batch),
                    bool(config.progress_bar), int(config.seed), key_encoder=key,
                    run_config=None if run_config is None else ml_collections.ConfigDict(run_config))

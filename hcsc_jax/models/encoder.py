@@ -99,7 +99,7 @@ def make_encoder(
 
 
 def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, **extra) -> dict[str, Any]:
-    """What `build_encoder` (and `checkpoints.load_encoder`) needs to rebuild an encoder: arch,
+    """What `build_encoder` (and `checkpoints.restore_encoder`) needs to rebuild an encoder: arch,
     width, small_stem, embed_dim, hidden_dim, dtype (and for a ViT the `VIT_FIELDS`: the
     `config.model` fields), in_channels, bn_group_size, plus `extra`."""
     return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)

@@ -1,0 +1,162 @@
+"""A trained encoder in your own code: `hcsc_jax.load_encoder(path)` -> `Pretrained`.
+
+  import hcsc_jax
+  enc = hcsc_jax.load_encoder("runs/digits")   # a train.py workdir (local or gs://), an exported
+                                               # encoder, or a `convert import-torch` directory
+  feats = enc.features(images)                 # uint8 (N, H, W, C) of any size -> (N, F) float32
+  z = enc.project(images)                      # the L2-normalized projection (N, embed_dim)
+  x = enc.preprocess(images)                   # the normalized center crops the encoder sees
+  graphdef, params, batch_stats = enc.split()  # for jax.jit / jax.grad (models.apply_model)
+
+`Pretrained.module` is the NNX `models.Encoder` itself (`module(x, train=...)` -> (pooled
+features, projection)), for `nnx.Optimizer` fine-tuning. `Pretrained.input` says what the encoder
+was trained on: the crop size, the channels and the per-channel mean / std, read from the run's
+config.json, or from the `meta["input"]` an exported or imported encoder carries.
+
+Preprocessing is the evaluation view of this package (as eval.py and the clustering see an
+image): torchvision's Resize(round(S * 256 / 224)) of the shorter side (bilinear, antialiased),
+CenterCrop(S), then (x / 255 - mean) / std. An array of same-sized images is cropped on the
+devices (as the in-memory input pipeline does), a list of differently sized ones on the host (as
+the streamed pipeline does). Color images are turned into gray levels for a 1-channel encoder
+(Pillow's ITU-R 601 luma) and gray ones repeated for a 3-channel encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hcsc_jax import checkpoints, features, models, sharding
+from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.data import augmentations, crops, pipeline
+
+__all__ = ["InputSpec", "Pretrained", "load_encoder"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """The input an encoder was trained on: crop side in pixels, channels (1 gray, 3 color), and
+    the per-channel mean / std of images scaled to [0, 1]."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """An encoder (`module`, NNX) with the input it expects (`input`) and its checkpoint metadata
+    (`meta`: `models.encoder_meta` fields, and `step` for a training workdir)."""
+
+    module: models.Encoder
+    input: InputSpec
+    meta: dict[str, Any]
+
+    @property
+    def num_features(self) -> int:
+        """F, the width of the pooled features (`features`)."""
+        return int(self.module.backbone.num_features)
+
+    def split(self):
+        """-> (graphdef, params, batch_stats): the functional form; `models.apply_model(graphdef,
+        params, batch_stats, x, train)` -> (pooled features, projection, new batch_stats)."""
+        return models.split_model(self.module)
+
+    def preprocess(self, images) -> jax.Array:
+        """uint8 images, (N, H, W, C) or (N, H, W) or a list of (H, W[, C]) of any sizes -> the
+        normalized center crops, float32 (N, S, S, channels) (see the module doc)."""
+        batch, cropped = self._uint8_views(images)
+        mean, std = self.input.mean, self.input.std
+        if cropped:
+            return augmentations.normalize(batch, mean, std)
+        return augmentations.center_crop(batch, self.input.image_size, mean, std)
+
+    def features(self, images, batch_size: int = 256) -> np.ndarray:
+        """Pooled backbone features (N, F) float32 of uint8 `images` (as `preprocess` takes them),
+        inference mode (BN running statistics), jitted, in batches sharded over this process's
+        devices."""
+        return self._embed(images, batch_size)[0]
+
+    def project(self, images, batch_size: int = 256) -> np.ndarray:
+        """The L2-normalized projection head output (N, embed_dim) float32 (see `features`)."""
+        return self._embed(images, batch_size)[1]
+
+    def _embed(self, images, batch_size: int):
+        batch, cropped = self._uint8_views(images)
+        mesh = sharding.make_mesh(jax.local_devices())
+        graphdef, params, stats = self.split()
+        batches = pipeline.array_batches(batch, mesh, batch_size, cropped=cropped)
+        return features.embed_batches(graphdef, params, stats, batches, len(batch), self.input.image_size,
+                                      self.input.mean, self.input.std)
+
+    def _uint8_views(self, images) -> tuple[np.ndarray, bool]:
+        """-> (uint8 (N, H, W, channels), whether these are already the center crops): one array
+        as it is, a list of images of several sizes center-cropped on the host."""
+        if isinstance(images, np.ndarray | jax.Array) and np.ndim(images) in (3, 4):
+            batch = np.asarray(images)
+            batch = batch[..., None] if batch.ndim == 3 else batch
+            return self._channels(_uint8(batch, "images")), False
+        if not isinstance(images, Sequence) or not len(images):
+            raise ValueError("images must be a uint8 array (N, H, W, C) or (N, H, W), or a non-empty list "
+                             "of (H, W, C) / (H, W) uint8 arrays")
+        views = []
+        for i, image in enumerate(images):
+            image = _uint8(np.asarray(image), f"images[{i}]")
+            if image.ndim not in (2, 3):
+                raise ValueError(f"images[{i}] must be (H, W, C) or (H, W), got shape {image.shape}")
+            image = self._channels(image if image.ndim == 3 else image[..., None])
+            views.append(crops.center_crop_image(image, self.input.image_size))
+        return np.stack(views), True
+
+    def _channels(self, x: np.ndarray) -> np.ndarray:
+        have, want = x.shape[-1], self.input.channels
+        if have == want:
+            return x
+        if have == 3 and want == 1:  # Pillow's "L": (19595 R + 38470 G + 7471 B + 2^15) >> 16
+            r, g, b = np.moveaxis(x.astype(np.uint32), -1, 0)
+            return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).astype(np.uint8)[..., None]
+        if have == 1 and want == 3:
+            return np.repeat(x, 3, axis=-1)
+        raise ValueError(f"images have {have} channels; this encoder takes {want} (1 gray or 3 color)")
+
+
+def _uint8(x: np.ndarray, what: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 (0-255), got {x.dtype}")
+    return x
+
+
+def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = "query") -> Pretrained:
+    """The encoder of `path`: a train.py workdir (local or a bucket; its newest readable step, or
+    `step`; the query encoder, or the momentum encoder with which="key"), a directory written by
+    `checkpoints.export_encoder` or `python -m hcsc_jax.convert import-torch`. Weights are checked
+    against their digest and for NaN / inf (`checkpoints.restore_encoder`). ValueError when the
+    input it was trained on is recorded nowhere (an export of an earlier version): build
+    `Pretrained(module, InputSpec(...), meta)` yourself then."""
+    if which not in ("query", "key"):
+        raise ValueError(f"which must be 'query' or 'key', got {which!r}")
+    module, meta = checkpoints.restore_encoder(path, step, which)
+    return Pretrained(module, input_spec(path, meta), meta)
+
+
+def input_spec(path, meta: dict[str, Any]) -> InputSpec:
+    """What the encoder of `path` (with checkpoint metadata `meta`) was trained on: the run's
+    config.json (image_size, augment.mean / std), else the `meta["input"]` of an exported or
+    imported encoder."""
+    channels = int(meta["in_channels"])
+    config = workdir_lib.path(path) / workdir_lib.CONFIG_FILE
+    if config.exists():
+        run = workdir_lib.read_json(config)
+        mean, std = augmentations.channel_stats(run["augment"]["mean"], run["augment"]["std"], channels)
+        return InputSpec(int(run["image_size"]), channels, tuple(mean), tuple(std))
+    recorded = meta.get("input")
+    if recorded is None:
+        raise ValueError(f"{path} records no input (image size, mean, std): it was exported by an earlier "
+                         "version; build hcsc_jax.Pretrained(module, hcsc_jax.InputSpec(...), meta) yourself")
+    return InputSpec(int(recorded["image_size"]), channels, tuple(recorded["mean"]), tuple(recorded["std"]))

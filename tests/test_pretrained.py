@@ -1,0 +1,90 @@
+"""hcsc_jax.load_encoder: a trained encoder in user code. Its features equal the encoder module run
+by hand on the documented preprocessing (torchvision-style resize + center crop + normalize), for
+same-sized arrays (device crop) and lists of any sizes (host crop); a workdir, its export and the
+key encoder load alike; bad images are one clear error."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import hcsc_jax
+from hcsc_jax import checkpoints, models
+from hcsc_jax.data import augmentations, crops, sources
+
+
+@pytest.fixture(scope="module")
+def enc(digits_run):
+    return hcsc_jax.load_encoder(digits_run)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return sources.load_dataset("digits", "test").images[:40]  # (40, 8, 8, 1) uint8
+
+
+def by_hand(enc, x):
+    feats, proj = enc.module(x, train=False)
+    return np.asarray(feats), np.asarray(proj)
+
+
+def test_input_spec_comes_from_the_run(enc, digits_run):
+    assert enc.input == hcsc_jax.InputSpec(8, 1, (0.5,), (0.5,))  # configs/digits.py:runlocal
+    assert enc.meta["step"] == 66 and enc.meta["model"]["arch"] == "resnet18"
+    assert isinstance(enc.module, models.Encoder) and enc.num_features == 64
+
+
+def test_features_and_projection_of_an_array_equal_the_module_on_its_center_crops(enc, images):
+    x = augmentations.center_crop(images, 8, (0.5,), (0.5,))
+    np.testing.assert_allclose(np.asarray(enc.preprocess(images)), np.asarray(x), atol=1e-6)
+    want_f, want_p = by_hand(enc, x)
+    f, p = enc.features(images, batch_size=16), enc.project(images)  # 40 = 2.5 batches: padding dropped
+    assert f.shape == (40, enc.num_features) and f.dtype == np.float32 and p.shape == (40, 16)
+    np.testing.assert_allclose(f, want_f, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(p, want_p, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(enc.features(images[..., 0], batch_size=16), f, rtol=1e-6, atol=1e-6)  # (N, H, W) too
+
+
+def test_a_list_of_sizes_and_color_images_are_cropped_on_the_host(enc, images):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 13, 3), np.uint8)
+    listed = [images[0], rng.integers(0, 256, (11, 9, 1), np.uint8), rgb, images[1][..., 0]]
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]  # Pillow's luma, exactly
+    views = np.stack([crops.center_crop_image(im, 8) for im in (images[0], listed[1], gray, images[1])])
+    np.testing.assert_array_equal(enc._uint8_views(listed)[0], views)
+    want_f, _ = by_hand(enc, augmentations.normalize(views, (0.5,), (0.5,)))
+    np.testing.assert_allclose(enc.features(listed), want_f, rtol=1e-4, atol=1e-4)
+
+
+def test_the_functional_form_jits_and_gives_the_same_features(enc, images):
+    graphdef, params, stats = enc.split()
+    apply = jax.jit(lambda p, s, x: models.apply_model(graphdef, p, s, x, train=False)[0])
+    np.testing.assert_allclose(np.asarray(apply(params, stats, enc.preprocess(images))), enc.features(images),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_an_export_and_the_key_encoder_load_alike(enc, digits_run, images, tmp_path):
+    module, meta = checkpoints.restore_encoder(digits_run)
+    _, params, stats = models.split_model(module)
+    checkpoints.export_encoder(str(tmp_path / "exported"), dict(meta, input=models.input_meta(8, 1, (0.5,), (0.5,))),
+                               params, stats)
+    exported = hcsc_jax.load_encoder(tmp_path / "exported")
+    assert exported.input == enc.input
+    np.testing.assert_array_equal(exported.features(images), enc.features(images))
+    key = hcsc_jax.load_encoder(digits_run, which="key")
+    assert not np.allclose(key.features(images), enc.features(images))  # the momentum encoder's own weights
+    checkpoints.export_encoder(str(tmp_path / "bare"), meta, params, stats)  # no input recorded
+    with pytest.raises(ValueError, match=r"records no input .*InputSpec\(\.\.\.\)"):
+        hcsc_jax.load_encoder(tmp_path / "bare")
+
+
+def test_bad_images_are_one_clear_error(enc):
+    with pytest.raises(ValueError, match="must be uint8"):
+        enc.features(np.zeros((2, 8, 8, 1), np.float32))
+    with pytest.raises(ValueError, match="2 channels; this encoder takes 1"):
+        enc.features(np.zeros((2, 8, 8, 2), np.uint8))
+    with pytest.raises(ValueError, match="non-empty list"):
+        enc.features([])
+    with pytest.raises(ValueError, match="which must be 'query' or 'key'"):
+        hcsc_jax.load_encoder("anything", which="value")
