@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import functools
 import logging
 import math
 import time
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 from hcsc_jax import (
     checkpoints,
     clustering,
-    console,
+    config_checks,
     distributed,
     evaluators,
     models,
@@ -57,6 +56,7 @@ from hcsc_jax import (
 from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.config_checks import ConfigError
 from hcsc_jax.data.decode import DecodeError
 from hcsc_jax.data.loader import LoaderError
 from hcsc_jax.features import embed_input
@@ -80,40 +80,17 @@ class NonFiniteLossError(DivergedError):
     """The loss became NaN or inf."""
 
 
-class ConfigError(ValueError):
-    """A config value that cannot train, with what to change (one line)."""
-
-
-# Fields that must be positive (> 0) or at least 0: (dotted name, minimum).
-_AT_LEAST = (("batch_size", 1), ("queue_size", 1), ("bn_group_size", 1), ("image_size", 1),
-             ("keep_checkpoints", 1), ("model.embed_dim", 1), ("clustering.niter", 1),
-             ("clustering.nredo", 1), ("epochs", 0), ("warmup_epochs", 0), ("log_every_steps", 0),
-             ("checkpoint_every_epochs", 0), ("checkpoint_every_steps", 0))
-_POSITIVE = ("lr", "model.width", "objective.temperature", "clustering.temperature")
-
-
 def check_values(config, num_devices: int) -> None:
-    """Raises ConfigError naming the field and what to change for a config that cannot train:
-    sizes and counts out of range, a batch, queue and BN groups that do not fit `num_devices`, an
-    objective or evaluator that does not exist. Runs before anything is written."""
-    get = lambda name: functools.reduce(lambda node, key: node[key], name.split("."), config)
-    for name, low in _AT_LEAST:
-        value = get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"config.{name} must be an integer >= {low}, got {value!r}; "
-                              f"set --config.{name}")
-    for name in _POSITIVE:
-        if not get(name) > 0:
-            raise ConfigError(f"config.{name} must be > 0, got {get(name)!r}; set --config.{name}")
-    if not 0 <= config.ema_momentum <= 1:
-        raise ConfigError(f"config.ema_momentum must be in [0, 1], got {config.ema_momentum!r}")
-    if any(k < 1 for k in config.clustering.num_clusters):
-        raise ConfigError(f"config.clustering.num_clusters must hold sizes >= 1, got "
-                          f"{tuple(config.clustering.num_clusters)}; set --config.clustering.num_clusters")
+    """Raises ConfigError naming the field and what to change for a config that cannot train: a
+    value that breaks its rule or a relation (`config_checks.check`), a batch, queue and BN groups
+    that do not fit `num_devices`, objective switches that exclude each other, a model that cannot
+    take the image or view sizes. Runs before anything is written."""
+    config_checks.check(config)
     try:
         ts.check_batch_config(config.batch_size, config.queue_size, config.bn_group_size, num_devices)
         setup.objective_config(config)
-        check_evals(config)
+        models.check_model_config(config.model, config.image_size, config.shuffle_bn,
+                                  [size for size, _ in config.augment.local_views])
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -220,8 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     main = distributed.is_main()
     mesh = sharding.make_mesh()
     check_values(config, mesh.size)
-    models.check_model_config(config.model, config.image_size, config.shuffle_bn,
-                              [size for size, _ in config.augment.local_views])
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
     with workdir_lib.locked(workdir, enabled=main):
         return _train_and_evaluate(config, workdir, mesh)
@@ -236,14 +211,8 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     batch = config.batch_size
     train_set = setup.make_input(config, config.train_split, mesh)
     n, steps_per_epoch = train_set.num_examples, train_set.steps_per_epoch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
+    config_checks.check_data(config, n, train_set.channels)  # (after the workdir exists: it needs the data)
     num_levels = len(config.clustering.num_clusters)
-    if num_levels and config.clustering.num_clusters[0] > n:
-        raise ConfigError(
-            f"clustering.num_clusters[0] = {config.clustering.num_clusters[0]} exceeds the {n} "
-            "training images; use fewer clusters"
-        )
     total_steps = steps_per_epoch * config.epochs
 
     # ---- Encoder, optimizer, train state, step functions ----
@@ -425,34 +394,6 @@ def missing_evals(config, workdir, step: int, steps_per_epoch: int) -> bool:
     return bool(missing)
 
 
-def check_evals(config) -> None:
-    """ValueError saying what to change for a config that still has a renamed field
-    (`config.eval`, `console.RENAMED_FIELDS`), a `config.evals` entry of an unknown protocol or
-    without an `every_epochs` >= 0 (0: after the last epoch only), or more than one "summary"
-    entry (summary.json holds one)."""
-    renamed = console.renamed_fields(config)
-    if renamed:
-        raise ValueError(renamed)
-    for name, cfg in config.evals.items():
-        protocol = evaluators.protocol(name, cfg)
-        if protocol not in evaluators.PROTOCOLS:
-            raise ValueError(f"config.evals.{name}: unknown evaluator {protocol!r}; known: "
-                             f"{', '.join(evaluators.PROTOCOLS)} (or set its 'type')")
-        every = cfg.get("every_epochs")
-        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-            raise ValueError(f"config.evals.{name}.every_epochs must be an integer >= 0 (0: after the last "
-                             f"epoch only), got {every!r}; set --config.evals.{name}.every_epochs")
-    summaries = summary_entries(config)
-    if len(summaries) > 1:
-        raise ValueError(f"config.evals has {len(summaries)} entries of type 'summary' "
-                         f"({', '.join(summaries)}); summary.json holds one: keep one")
-
-
-def summary_entries(config) -> list[str]:
-    """Names of the `config.evals` entries of type "summary" (at most one: `check_evals`)."""
-    return [name for name, cfg in config.evals.items() if evaluators.protocol(name, cfg) == "summary"]
-
-
 def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> tuple[dict[str, Any], dict]:
     """The evaluators of `config.evals` due after `epoch` (every `every_epochs`, and at the end) ->
     (one flat record {"<name>/<metric>": value} of their scalar results, {name: result})."""
@@ -479,7 +420,7 @@ def evaluate(config, ctx: evaluators.Context, results: dict) -> dict[str, Any]:
     (the evaluators' results of the last epoch on `ctx`) or run here on `ctx`. Without a summary
     entry, only the step and the epochs."""
     summary: dict[str, Any] = {"step": ctx.encoder.step, "epochs": config.epochs}
-    for name in summary_entries(config):
+    for name in config_checks.summary_entries(config):
         if name not in results:
             results[name], line = evaluators.run("summary", ctx, config.evals[name])
             log.info("%s", line)

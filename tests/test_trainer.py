@@ -154,7 +154,7 @@ def test_a_custom_named_entry_runs_its_type_and_the_summary_needs_the_key_encode
     assert ctx.key_encoder is None and ctx.run_config.epochs == 3  # (the key encoder only when asked)
     c = tiny_config()
     c.evals = {"nn": dict(type="knn", every_epochs=0, ks=(5,), temperature=0.07)}
-    trainer.check_evals(c)
+    trainer.check_values(c, jax.device_count())
     record, results = trainer.run_evals(c, ctx, 2, final=True)
     assert record["nn/per_k/5/top1"] == evals[-1]["knn/per_k/5/top1"] and "nn" in results
     assert trainer.run_evals(c, ctx, 1, final=False) == ({}, {})  # every_epochs 0: at the end only
