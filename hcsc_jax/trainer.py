@@ -30,8 +30,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import errno
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -166,11 +168,36 @@ def check_health(per_step: list[dict], first_step: int, divergence) -> None:
                     f"{limit:g}: the run diverges; stopping; lower the learning rate")
 
 
+# What a refused write says when Orbax's tensorstore raises it (a ValueError, the errno in its
+# message: "RESOURCE_EXHAUSTED: Error writing ...: No space left on device [os_error_code='28']"),
+# or the OS's own words for a full disk or quota, a read-only mount, a missing permission.
+_WRITE_REFUSED = re.compile(r"^[A-Z_]+: Error writing |No space left on device|Disk quota exceeded|"
+                            r"Read-only file system|Permission denied")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_failure(err: BaseException) -> BaseException | None:
+    """The refused write behind `err`: `err` itself when it is an OSError, else the first of it
+    and its causes (`__cause__`, `__context__`) that is an OSError with a full-disk, quota,
+    read-only or permission errno, or whose message says a write was refused (`_WRITE_REFUSED`:
+    tensorstore's ValueErrors); None when there is none."""
+    if isinstance(err, OSError):
+        return err
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno in _WRITE_ERRNOS) or _WRITE_REFUSED.search(str(err)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
 def keeping_saves(mngr):
-    """Leaving the loop for any error (a divergence, a full disk, a bug) first waits for the saves
+    """Leaving the run for any error (a divergence, a full disk, a bug) first waits for the saves
     in flight, so the newest checkpoint is kept; a divergence's or a write error's message then
-    names the checkpoint kept."""
+    names the checkpoint kept. A write error (`write_failure`: an OSError, or the ValueError
+    Orbax's tensorstore raises for a full disk) becomes one line, a WorkdirError."""
     try:
         yield
     except Exception as err:
@@ -184,25 +211,32 @@ def keeping_saves(mngr):
             what = ("replace or remove that file, or set --config.input.bad_images=skip"
                     if isinstance(err, DecodeError) else "the same command resumes")
             raise InputError(f"{err}; {what}. {checkpoints.describe_latest(mngr)}") from None
-        if isinstance(err, OSError) and not isinstance(err, workdir_lib.WorkdirError):
+        cause = write_failure(err)
+        if cause is not None and not isinstance(err, workdir_lib.WorkdirError):
+            what = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
             raise workdir_lib.WorkdirError(
-                f"writing the run failed ({type(err).__name__}: {err}); free space or make the workdir "
-                f"writable, then run the same command. {checkpoints.describe_latest(mngr)}") from err
+                f"writing the run failed ({what}); free space or make the workdir writable, then run the "
+                f"same command. {checkpoints.describe_latest(mngr)}") from err
         raise
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict.
-    The config is checked before anything is written; the workdir is locked while the run lasts."""
+    The config is checked before anything is written; the workdir is locked while the run lasts,
+    and SIGTERM or Ctrl-C, from the lock on, stops it at the next step boundary with a checkpoint
+    (`resume.Preempted`); after the last step, once its checkpoint is committed (the summary is
+    then left to the same command), or, during the summary, after summary.json (figures left out).
+    A second Ctrl-C ends the process at once (exit status 130), releasing the lock."""
     main = distributed.is_main()
     mesh = sharding.make_mesh()
     check_values(config, mesh.size)
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
-    with workdir_lib.locked(workdir, enabled=main):
-        return _train_and_evaluate(config, workdir, mesh)
+    release = (lambda: (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)) if main else None
+    with workdir_lib.locked(workdir, enabled=main), resume.PreemptionWatch(on_abort=release) as preemption:
+        return _train_and_evaluate(config, workdir, mesh, preemption)
 
 
-def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatch) -> dict[str, Any]:
     main = distributed.is_main()
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     resume.check_config(workdir, config_json)
@@ -239,10 +273,10 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     if main:  # after the resume checks: a refused run leaves the config of its checkpoints
         workdir_lib.write_atomic(workdir / workdir_lib.CONFIG_FILE, config_json)
     first_step = int(state.step)  # the loop counts steps on the host: no device sync per step
-    redo_evals = missing_evals(config, workdir, first_step, steps_per_epoch)
 
     # ---- Metrics, checkpoints, evaluators ----
     writer = metrics_lib.MetricsWriter(workdir, first_step, config, enabled=main)
+    redo_evals = missing_evals(config, workdir, first_step, steps_per_epoch)  # (of the file the writer kept)
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     # The context of the last epoch's evaluators and their results, which the summary reuses.
@@ -270,7 +304,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     window, epoch_sums = meta.get("log_sums", new_sums()), meta.get("epoch_sums", new_sums())
     first_epoch, first_in_epoch = divmod(first_step, steps_per_epoch)
     pending, inflight = [], collections.deque()  # metrics not yet fetched; steps not yet waited for
-    with resume.PreemptionWatch() as preemption, keeping_saves(mngr), contextlib.closing(train_set):
+    with keeping_saves(mngr), contextlib.closing(train_set):
         if redo_evals:  # a kill cut off the evaluators after the checkpoint of the last epoch's end
             evaluate_epoch(first_epoch - 1, first_step)
         if first_step == total_steps and mngr.latest_step() is None:
@@ -347,17 +381,23 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
                 raise resume.preempted(mngr, step, preemption.signal_name)
             if config.evals:  # after the save: evaluations a kill cuts short are redone on resume
                 evaluate_epoch(epoch, step)
-    mngr.wait_until_finished()
+        train_set.close()  # (its training loader's workers; the summary's feature pass has its own)
+        mngr.wait_until_finished()
+        if preemption.received:  # after the last step: the same command computes the summary
+            raise resume.preempted(mngr, int(state.step), preemption.signal_name)
 
-    # ---- Summary of the final encoder ----
-    if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
-        final_ctx, final_results = context(int(state.step)), {}
-    summary = evaluate(config, final_ctx, final_results)
-    writer.close()
-    if main:
-        workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
-        if config.figures_at_end:
-            visualize.write_run_figures(workdir)
+        # ---- Summary of the final encoder ----
+        if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
+            final_ctx, final_results = context(int(state.step)), {}
+        summary = evaluate(config, final_ctx, final_results)
+        writer.close()
+        if main:
+            workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
+            if preemption.received:  # (during the summary)
+                log.warning("%s received: summary.json written, figures left out (python -m "
+                            "hcsc_jax.visualize %s draws them)", preemption.signal_name, workdir)
+            elif config.figures_at_end:
+                visualize.write_run_figures(workdir)
     return summary
 
 

@@ -326,13 +326,90 @@ class _FakeManager:
         return 5 if self.waited else None
 
 
-def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept():
+def _raised_while_handling(cause, error):
+    """`error` raised in an `except` block for `cause` (its __context__)."""
+    try:
+        try:
+            raise cause
+        except OSError:
+            raise error  # noqa: B904 - the implicit chain is the point
+    except type(error) as raised:
+        return raised
+
+
+# What Orbax raised on a real full disk (a 2 MiB tmpfs; orbax-checkpoint 0.12.8, tensorstore
+# 0.1.86): tensorstore's ValueError, the errno in its message.
+ORBAX_FULL_DISK = (
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/runs/x/checkpoints/3.orbax-'
+    'checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/runs/x/checkpoints/3.'
+    'orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/8de28cfbe7ac8318ab91d929f2f597c7": '
+    "Failed to write 1202590 bytes to file 5: No space left on device [os_error_code='28']")
+
+
+@pytest.mark.parametrize("error,cause", [
+    (OSError(28, "No space left on device"), r"OSError: \[Errno 28\] No space left on device"),
+    (ValueError(ORBAX_FULL_DISK), r"ValueError: RESOURCE_EXHAUSTED: Error writing .* No space left on device "
+                                  r"\[os_error_code='28'\]"),
+    (_raised_while_handling(OSError(30, "Read-only file system"), RuntimeError("commit failed")),
+     r"OSError: \[Errno 30\] Read-only file system"),
+], ids=["OSError", "orbax", "chained"])
+def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept(error, cause):
     mngr = _FakeManager()
-    with pytest.raises(workdir_lib.WorkdirError, match=r"writing the run failed \(OSError: \[Errno 28\] No "
-                                                        r"space left on device\); free space .* The last "
-                                                        r"checkpoint kept is step 5 in /runs/x/checkpoints"):
+    message = rf"^writing the run failed \({cause}\); free space .* The last checkpoint kept is step 5 in"
+    with pytest.raises(workdir_lib.WorkdirError, match=message):
         with trainer.keeping_saves(mngr):
-            raise OSError(28, "No space left on device")
+            raise error
+
+
+def test_an_error_that_is_not_a_refused_write_stays_what_it_is():
+    """An XLA out-of-memory error also starts with RESOURCE_EXHAUSTED: it is no full disk."""
+    with pytest.raises(ValueError, match="^RESOURCE_EXHAUSTED: Out of memory while trying to allocate"):
+        with trainer.keeping_saves(_FakeManager()):
+            raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+
+FULL_DISK_SAVE = """
+import sys
+import flax.struct, jax
+from hcsc_jax import checkpoints, console, trainer
+from hcsc_jax import workdir as workdir_lib
+
+@flax.struct.dataclass
+class State:
+    w: jax.Array
+    step: jax.Array
+
+log = console.setup()
+mngr = checkpoints.manager(sys.argv[1])
+state = State(jax.random.normal(jax.random.key(0), (600_000,)), jax.numpy.array(3))  # 2.4 MB > 1 MiB
+try:
+    with trainer.keeping_saves(mngr):
+        checkpoints.save(mngr, state, {"epoch": 0, "step_in_epoch": 3}, None)
+        mngr.wait_until_finished()
+except workdir_lib.WorkdirError as err:
+    log.error("%s", err)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_real_full_disk_is_one_line_and_orbax_logs_no_traceback(tmp_path):
+    """A save to a 1 MiB tmpfs: Orbax's save threads log the failure with tracebacks and raise it;
+    what the console shows is the one line of `keeping_saves`."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
+        pytest.skip("mount -t tmpfs refused (no CAP_SYS_ADMIN)")
+    try:
+        done = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(small / "run")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert re.search(r"writing the run failed \(ValueError: RESOURCE_EXHAUSTED: Error writing .* No space "
+                     r"left on device \[os_error_code='28'\]\); free space .* No checkpoint was saved in",
+                     line), line
 
 
 def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
