@@ -255,6 +255,81 @@ def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finish
     assert untimed_records(workdir) == untimed_records(reference_dir)
 
 
+def test_two_quick_ctrl_c_inside_an_xla_compile_stop_at_once_with_status_130(tmp_path):
+    """Two Ctrl-C 0.2 s apart while the prototype step of epoch 2 compiles (~15 s of C++ during which
+    no Python signal handler runs, and after which Python saw the two as one: the run saved and
+    exited 0): the run ends at once, unsaved, status 130, its lock released, the checkpoints
+    directory holding only committed steps."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(tiny_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+    try:
+        lowered = 0  # jax logs this line, then compiles: the second is epoch 2's step
+        while lowered < 2 and (line := proc.stderr.readline()):
+            lowered += "Finished jaxpr to MLIR module conversion jit(step)" in line
+        assert lowered == 2, "the run ended before epoch 2's step compiled"
+        deadline = time.time() + 5
+        while not (workdir / "checkpoints" / "22").is_dir() and time.time() < deadline:
+            time.sleep(0.05)  # (the save of epoch 1's end committed, as it is by now)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].endswith("Ctrl-C again: stopped at once, unsaved; the same command "
+                                                 "resumes from the last checkpoint")
+    assert not (workdir / "run.lock").exists()
+    assert [s for s in os.listdir(workdir / "checkpoints") if s.isdigit()] == ["22"]
+    assert checkpoints.manager(str(workdir)).all_steps() == [22]
+
+
+def _signal_after(monkeypatch, module, name, sig=signal.SIGTERM):
+    """Replaces `module.name` by itself followed by `sig` to this process."""
+    original = getattr(module, name)
+
+    def then_signal(*args, **kwargs):
+        out = original(*args, **kwargs)
+        os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(module, name, then_signal)
+
+
+def test_a_stop_signal_after_the_last_step_keeps_its_checkpoint_and_leaves_the_summary(
+        finished_run, tmp_path, monkeypatch):
+    """SIGTERM after the last step (here before the loop of a finished run): the checkpoint is
+    committed, no summary, the lock released, exit 0 (Preempted); the same command then writes
+    summary.json."""
+    reference_dir, reference = finished_run
+    workdir = _copy_run(reference_dir, tmp_path / "run")
+    os.remove(os.path.join(workdir, "summary.json"))
+    _signal_after(monkeypatch, trainer, "missing_evals")  # (set-up, with the watch on)
+    with pytest.raises(resume.Preempted, match=r"^preempted \(SIGTERM\): saved the checkpoint of step 66 in"):
+        trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir)
+    assert not {"summary.json", "run.lock"} & set(os.listdir(workdir))
+    monkeypatch.undo()
+    assert trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir) == reference
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == reference
+
+
+def test_a_stop_signal_right_after_the_summary_line_still_writes_summary_json(
+        finished_run, tmp_path, monkeypatch, caplog):
+    """SIGTERM right after the final summary line (the probe: exit 143, summary.json missing, a stale
+    lock): summary.json is written, the figures left out, the lock released, the run ends normally."""
+    reference_dir, reference = finished_run
+    workdir = _copy_run(reference_dir, tmp_path / "run")
+    os.remove(os.path.join(workdir, "summary.json"))  # (the copy has no figures/)
+    _signal_after(monkeypatch, trainer, "evaluate")
+    assert trainer.train_and_evaluate(tiny_config(), workdir) == reference
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == reference
+    assert not {"figures", "run.lock"} & set(os.listdir(workdir))
+    assert "SIGTERM received: summary.json written, figures left out (python -m hcsc_jax.visualize" in \
+        caplog.text
+
+
 def test_resume_redoes_an_evaluation_a_kill_cut_off(finished_run, tmp_path):
     """A kill between the checkpoint of step 44 and the kNN record due there: the resumed run
     evaluates step 44 again, and metrics.jsonl ends as the uninterrupted run's."""
@@ -638,6 +713,19 @@ def test_resume_drops_a_cut_metrics_line(finished_run, tmp_path):
     assert summary == finished_run[1]
     after = read_jsonl(path)
     assert after[:len(before)] == before and after[-1]["type"] == "eval"
+
+
+def test_resume_moves_aside_a_metrics_file_random_bytes_reached(finished_run, tmp_path):
+    """Random bytes in metrics.jsonl (the probe: a UnicodeDecodeError traceback on resume): the file
+    as it was is kept as metrics.jsonl.corrupt-1, the run resumes with its readable records."""
+    workdir = _copy_run(finished_run[0], tmp_path / "run")
+    path = os.path.join(workdir, "metrics.jsonl")
+    lines = open(path, "rb").read().splitlines(keepends=True)
+    damaged = b"".join(lines[:5]) + bytes(range(128, 256)) + b"\n" + b"".join(lines[5:])
+    open(path, "wb").write(damaged)
+    assert trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir) == finished_run[1]
+    assert open(path + ".corrupt-1", "rb").read() == damaged
+    assert untimed_records(workdir) == untimed_records(finished_run[0])
 
 
 def test_an_empty_or_cut_config_json_is_one_clear_error(finished_run, tmp_path):
