@@ -129,8 +129,8 @@ def tuple_of(item: Rule, min_len: int = 0, max_len: int | None = None) -> Rule:
     bad = [("wrong type", "x"), *((f"entry {kind}", (value,)) for kind, value in item.bad)]
     bad += [("too short", ())] if min_len else []
     return Rule(f"a tuple of {count} entries, each {item.what}",
-                lambda v: (isinstance(v, (tuple, list)) and min_len <= len(v) <= (max_len or len(v))
-                           and all(item.ok(x) for x in v)),
+                lambda v: (isinstance(v, (tuple, list)) and len(v) >= min_len
+                           and (max_len is None or len(v) <= max_len) and all(item.ok(x) for x in v)),
                 (item.example,) * max(min_len, 1), tuple(bad))
 
 
@@ -172,8 +172,9 @@ QUEUE = integer(1, 2**24)
 DIM = integer(1, 2**16)
 # Level and k sizes: 2**20 clusters or neighbours is 0.8x ImageNet's training set.
 CLUSTERS = integer(1, 2**20)
-# Softmax temperatures scale logits of unit vectors by 1/T: below 1e-3 they pass 1000 (float32
-# exponentials then lose every other logit), above 1e3 they stay within 1e-3 of 0 (no signal).
+# Softmax temperatures (MoCo's 0.07 to 0.2) scale the logits of unit vectors by 1/T: below 1e-3
+# they span 2000 and the softmax is one-hot (float32 exp underflows below -87), above 1e3 they stay
+# within 1e-3 of each other and it is uniform.
 TEMPERATURE = real(1e-3, 1e3)
 # Iterations and restarts of k-means: faiss's defaults are 25 and 1; 10**5 iterations of ImageNet's
 # 3000 clusters take days on any host.
@@ -269,7 +270,7 @@ RULES: dict[str, Rule] = {
     "figures_at_end": boolean(),
     "divergence.max_loss": real(0, note="0: no limit"),
     "divergence.max_grad_norm": real(0, note="0: no limit"),
-    "log_every_steps": STEPS,
+    "log_every_steps": integer(0, note="0: at the end of each epoch only"),
     "checkpoint_every_epochs": integer(0, note="0: only at the end"),
     "checkpoint_every_steps": STEPS,
     "keep_checkpoints": integer(1),
