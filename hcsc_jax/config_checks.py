@@ -164,6 +164,9 @@ SEED = integer(0, 2**31 - 1 - 1000 * MAX_EPOCHS)
 # Image sides: 8 px is digits' own size (a small-stem ResNet's stride-8 map is then 1x1); 4096 px
 # is 18x ImageNet's 224 (a batch of 256 such float32 views is 48 GiB).
 SIDE = integer(8, 4096)
+# Multi-crop's local views are smaller crops (96 of 224 px; 4 of digits' 8 in the tests): below 4 px
+# a 3x3 convolution sees mostly its zero padding.
+LOCAL_SIDE = integer(4, 4096)
 # A batch or group beyond 2**20 images does not fit any device (ImageNet recipes: 256 to 4096).
 BATCH = integer(1, 2**20)
 # The queue: 2**24 keys x 128 dims float32 are 8 GiB on every device, 13x ImageNet's 1.28M images.
@@ -254,7 +257,7 @@ RULES: dict[str, Rule] = {
     "augment.flip": boolean(),
     "augment.mean": MEAN,
     "augment.std": STD,
-    "augment.local_views": tuple_of(fixed(SIDE, SCALE)),
+    "augment.local_views": tuple_of(fixed(LOCAL_SIDE, SCALE)),
     # Input.
     "input.pipeline": choice("memory", "stream"),
     "input.num_workers": WORKERS,
