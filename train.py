@@ -13,10 +13,10 @@ tensorboard/, hierarchy/epoch_*.npz, checkpoints/, summary.json (step, epochs an
 the config's `evals.summary` entry: kNN top-1 on the held-out split, NMI of each level of the key
 encoder's hierarchy; printed at the end), figures/. On SIGTERM (preemption) or Ctrl-C the run saves a
 checkpoint within a few steps (trainer.MAX_IN_FLIGHT) and exits 0; the same command resumes it.
-A second Ctrl-C stops at once. A config that cannot train, or a workdir another run holds
-(run.lock), is one line and exit status 2, before anything is written; data that cannot be read
-(an unknown dataset or split, missing files) is one line and exit status 1, before anything is
-written.
+A second Ctrl-C stops at once (exit status 130), also inside an XLA compile. A config that cannot
+train, or a workdir another run holds (run.lock), is one line and exit status 2, before anything is
+written; data that cannot be read (an unknown dataset or split, missing files) is one line and
+exit status 1, before anything is written.
 """
 
 import json

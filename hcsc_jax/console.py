@@ -28,10 +28,34 @@ RENAMED_FIELDS = {
 }
 
 
+class _RaisedToTheCaller(logging.Filter):
+    """Drops Orbax's error records: its background save threads log a failed save (a full disk)
+    with a traceback, hundreds of lines for one error, which they then raise to the caller, which
+    reports it in one line (`trainer.keeping_saves`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_closed_loop(hook):
+    """sys.unraisablehook `hook`, but silent for "Event loop is closed": after a save failed,
+    tensorstore's callbacks of its other writes can still try to wake Orbax's closed event loop
+    (an error nobody can catch, printed with a traceback; the failure itself is reported)."""
+
+    def unraisable(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    return unraisable
+
+
 def setup() -> logging.Logger:
-    """Quiets Orbax and faiss (they log every save and load at INFO) and returns the
-    `hcsc_jax` logger, printing `HH:MM:SS message` lines."""
+    """Quiets Orbax and faiss (they log every save and load at INFO; Orbax's errors reach the
+    caller, which reports them) and returns the `hcsc_jax` logger, printing `HH:MM:SS message`
+    lines."""
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(_RaisedToTheCaller())  # (Orbax logs through absl)
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.getLogger().setLevel(logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

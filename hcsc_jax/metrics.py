@@ -30,20 +30,57 @@ TENSORBOARD_DIR = "tensorboard"
 _REMOTE_FLUSH_SECS = 30  # object stores cannot append: metrics.jsonl is rewritten at most this often
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The record one line of metrics.jsonl holds (UTF-8 JSON of an object with an integer
+    "step"), or None."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # (UnicodeDecodeError, json.JSONDecodeError)
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def scan_records(path: epath.Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(the records of the metrics.jsonl file `path`, the 1-based numbers of its lines that are
+    not records: bytes that are not UTF-8, not JSON, not an object with a step). A last line that a
+    kill cut short (it lacks its newline) is neither: it is dropped with a warning."""
+    *lines, last = path.read_bytes().split(b"\n")
+    records, unreadable = [], []
+    for number, line in enumerate(lines, 1):
+        record = _record(line)
+        records += [record] if record is not None else []
+        unreadable += [number] if record is None else []
+    if last and _record(last) is None:
+        log.warning("dropping the unfinished last line of %s", path)
+    elif last:
+        records.append(_record(last))
+    return records, unreadable
+
+
+def _numbers(lines: list[int]) -> str:
+    """[3] -> "line 3"; [3, 4, ...] -> "lines 3, 4, ..." (5 at most, then how many more)."""
+    more = f" and {len(lines) - 5} more" if len(lines) > 5 else ""
+    return f"line{'s' * (len(lines) > 1)} {', '.join(map(str, lines[:5]))}{more}"
+
+
 def read_records(path: epath.Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file. A last line cut short by a kill is dropped (with a
-    warning); an unreadable line elsewhere raises ValueError with its number."""
-    lines = path.read_text().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                log.warning("dropping the unfinished last line of %s (%s)", path, err)
-                break
-            raise ValueError(f"{path} line {i + 1} is not JSON ({err}); fix or delete that line") from err
+    """The records of a metrics.jsonl file (`scan_records`); the lines that are not records are
+    skipped with one warning naming them."""
+    records, unreadable = scan_records(path)
+    if unreadable:
+        log.warning("%s: skipped the unreadable %s (not UTF-8 JSON of an object with a step)", path,
+                    _numbers(unreadable))
     return records
+
+
+def set_aside(path: epath.Path) -> epath.Path:
+    """Renames `path` to `<name>.corrupt-N` (the first N free) -> the new path."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.corrupt-{n}")).exists():
+        n += 1
+    path.rename(aside)
+    return aside
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -111,7 +148,8 @@ def _wandb_run(config, workdir: epath.Path):
 class MetricsWriter:
     """Writes records to `<workdir>/metrics.jsonl`, TensorBoard and (if `config.wandb.project`)
     W&B. On resume at `resume_step` drops the records past it (TensorBoard: `purge_step`).
-    Writes nothing unless `enabled` (process 0)."""
+    A metrics.jsonl holding lines that are not records (random bytes) is moved aside to
+    `metrics.jsonl.corrupt-N` and its records kept. Writes nothing unless `enabled` (process 0)."""
 
     def __init__(self, workdir: epath.Path, resume_step: int, config=None, enabled: bool = True):
         self.enabled = enabled
@@ -123,7 +161,12 @@ class MetricsWriter:
         self.local = workdir_lib.is_local(self.path)
         self.lines = []
         if self.path.exists():
-            keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+            records, unreadable = scan_records(self.path)
+            if unreadable:  # (the file as it was stays beside: nothing is lost)
+                log.warning("%s: unreadable %s (not UTF-8 JSON of an object with a step); moved the file "
+                            "to %s and kept its %d records", self.path, _numbers(unreadable),
+                            set_aside(self.path), len(records))
+            keep = [r for r in records if r["step"] <= resume_step]
             self.lines = [json.dumps(r, sort_keys=True) + "\n" for r in keep]
         self._rewrite()
         # One event file per session (the suffix keeps names apart within a second); purge_step

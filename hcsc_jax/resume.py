@@ -6,16 +6,20 @@ the workdir's `config.json` (batch size, epochs, queue, levels, architecture, ..
 during training, data_dir).
 
 `PreemptionWatch` turns SIGTERM (what TPU / GCE preemption and SLURM send before killing) and
-Ctrl-C (SIGINT; a second one stops at once) into a checkpoint at the next step boundary; with
-several processes jax's preemption service picks the same step on all of them (SIGTERM only).
+Ctrl-C (SIGINT; a second one stops at once, even inside an XLA compile) into a checkpoint at the
+next step boundary; with several processes jax's preemption service picks the same step on all of
+them (SIGTERM only).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -111,28 +115,57 @@ def preempted(mngr, step: int, signal_name: str) -> Preempted:
 
 
 class PreemptionWatch:
-    """Notes SIGTERM and SIGINT (Ctrl-C); `reached(step)` says whether to save and stop after
-    `step`. One process: Python handlers (installed from the main thread), restored when the `with`
-    block is left, however it is left; a second SIGINT raises KeyboardInterrupt at once. Several:
-    jax's preemption sync point (SIGTERM), the same step on every process."""
+    """Notes SIGTERM and SIGINT (Ctrl-C) while its `with` block runs: `received`, `signal_name`
+    (the first one), `reached(step)` (whether to save and stop after `step`). A second Ctrl-C
+    stops the process at once: `on_abort()` (e.g. release the run's lock), one line, exit status
+    130 (a shell's status for a process ended by Ctrl-C), no save, no other clean-up.
 
-    def __init__(self):
+    One process (handlers installed from the main thread, restored when the block is left, however
+    it is left): Python runs a signal handler only between bytecodes, so while the main thread is
+    inside a long C++ call (an XLA compile: minutes) no handler runs and two Ctrl-C would reach it
+    as one. So the signals also go to a socket (`signal.set_wakeup_fd`, written by the C-level
+    handler as each arrives) that a thread reads: it logs each signal when it arrives and ends the
+    process on the second Ctrl-C, compile or not. SIGTERM still waits for the call to return and
+    saves at the next step boundary. Several processes: jax's preemption sync point (SIGTERM
+    only), the same step on every process."""
+
+    def __init__(self, on_abort: Callable[[], None] | None = None):
         self.received = False
         self.signal_name = "SIGTERM"
+        self.on_abort = on_abort
         self.multiprocess = jax.process_count() > 1
-        self.previous = {}
-        if not self.multiprocess and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._on_signal)
+        self.previous: dict[int, Any] = {}
+        self._lock = threading.RLock()  # (a handler can interrupt the main thread inside `_note`)
+        self._handled = 0  # handler calls: each is at least one signal (coalesced ones are one call)
+        self._sockets, self._thread, self._wakeup = (), None, -1
+
+    def _note(self, signum: int, count: int) -> None:
+        """The `count`-th stop signal seen by one of the two paths (handler, socket thread)."""
+        with self._lock:
+            if count > 1 and signum == signal.SIGINT:
+                log.error("Ctrl-C again: stopped at once, unsaved; the same command resumes from the last "
+                          "checkpoint")
+                if self.on_abort is not None:
+                    self.on_abort()
+                os._exit(130)
+            if not self.received:
+                self.signal_name = signal.Signals(signum).name
+                again = " (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""
+                log.warning("%s received: saving a checkpoint at the next step boundary, then exiting%s",
+                            self.signal_name, again)
+                self.received = True
 
     def _on_signal(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        again = " (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""
-        log.warning("%s received: saving a checkpoint at the next step boundary, then exiting%s",
-                    self.signal_name, again)
-        self.received = True
+        self._handled += 1
+        self._note(signum, self._handled)
+
+    def _read_signals(self, sock: socket.socket) -> None:
+        count = 0
+        while data := sock.recv(64):  # b"" once __exit__ closed the other end
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    count += 1
+                    self._note(signum, count)
 
     def reached(self, step: int) -> bool:
         if self.multiprocess:
@@ -140,9 +173,27 @@ class PreemptionWatch:
         return self.received
 
     def __enter__(self) -> PreemptionWatch:
+        if self.multiprocess or threading.current_thread() is not threading.main_thread():
+            return self
+        read, write = socket.socketpair()
+        write.setblocking(False)
+        self._sockets = (read, write)
+        self._wakeup = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._on_signal)
+        self._thread = threading.Thread(target=self._read_signals, args=(read,), name="stop-signals",
+                                        daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        if self._sockets:
+            signal.set_wakeup_fd(self._wakeup)
+            read, write = self._sockets
+            write.close()
+            self._thread.join(timeout=5)
+            read.close()
+            self._sockets = ()

@@ -30,9 +30,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import functools
+import errno
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from hcsc_jax import (
     checkpoints,
     clustering,
-    console,
+    config_checks,
     distributed,
     evaluators,
     models,
@@ -57,6 +58,7 @@ from hcsc_jax import (
 from hcsc_jax import metrics as metrics_lib
 from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.config_checks import ConfigError
 from hcsc_jax.data.decode import DecodeError
 from hcsc_jax.data.loader import LoaderError
 from hcsc_jax.data.sources import check_available
@@ -81,40 +83,17 @@ class NonFiniteLossError(DivergedError):
     """The loss became NaN or inf."""
 
 
-class ConfigError(ValueError):
-    """A config value that cannot train, with what to change (one line)."""
-
-
-# Fields that must be positive (> 0) or at least 0: (dotted name, minimum).
-_AT_LEAST = (("batch_size", 1), ("queue_size", 1), ("bn_group_size", 1), ("image_size", 1),
-             ("keep_checkpoints", 1), ("model.embed_dim", 1), ("clustering.niter", 1),
-             ("clustering.nredo", 1), ("epochs", 0), ("warmup_epochs", 0), ("log_every_steps", 0),
-             ("checkpoint_every_epochs", 0), ("checkpoint_every_steps", 0))
-_POSITIVE = ("lr", "model.width", "objective.temperature", "clustering.temperature")
-
-
 def check_values(config, num_devices: int) -> None:
-    """Raises ConfigError naming the field and what to change for a config that cannot train:
-    sizes and counts out of range, a batch, queue and BN groups that do not fit `num_devices`, an
-    objective or evaluator that does not exist. Runs before anything is written."""
-    get = lambda name: functools.reduce(lambda node, key: node[key], name.split("."), config)
-    for name, low in _AT_LEAST:
-        value = get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"config.{name} must be an integer >= {low}, got {value!r}; "
-                              f"set --config.{name}")
-    for name in _POSITIVE:
-        if not get(name) > 0:
-            raise ConfigError(f"config.{name} must be > 0, got {get(name)!r}; set --config.{name}")
-    if not 0 <= config.ema_momentum <= 1:
-        raise ConfigError(f"config.ema_momentum must be in [0, 1], got {config.ema_momentum!r}")
-    if any(k < 1 for k in config.clustering.num_clusters):
-        raise ConfigError(f"config.clustering.num_clusters must hold sizes >= 1, got "
-                          f"{tuple(config.clustering.num_clusters)}; set --config.clustering.num_clusters")
+    """Raises ConfigError naming the field and what to change for a config that cannot train: a
+    value that breaks its rule or a relation (`config_checks.check`), a batch, queue and BN groups
+    that do not fit `num_devices`, objective switches that exclude each other, a model that cannot
+    take the image or view sizes. Runs before anything is written."""
+    config_checks.check(config)
     try:
         ts.check_batch_config(config.batch_size, config.queue_size, config.bn_group_size, num_devices)
         setup.objective_config(config)
-        check_evals(config)
+        models.check_model_config(config.model, config.image_size, config.shuffle_bn,
+                                  [size for size, _ in config.augment.local_views])
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -190,11 +169,36 @@ def check_health(per_step: list[dict], first_step: int, divergence) -> None:
                     f"{limit:g}: the run diverges; stopping; lower the learning rate")
 
 
+# What a refused write says when Orbax's tensorstore raises it (a ValueError, the errno in its
+# message: "RESOURCE_EXHAUSTED: Error writing ...: No space left on device [os_error_code='28']"),
+# or the OS's own words for a full disk or quota, a read-only mount, a missing permission.
+_WRITE_REFUSED = re.compile(r"^[A-Z_]+: Error writing |No space left on device|Disk quota exceeded|"
+                            r"Read-only file system|Permission denied")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_failure(err: BaseException) -> BaseException | None:
+    """The refused write behind `err`: `err` itself when it is an OSError, else the first of it
+    and its causes (`__cause__`, `__context__`) that is an OSError with a full-disk, quota,
+    read-only or permission errno, or whose message says a write was refused (`_WRITE_REFUSED`:
+    tensorstore's ValueErrors); None when there is none."""
+    if isinstance(err, OSError):
+        return err
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno in _WRITE_ERRNOS) or _WRITE_REFUSED.search(str(err)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
 def keeping_saves(mngr):
-    """Leaving the loop for any error (a divergence, a full disk, a bug) first waits for the saves
+    """Leaving the run for any error (a divergence, a full disk, a bug) first waits for the saves
     in flight, so the newest checkpoint is kept; a divergence's or a write error's message then
-    names the checkpoint kept."""
+    names the checkpoint kept. A write error (`write_failure`: an OSError, or the ValueError
+    Orbax's tensorstore raises for a full disk) becomes one line, a WorkdirError."""
     try:
         yield
     except Exception as err:
@@ -208,10 +212,12 @@ def keeping_saves(mngr):
             what = ("replace or remove that file, or set --config.input.bad_images=skip"
                     if isinstance(err, DecodeError) else "the same command resumes")
             raise InputError(f"{err}; {what}. {checkpoints.describe_latest(mngr)}") from None
-        if isinstance(err, OSError) and not isinstance(err, workdir_lib.WorkdirError):
+        cause = write_failure(err)
+        if cause is not None and not isinstance(err, workdir_lib.WorkdirError):
+            what = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
             raise workdir_lib.WorkdirError(
-                f"writing the run failed ({type(err).__name__}: {err}); free space or make the workdir "
-                f"writable, then run the same command. {checkpoints.describe_latest(mngr)}") from err
+                f"writing the run failed ({what}); free space or make the workdir writable, then run the "
+                f"same command. {checkpoints.describe_latest(mngr)}") from err
         raise
 
 
@@ -219,20 +225,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict.
     The config and the data (DataError: the dataset, its training split and, with evaluators, its
     eval split can be read) are checked before anything is written; the workdir is locked while
-    the run lasts."""
+    the run lasts, and SIGTERM or Ctrl-C, from the lock on, stops it at the next step boundary with
+    a checkpoint (`resume.Preempted`); after the last step, once its checkpoint is committed (the
+    summary is then left to the same command), or, during the summary, after summary.json (figures
+    left out). A second Ctrl-C ends the process at once (exit status 130), releasing the lock."""
     main = distributed.is_main()
     mesh = sharding.make_mesh()
     check_values(config, mesh.size)
-    models.check_model_config(config.model, config.image_size, config.shuffle_bn,
-                              [size for size, _ in config.augment.local_views])
     check_available(config.dataset, (config.train_split, *([config.eval_split] if config.evals else [])),
                     config.get("data_dir"))
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
-    with workdir_lib.locked(workdir, enabled=main):
-        return _train_and_evaluate(config, workdir, mesh)
+    release = (lambda: (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)) if main else None
+    with workdir_lib.locked(workdir, enabled=main), resume.PreemptionWatch(on_abort=release) as preemption:
+        return _train_and_evaluate(config, workdir, mesh, preemption)
 
 
-def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatch) -> dict[str, Any]:
     main = distributed.is_main()
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     resume.check_config(workdir, config_json)
@@ -241,14 +249,8 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     batch = config.batch_size
     train_set = setup.make_input(config, config.train_split, mesh)
     n, steps_per_epoch = train_set.num_examples, train_set.steps_per_epoch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {batch} is larger than the {n} training images; use a smaller batch")
+    config_checks.check_data(config, n, train_set.channels)  # (after the workdir exists: it needs the data)
     num_levels = len(config.clustering.num_clusters)
-    if num_levels and config.clustering.num_clusters[0] > n:
-        raise ConfigError(
-            f"clustering.num_clusters[0] = {config.clustering.num_clusters[0]} exceeds the {n} "
-            "training images; use fewer clusters"
-        )
     total_steps = steps_per_epoch * config.epochs
 
     # ---- Encoder, optimizer, train state, step functions ----
@@ -275,10 +277,10 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     if main:  # after the resume checks: a refused run leaves the config of its checkpoints
         workdir_lib.write_atomic(workdir / workdir_lib.CONFIG_FILE, config_json)
     first_step = int(state.step)  # the loop counts steps on the host: no device sync per step
-    redo_evals = missing_evals(config, workdir, first_step, steps_per_epoch)
 
     # ---- Metrics, checkpoints, evaluators ----
     writer = metrics_lib.MetricsWriter(workdir, first_step, config, enabled=main)
+    redo_evals = missing_evals(config, workdir, first_step, steps_per_epoch)  # (of the file the writer kept)
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     # The context of the last epoch's evaluators and their results, which the summary reuses.
@@ -306,7 +308,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
     window, epoch_sums = meta.get("log_sums", new_sums()), meta.get("epoch_sums", new_sums())
     first_epoch, first_in_epoch = divmod(first_step, steps_per_epoch)
     pending, inflight = [], collections.deque()  # metrics not yet fetched; steps not yet waited for
-    with resume.PreemptionWatch() as preemption, keeping_saves(mngr), contextlib.closing(train_set):
+    with keeping_saves(mngr), contextlib.closing(train_set):
         if redo_evals:  # a kill cut off the evaluators after the checkpoint of the last epoch's end
             evaluate_epoch(first_epoch - 1, first_step)
         if first_step == total_steps and mngr.latest_step() is None:
@@ -383,17 +385,23 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, Any]:
                 raise resume.preempted(mngr, step, preemption.signal_name)
             if config.evals:  # after the save: evaluations a kill cuts short are redone on resume
                 evaluate_epoch(epoch, step)
-    mngr.wait_until_finished()
+        train_set.close()  # (its training loader's workers; the summary's feature pass has its own)
+        mngr.wait_until_finished()
+        if preemption.received:  # after the last step: the same command computes the summary
+            raise resume.preempted(mngr, int(state.step), preemption.signal_name)
 
-    # ---- Summary of the final encoder ----
-    if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
-        final_ctx, final_results = context(int(state.step)), {}
-    summary = evaluate(config, final_ctx, final_results)
-    writer.close()
-    if main:
-        workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
-        if config.figures_at_end:
-            visualize.write_run_figures(workdir)
+        # ---- Summary of the final encoder ----
+        if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
+            final_ctx, final_results = context(int(state.step)), {}
+        summary = evaluate(config, final_ctx, final_results)
+        writer.close()
+        if main:
+            workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
+            if preemption.received:  # (during the summary)
+                log.warning("%s received: summary.json written, figures left out (python -m "
+                            "hcsc_jax.visualize %s draws them)", preemption.signal_name, workdir)
+            elif config.figures_at_end:
+                visualize.write_run_figures(workdir)
     return summary
 
 
@@ -430,34 +438,6 @@ def missing_evals(config, workdir, step: int, steps_per_epoch: int) -> bool:
     return bool(missing)
 
 
-def check_evals(config) -> None:
-    """ValueError saying what to change for a config that still has a renamed field
-    (`config.eval`, `console.RENAMED_FIELDS`), a `config.evals` entry of an unknown protocol or
-    without an `every_epochs` >= 0 (0: after the last epoch only), or more than one "summary"
-    entry (summary.json holds one)."""
-    renamed = console.renamed_fields(config)
-    if renamed:
-        raise ValueError(renamed)
-    for name, cfg in config.evals.items():
-        protocol = evaluators.protocol(name, cfg)
-        if protocol not in evaluators.PROTOCOLS:
-            raise ValueError(f"config.evals.{name}: unknown evaluator {protocol!r}; known: "
-                             f"{', '.join(evaluators.PROTOCOLS)} (or set its 'type')")
-        every = cfg.get("every_epochs")
-        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-            raise ValueError(f"config.evals.{name}.every_epochs must be an integer >= 0 (0: after the last "
-                             f"epoch only), got {every!r}; set --config.evals.{name}.every_epochs")
-    summaries = summary_entries(config)
-    if len(summaries) > 1:
-        raise ValueError(f"config.evals has {len(summaries)} entries of type 'summary' "
-                         f"({', '.join(summaries)}); summary.json holds one: keep one")
-
-
-def summary_entries(config) -> list[str]:
-    """Names of the `config.evals` entries of type "summary" (at most one: `check_evals`)."""
-    return [name for name, cfg in config.evals.items() if evaluators.protocol(name, cfg) == "summary"]
-
-
 def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> tuple[dict[str, Any], dict]:
     """The evaluators of `config.evals` due after `epoch` (every `every_epochs`, and at the end) ->
     (one flat record {"<name>/<metric>": value} of their scalar results, {name: result})."""
@@ -484,7 +464,7 @@ def evaluate(config, ctx: evaluators.Context, results: dict) -> dict[str, Any]:
     (the evaluators' results of the last epoch on `ctx`) or run here on `ctx`. Without a summary
     entry, only the step and the epochs."""
     summary: dict[str, Any] = {"step": ctx.encoder.step, "epochs": config.epochs}
-    for name in summary_entries(config):
+    for name in config_checks.summary_entries(config):
         if name not in results:
             results[name], line = evaluators.run("summary", ctx, config.evals[name])
             log.info("%s", line)

@@ -94,9 +94,14 @@ def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, messa
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.batch_size=-8", "config.batch_size must be an integer >= 1, got -8; set --config.batch_size"),
-    ("--config.batch_size=0", "config.batch_size must be an integer >= 1, got 0"),
-    ("--config.lr=0.0", "config.lr must be > 0, got 0.0"),
+    ("--config.batch_size=-8", "config.batch_size must be an integer in [1, 1048576], got -8; set "
+                               "--config.batch_size"),
+    ("--config.batch_size=0", "config.batch_size must be an integer in [1, 1048576], got 0"),
+    ("--config.lr=0.0", "config.lr must be a finite number > 0, got 0.0"),
+    ("--config.lr=inf", "config.lr must be a finite number > 0, got inf"),
+    ("--config.model.arch=resnet9", "config.model.arch must be one of 'resnet18', "),  # (a traceback before)
+    ("--config.input.pipeline=bogus", "config.input.pipeline must be one of 'memory', 'stream', got 'bogus'"),
+    ("--config.clustering.num_clusters=(4,8,20)", "config.clustering.num_clusters must shrink level by"),
     ("--config.queue_size=100", "queue_size 100 is not a multiple of the global batch 64"),
     ("--config.objective.semantics=wrong", "semantics"),
 ])

@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from hcsc_jax import clustering, setup, train_step, trainer
+from hcsc_jax import clustering, config_checks, setup, train_step, trainer
 
 ROOT = pathlib.Path(__file__).parent.parent
 MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py")
@@ -42,7 +42,7 @@ def test_config_is_consistent(name, variant):
     setup.objective_config(c)  # validates semantics, positive, sampler, switches
     assert 0 <= c.warmup_epochs <= c.epochs
     assert len(c.augment.mean) == len(c.augment.std)
-    trainer.check_evals(c)
+    config_checks.check(c)
     if not levels:  # a baseline without prototypes must not ask for prototype terms
         assert not c.objective.proto_loss and not c.objective.prototype_selection
 
@@ -92,20 +92,20 @@ def test_bad_evals_say_what_to_change():
     c = digits.get_config()
     c.evals.nope = dict(every_epochs=1)
     with pytest.raises(ValueError, match=r"config.evals.nope: unknown evaluator 'nope'; known: knn, linear"):
-        trainer.check_evals(c)
+        config_checks.check(c)
     c = digits.get_config()
     c.evals.knn.every_epochs = 0  # after the last epoch only: accepted
-    trainer.check_evals(c)
+    config_checks.check(c)
     c.evals.knn.every_epochs = -1
     with pytest.raises(ValueError, match=r"config.evals.knn.every_epochs must be an integer >= 0 \(0: "
                                          r"after the last epoch only\), got -1; set "
                                          r"--config.evals.knn.every_epochs"):
-        trainer.check_evals(c)
+        config_checks.check(c)
     c = digits.get_config()
     c.evals.final = dict(c.evals.summary)  # (its type: "summary")
     with pytest.raises(ValueError,
                        match=r"2 entries of type 'summary' \(final, summary\); summary.json holds one"):
-        trainer.check_evals(c)
+        config_checks.check(c)
 
 
 def test_a_config_with_the_old_final_evaluation_names_its_replacement():

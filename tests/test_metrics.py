@@ -33,14 +33,35 @@ def test_scalars_tags_and_skips():
     assert metrics.scalars({"step": 1, "loss": 2}) == {"train/loss": 2.0}
 
 
-def test_cut_last_line_is_dropped_and_a_bad_middle_line_named(tmp_path, caplog):
+# A metrics.jsonl that random bytes reached: not UTF-8, not JSON, JSON but no record (lines 2-5).
+DAMAGED = (b'{"step": 1, "loss": 2.0}\n\xff\xfe\x80garbage\n{"step": \n[1, 2]\n{"loss": 1.0}\n'
+           b'{"step": 3, "loss": 1.5}\n')
+
+
+def test_cut_last_line_is_dropped_and_unreadable_lines_are_named_and_skipped(tmp_path, caplog):
     path = epath.Path(tmp_path) / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert metrics.read_records(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     assert "dropping the unfinished last line" in caplog.text
-    path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
-    with pytest.raises(ValueError, match="line 2 is not JSON"):
-        metrics.read_records(path)
+    path.write_bytes(DAMAGED)
+    assert metrics.read_records(path) == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 1.5}]
+    assert "skipped the unreadable lines 2, 3, 4, 5 (not UTF-8 JSON of an object with a step)" in caplog.text
+
+
+def test_resume_on_a_damaged_file_moves_it_aside_and_keeps_its_records(tmp_path, caplog):
+    """Nothing is lost: the file as it was is metrics.jsonl.corrupt-1 (then -2, ...); the new one
+    holds its records up to the resume step, then what the run writes."""
+    workdir = epath.Path(tmp_path)
+    for n in (1, 2):
+        (workdir / "metrics.jsonl").write_bytes(DAMAGED)
+        writer = metrics.MetricsWriter(workdir, 2)
+        writer.write({"step": 3, "loss": 0.5})
+        writer.close()
+        assert (workdir / f"metrics.jsonl.corrupt-{n}").read_bytes() == DAMAGED
+        kept = metrics.read_records(workdir / "metrics.jsonl")
+        assert kept == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 0.5}]
+    assert (f"metrics.jsonl: unreadable lines 2, 3, 4, 5 (not UTF-8 JSON of an object with a step); moved "
+            f"the file to {workdir / 'metrics.jsonl.corrupt-2'} and kept its 2 records") in caplog.text
 
 
 def test_tensorboard_holds_the_jsonl_values_and_resume_purges(tmp_path):

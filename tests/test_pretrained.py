@@ -43,7 +43,8 @@ def test_features_and_projection_of_an_array_equal_the_module_on_its_center_crop
     np.testing.assert_allclose(f, want_f, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(p, want_p, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(enc.features(images[..., 0], batch_size=16), f, rtol=1e-6, atol=1e-6)  # (N, H, W) too
+    # (N, H, W) too
+    np.testing.assert_allclose(enc.features(images[..., 0], batch_size=16), f, rtol=1e-6, atol=1e-6)
 
 
 def test_a_list_of_sizes_and_color_images_are_cropped_on_the_host(enc, images):
@@ -67,8 +68,8 @@ def test_the_functional_form_jits_and_gives_the_same_features(enc, images):
 def test_an_export_and_the_key_encoder_load_alike(enc, digits_run, images, tmp_path):
     module, meta = checkpoints.restore_encoder(digits_run)
     _, params, stats = models.split_model(module)
-    checkpoints.export_encoder(str(tmp_path / "exported"), dict(meta, input=models.input_meta(8, 1, (0.5,), (0.5,))),
-                               params, stats)
+    recorded = dict(meta, input=models.input_meta(8, 1, (0.5,), (0.5,)))
+    checkpoints.export_encoder(str(tmp_path / "exported"), recorded, params, stats)
     exported = hcsc_jax.load_encoder(tmp_path / "exported")
     assert exported.input == enc.input
     np.testing.assert_array_equal(exported.features(images), enc.features(images))

@@ -154,7 +154,7 @@ def test_a_custom_named_entry_runs_its_type_and_the_summary_needs_the_key_encode
     assert ctx.key_encoder is None and ctx.run_config.epochs == 3  # (the key encoder only when asked)
     c = tiny_config()
     c.evals = {"nn": dict(type="knn", every_epochs=0, ks=(5,), temperature=0.07)}
-    trainer.check_evals(c)
+    trainer.check_values(c, jax.device_count())
     record, results = trainer.run_evals(c, ctx, 2, final=True)
     assert record["nn/per_k/5/top1"] == evals[-1]["knn/per_k/5/top1"] and "nn" in results
     assert trainer.run_evals(c, ctx, 1, final=False) == ({}, {})  # every_epochs 0: at the end only
@@ -255,6 +255,81 @@ def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finish
     assert untimed_records(workdir) == untimed_records(reference_dir)
 
 
+def test_two_quick_ctrl_c_inside_an_xla_compile_stop_at_once_with_status_130(tmp_path):
+    """Two Ctrl-C 0.2 s apart while the prototype step of epoch 2 compiles (~15 s of C++ during which
+    no Python signal handler runs, and after which Python saw the two as one: the run saved and
+    exited 0): the run ends at once, unsaved, status 130, its lock released, the checkpoints
+    directory holding only committed steps."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(tiny_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+    try:
+        lowered = 0  # jax logs this line, then compiles: the second is epoch 2's step
+        while lowered < 2 and (line := proc.stderr.readline()):
+            lowered += "Finished jaxpr to MLIR module conversion jit(step)" in line
+        assert lowered == 2, "the run ended before epoch 2's step compiled"
+        deadline = time.time() + 5
+        while not (workdir / "checkpoints" / "22").is_dir() and time.time() < deadline:
+            time.sleep(0.05)  # (the save of epoch 1's end committed, as it is by now)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].endswith("Ctrl-C again: stopped at once, unsaved; the same command "
+                                                 "resumes from the last checkpoint")
+    assert not (workdir / "run.lock").exists()
+    assert [s for s in os.listdir(workdir / "checkpoints") if s.isdigit()] == ["22"]
+    assert checkpoints.manager(str(workdir)).all_steps() == [22]
+
+
+def _signal_after(monkeypatch, module, name, sig=signal.SIGTERM):
+    """Replaces `module.name` by itself followed by `sig` to this process."""
+    original = getattr(module, name)
+
+    def then_signal(*args, **kwargs):
+        out = original(*args, **kwargs)
+        os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(module, name, then_signal)
+
+
+def test_a_stop_signal_after_the_last_step_keeps_its_checkpoint_and_leaves_the_summary(
+        finished_run, tmp_path, monkeypatch):
+    """SIGTERM after the last step (here before the loop of a finished run): the checkpoint is
+    committed, no summary, the lock released, exit 0 (Preempted); the same command then writes
+    summary.json."""
+    reference_dir, reference = finished_run
+    workdir = _copy_run(reference_dir, tmp_path / "run")
+    os.remove(os.path.join(workdir, "summary.json"))
+    _signal_after(monkeypatch, trainer, "missing_evals")  # (set-up, with the watch on)
+    with pytest.raises(resume.Preempted, match=r"^preempted \(SIGTERM\): saved the checkpoint of step 66 in"):
+        trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir)
+    assert not {"summary.json", "run.lock"} & set(os.listdir(workdir))
+    monkeypatch.undo()
+    assert trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir) == reference
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == reference
+
+
+def test_a_stop_signal_right_after_the_summary_line_still_writes_summary_json(
+        finished_run, tmp_path, monkeypatch, caplog):
+    """SIGTERM right after the final summary line (the probe: exit 143, summary.json missing, a stale
+    lock): summary.json is written, the figures left out, the lock released, the run ends normally."""
+    reference_dir, reference = finished_run
+    workdir = _copy_run(reference_dir, tmp_path / "run")
+    os.remove(os.path.join(workdir, "summary.json"))  # (the copy has no figures/)
+    _signal_after(monkeypatch, trainer, "evaluate")
+    assert trainer.train_and_evaluate(tiny_config(), workdir) == reference
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == reference
+    assert not {"figures", "run.lock"} & set(os.listdir(workdir))
+    assert "SIGTERM received: summary.json written, figures left out (python -m hcsc_jax.visualize" in \
+        caplog.text
+
+
 def test_resume_redoes_an_evaluation_a_kill_cut_off(finished_run, tmp_path):
     """A kill between the checkpoint of step 44 and the kNN record due there: the resumed run
     evaluates step 44 again, and metrics.jsonl ends as the uninterrupted run's."""
@@ -326,13 +401,90 @@ class _FakeManager:
         return 5 if self.waited else None
 
 
-def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept():
+def _raised_while_handling(cause, error):
+    """`error` raised in an `except` block for `cause` (its __context__)."""
+    try:
+        try:
+            raise cause
+        except OSError:
+            raise error  # noqa: B904 - the implicit chain is the point
+    except type(error) as raised:
+        return raised
+
+
+# What Orbax raised on a real full disk (a 2 MiB tmpfs; orbax-checkpoint 0.12.8, tensorstore
+# 0.1.86): tensorstore's ValueError, the errno in its message.
+ORBAX_FULL_DISK = (
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/runs/x/checkpoints/3.orbax-'
+    'checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/runs/x/checkpoints/3.'
+    'orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/8de28cfbe7ac8318ab91d929f2f597c7": '
+    "Failed to write 1202590 bytes to file 5: No space left on device [os_error_code='28']")
+
+
+@pytest.mark.parametrize("error,cause", [
+    (OSError(28, "No space left on device"), r"OSError: \[Errno 28\] No space left on device"),
+    (ValueError(ORBAX_FULL_DISK), r"ValueError: RESOURCE_EXHAUSTED: Error writing .* No space left on device "
+                                  r"\[os_error_code='28'\]"),
+    (_raised_while_handling(OSError(30, "Read-only file system"), RuntimeError("commit failed")),
+     r"OSError: \[Errno 30\] Read-only file system"),
+], ids=["OSError", "orbax", "chained"])
+def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept(error, cause):
     mngr = _FakeManager()
-    with pytest.raises(workdir_lib.WorkdirError, match=r"writing the run failed \(OSError: \[Errno 28\] No "
-                                                        r"space left on device\); free space .* The last "
-                                                        r"checkpoint kept is step 5 in /runs/x/checkpoints"):
+    message = rf"^writing the run failed \({cause}\); free space .* The last checkpoint kept is step 5 in"
+    with pytest.raises(workdir_lib.WorkdirError, match=message):
         with trainer.keeping_saves(mngr):
-            raise OSError(28, "No space left on device")
+            raise error
+
+
+def test_an_error_that_is_not_a_refused_write_stays_what_it_is():
+    """An XLA out-of-memory error also starts with RESOURCE_EXHAUSTED: it is no full disk."""
+    with pytest.raises(ValueError, match="^RESOURCE_EXHAUSTED: Out of memory while trying to allocate"):
+        with trainer.keeping_saves(_FakeManager()):
+            raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+
+FULL_DISK_SAVE = """
+import sys
+import flax.struct, jax
+from hcsc_jax import checkpoints, console, trainer
+from hcsc_jax import workdir as workdir_lib
+
+@flax.struct.dataclass
+class State:
+    w: jax.Array
+    step: jax.Array
+
+log = console.setup()
+mngr = checkpoints.manager(sys.argv[1])
+state = State(jax.random.normal(jax.random.key(0), (600_000,)), jax.numpy.array(3))  # 2.4 MB > 1 MiB
+try:
+    with trainer.keeping_saves(mngr):
+        checkpoints.save(mngr, state, {"epoch": 0, "step_in_epoch": 3}, None)
+        mngr.wait_until_finished()
+except workdir_lib.WorkdirError as err:
+    log.error("%s", err)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_real_full_disk_is_one_line_and_orbax_logs_no_traceback(tmp_path):
+    """A save to a 1 MiB tmpfs: Orbax's save threads log the failure with tracebacks and raise it;
+    what the console shows is the one line of `keeping_saves`."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
+        pytest.skip("mount -t tmpfs refused (no CAP_SYS_ADMIN)")
+    try:
+        done = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(small / "run")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert re.search(r"writing the run failed \(ValueError: RESOURCE_EXHAUSTED: Error writing .* No space "
+                     r"left on device \[os_error_code='28'\]\); free space .* No checkpoint was saved in",
+                     line), line
 
 
 def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
@@ -561,6 +713,19 @@ def test_resume_drops_a_cut_metrics_line(finished_run, tmp_path):
     assert summary == finished_run[1]
     after = read_jsonl(path)
     assert after[:len(before)] == before and after[-1]["type"] == "eval"
+
+
+def test_resume_moves_aside_a_metrics_file_random_bytes_reached(finished_run, tmp_path):
+    """Random bytes in metrics.jsonl (the probe: a UnicodeDecodeError traceback on resume): the file
+    as it was is kept as metrics.jsonl.corrupt-1, the run resumes with its readable records."""
+    workdir = _copy_run(finished_run[0], tmp_path / "run")
+    path = os.path.join(workdir, "metrics.jsonl")
+    lines = open(path, "rb").read().splitlines(keepends=True)
+    damaged = b"".join(lines[:5]) + bytes(range(128, 256)) + b"\n" + b"".join(lines[5:])
+    open(path, "wb").write(damaged)
+    assert trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir) == finished_run[1]
+    assert open(path + ".corrupt-1", "rb").read() == damaged
+    assert untimed_records(workdir) == untimed_records(finished_run[0])
 
 
 def test_an_empty_or_cut_config_json_is_one_clear_error(finished_run, tmp_path):

@@ -3,6 +3,7 @@ encoder (its builders `make_encoder`, `encoder_meta`, `input_meta`, `build_encod
 functionally with `split_model` / `apply_model`)."""
 
 from .encoder import (
+    COMPUTE_DTYPES,
     Encoder,
     apply_model,
     build_encoder,
@@ -21,6 +22,7 @@ from .vit import VIT_ARCHS, VisionTransformer, build_vit
 __all__ = [
     "ARCHS",
     "BasicBlock",
+    "COMPUTE_DTYPES",
     "Bottleneck",
     "Encoder",
     "GroupedBatchNorm",

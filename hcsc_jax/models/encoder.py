@@ -18,6 +18,8 @@ from .vit import VIT_ARCHS, VisionTransformer, build_vit, check_dims, check_imag
 # config.model fields that only a ViT reads: blocks (None: the arch's 12), "sincos" or "learn"
 # position embedding, and the image side the learned one is sized for.
 VIT_FIELDS = ("depth", "pos_embed", "image_size")
+# config.model.dtype: the compute dtype (parameters, BN statistics and the loss stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
