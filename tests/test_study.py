@@ -128,10 +128,13 @@ def test_plan_order_and_commands():
         "fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
     assert fm.needs_gpu and fm.coarse == "fashion_mnist"
     cpu = study.SETTINGS["fashion_mnist_cpu"]
-    assert [m.config for m in cpu.methods[:3]] == [
-        "fashion_mnist.py:cpu,mocov2", "fashion_mnist.py:cpu,pcl", "fashion_mnist.py:cpu"]
-    assert [(m.name, s) for m, s in study.plan(cpu)][:4] == [
+    assert [m.config for m in cpu.methods[:4]] == [
+        "fashion_mnist.py:cpu", "fashion_mnist.py:cpu,mocov2", "fashion_mnist.py:cpu,pcl",
+        "fashion_mnist.py:cpu"]
+    assert [(m.name, s) for m, s in study.plan(cpu)][:7] == [
+        ("untrained encoder", 0), ("untrained encoder", 1), ("untrained encoder", 2),
         ("MoCo v2", 0), ("PCL", 0), ("HCSC", 0), ("MoCo v2", 1)]
+    assert "--config.epochs=0" in study.train_command(cpu, cpu.methods[0], 0, "W")
     assert not cpu.needs_gpu and cpu.coarse == "fashion_mnist"
 
 
