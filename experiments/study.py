@@ -119,7 +119,8 @@ SETTINGS = {
     "fashion_mnist_cpu": Setting(
         "fashion_mnist_cpu", "fashion_mnist", 10,
         (Method("untrained encoder", "fashion_mnist.py:cpu",
-                ("--config.epochs=0", "--config.warmup_epochs=0"), "reference"),) + _methods("fashion_mnist.py:cpu", (0, 1, 2), (0, 1, 2)),
+                ("--config.epochs=0", "--config.warmup_epochs=0"), "reference"),)
+        + _methods("fashion_mnist.py:cpu", (0, 1, 2), (0, 1, 2)),
         coarse="fashion_mnist"),
     "fashion_mnist": Setting(
         "fashion_mnist", "fashion_mnist", 10,
