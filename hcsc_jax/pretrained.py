@@ -7,6 +7,7 @@
   z = enc.project(images)                      # the L2-normalized projection (N, embed_dim)
   x = enc.preprocess(images)                   # the normalized center crops the encoder sees
   graphdef, params, batch_stats = enc.split()  # for jax.jit / jax.grad (models.apply_model)
+  model = enc.classifier(10)                   # a copy of the backbone under a new linear head
 
 `Pretrained.module` is the NNX `models.Encoder` itself (`module(x, train=...)` -> (pooled
 features, projection)), for `nnx.Optimizer` fine-tuning. `Pretrained.input` says what the encoder
@@ -30,12 +31,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from hcsc_jax import checkpoints, features, models, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, crops, pipeline
 
-__all__ = ["InputSpec", "Pretrained", "load_encoder"]
+__all__ = ["Classifier", "InputSpec", "Pretrained", "load_encoder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,18 @@ class InputSpec:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+
+class Classifier(nnx.Module):
+    """A backbone's pooled features -> one linear layer: `model(x, train)` -> logits (B, classes);
+    `x` as `Pretrained.preprocess` gives it, `train` the BatchNorm mode."""
+
+    def __init__(self, backbone: nnx.Module, num_features: int, num_classes: int, rngs: nnx.Rngs):
+        self.backbone = backbone
+        self.fc = nnx.Linear(num_features, num_classes, rngs=rngs)
+
+    def __call__(self, x, train: bool):
+        return self.fc(self.backbone(x, train=train))
 
 
 @dataclasses.dataclass
@@ -67,6 +81,11 @@ class Pretrained:
         """-> (graphdef, params, batch_stats): the functional form; `models.apply_model(graphdef,
         params, batch_stats, x, train)` -> (pooled features, projection, new batch_stats)."""
         return models.split_model(self.module)
+
+    def classifier(self, num_classes: int, seed: int = 0) -> Classifier:
+        """A copy of the backbone (this encoder is left as it is) under a new linear head of
+        `num_classes` outputs (initialized with `seed`), for fine-tuning with `nnx.Optimizer`."""
+        return Classifier(nnx.clone(self.module.backbone), self.num_features, num_classes, nnx.Rngs(seed))
 
     def preprocess(self, images) -> jax.Array:
         """uint8 images, (N, H, W, C) or (N, H, W) or a list of (H, W[, C]) of any sizes -> the

@@ -89,3 +89,18 @@ def test_bad_images_are_one_clear_error(enc):
         enc.features([])
     with pytest.raises(ValueError, match="which must be 'query' or 'key'"):
         hcsc_jax.load_encoder("anything", which="value")
+
+
+def test_a_classifier_fine_tunes_a_copy_of_the_backbone(enc, images):
+    import optax
+    from flax import nnx
+
+    before = enc.features(images)
+    model = enc.classifier(10, seed=1)
+    assert model.fc.kernel[...].shape == (enc.num_features, 10)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+    views, labels = enc.preprocess(images), sources.load_dataset("digits", "test").labels[:40]
+    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(views, train=True), labels).mean()
+    optimizer.update(model, nnx.grad(loss)(model))
+    assert not np.allclose(model.backbone.conv1.kernel[...], enc.module.backbone.conv1.kernel[...])
+    np.testing.assert_array_equal(enc.features(images), before)  # the encoder itself is untouched
