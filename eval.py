@@ -41,6 +41,7 @@ from hcsc_jax import console
 _CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
     "Evaluation configuration (a Python file with get_config()).")
+flags.declare_key_flag("config")  # listed by --help, not only by --helpfull
 _EVAL = flags.DEFINE_string("eval", None, "The evaluator to run: an entry of the config's `evals` "
                             "(configs/eval_digits.py: knn, linear, linear_fast, semisup, cluster, voc, "
                             "summary).")

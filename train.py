@@ -31,6 +31,7 @@ from hcsc_jax import console
 _CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
     "Training configuration (a Python file with get_config(); FILE:VARIANT picks a variant).")
+flags.declare_key_flag("config")  # listed by --help, not only by --helpfull
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")

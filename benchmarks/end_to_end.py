@@ -17,9 +17,9 @@ Settings:
 - fashion_mnist: `configs/fashion_mnist.py` (resident in device memory), --epochs epochs.
 
   # on a GPU host (the published model: ResNet-50, 224 px, batch 256, bf16):
-  PYTHONPATH=. python benchmarks/end_to_end.py --num_images=25600 --epochs=4
+  python benchmarks/end_to_end.py --num_images=25600 --epochs=4
   # this project's CPU machine: a small model so that it finishes in minutes
-  PYTHONPATH=. python benchmarks/end_to_end.py --preset=cpu
+  python benchmarks/end_to_end.py --preset=cpu
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import time
 
 from absl import app, flags
 
-from benchmarks.jpegs import write_folder
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.jpegs import write_folder  # noqa: E402
 
 flags.DEFINE_enum("preset", "gpu", ["gpu", "cpu"], "gpu: the published settings; cpu: a small model")
 flags.DEFINE_list("settings", ["imagenet", "imagenet_prepared", "fashion_mnist"], "which settings to run")

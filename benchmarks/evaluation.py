@@ -7,8 +7,8 @@
     synthetic training features (F = 2048, k = 10/20/100/200); the time is linear in the number of
     queries, so it is also given scaled to ImageNet's 50,000 validation images.
 
-  PYTHONPATH=. python benchmarks/evaluation.py                      # both, full size
-  PYTHONPATH=. python benchmarks/evaluation.py --train=100000 --skip_embed
+  python benchmarks/evaluation.py                      # both, full size
+  python benchmarks/evaluation.py --train=100000 --skip_embed
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -23,12 +24,15 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.input import write_folder
 from hcsc_jax import features, sharding
 from hcsc_jax.data import pipeline
 from hcsc_jax.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from hcsc_jax.evaluators import knn
 from hcsc_jax.models import make_encoder
+
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.input import write_folder  # noqa: E402
 
 flags.DEFINE_integer("images", 128, "JPEGs embedded in (a)")
 flags.DEFINE_integer("embed_batch", 64, "feature-pass batch")

@@ -14,8 +14,8 @@ directory, then, for 1, 2, 4, ... worker processes up to all cores:
 With --prepared it also times the same loader on a `python -m hcsc_jax.data.prepare` copy
 (longest side --max_side), and --device_batch > 0 times the on-device augmentation.
 
-  PYTHONPATH=. python benchmarks/input.py                    # all worker counts
-  PYTHONPATH=. python benchmarks/input.py --workers=1 --resampling=antialias --prepared
+  python benchmarks/input.py                    # all worker counts
+  python benchmarks/input.py --workers=1 --resampling=antialias --prepared
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from benchmarks.jpegs import write_folder
 from hcsc_jax.data import crops, loader
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.sources import open_source
+
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.jpegs import write_folder  # noqa: E402
 
 flags.DEFINE_integer("num_images", 768, "JPEGs to generate")
 flags.DEFINE_integer("width", 500, "image width")

@@ -14,6 +14,7 @@ devices, "stream" decodes and crops on the host (`host_crops`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from hcsc_jax import checkpoints, models, objective, sharding
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.crops import CropSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,3 +135,6 @@ def init_from(model, path: str) -> None:
             f"init_encoder {path} holds a different architecture than config.model "
             f"({meta['model']}, in_channels {meta['in_channels']}); set config.model to match it")
     nnx.update(model, new)
+    source_step = f"the query encoder of step {meta['step']}" if "step" in meta else "an exported encoder"
+    log.info("both encoders start from %s: %s (%s, width %s)", path, source_step, meta["model"]["arch"],
+             meta["model"]["width"])

@@ -612,12 +612,16 @@ def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
         checkpoints.restore_encoder(str(tmp_path / "nothing"))
 
 
-def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path):
+def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path, caplog):
     workdir, summary = finished_run
     # No training: the evaluation then sees exactly the restored query encoder.
-    out = trainer.train_and_evaluate(tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir),
-                                     str(tmp_path / "a"))
+    with caplog.at_level("INFO", logger="hcsc_jax"):
+        out = trainer.train_and_evaluate(tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir),
+                                         str(tmp_path / "a"))
     assert out["knn_top1"] == summary["knn_top1"]
+    step = checkpoints.restore_encoder(workdir)[1]["step"]
+    assert (f"both encoders start from {workdir}: the query encoder of step {step} (resnet18, width"
+            in caplog.text)
     wrong = tiny_config(epochs=0, warmup_epochs=0, init_encoder=workdir)
     wrong.model.width = 0.25
     with pytest.raises(ValueError, match="different architecture than config.model"):
