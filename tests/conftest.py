@@ -1,10 +1,19 @@
-"""Test set-up: 8 virtual CPU devices, set before jax is imported anywhere."""
+"""Test set-up, before jax is imported anywhere: 8 virtual CPU devices, and XLA's persistent
+compilation cache, so that the many tests (and train.py / eval.py subprocesses) that compile the
+same small steps compile each once per machine. The cache lives in $HCSC_TEST_XLA_CACHE (default
+<tmp>/hcsc-jax-test-xla-cache) and is kept between runs; delete it to time a cold run. Results
+do not depend on it: a cached executable is the one XLA compiled."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
+    "HCSC_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "hcsc-jax-test-xla-cache")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

@@ -261,8 +261,9 @@ def test_two_quick_ctrl_c_inside_an_xla_compile_stop_at_once_with_status_130(tmp
     exited 0): the run ends at once, unsaved, status 130, its lock released, the checkpoints
     directory holding only committed steps."""
     workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # a real compile
     proc = subprocess.Popen(tiny_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+                            stderr=subprocess.PIPE, text=True, env=dict(env, JAX_LOG_COMPILES="1"))
     try:
         lowered = 0  # jax logs this line, then compiles: the second is epoch 2's step
         while lowered < 2 and (line := proc.stderr.readline()):
