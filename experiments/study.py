@@ -640,8 +640,10 @@ DESCRIPTION = {
         "idle machine): the first 15,000 training images (1,445-1,548 per class) for training, kNN banks and "
         "k-means; the whole 10,000-image test split for kNN and linear_fast; 16 px crops, small-stem "
         "ResNet-18 at width 0.25 (64-d projection), 18 epochs (4 warm-up epochs of InfoNCE only), batch "
-        "256, queue 4096, levels / clusterings 50/16/4 (300 images per bottom cluster); PCL with r = 16. "
-        "MoCo v2 = `:cpu,mocov2`, PCL = `:cpu,pcl`, HCSC = `:cpu`. Top-level NMI is also reported against "
+        "64 (ShuffleBN groups of 16, lr 0.12), queue 4096, levels / clusterings 50/16/4 (300 images per "
+        "bottom cluster); PCL with r = 16. "
+        "MoCo v2 = `:cpu,mocov2`, PCL = `:cpu,pcl`, HCSC = `:cpu`; the untrained encoder (reference row) = "
+        "`:cpu` with `--config.epochs=0 --config.warmup_epochs=0`. Top-level NMI is also reported against "
         "the 4 coarse groups: "
         + "; ".join(f"{g} = {', '.join(FASHION_CLASSES[i] for i in m)}"
                     for g, m in FASHION_COARSE.items()) + "."),

@@ -14,6 +14,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
     "HCSC_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "hcsc-jax-test-xla-cache")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on the cache's file lock (filelock), so that the pytest-xdist workers and
+# their subprocesses never read an entry another process is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 import jax  # noqa: E402
 

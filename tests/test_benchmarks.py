@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_runs_the_trainers_step():
     cmd = [sys.executable, "benchmarks/train_step.py", "--arch=resnet18", "--width=0.125", "--small_stem",
            "--image_size=16", "--batch=64", "--bn_group_size=8", "--queue=128", "--num_images=64",

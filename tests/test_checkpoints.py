@@ -86,6 +86,7 @@ def _flip_a_bit(monkeypatch, step):
     monkeypatch.setattr(checkpoints, "restore_replicated", flipped)
 
 
+@pytest.mark.slow
 def test_restore_encoder_checks_the_training_digest_and_falls_back(workdir, monkeypatch, caplog):
     model, meta = checkpoints.restore_encoder(workdir)  # the digest of an intact step matches
     assert meta["step"] == 2 and meta["model"]["depth"] == 11

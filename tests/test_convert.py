@@ -183,6 +183,7 @@ def _rel_err(a, b):
         ("resnet34", False, 0.25, 3, 64, 48),
     ],
 )
+@pytest.mark.slow
 def test_torch_weights_give_the_same_outputs(arch, small_stem, width, in_channels, size, hidden):
     torch = pytest.importorskip("torch")
     net = _torch_resnet(
@@ -296,6 +297,7 @@ def test_cli_missing_files(tmp_path, capsys):
     assert "neither a training workdir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_import_then_export_end_to_end(tmp_path):
     torch = pytest.importorskip("torch")
     net = _torch_resnet("resnet18", small_stem=True, width=0.25, hidden_dim=32, out_dim=16)

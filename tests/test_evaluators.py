@@ -273,6 +273,7 @@ def test_tfds_labels_and_file_names_without_decoding_images(data, monkeypatch):
     assert decoded[0].ndim == 3 and decoded[0].shape[-1] == 3
 
 
+@pytest.mark.slow
 def test_streamed_equals_resident(data, tmp_path):
     """Same images both ways: the host's center crop (Pillow) and the device's give the same
     features to uint8 rounding, hence the same kNN, clustering and linear_fast numbers."""
@@ -329,6 +330,7 @@ def read(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_readme_commands_on_generated_imagenet(data, tmp_path):
     """Every row of the README's "Reproduce the paper's evaluation", on the generated folder / TFDS."""
     enc = data["encoder"]
@@ -355,6 +357,7 @@ def test_readme_commands_on_generated_imagenet(data, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_path):
     args = ["--eval=linear", "--config.dataset=digits", "--config.train_split=train",
             "--config.eval_split=test", "--config.image_size=8", "--config.mean=(0.5,)",
@@ -384,6 +387,7 @@ def test_linear_sigkilled_and_restarted_equals_uninterrupted(gray_encoder, tmp_p
     assert proc.returncode == 1 and "other weights or settings; delete it" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encoder, tmp_path):
     """A checkpoint whose eval/ cannot be written (here a file in its place; a read-only mount
     alike): exit 2 with one line naming --out, nothing written; with --out the results go there."""
@@ -403,6 +407,7 @@ def test_unwritable_checkpoint_is_one_line_and_out_takes_the_results(gray_encode
     assert read(tmp_path / "results" / "knn_step0.json")["eval"] == "knn"
 
 
+@pytest.mark.slow
 def test_the_summary_of_an_exported_encoder_says_what_it_needs(gray_encoder, tmp_path):
     """An exported encoder has no training config.json to take the summary's settings from, nor a
     key encoder: `--eval=summary` is one line naming what to set (exit 1), before any feature
@@ -427,6 +432,7 @@ def test_the_summary_of_an_exported_encoder_says_what_it_needs(gray_encoder, tmp
     assert os.listdir(os.path.join(enc, "eval")) == []
 
 
+@pytest.mark.slow
 def test_semisup_fraction_lr_history(gray_encoder, tmp_path):
     ctx, cfg = _ctx(gray_encoder, tmp_path, dataset="digits", train_split="train", eval_split="test",
                     image_size=8, mean=(0.5,), std=(0.5,), pipeline="memory", embed_batch=256)

@@ -5,11 +5,13 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import transfer  # noqa: E402
 
 
+@pytest.mark.slow
 def test_transfer_example_fine_tunes_both_and_prints_their_accuracy(digits_run, capsys):
     results = transfer.main([f"--workdir={digits_run}", "--steps=60", "--labels_per_class=5"])
     assert set(results) == {"trained encoder", "random init"}

@@ -164,6 +164,7 @@ def _first_fit(u, height, width, scale, ratio):
     return (area[k], aspect[k]) if fits.any() else None
 
 
+@pytest.mark.slow
 def test_crop_box_statistics_and_device_sampler():
     rng = np.random.default_rng(0)
     ratio = (3 / 4, 4 / 3)
@@ -293,6 +294,7 @@ def test_process_shards_cover_each_epoch_once(count):
             np.testing.assert_array_equal(views[v][r], want[v])
 
 
+@pytest.mark.slow
 def test_worker_processes_resume_and_epochs():
     """Worker processes give the bytes of the in-process loader; a loader started at any step
     continues the same sequence; the run goes on into the next epochs; no process outlives it."""

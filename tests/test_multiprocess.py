@@ -79,6 +79,7 @@ def final_state(workdir: str) -> dict:
     return jax.device_get(checkpoints.restore_replicated(checkpoints.manager(workdir), STEPS, "state"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["memory", "stream"])
 def test_two_processes_match_one(tmp_path, variant):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

@@ -28,12 +28,14 @@ def by_hand(enc, x):
     return np.asarray(feats), np.asarray(proj)
 
 
+@pytest.mark.slow
 def test_input_spec_comes_from_the_run(enc, digits_run):
     assert enc.input == hcsc_jax.InputSpec(8, 1, (0.5,), (0.5,))  # configs/digits.py:runlocal
     assert enc.meta["step"] == 66 and enc.meta["model"]["arch"] == "resnet18"
     assert isinstance(enc.module, models.Encoder) and enc.num_features == 64
 
 
+@pytest.mark.slow
 def test_features_and_projection_of_an_array_equal_the_module_on_its_center_crops(enc, images):
     x = augmentations.center_crop(images, 8, (0.5,), (0.5,))
     np.testing.assert_allclose(np.asarray(enc.preprocess(images)), np.asarray(x), atol=1e-6)
@@ -47,6 +49,7 @@ def test_features_and_projection_of_an_array_equal_the_module_on_its_center_crop
     np.testing.assert_allclose(enc.features(images[..., 0], batch_size=16), f, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_list_of_sizes_and_color_images_are_cropped_on_the_host(enc, images):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 13, 3), np.uint8)
@@ -58,6 +61,7 @@ def test_a_list_of_sizes_and_color_images_are_cropped_on_the_host(enc, images):
     np.testing.assert_allclose(enc.features(listed), want_f, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_functional_form_jits_and_gives_the_same_features(enc, images):
     graphdef, params, stats = enc.split()
     apply = jax.jit(lambda p, s, x: models.apply_model(graphdef, p, s, x, train=False)[0])
@@ -65,6 +69,7 @@ def test_the_functional_form_jits_and_gives_the_same_features(enc, images):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_export_and_the_key_encoder_load_alike(enc, digits_run, images, tmp_path):
     module, meta = checkpoints.restore_encoder(digits_run)
     _, params, stats = models.split_model(module)
@@ -80,6 +85,7 @@ def test_an_export_and_the_key_encoder_load_alike(enc, digits_run, images, tmp_p
         hcsc_jax.load_encoder(tmp_path / "bare")
 
 
+@pytest.mark.slow
 def test_bad_images_are_one_clear_error(enc):
     with pytest.raises(ValueError, match="must be uint8"):
         enc.features(np.zeros((2, 8, 8, 1), np.float32))
@@ -91,6 +97,7 @@ def test_bad_images_are_one_clear_error(enc):
         hcsc_jax.load_encoder("anything", which="value")
 
 
+@pytest.mark.slow
 def test_a_classifier_fine_tunes_a_copy_of_the_backbone(enc, images):
     import optax
     from flax import nnx
@@ -100,7 +107,12 @@ def test_a_classifier_fine_tunes_a_copy_of_the_backbone(enc, images):
     assert model.fc.kernel[...].shape == (enc.num_features, 10)
     optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
     views, labels = enc.preprocess(images), sources.load_dataset("digits", "test").labels[:40]
-    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(views, train=True), labels).mean()
-    optimizer.update(model, nnx.grad(loss)(model))
+
+    @nnx.jit  # (one compiled step: eager op-by-op dispatch of a ResNet's backward takes minutes)
+    def step(model, optimizer, views, labels):
+        loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(views, train=True), labels).mean()
+        optimizer.update(model, nnx.grad(loss)(model))
+
+    step(model, optimizer, views, labels)
     assert not np.allclose(model.backbone.conv1.kernel[...], enc.module.backbone.conv1.kernel[...])
     np.testing.assert_array_equal(enc.features(images), before)  # the encoder itself is untouched

@@ -26,6 +26,7 @@ def imported(digits_run, tmp_path_factory):
     return str(root / "imported")
 
 
+@pytest.mark.slow
 def test_every_python_block_of_the_readme_runs(digits_run, imported, capsys):
     blocks = python_blocks()
     assert len(blocks) >= 5  # load + features, an imported file, linear probe, fine-tuning, plain Orbax

@@ -47,6 +47,7 @@ def check_run(workdir, summary, c, steps_per_epoch):
         assert json.load(f) == summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep],
                          ids=["single", "multicrop"])
 def test_imagenet_runlocal_trains_on_an_image_folder(module, data, tmp_path):
@@ -64,6 +65,7 @@ def test_imagenet_runlocal_trains_on_an_image_folder(module, data, tmp_path):
     assert len(local) == (2 if c.augment.local_views else 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["runlocal", "mocov2,runlocal", "pcl,runlocal"])
 def test_fashion_mnist_runlocal_trains_on_generated_idx_files(variant, data, tmp_path):
     c = fashion_mnist.get_config(variant)
@@ -73,6 +75,7 @@ def test_fashion_mnist_runlocal_trains_on_generated_idx_files(variant, data, tmp
     check_run(str(tmp_path), summary, c, steps_per_epoch=128 // 64)
 
 
+@pytest.mark.slow
 def test_cifar10_runlocal_trains_on_mock_tfds(tmp_path):
     import tensorflow_datasets as tfds
 

@@ -66,6 +66,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_resumes_exactly_and_leaves_no_worker(reference, tmp_path):
     import jax
 
@@ -86,6 +87,7 @@ def test_sigterm_mid_epoch_resumes_exactly_and_leaves_no_worker(reference, tmp_p
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "error"])
 def test_no_worker_outlives_ctrl_c_or_an_error(tmp_path, how):
     tag, env = tagged_env()

@@ -31,6 +31,7 @@ def smoke_root(tmp_path_factory):
         os.environ["XLA_FLAGS"] = saved or ""
 
 
+@pytest.mark.slow
 def test_smoke_study_produces_rows(smoke_root):
     report = os.path.join(smoke_root, "archive", "smoke", "report")
     res = json.load(open(os.path.join(report, "results.json")))
@@ -71,6 +72,7 @@ def test_smoke_study_produces_rows(smoke_root):
     assert os.path.isfile(os.path.join(os.path.dirname(path), "results", "smoke_bars.png"))
 
 
+@pytest.mark.slow
 def test_an_archived_run_is_skipped_without_its_workdir(smoke_root, tmp_path, capsys):
     # A later checkout: the archive is there (committed), the workdirs are not.
     assert study.main(["--setting=smoke", f"--root={tmp_path}", f"--archive={smoke_root}/archive",
@@ -80,6 +82,7 @@ def test_an_archived_run_is_skipped_without_its_workdir(smoke_root, tmp_path, ca
     assert not os.path.exists(tmp_path / "smoke" / "hcsc_seed0")
 
 
+@pytest.mark.slow
 def test_failed_run_is_reported_and_finished_runs_kept(smoke_root, capsys):
     # A missing dataset: the MoCo v2 run fails; the finished HCSC run is skipped, not redone.
     rc = study.main(["--setting=smoke", f"--root={smoke_root}", f"--archive={smoke_root}/archive",

@@ -227,6 +227,7 @@ def _query(s, state_before, i):
 
 
 # ----------------------------------------------------------------------------- 1 vs 8 devices
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_numbers(runs):
     one, eight = runs
     for name in ("m1", "m2"):
@@ -267,6 +268,7 @@ def test_shuffle_permutation_crosses_groups_and_inverts():
     assert not np.array_equal(p0, p1)
 
 
+@pytest.mark.slow
 def test_step_keys_are_shuffle_bn_keys(setup, runs, warm):
     s, one = setup, runs[0]
     for i, (before, after) in enumerate(((one.s0, one.s1), (one.s1, one.s2))):
@@ -476,6 +478,7 @@ def multicrop(setup, runs):
     return cfg, out
 
 
+@pytest.mark.slow
 def test_multicrop_step_matches_separate_local_forwards(setup, runs, multicrop):
     """The step's loss equals the objective recomputed with every local view embedded by its own
     query-encoder forward (so batching views of one size did not mix their BN groups), local views
@@ -507,6 +510,7 @@ def test_multicrop_step_matches_separate_local_forwards(setup, runs, multicrop):
     assert _max_tree_diff(s1.q_params, one.s1.q_params) > 1e-4  # local views changed the update
 
 
+@pytest.mark.slow
 def test_streaming_views_equal_resident_crops(setup, runs):
     """One step function, both inputs: host-cropped views (streamed) give the same state
     as whole images (resident) whose views are cropped on the device (whole-image crops)."""
@@ -535,6 +539,7 @@ def test_streaming_views_equal_resident_crops(setup, runs):
 BF16_RTOL = 1e-2
 
 
+@pytest.mark.slow
 def test_bfloat16_step_loss_close_to_float32_and_state_stays_float32(setup, runs):
     one = runs[0]
     graphdef16 = models.split_model(_tiny_model(jnp.bfloat16))[0]

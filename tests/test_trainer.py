@@ -60,6 +60,7 @@ def finished_run(tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.slow
 def test_run_writes_outputs_and_learns_something(finished_run):
     workdir, summary = finished_run
     steps_per_epoch = 1437 // 64
@@ -86,6 +87,7 @@ def test_run_writes_outputs_and_learns_something(finished_run):
     np.testing.assert_array_equal(h.levels[1].assignments, h.levels[0].parents[h.levels[0].assignments])
 
 
+@pytest.mark.slow
 def test_evaluators_during_training_match_eval_py(finished_run):
     """config.evals: kNN after epoch 2 (every 2) and after the last one; the last equals what the
     evaluator gives for the final checkpoint outside training."""
@@ -115,6 +117,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_eval_py_summary_equals_the_runs_summary_json(finished_run, tmp_path):
     """`eval.py --eval=summary` on the workdir recomputes summary.json's numbers exactly (query
     encoder kNN, key encoder hierarchy with the run's clustering settings and seed); --mode is the
@@ -142,6 +145,7 @@ def test_eval_py_summary_equals_the_runs_summary_json(finished_run, tmp_path):
             k: summary[k] for k in ("knn_top1", "nmi_per_level", "num_clusters")}
 
 
+@pytest.mark.slow
 def test_a_custom_named_entry_runs_its_type_and_the_summary_needs_the_key_encoder(finished_run):
     from configs import eval_digits
     from hcsc_jax import evaluators
@@ -163,6 +167,7 @@ def test_a_custom_named_entry_runs_its_type_and_the_summary_needs_the_key_encode
         evaluators.run("summary", ctx, cfg.evals.summary)
 
 
+@pytest.mark.slow
 def test_an_old_finished_workdir_reruns_to_the_same_summary(finished_run, tmp_path):
     """A finished workdir whose config.json predates `evals.summary` (it has `eval`) resumes under
     the new config at its last step: no training, no eval record, the summary computed again
@@ -207,6 +212,7 @@ def start_and_signal(cmd, workdir, sig, env=None):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     reference_dir, reference = finished_run
     workdir = str(tmp_path / "killed")
@@ -227,6 +233,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
     assert untimed_records(workdir) == untimed_records(reference_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run, tmp_path, sig):
     """SIGTERM (preemption) and Ctrl-C alike: a checkpoint at the next step, exit 0, then the
@@ -255,6 +262,7 @@ def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finish
     assert untimed_records(workdir) == untimed_records(reference_dir)
 
 
+@pytest.mark.slow
 def test_two_quick_ctrl_c_inside_an_xla_compile_stop_at_once_with_status_130(tmp_path):
     """Two Ctrl-C 0.2 s apart while the prototype step of epoch 2 compiles (~15 s of C++ during which
     no Python signal handler runs, and after which Python saw the two as one: the run saved and
@@ -331,6 +339,7 @@ def test_a_stop_signal_right_after_the_summary_line_still_writes_summary_json(
         caplog.text
 
 
+@pytest.mark.slow
 def test_resume_redoes_an_evaluation_a_kill_cut_off(finished_run, tmp_path):
     """A kill between the checkpoint of step 44 and the kNN record due there: the resumed run
     evaluates step 44 again, and metrics.jsonl ends as the uninterrupted run's."""
@@ -345,6 +354,7 @@ def test_resume_redoes_an_evaluation_a_kill_cut_off(finished_run, tmp_path):
     assert untimed_records(workdir) == untimed_records(reference_dir)
 
 
+@pytest.mark.slow
 def test_the_host_waits_for_all_but_max_in_flight_steps(tmp_path, monkeypatch):
     """A stop signal is taken at the next step and its save waits for the steps already
     dispatched: never more than MAX_IN_FLIGHT unfinished when the host dispatches the next."""
@@ -372,6 +382,7 @@ def _restore_raw(directory, step):
         return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     # lr 1e30 blows the weights up within the first prototype epoch.
@@ -468,6 +479,7 @@ except workdir_lib.WorkdirError as err:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_real_full_disk_is_one_line_and_orbax_logs_no_traceback(tmp_path):
     """A save to a 1 MiB tmpfs: Orbax's save threads log the failure with tracebacks and raise it;
@@ -488,6 +500,7 @@ def test_a_real_full_disk_is_one_line_and_orbax_logs_no_traceback(tmp_path):
                      line), line
 
 
+@pytest.mark.slow
 def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
     """The loss jumps from ~5.5 to ~7.4 when the prototype terms start (epoch 2): a max_loss of 6.5
     stops the run there, after the save of step 22 began; that checkpoint is committed and named."""
@@ -591,6 +604,7 @@ def test_bad_configs_fail_with_clear_messages(tmp_path):
         trainer.train_and_evaluate(cfg, str(tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
     workdir, summary = finished_run
     model, meta = checkpoints.restore_encoder(workdir)
@@ -613,6 +627,7 @@ def test_encoder_restores_from_workdir_and_from_export(finished_run, tmp_path):
         checkpoints.restore_encoder(str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_init_encoder_starts_from_a_checkpoint(finished_run, tmp_path, caplog):
     workdir, summary = finished_run
     # No training: the evaluation then sees exactly the restored query encoder.
@@ -634,6 +649,7 @@ def _final_params(workdir):
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_streaming_input_trains_like_resident_input(tmp_path):
     """Host-side crops (input.pipeline="stream") give the same training as device-side crops
     when both crops are the whole image (scale 1): same order, same views, same parameters."""
@@ -660,6 +676,7 @@ def _final_params_of_untrained():
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     """Multi-crop through the streaming path with prototypes: every logged loss is the sum of the
     global and local terms, the local terms are there in warm-up and after, and the hierarchy is
@@ -685,6 +702,7 @@ def test_streaming_multicrop_run_adds_local_terms(tmp_path):
     assert 0.0 < summary["nmi_per_level"][0] <= 1.0
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics_jsonl_values(finished_run):
     """Every number of every metrics.jsonl record, read back by tensorboard's own event reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -708,6 +726,7 @@ def _copy_run(src, dst):
     return str(dst)
 
 
+@pytest.mark.slow
 def test_resume_drops_a_cut_metrics_line(finished_run, tmp_path):
     workdir = _copy_run(finished_run[0], tmp_path / "run")
     path = os.path.join(workdir, "metrics.jsonl")
@@ -720,6 +739,7 @@ def test_resume_drops_a_cut_metrics_line(finished_run, tmp_path):
     assert after[:len(before)] == before and after[-1]["type"] == "eval"
 
 
+@pytest.mark.slow
 def test_resume_moves_aside_a_metrics_file_random_bytes_reached(finished_run, tmp_path):
     """Random bytes in metrics.jsonl (the probe: a UnicodeDecodeError traceback on resume): the file
     as it was is kept as metrics.jsonl.corrupt-1, the run resumes with its readable records."""
@@ -733,6 +753,7 @@ def test_resume_moves_aside_a_metrics_file_random_bytes_reached(finished_run, tm
     assert untimed_records(workdir) == untimed_records(finished_run[0])
 
 
+@pytest.mark.slow
 def test_an_empty_or_cut_config_json_is_one_clear_error(finished_run, tmp_path):
     workdir = _copy_run(finished_run[0], tmp_path / "run")
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -753,6 +774,7 @@ def test_a_second_run_on_a_workdir_refuses_with_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run.lock"]
 
 
+@pytest.mark.slow
 def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_run, tmp_path):
     workdir = _copy_run(finished_run[0], tmp_path / "run")
     saved = open(os.path.join(workdir, "config.json")).read()
@@ -778,6 +800,7 @@ def test_itstime_is_every_n_or_final_and_never_for_0():
     assert trainer.itstime(4, 3, final=True) and trainer.itstime(4, 0, final=True)
 
 
+@pytest.mark.slow
 def test_step_checkpoint_on_an_epochs_last_step_is_saved(tmp_path):
     steps_per_epoch = 1437 // 64
     c = tiny_config(epochs=2, warmup_epochs=2, checkpoint_every_epochs=5,
@@ -801,6 +824,7 @@ def test_unwritable_workdir_is_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_visualize_cli_writes_every_figure(finished_run, tmp_path):
     workdir, _ = finished_run
     out = tmp_path / "figures"

@@ -154,6 +154,7 @@ def _assert_trees_equal(a, b):
     ],
     ids=["vit_s4-sincos", "vit_t16-learned"],
 )
+@pytest.mark.slow
 def test_torch_vit_gives_the_same_class_token_and_projection(kw, arch):
     net = _torch_vit(**kw)
     sd = _sd(net)
@@ -266,6 +267,7 @@ def _torch_bicubic(pos, grid, antialias=False):
     return np.concatenate([pos[:, :1], t.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).numpy()], axis=1)
 
 
+@pytest.mark.slow
 def test_learned_pos_embed_of_another_grid_needs_interpolation(caplog):
     sd = convert.encoder_to_torch(_random_encoder(_meta(pos_embed="learn", image_size=16)))  # 4x4 grid
     meta = convert.infer_meta(sd, arch="vit_s4", image_size=24)  # a 6x6 grid

@@ -47,6 +47,7 @@ def _host(tree):
 # ----------------------------------------------------------------------------- optimizer
 
 
+@pytest.mark.slow
 def test_adamw_with_warmup_and_clipping_is_torch_adamw():
     torch = pytest.importorskip("torch")
     base_lr, batch, total, warmup, wd, clip = 1e-2, 512, 6, 2, 0.1, 1.0
@@ -155,6 +156,7 @@ def runs(step_setup):
     return {n: _two_steps(step_setup, sharding.make_mesh(jax.devices()[:n])) for n in (1, 8)}
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_step(runs):
     for (s1, m1), (s8, m8) in zip(runs[1], runs[8]):
         assert m1.keys() == m8.keys() and "loss_proto" in m1
@@ -170,6 +172,7 @@ def test_one_vs_eight_devices_same_step(runs):
                                                  s2.q_params["backbone"]["cls_token"])
 
 
+@pytest.mark.slow
 def test_bfloat16_step_within_tolerance_of_float32(step_setup, runs):
     graphdef16 = models.split_model(_tiny_vit(jnp.bfloat16))[0]
     (s1, m1), _ = _two_steps(step_setup, sharding.make_mesh(jax.devices()[:1]), graphdef16)
@@ -201,6 +204,7 @@ def test_shuffle_bn_for_a_vit_stops_before_anything_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_digits_vit_runlocal_trains_and_every_evaluator_runs(tmp_path):
     """`python train.py --config configs/digits.py:vit,runlocal` (README), then the README's
     `python eval.py --config=configs/eval_digits.py:runlocal --eval=linear --checkpoint=RUN` and
