@@ -8,10 +8,11 @@ entry. `RELATIONS` are the checks between fields (levels shrink, one summary ent
 or the first relation that fails: one line naming the field, what it accepts and the flag that
 sets it (train.py: exit status 2, before the workdir exists).
 
-What needs the data (the number of training images, the channels) is `check_data`, run once the
-training set is open; the batch, queue and BN groups against the devices, the objective's own
-switches and the model against the image sizes are checked by `trainer.check_values` with the
-code that uses them.
+What needs the data (the number of training images, the channels) is `check_data`, run before
+the workdir exists when the data check knows the training split's size, and again with the
+channels once the training set is open; the batch, queue and BN groups against the devices, the
+objective's own switches and the model against the image sizes are checked by
+`trainer.check_values` with the code that uses them.
 
 Bounds are those a run can use: each says in a comment why it is where it is.
 """
@@ -456,10 +457,10 @@ RELATIONS: tuple[Callable[[Any], str | None], ...] = (
     _levels_shrink, _one_summary, _mean_std, _points_per_centroid, _prototype_terms)
 
 
-def check_data(config, num_examples: int, channels: int) -> None:
+def check_data(config, num_examples: int, channels: int | None = None) -> None:
     """ConfigError for sizes the training set (`num_examples` images of `channels` channels)
     cannot give: a global batch, a first level, a kNN k or a cluster evaluation's k larger than
-    it, or fewer normalization entries than channels."""
+    it, or fewer normalization entries than channels (not checked when `channels` is None)."""
     n, where = num_examples, f"{get(config, 'dataset')}:{get(config, 'train_split')}"
     if get(config, "batch_size") > n:
         raise ConfigError(f"config.batch_size {get(config, 'batch_size')} is larger than the {n} training "
@@ -475,6 +476,6 @@ def check_data(config, num_examples: int, channels: int) -> None:
             raise ConfigError(f"config.{field} = {max(values)} exceeds the {n} training images of {where}; "
                               f"set --config.{field} to at most {n}")
     entries = len(get(config, "augment.mean"))
-    if entries < channels:
+    if channels is not None and entries < channels:
         raise ConfigError(f"config.augment.mean and config.augment.std have {entries} entries for the "
                           f"{channels}-channel images of {where}; give {channels}")

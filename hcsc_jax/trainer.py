@@ -232,8 +232,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     main = distributed.is_main()
     mesh = sharding.make_mesh()
     check_values(config, mesh.size)
-    check_available(config.dataset, (config.train_split, *([config.eval_split] if config.evals else [])),
-                    config.get("data_dir"))
+    splits = (config.train_split, *([config.eval_split] if config.evals else []))
+    num_train = check_available(config.dataset, splits, config.get("data_dir"))
+    if num_train is not None:  # (the sizes the training set must give, before anything is written)
+        config_checks.check_data(config, num_train)
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
     release = (lambda: (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)) if main else None
     with workdir_lib.locked(workdir, enabled=main), resume.PreemptionWatch(on_abort=release) as preemption:
@@ -249,7 +251,7 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
     batch = config.batch_size
     train_set = setup.make_input(config, config.train_split, mesh)
     n, steps_per_epoch = train_set.num_examples, train_set.steps_per_epoch
-    config_checks.check_data(config, n, train_set.channels)  # (after the workdir exists: it needs the data)
+    config_checks.check_data(config, n, train_set.channels)  # (again with the channels, and for TFDS)
     num_levels = len(config.clustering.num_clusters)
     total_steps = steps_per_epoch * config.epochs
 

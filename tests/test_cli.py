@@ -104,6 +104,8 @@ def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, messa
     ("--config.clustering.num_clusters=(4,8,20)", "config.clustering.num_clusters must shrink level by"),
     ("--config.queue_size=100", "queue_size 100 is not a multiple of the global batch 64"),
     ("--config.objective.semantics=wrong", "semantics"),
+    ("--config.clustering.num_clusters=(5000,)",  # (the workdir was created before: it needs the data)
+     "config.clustering.num_clusters = 5000 exceeds the 1437 training images of digits:train"),
 ])
 def test_a_config_that_cannot_train_is_one_line_exit_2_and_nothing_written(tmp_path, override, message):
     done = run("train.py", "--config=configs/digits.py:runlocal", override, f"--workdir={tmp_path / 'run'}")

@@ -19,12 +19,14 @@ SPLITS = ("train", "test", "all")
 
 @register_check("digits")
 def check_digits(spec, splits, data_dir):
-    """The split names; a warning that `data_dir` is not used (the data ships with scikit-learn)."""
+    """The split names; a warning that `data_dir` is not used (the data ships with scikit-learn).
+    -> the number of images of the first split."""
     no_spec("digits", spec)
     for split in splits:
         check_split("digits", split, SPLITS)
     if data_dir is not None:
         log.warning("digits ships with scikit-learn: data_dir %s is not used", data_dir)
+    return len(load_digits(spec, splits[0], None, None)) if splits else None
 
 
 @register("digits")

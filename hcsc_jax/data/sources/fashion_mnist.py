@@ -50,13 +50,17 @@ def _not_found(directory: str, data_dir, stems, paths) -> FileNotFoundError:
 
 @register_check("fashion_mnist")
 def check_fashion_mnist(spec, splits, data_dir):
-    """The split names, and each split's two IDX files present (or a prepared TFDS copy)."""
+    """The split names, and each split's two IDX files present (or a prepared TFDS copy). -> the
+    number of images of the first split, from its labels file (None for a TFDS copy)."""
     no_spec("fashion_mnist", spec)
+    sizes = []
     for split in splits:
-        whole, _ = check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
+        whole, rows = check_split("fashion_mnist", split, tuple(FASHION_MNIST_FILES))
         directory, paths = _files(data_dir, whole)
         if not all(paths) and not tfds_source.is_prepared("fashion_mnist", data_dir):
             raise _not_found(directory, data_dir, FASHION_MNIST_FILES[whole], paths)
+        sizes.append(len(range(len(read_idx(paths[1])))[rows]) if all(paths) else None)
+    return sizes[0] if sizes else None
 
 
 @register("fashion_mnist")

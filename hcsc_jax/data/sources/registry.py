@@ -62,18 +62,19 @@ def register_check(name: str):
     return _registrar(_CHECKS, name)
 
 
-def check_available(name: str, splits, data_dir: str | None = None) -> None:
+def check_available(name: str, splits, data_dir: str | None = None) -> int | None:
     """DataError, one line, unless dataset `name` is registered and each of `splits` can be read
     from `data_dir`: the dataset's `register_check`, else each split opened (`open_source`) or,
-    for an in-memory loader, loaded. A run calls it before it writes anything."""
+    for an in-memory loader, loaded. A run calls it before it writes anything. -> the number of
+    examples of the first split when known (a `register_check` may return it, or None)."""
     try:
         base, spec = _parse(name)
         splits = tuple(dict.fromkeys(splits))
         if base in _CHECKS:
-            _CHECKS[base](spec, splits, data_dir)
-        else:
-            for split in splits:
-                open_source(name, split, data_dir) if base in _LAZY else load_dataset(name, split, data_dir)
+            return _CHECKS[base](spec, splits, data_dir)
+        sizes = [open_source(name, split, data_dir).num_examples if base in _LAZY
+                 else len(load_dataset(name, split, data_dir)) for split in splits]
+        return sizes[0] if sizes else None
     except (ValueError, OSError) as e:
         raise DataError(" ".join(str(e).split()) or type(e).__name__) from None
 
