@@ -24,8 +24,10 @@ def test_readme_states_the_bands_this_test_checks():
 @pytest.mark.slow
 def test_python_train_py_lands_in_the_readme_band(tmp_path):
     workdir = tmp_path / "digits"
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""))  # one CPU device, as a user's `python train.py`
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's run
+    if flags:
+        env["XLA_FLAGS"] = flags
     proc = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", "--config.progress_bar=False"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
