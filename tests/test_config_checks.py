@@ -193,6 +193,7 @@ def test_relations_unknown_fields_and_missing_settings_are_one_line(overrides, m
 def test_the_eval_configs_protocols_pass_as_training_evaluators():
     """A training config may run any protocol with the eval configs' settings (those of
     configs/eval_*.py but the summary's, whose unset settings are the run's own)."""
+    protocols = set()
     for module in ("eval_digits", "eval_imagenet"):
         for variant in importlib.import_module(f"configs.{module}").VARIANTS:
             evals = load(module, variant or None).evals
@@ -201,11 +202,17 @@ def test_the_eval_configs_protocols_pass_as_training_evaluators():
                 if entry.get("type", name) != "summary":
                     c.evals[f"{name}_entry"] = dict(entry.to_dict(), type=entry.get("type", name),
                                                     every_epochs=0)
-            config_checks.check(c)
+                    protocols.add(entry.get("type", name))
+            config_checks.check(c)  # (raises ConfigError naming the entry's field)
+            c.evals.knn_entry.ks = ()  # the same entries are checked: a bad value is refused
+            with pytest.raises(ConfigError, match="evals.knn_entry.ks"):
+                config_checks.check(c)
+    assert {"knn", "linear", "linear_fast", "cluster"} <= protocols
 
 
 def test_sizes_the_training_set_cannot_give_are_one_line():
-    """Checked once the data is open (after the workdir exists: the number of images is known there)."""
+    """Checked before the workdir exists when the data check knows the split's size, and again
+    once the data is open."""
     config_checks.check_data(_digits(), 1437, 1)
     for overrides, message in [
         (dict(evals__summary__knn_k=100000), "config.evals.summary.knn_k = 100000 exceeds the 1437 training "
