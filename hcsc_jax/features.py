@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
-def _embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
+def embed_fn(graphdef, crop: int, mean: tuple, std: tuple):
     """jitted (params, stats, `Images`) -> (pooled, projection), inference mode, center crop
-    (taken on the host already when the images are `cropped`)."""
+    (taken on the host already when the images are `cropped`): the feature pass's one function."""
 
     @jax.jit
     def embed(params, stats, images):
@@ -48,7 +48,7 @@ def embed_batches(graphdef, params, stats, batches, n: int, crop, mean, std, pro
     """Inference-mode features of `batches` of (`Images` sharded, indices (b,), valid (b,)) that
     cover indices 0..n-1 -> (pooled (N, F), projection (N, d)) on the host of every process.
     `progress`: the description of a progress bar (images/s, ETA) on process 0, None for none."""
-    embed = _embed_fn(graphdef, crop, tuple(mean), tuple(std))
+    embed = embed_fn(graphdef, crop, tuple(mean), tuple(std))
     feats = projs = None
     bar = tqdm(total=n, desc=progress, unit="img", unit_scale=True, dynamic_ncols=True, leave=False,
                disable=progress is None or not distributed.is_main())

@@ -69,6 +69,19 @@ def make_prototypes(centroids, temperatures, valid, parents, sharding=None) -> P
     return Prototypes(c, t, v, p, _selection_tables(c, t, v) if p else ())
 
 
+def abstract_prototypes(num_clusters, dim: int, hierarchical: bool = True, sharding=None) -> Prototypes:
+    """The `jax.ShapeDtypeStruct`s of the `Prototypes` that `make_prototypes` builds for levels of
+    `num_clusters` prototypes of dimension `dim` (no parents or tables for independent
+    clusterings), each with `sharding`: for compiling a step ahead of time (`hcsc_jax.aot`)."""
+    m = [int(k) for k in num_clusters]
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return Prototypes(
+        tuple(spec((k, dim), jnp.float32) for k in m), tuple(spec((k,), jnp.float32) for k in m),
+        tuple(spec((k,), jnp.bool_) for k in m),
+        tuple(spec((k,), jnp.int32) for k in m[:-1]) if hierarchical else (),
+        tuple(spec((a, b), jnp.float32) for a, b in zip(m, m[1:])) if hierarchical else ())
+
+
 def prototypes_from_hierarchy(hierarchy, sharding=None) -> Prototypes:
     """`Prototypes` of a `clustering.Hierarchy`."""
     levels = hierarchy.levels

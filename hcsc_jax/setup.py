@@ -35,7 +35,8 @@ class Parts:
 
     model_meta: `models.encoder_meta` of the encoder (stored with every checkpoint);
     graphdef: its `models.split_model` graph; tx, schedule: the optax optimizer and its lr schedule
-    (step -> lr); state: the initial `train_step.TrainState`, replicated over the mesh;
+    (step -> lr); state: the initial `train_step.TrainState`, replicated over the mesh (its
+    `jax.ShapeDtypeStruct`s when built `abstract`);
     warmup_step / prototype_step: the jitted steps (state, images, labels, prototypes) -> (state,
     metrics) of the instance-only warm-up epochs and of the epochs with prototypes;
     refresh_lse: state, prototypes -> state with the queue's ICSC normalizers for new prototypes;
@@ -53,26 +54,33 @@ class Parts:
     mean_std: tuple[tuple, tuple]
 
 
-def build(config, channels: int, steps_per_epoch: int, mesh) -> Parts:
+def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = False) -> Parts:
     """The parts of a run of `config` on `channels`-channel images, `steps_per_epoch` global
     batches per epoch (for the lr schedule), on `mesh`. The encoder is initialized from
-    `config.seed` or, when set, `config.init_encoder`."""
+    `config.seed` or, when set, `config.init_encoder`. `abstract`: nothing is allocated, the state
+    is `jax.ShapeDtypeStruct`s with the shardings the trainer gives it (`jax.eval_shape`), for
+    compiling the steps ahead of time on a mesh of devices that need not exist (`hcsc_jax.aot`)."""
     meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size)
-    model = models.build_encoder(meta, seed=config.seed)
-    if config.get("init_encoder"):
+    model = models.build_encoder(meta, abstract=abstract, seed=config.seed)
+    if config.get("init_encoder") and not abstract:
         init_from(model, config.init_encoder)
     graphdef = models.split_model(model)[0]
     tx, schedule = make_optimizer(config, steps_per_epoch)
     replicated = sharding.replicated(mesh)
-    state = ts.init_state(model, tx, config.queue_size, config.model.embed_dim,
-                          len(config.clustering.num_clusters), config.seed)
+    init = lambda model: ts.init_state(model, tx, config.queue_size, config.model.embed_dim,
+                                       len(config.clustering.num_clusters), config.seed)
+    if abstract:
+        shapes = jax.eval_shape(lambda: init(models.build_encoder(meta, seed=config.seed)))
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+    else:
+        state = jax.device_put(init(model), replicated)
     view_q, view_k, view_local, mean_std = view_configs(config, channels)
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
                              view_local=view_local, ema_momentum=config.ema_momentum,
                              shuffle_bn=config.shuffle_bn)
     return Parts(
         model_meta=meta, graphdef=graphdef, tx=tx, schedule=schedule,
-        state=jax.device_put(state, replicated),
+        state=state,
         warmup_step=ts.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=True),
         prototype_step=ts.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=False),
         refresh_lse=jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,)),

@@ -152,6 +152,21 @@ def _assign_fn(mesh, chunk: int):
                                  check_vma=False))
 
 
+def abstract_lloyd_args(n: int, d: int, k: int, mesh) -> tuple:
+    """The `jax.ShapeDtypeStruct`s of the arguments `kmeans` gives `_lloyd_fn(mesh, niter)` for
+    n training rows of dimension d and k centroids (x and mask sharded over "data" as
+    `_shard_rows` makes them, the initial centroids and the key replicated): for compiling the
+    k-means ahead of time (`hcsc_jax.aot`). The assignment pass (`_assign_fn(mesh, chunk)`) takes
+    the same x with the mask's last dimension as its chunk."""
+    layout = _layout(n, mesh.size)
+    rows, whole = sharding.batch_sharded(mesh), sharding.replicated(mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return (jax.ShapeDtypeStruct((math.prod(layout), d), jnp.float32, sharding=rows),
+            jax.ShapeDtypeStruct(layout, jnp.float32, sharding=rows),
+            jax.ShapeDtypeStruct((k, d), jnp.float32, sharding=whole),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole))
+
+
 def _shard_rows(x: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
     """Pads x (n, d) with zero rows to the `_layout` and shards it over "data" ->
     (x (n_pad, d), mask (blocks, chunks, chunk): 1 for real rows)."""

@@ -102,11 +102,21 @@ def gather_batch(mesh):
                    out_shardings=sharding.batch_sharded(mesh))
 
 
+def feature_batch(pipeline: str, batch: int, num_devices: int, process_count: int) -> int:
+    """The global batch of a feature pass asked for `batch` images on `num_devices` devices of
+    `process_count` processes: "memory" (`array_batches`) rounds it down to the device count,
+    "stream" (`StreamInput.center_crops`) to whole per-process shares of at least one image per
+    local device."""
+    if pipeline == "memory":
+        return max(num_devices, (batch // num_devices) * num_devices)
+    return max(batch // process_count, num_devices // process_count) * process_count
+
+
 def array_batches(images: np.ndarray, mesh, batch: int, cropped: bool = False) -> Iterator[tuple]:
     """Images in index order -> (Images sharded, indices (b,), valid (b,)), b = `batch` rounded to
     the device count; the last batch is padded (valid False). `cropped`: they are the views."""
-    n_dev, n = mesh.size, len(images)
-    batch = max(n_dev, (batch // n_dev) * n_dev)
+    n = len(images)
+    batch = feature_batch("memory", batch, mesh.size, 1)
     sharded = sharding.batch_sharded(mesh)
     for start in range(0, n, batch):
         idx = np.arange(start, start + batch)
@@ -160,10 +170,10 @@ class StreamInput:
     def center_crops(self, crop: int, batch: int) -> Iterator[tuple]:
         """-> (Images: (b, crop, crop, C) uint8 sharded, indices (b,), valid (b,)): every
         process's part, indices / valid gathered to every host."""
-        per_process = max(batch // jax.process_count(), jax.local_device_count())
         counter = _Skipped("feature pass")
-        batches = loader.center_crop_batches(self.source, crop, per_process * jax.process_count(),
-                                             **self.loader_args)
+        batches = loader.center_crop_batches(
+            self.source, crop, feature_batch("stream", batch, self.mesh.size, jax.process_count()),
+            **self.loader_args)
         for b in batches:
             idx = counter(b)
             images, idx, valid = sharding.to_global(self.mesh, (b["view0"], idx, idx >= 0))

@@ -56,6 +56,25 @@ def _votes(top_sim, top_idx, labels, temperature, *, ks: tuple, num_classes: int
     return [jnp.zeros((w.shape[0], num_classes), jnp.float32).at[rows, cls[:, :k]].add(w[:, :k]) for k in ks]
 
 
+def chunking(t: int, ks, train_chunk: int, test_block: int) -> tuple[int, int, int, int]:
+    """-> (k_max, training rows per chunk, test rows per block, test rows padded to whole blocks)
+    of a similarity pass of `t` test rows (`knn_scores`)."""
+    kmax = max(ks)
+    block = max(1, min(test_block, t))
+    return kmax, max(train_chunk, kmax), block, -(-t // block) * block
+
+
+def abstract_merge_args(t: int, dim: int, ks, train_chunk: int, test_block: int, sharding) -> tuple:
+    """(args, static kwargs) of one `_merge_chunk` call of the similarity pass of `t` test rows of
+    `dim` features against one chunk of training rows, as `knn_scores` makes them, as
+    `jax.ShapeDtypeStruct`s with `sharding`: for compiling it ahead of time (`hcsc_jax.aot`)."""
+    kmax, chunk, block, t_pad = chunking(t, ks, train_chunk, test_block)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    args = (spec((t_pad, kmax), jnp.float32), spec((t_pad, kmax), jnp.int32), spec((t_pad, dim), jnp.float32),
+            spec((chunk, dim), jnp.float32), spec((), jnp.int32), spec((), jnp.int32))
+    return args, dict(kmax=kmax, block=block)
+
+
 def knn_scores(train_feats, train_labels, test_feats, *, ks=KS, temperature: float = 0.07,
                num_classes: int | None = None, train_chunk: int = 16384, test_block: int = 1024
                ) -> dict[int, np.ndarray]:
@@ -67,12 +86,9 @@ def knn_scores(train_feats, train_labels, test_feats, *, ks=KS, temperature: flo
         raise ValueError(f"k = {[k for k in ks if k > n]} larger than the {n} training samples; "
                          "use smaller k")
     num_classes = int(num_classes or train_labels.max() + 1)
-    kmax = max(ks)
-    chunk = max(train_chunk, kmax)
     test = np.asarray(test_feats, np.float32)
     t = len(test)
-    block = max(1, min(test_block, t))
-    t_pad = -(-t // block) * block
+    kmax, chunk, block, t_pad = chunking(t, ks, train_chunk, test_block)
     test_dev = l2_normalize(jnp.asarray(np.pad(test, ((0, t_pad - t), (0, 0)))))
     top_sim = jnp.full((t_pad, kmax), -jnp.inf, jnp.float32)
     top_idx = jnp.zeros((t_pad, kmax), jnp.int32)
