@@ -144,16 +144,32 @@ def enqueue(queue, ptr, keys):
     return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
-def make_views(key_q, key_k, images, cfg: StepConfig):
+def _gather(batch_sharding):
+    """x[order] of a batch-sharded x: left to XLA without `batch_sharding`; with it, one all-gather
+    of x (uint8 images: one byte a pixel), each device's rows taken locally, the result batch-
+    sharded, so the key encoder runs on each device's share (XLA's own partitioning of the
+    gather summed the whole batch over devices and ran the key encoder on all of it everywhere)."""
+    if batch_sharding is None:
+        return lambda x, order: x[order]
+    whole = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    constrain = jax.lax.with_sharding_constraint
+    return lambda x, order: constrain(constrain(x, whole)[order], batch_sharding)
+
+
+def make_views(key_q, key_k, images, cfg: StepConfig, key_order=None, batch_sharding=None):
     """Augmented views -> (x_q, x_k, tuple of local views), float32 normalized.
 
     images: a `data.batch.Images` as a `data.pipeline` input yields it: whole uint8 images, from
     which every view is cropped here, or the 2 + len(cfg.view_local) uint8 views (B, S_v, S_v, C)
     the host already cropped (query, key, local views), which only get the flip and the
-    photometric ops. Local view v draws from fold_in(key_q, v + 1)."""
+    photometric ops. Local view v draws from fold_in(key_q, v + 1). `key_order` (ShuffleBN's
+    permutation): x_k comes in that order, x_k[i] the key view of example key_order[i], the same
+    numbers as the key view permuted after the augmentation (`augmentations.augment_input`);
+    with `batch_sharding` its uint8 images cross devices in one all-gather (`_gather`)."""
     configs = (cfg.view_q, cfg.view_k) + tuple(cfg.view_local)
     keys = [key_q, key_k] + [jax.random.fold_in(key_q, v + 1) for v in range(len(cfg.view_local))]
-    views = augmentations.augment_input(keys, images, configs)  # (query, key and the local views)
+    orders = (None, key_order) + (None,) * len(cfg.view_local)
+    views = augmentations.augment_input(keys, images, configs, orders, _gather(batch_sharding))
     return views[0], views[1], tuple(views[2:])
 
 
@@ -172,20 +188,23 @@ def _query_forward(graphdef, params, stats, x_q, x_local):
     return q, tuple(local_q), stats
 
 
-def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels, prototypes):
+def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels, prototypes,
+               batch_sharding=None):
     """One HCSC step. images: a `data.batch.Images` (see `make_views`); labels (B, L) int32
     k-means assignments (ignored in warm-up);
-    prototypes: `objective.Prototypes` or None (warm-up). -> (new state, metrics dict of scalars)."""
+    prototypes: `objective.Prototypes` or None (warm-up); batch_sharding: that of the batch under
+    `jax.jit` (`jit_train_step`). -> (new state, metrics dict of scalars)."""
     key_q, key_k, key_shuffle, key_obj = step_keys(state)
-    x_q, x_k, x_local = make_views(key_q, key_k, images, cfg)
-    batch = x_q.shape[0]
+    perm, unperm = shuffle_permutation(key_shuffle, images.batch_size) if cfg.shuffle_bn else (None, None)
+    # With ShuffleBN the key view comes in the shuffled order (`make_views`: the uint8 images are
+    # permuted, 1 byte a pixel across devices, then augmented as each example's own view).
+    x_q, x_k, x_local = make_views(key_q, key_k, images, cfg, key_order=perm, batch_sharding=batch_sharding)
 
     # Momentum update of the key encoder, before the keys are computed (docs/method.md §6).
     m = cfg.ema_momentum
     k_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.k_params, state.q_params)
     if cfg.shuffle_bn:
-        perm, unperm = shuffle_permutation(key_shuffle, batch)
-        _, keys, k_stats = models.apply_model(graphdef, k_params, state.k_stats, x_k[perm], train=True)
+        _, keys, k_stats = models.apply_model(graphdef, k_params, state.k_stats, x_k, train=True)
         keys = keys[unperm]
     else:
         _, keys, k_stats = models.apply_model(graphdef, k_params, state.k_stats, x_k, train=True)
@@ -225,7 +244,7 @@ def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool) -> Callabl
     replicated, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def step(state, images, labels, prototypes):
-        return train_step(graphdef, tx, cfg, state, images, labels, None if warmup else prototypes)
+        return train_step(graphdef, tx, cfg, state, images, labels, None if warmup else prototypes, sharded)
 
     return jax.jit(step, in_shardings=(replicated, sharded, sharded, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))

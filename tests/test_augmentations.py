@@ -411,3 +411,33 @@ def test_precropped_views_get_the_same_flip_and_photometric_ops():
     assert not np.allclose(out, plain, atol=1e-3)
     with pytest.raises(ValueError, match="already cropped to 16x16"):
         A.augment(key, images[:, :12], pre)
+
+
+@pytest.mark.parametrize("cropped", [False, True])
+def test_a_view_in_a_given_order_is_the_view_permuted_to_the_last_bit(cropped):
+    """ShuffleBN's key view (`augment_input(..., orders)`): the uint8 images gathered in the
+    permutation's order, then augmented with each example's own randomness, is the augmented view
+    permuted afterwards, bit for bit, also with the batch sharded over 8 devices (where the gather
+    of uint8 images is what crosses devices)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from hcsc_jax.data.batch import Images
+
+    rng = np.random.default_rng(3)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    shard = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    cfg = A.AugmentConfig(crop_size=12)
+    if cropped:
+        cfg = dataclasses.replace(cfg, random_crop=False)
+        views = tuple(shard(rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)) for _ in range(2))
+    else:
+        views = (shard(rng.integers(0, 256, (16, 20, 18, 3), dtype=np.uint8)),)
+    images = Images(views, cropped=cropped)
+    keys, perm = [jax.random.key(1), jax.random.key(2)], jax.random.permutation(jax.random.key(3), 16)
+    fn = jax.jit(lambda keys, images, perm: A.augment_input(keys, images, (cfg, cfg), orders=(None, perm)))
+    plain = jax.jit(lambda keys, images: A.augment_input(keys, images, (cfg, cfg)))
+    q, k = fn(keys, images, perm)
+    q0, k0 = plain(keys, images)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(q0))
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(k0)[np.asarray(perm)])
+    assert not np.array_equal(np.asarray(k), np.asarray(k0))

@@ -386,10 +386,16 @@ def augment(key, images, cfg: AugmentConfig, indices=None) -> jax.Array:
     return _normalize(views, cfg.mean, cfg.std)
 
 
-def augment_input(keys, images: Images, cfgs: tuple[AugmentConfig, ...]) -> list[jax.Array]:
+def augment_input(keys, images: Images, cfgs: tuple[AugmentConfig, ...], orders=None,
+                  gather=lambda x, order: x[order]) -> list[jax.Array]:
     """One augmented view per (key, cfg) of a step's `images` (`data.batch.Images`): whole
     images, from which every view is cropped here, or the views (B, S_v, S_v, C) the host
-    already cropped, one per cfg, which only get the flip and the photometric ops."""
+    already cropped, one per cfg, which only get the flip and the photometric ops.
+    `orders`: per view None or a permutation `order` of the batch; that view comes in its order
+    (row i: example order[i]'s view, its randomness still that of example order[i]), the uint8
+    images being gathered before the augmentation: across devices a permutation then moves one
+    byte a pixel, not the float view's two or four. `gather(x, order)`: x[order] (the caller may
+    say how it crosses devices: `train_step.make_views`)."""
     views = images.views
     if images.cropped:
         if len(views) != len(cfgs):
@@ -397,7 +403,9 @@ def augment_input(keys, images: Images, cfgs: tuple[AugmentConfig, ...]) -> list
         cfgs = tuple(dataclasses.replace(c, random_crop=False) for c in cfgs)
     else:
         views = views * len(cfgs)
-    return [augment(k, x, c) for k, x, c in zip(keys, views, cfgs)]
+    orders = orders or (None,) * len(cfgs)
+    return [augment(k, x, c) if order is None else augment(k, gather(x, order), c, indices=order)
+            for k, x, c, order in zip(keys, views, cfgs, orders)]
 
 
 def channel_stats(mean, std, channels: int) -> tuple[tuple, tuple]:
