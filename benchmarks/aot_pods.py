@@ -69,7 +69,7 @@ def table() -> str:
     rows = []
     head = ("| config | topology (chips, hosts) | batch (per chip) | prototype step GiB / chip (HBM) | "
             "largest program | fits | step GFLOP / chip | step GB accessed / chip | step collectives MiB "
-            "| roofline bound per step (bound by) |")
+            "| roofline bound per step (bound by) | bound, images/s per chip |")
     rows += [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, config, topology, _ in ROWS:
         path = os.path.join(OUT, f"{name}.json")
@@ -81,12 +81,13 @@ def table() -> str:
         largest = max(r["programs"], key=lambda p: p["total"])
         hbm = r["chip"]["hbm_bytes"]
         if "refused" in step:
-            cost = "refused by XLA | - | - | -"
+            cost = "refused by XLA | - | - | - | -"
         else:
             coll = sum(c["bytes"] for c in step["collectives"]) / 2**20
             rl = step["roofline"]
             cost = (f"{step['flops'] / 1e9:,.0f} | {step['bytes_accessed'] / 1e9:.1f} | {coll:,.1f} | "
-                    f"{1e3 * rl['bound_s']:.1f} ms ({rl['bound_by']})")
+                    f"{1e3 * rl['bound_s']:.1f} ms ({rl['bound_by']}) | "
+                    f"{r['batch_size'] / r['chips'] / rl['bound_s']:,.0f}")
         rows.append(f"| {config.removesuffix('.py')} | {topology} ({r['chips']}, {r['hosts']}) | "
                     f"{r['batch_size']} ({r['batch_size'] // r['chips']}) | {gib(step['total'])} "
                     f"({gib(hbm)}) | {largest['name']} {gib(largest['total'])} | "

@@ -33,6 +33,7 @@ the input pipeline's host memory and the faiss backend are not compiled (they ru
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -74,6 +75,14 @@ CHIPS = {
     "v6e": Chip("v6e", "TPU v6 lite", 32 * GiB, 918e12, 1640e9, single_host_chips=8),
 }
 
+# GPUs: compiled by jax's CUDA plugin without a GPU from XLA's description of the card (a
+# GpuTargetConfigProto in text format; XLA ships them as xla/backends/gpu/target_config/specs/
+# <card>.txtpb), given with --gpu_target_config. HBM as CUDA reports it, dense bf16 peak.
+GPUS = {
+    "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 84_942_979_072, 989e12, 3352e9),
+    "h200": Chip("h200", "NVIDIA H200", 150_754_820_096, 989e12, 4800e9),
+}
+
 # The sizes of well-known splits, for a dataset this machine does not hold (ImageNet on a laptop):
 # (training examples, held-out examples, channels). A dataset that can be read is measured instead.
 PUBLISHED_SPLITS = {
@@ -102,9 +111,34 @@ class Target:
     num_hosts: int
 
 
-def target(topology: str) -> Target:
+def gpu_target(topology: str, target_config: str | None) -> Target:
+    """The devices of `topology` = "h100:8" (one node of 8) or "h100:2x8" (2 nodes of 8) from jax's
+    CUDA plugin and XLA's description of the card (`target_config`: a file), without a GPU."""
+    m = re.fullmatch(r"(h100|h200):(?:(\d+)x)?(\d+)", topology)
+    if not m:
+        raise AotError(f"--topology {topology!r}: give <card>:<GPUs per node> or <card>:<nodes>x<GPUs per "
+                       "node>, e.g. h100:8")
+    chip, nodes, per_node = GPUS[m.group(1)], int(m.group(2) or 1), int(m.group(3))
+    if not target_config or not os.path.isfile(target_config):
+        raise AotError(f"--topology {topology}: give --gpu_target_config=<XLA's {chip.name}_sxm.txtpb "
+                       "(xla/backends/gpu/target_config/specs/)>, the card XLA compiles for")
+    try:
+        from jax.experimental import topologies
+        devices = topologies.get_topology_desc(platform="cuda", topology_name="",
+                                               topology=f"1x{nodes}x{per_node}",
+                                               target_config=open(target_config).read()).devices
+    except Exception as err:  # noqa: BLE001 - no CUDA plugin, or a config it cannot read
+        text = " ".join(str(err).split())[:300]
+        raise AotError(f"cannot describe {topology} with jax's CUDA plugin ({text}); install it with "
+                       'pip install "jax[cuda12]" (the installed jax\'s version)') from None
+    return Target(topology, chip, tuple(devices), nodes)
+
+
+def target(topology: str, gpu_target_config: str | None = None) -> Target:
     """The devices of a TPU `topology` ("v5p:4x4x8": generation, then chips per dimension) from
-    libtpu, without the hardware."""
+    libtpu, or of GPUs (`gpu_target`), without the hardware."""
+    if topology.split(":")[0] in GPUS:
+        return gpu_target(topology, gpu_target_config)
     m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", topology)
     if not m:
         raise AotError(f"--topology {topology!r}: give <generation>:<chips per dimension>, e.g. v5p:4x4x8, "
@@ -115,15 +149,15 @@ def target(topology: str) -> Target:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if math.prod(dims) <= chip.single_host_chips:  # one host holds the whole slice (e.g. v5e-8)
         kw["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotError(f"libtpu describes {topology} and is not installed: pip install -e \".[tpu]\" "
+                       "(jax[tpu] of the installed jax)")
     try:
         from jax.experimental import topologies
         devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw).devices
-    except Exception as err:  # noqa: BLE001 - libtpu missing or refusing the topology
-        text = " ".join(str(err).split())
-        if "libtpu" in text.lower() or isinstance(err, (ImportError, RuntimeError)) and "tpu" not in text:
-            raise AotError(f"cannot load libtpu to describe {topology} ({text[:200]}); install it with "
-                           'pip install -e ".[tpu]" (jax[tpu] of the installed jax)') from None
-        raise AotError(f"--topology {topology}: libtpu refused it: {text[:300]}") from None
+    except Exception as err:  # noqa: BLE001 - libtpu refusing the topology
+        text = " ".join(str(err).split())[:300]
+        raise AotError(f"--topology {topology}: libtpu refused it: {text}") from None
     if devices[0].device_kind != chip.device_kind:
         raise AotError(f"--topology {topology}: libtpu describes {devices[0].device_kind!r}, "
                        f"expected {chip.device_kind!r}")
@@ -359,14 +393,15 @@ def _feature_dim(graphdef, state, crop: int, data: DataShape) -> int:
 def analyze(compiled) -> dict:
     """Memory per chip, cost per call and collectives of a `jax.stages.Compiled`."""
     m = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis()  # (None for a GPU compiled without one)
     cost = cost[0] if isinstance(cost, list) else (cost or {})
     mem = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes)
     mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
+    hlo = compiled.as_text()
     return dict(memory=mem, flops=float(cost.get("flops", 0.0)),
                 bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-                collectives=collectives(compiled.as_text()))
+                collectives=collectives(hlo), has_loops=" while(" in hlo)
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -491,6 +526,8 @@ def report(config, tgt: Target, data: DataShape, programs: list[Program], sizes:
         total = m["total"] + p.resident
         r = roofline(a["flops"], a["bytes_accessed"], chip)
         out = m["output"] - m["alias"]
+        cost = (f"{a['flops'] / 1e9:>9.2f} {a['bytes_accessed'] / 1e9:>11.3f} {1e3 * r['bound_s']:>7.2f} ms"
+                if r["bound_s"] else f"{'n/a':>9} {'n/a':>11} {'n/a':>10}")
         if p.refused:
             lines.append(f"{p.name:<16} {fmt_bytes(m['argument']):>11} {'-':>11} {fmt_bytes(m['temp']):>11} "
                          f"{fmt_bytes(p.resident):>11} {fmt_bytes(total):>11} "
@@ -500,8 +537,8 @@ def report(config, tgt: Target, data: DataShape, programs: list[Program], sizes:
             continue
         lines.append(f"{p.name:<16} {fmt_bytes(m['argument']):>11} {fmt_bytes(out):>11} "
                      f"{fmt_bytes(m['temp']):>11} {fmt_bytes(p.resident):>11} {fmt_bytes(total):>11} "
-                     f"{100 * total / chip.hbm_bytes:>6.1f}% {a['flops'] / 1e9:>9.2f} "
-                     f"{a['bytes_accessed'] / 1e9:>11.3f} {1e3 * r['bound_s']:>7.2f} ms  {p.note}")
+                     f"{100 * total / chip.hbm_bytes:>6.1f}% {cost}  {p.note}"
+                     + ("; loops: FLOPs, bytes counted once per loop body" if a.get("has_loops") else ""))
         rows.append(dict(name=p.name, note=p.note, memory=m, resident=p.resident, total=total,
                          flops=a["flops"], bytes_accessed=a["bytes_accessed"], roofline=r,
                          collectives=a["collectives"], collective_totals=collective_totals(a["collectives"])))
@@ -513,7 +550,10 @@ def report(config, tgt: Target, data: DataShape, programs: list[Program], sizes:
         loops = " (some in a loop body: per iteration)" if loops else ""
         lines.append(f"  {p.name:<16} {text or 'none'}{loops}")
     step = next((r for r in rows[::-1] if r["name"].endswith("_step") and "roofline" in r), None)
-    if step is not None:
+    if step is not None and not step["roofline"]["bound_s"]:
+        lines += ["", "no cost analysis for this target (XLA gives none for a GPU compiled without one): "
+                  "no roofline bound"]
+    elif step is not None:
         r = step["roofline"]
         lines += ["", f"{step['name']}: at least {1e3 * r['bound_s']:.2f} ms per step "
                   f"({r['bound_by']}-bound roofline; compute {1e3 * r['compute_s']:.2f} ms, "
@@ -551,6 +591,8 @@ def main(argv=None) -> int:
     channels = flags.DEFINE_integer("channels", None, "Image channels (default: as num_train).")
     only = flags.DEFINE_list("programs", [], f"Compile only these ({', '.join(PROGRAMS)}); default all.")
     hlo_dir = flags.DEFINE_string("hlo_dir", None, "Also write each program's compiled HLO text there.")
+    gpu_config = flags.DEFINE_string("gpu_target_config", None, "GPU topologies (h100:8): XLA's description "
+                                     "of the card, e.g. xla/backends/gpu/target_config/specs/h100_sxm.txtpb.")
 
     def run(args):
         if len(args) > 1:
@@ -564,7 +606,7 @@ def main(argv=None) -> int:
         from hcsc_jax import config_checks, trainer
         config = config_flag.value
         try:
-            tgt = target(topology.value)
+            tgt = target(topology.value, gpu_config.value)
             trainer.check_values(config, len(tgt.devices))
             data = data_shape(config, num_train.value, num_eval.value, channels.value)
             config_checks.check_data(config, data.num_train, data.channels)
@@ -574,6 +616,9 @@ def main(argv=None) -> int:
         except (AotError, config_checks.ConfigError) as err:
             console.usage_error(str(err))
         programs, sizes = compile_programs(config, tgt, data, log=ours.info, only=tuple(only.value))
+        if not programs:
+            console.usage_error(f"--programs={','.join(only.value)}: this config has none of them (no "
+                                "prototype levels, or no kNN evaluator)")
         text, result = report(config, tgt, data, programs, sizes)
         if hlo_dir.value:
             os.makedirs(hlo_dir.value, exist_ok=True)

@@ -185,3 +185,10 @@ def test_usage_errors_are_one_line_and_exit_2():
     assert res.stderr.strip().splitlines()[-1].startswith("aot.py: error: global batch 20 must be a multiple")
     res = _aot("--topology=v9:2x2", timeout=300)
     assert res.returncode == 2 and "--topology 'v9:2x2'" in res.stderr.strip().splitlines()[-1]
+
+
+def test_a_gpu_topology_needs_xla_s_description_of_the_card():
+    with pytest.raises(aot.AotError, match=r"--topology h100:8: give --gpu_target_config=.*h100_sxm.txtpb"):
+        aot.target("h100:8")
+    with pytest.raises(aot.AotError, match=r"<card>:<GPUs per node>"):
+        aot.target("h100:eight")
