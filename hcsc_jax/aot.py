@@ -300,6 +300,9 @@ def compile_programs(config, tgt: Target, data: DataShape, log: Callable = print
     from hcsc_jax.data.batch import Images
     from hcsc_jax.evaluators import knn
 
+    # An executable compiled for devices this process does not have cannot be read back from XLA's
+    # persistent cache (a warning each time), so none is written.
+    jax.config.update("jax_enable_compilation_cache", False)
     mesh = sharding.make_mesh(tgt.devices)
     steps_per_epoch = max(data.num_train // config.batch_size, 1)
     parts = setup.build(config, data.channels, steps_per_epoch, mesh, abstract=True)
@@ -500,7 +503,8 @@ def verdict(config, tgt: Target, programs: list[Program]) -> tuple[bool, list[st
                          f"{fmt_bytes(fixed)}")
     if str(config.model.dtype) == "float32":
         lines.append("bfloat16 compute (--config.model.dtype=bfloat16) halves the activations")
-    lines.append("or more chips: a larger topology splits the batch further")
+    lines.append("or more chips: a larger topology splits the batch further (activation rematerialization "
+                 "is not implemented in hcsc-jax's encoders)")
     return False, lines
 
 
@@ -549,6 +553,8 @@ def report(config, tgt: Target, data: DataShape, programs: list[Program], sizes:
         loops = {c["computation"] for c in row["collectives"] if c["computation"] != "ENTRY"}
         loops = " (some in a loop body: per iteration)" if loops else ""
         lines.append(f"  {p.name:<16} {text or 'none'}{loops}")
+        for c in sorted(row["collectives"], key=lambda c: -c["bytes"])[:8]:  # the largest, with their source
+            lines.append(f"  {'':<16}   {c['kind']:<14} {fmt_bytes(c['bytes']):>11}  {c['op'] or c['name']}")
     step = next((r for r in rows[::-1] if r["name"].endswith("_step") and "roofline" in r), None)
     if step is not None and not step["roofline"]["bound_s"]:
         lines += ["", "no cost analysis for this target (XLA gives none for a GPU compiled without one): "
