@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 256  # global
     c.bn_group_size = 32
     c.shuffle_bn = True
+    # How ShuffleBN permutes the key view across devices (train_step.SHUFFLE_GATHERS): "views" (the
+    # same run on any number of processes, but every device runs the key encoder on the whole batch)
+    # or "images" (each device on its share; what the pod configs use).
+    c.shuffle_bn_gather = "views"
     c.queue_size = 16384
     c.ema_momentum = 0.999
     c.lr = 0.03  # at batch 256; scaled linearly with the global batch

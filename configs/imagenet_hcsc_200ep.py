@@ -27,6 +27,7 @@ def get_config(arg=None):
     c = default.get_config()  # the published settings
     c.dataset = "tfds:imagenet2012"
     c.model.dtype = "bfloat16"
+    c.shuffle_bn_gather = "images"  # each chip runs the key encoder on its share (BENCHMARKS.md, pods)
     c.input.pipeline = "stream"
     c.evals.summary.num_clusters = (1000,)
     c.evals.knn = dict(every_epochs=10, ks=(20, 200), temperature=0.07)  # a kNN curve

@@ -219,6 +219,7 @@ RULES: dict[str, Rule] = {
     "batch_size": BATCH,
     "bn_group_size": BATCH,
     "shuffle_bn": boolean(),
+    "shuffle_bn_gather": choice(*ts.SHUFFLE_GATHERS),
     "queue_size": QUEUE,
     "ema_momentum": real(0, 1),
     "lr": LEARNING_RATE,

@@ -51,7 +51,8 @@ class TrainState:
 class StepConfig:
     """Static settings of a step (hashable). BN groups are a property of the model
     (`make_encoder(bn_group_size=...)`). `view_local`: the multi-crop local views (query
-    encoder only, docs/method.md §6); local views of one crop size go through the encoder as one batch."""
+    encoder only, docs/method.md §6); local views of one crop size go through the encoder as one batch.
+    `shuffle_gather` (`SHUFFLE_GATHERS`): how ShuffleBN permutes the key view across devices."""
 
     objective: objective.ObjectiveConfig
     view_q: augmentations.AugmentConfig
@@ -59,6 +60,18 @@ class StepConfig:
     view_local: tuple = ()
     ema_momentum: float = 0.999
     shuffle_bn: bool = True
+    shuffle_gather: str = "views"
+
+
+# ShuffleBN's permutation of the key view across devices. "views": the augmented view is permuted
+# (x_k[perm]) and XLA partitions the permutation itself: a sum of the whole view over the devices,
+# and the key encoder then runs on the whole global batch on every device; the same numbers on any
+# number of processes (tests/test_multiprocess.py). "images": the uint8 images are gathered in the
+# shuffled order (one all-gather, a byte a pixel), each device keeps its rows and augments them with
+# each example's own randomness (`make_views`): the same views bit for bit and each device runs the
+# key encoder on its share (1/32 of the FLOPs per chip on a 128-chip pod, BENCHMARKS.md), but
+# 2 processes x 4 devices no longer give the run of 1 x 8 to the last bit.
+SHUFFLE_GATHERS = ("views", "images")
 
 
 def check_batch_config(global_batch: int, queue_size: int, bn_group_size: int, num_devices: int):
@@ -196,14 +209,17 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     `jax.jit` (`jit_train_step`). -> (new state, metrics dict of scalars)."""
     key_q, key_k, key_shuffle, key_obj = step_keys(state)
     perm, unperm = shuffle_permutation(key_shuffle, images.batch_size) if cfg.shuffle_bn else (None, None)
-    # With ShuffleBN the key view comes in the shuffled order (`make_views`: the uint8 images are
-    # permuted, 1 byte a pixel across devices, then augmented as each example's own view).
-    x_q, x_k, x_local = make_views(key_q, key_k, images, cfg, key_order=perm, batch_sharding=batch_sharding)
+    # shuffle_gather "images": the key view comes in the shuffled order (`make_views`: the uint8
+    # images are permuted, one byte a pixel across devices, then augmented as each example's own view).
+    gather_images = cfg.shuffle_bn and cfg.shuffle_gather == "images"
+    x_q, x_k, x_local = make_views(key_q, key_k, images, cfg, key_order=perm if gather_images else None,
+                                   batch_sharding=batch_sharding)
 
     # Momentum update of the key encoder, before the keys are computed (docs/method.md §6).
     m = cfg.ema_momentum
     k_params = jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, state.k_params, state.q_params)
     if cfg.shuffle_bn:
+        x_k = x_k if gather_images else x_k[perm]
         _, keys, k_stats = models.apply_model(graphdef, k_params, state.k_stats, x_k, train=True)
         keys = keys[unperm]
     else:

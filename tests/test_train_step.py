@@ -248,6 +248,24 @@ def test_one_vs_eight_devices_same_numbers(runs):
     assert one.m2["loss_proto"] > 0.1 and np.isfinite(one.m2["loss"])
 
 
+def test_shuffle_gather_of_images_gives_the_step_of_permuted_views(setup, runs):
+    """shuffle_gather="images" (the uint8 key images gathered in the shuffled order, augmented on
+    each device's share) gives the step of the default "views" on 8 devices, to the tolerance of
+    1 vs 8 devices. (The key encoder then runs on 8 shards instead of the whole batch on every
+    device: its BN reductions round differently in the last bits, which a second step's Bernoulli
+    selection can amplify: 2e-4 relative in its gradient norm here.)"""
+    import dataclasses as dc
+
+    eight = runs[1]
+    cfg = dc.replace(setup["cfg"], shuffle_gather="images")
+    fn = ts.jit_train_step(setup["graphdef"], setup["tx"], cfg, eight.mesh, warmup=False)
+    s1, m1 = eight.step(eight.s0, 0, fn=fn)
+    for k in m1:
+        np.testing.assert_allclose(m1[k], eight.m1[k], err_msg=f"m1[{k}]", **DEV_TOL)
+    for field in ("queue", "q_params", "k_params", "k_stats", "opt_state"):
+        _assert_tree_close(getattr(s1, field), getattr(eight.s1, field), f"s1.{field}", **DEV_TOL)
+
+
 # ----------------------------------------------------------------------------- ShuffleBN
 def test_shuffle_permutation_crosses_groups_and_inverts():
     for seed in range(3):
