@@ -50,12 +50,17 @@ def run_rows(only=()):
         path = os.path.join(OUT, f"{name}.json")
         if (only and name not in only) or os.path.exists(path):
             continue
+        try:  # a row another run of this script is compiling
+            os.close(os.open(os.path.join(OUT, f"{name}.claim"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
         cmd = [sys.executable, "-m", "hcsc_jax.aot", f"--config=configs/{config}", f"--topology={topology}",
-               *extra, f"--json={path}"]
+               *extra, f"--json={os.path.relpath(path, ROOT)}"]
         print(" ".join(cmd[1:]), flush=True)
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         with open(os.path.join(OUT, f"{name}.txt"), "w") as f:
             f.write(f"$ python {' '.join(cmd[1:])}\n{res.stdout}\n(exit status {res.returncode})\n")
+        os.remove(os.path.join(OUT, f"{name}.claim"))
         print(f"  exit {res.returncode}", flush=True)
         if res.returncode not in (0, 1):
             print(res.stderr[-2000:], file=sys.stderr)
