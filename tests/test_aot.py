@@ -111,8 +111,8 @@ def test_verdict_does_not_fit_gives_the_largest_batch_by_its_linear_estimate():
 
 
 def test_a_topology_that_is_not_a_tpu_generation_is_one_line():
-    with pytest.raises(aot.AotError, match=r"--topology 'h100:8'.*v5p:4x4x8"):
-        aot.target("h100:8")
+    with pytest.raises(aot.AotError, match=r"--topology 'a100:8'.*v5p:4x4x8"):
+        aot.target("a100:8")
 
 
 def _aot(*args, timeout=900):
