@@ -44,22 +44,44 @@ ROWS = (
 )
 
 
+def claim(path: str) -> bool:
+    """Takes the row of the claim file `path` (holding the pid of the run compiling it) unless a
+    live process holds it; a claim left by a killed run is taken over."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(open(path).read() or 0)
+            if pid > 0:
+                os.kill(pid, 0)
+                return False
+        except PermissionError:  # alive, another user's
+            return False
+        except (ValueError, ProcessLookupError):
+            pass
+        os.remove(path)
+        return claim(path)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def run_rows(only=()):
     os.makedirs(OUT, exist_ok=True)
     for name, config, topology, extra in ROWS:
         path = os.path.join(OUT, f"{name}.json")
         if (only and name not in only) or os.path.exists(path):
             continue
-        try:  # a row another run of this script is compiling
-            os.close(os.open(os.path.join(OUT, f"{name}.claim"), os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            continue
+        if not claim(os.path.join(OUT, f"{name}.claim")):
+            continue  # a row another run of this script is compiling
         cmd = [sys.executable, "-m", "hcsc_jax.aot", f"--config=configs/{config}", f"--topology={topology}",
                *extra, f"--json={os.path.relpath(path, ROOT)}"]
         print(" ".join(cmd[1:]), flush=True)
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         with open(os.path.join(OUT, f"{name}.txt"), "w") as f:
             f.write(f"$ python {' '.join(cmd[1:])}\n{res.stdout}\n(exit status {res.returncode})\n")
+            if res.returncode not in (0, 1) or not res.stdout.strip():  # a crash: its last words too
+                f.write(res.stderr[-3000:])
         os.remove(os.path.join(OUT, f"{name}.claim"))
         print(f"  exit {res.returncode}", flush=True)
         if res.returncode not in (0, 1):
