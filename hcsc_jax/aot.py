@@ -621,7 +621,10 @@ def main(argv=None) -> int:
                                f"{tgt.num_hosts} hosts of {tgt.topology}")
         except (AotError, config_checks.ConfigError) as err:
             console.usage_error(str(err))
-        programs, sizes = compile_programs(config, tgt, data, log=ours.info, only=tuple(only.value))
+        try:
+            programs, sizes = compile_programs(config, tgt, data, log=ours.info, only=tuple(only.value))
+        except ValueError as err:  # a shape the step refuses while tracing (e.g. the sampler's size)
+            console.usage_error(f"the step cannot be built for this config: {err}")
         if not programs:
             console.usage_error(f"--programs={','.join(only.value)}: this config has none of them (no "
                                 "prototype levels, or no kNN evaluator)")
