@@ -37,7 +37,7 @@ BASE_LR = 0.03
 TOTAL_STEPS = 10
 
 # 1 vs 8 devices: per-device shapes differ (64 vs 8 samples), so XLA may order some reductions
-# (gradient all-reduce, loss mean) differently; after two steps the states agree to <= 3e-6 (the
+# (gradient all-reduce, loss mean) differently; one step from the same state agrees to <= 3e-6 (the
 # largest: the SGD momentum buffers; loss/metrics to ~1e-6), so rtol = atol = 1e-5 holds. (With
 # 8x8 images the last stage is 1x1 and a BN group of 4 samples
 # normalizes 4 numbers: the step is then ill-conditioned, a 1e-6 change of the parameters moves
@@ -229,16 +229,21 @@ def _query(s, state_before, i):
 # ----------------------------------------------------------------------------- 1 vs 8 devices
 @pytest.mark.slow
 def test_one_vs_eight_devices_same_numbers(runs):
+    """Each step, from the same state, gives the same numbers on 1 and on 8 devices. Step 2 starts
+    from the 1-device s1 on both meshes: the two s1 differ by ~6e-8 (reduction order), and on this
+    tiny net such a change of the parameters alone moves step 2's gradient by ~2e-4 relative
+    (a ReLU or BN-group kink crossed: the 1-device step from the 8-device s1 does the same), so
+    chained states compare the net's conditioning, not the mesh."""
     one, eight = runs
-    for name in ("m1", "m2"):
-        a, b = getattr(one, name), getattr(eight, name)
+    s2, m2 = eight.step(one.s1, 1)
+    for name, a, b in (("m1", one.m1, eight.m1), ("m2", one.m2, m2)):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], err_msg=f"{name}[{k}]", **DEV_TOL)
-    for name in ("s1", "s2"):
-        a, b = getattr(one, name), getattr(eight, name)
+    for name, a, b in (("s1", one.s1, eight.s1), ("s2", one.s2, s2)):
         for field in ("queue", "queue_lse", "q_params", "q_stats", "k_params", "k_stats", "opt_state"):
             _assert_tree_close(getattr(a, field), getattr(b, field), f"{name}.{field}", **DEV_TOL)
+    for a, b in ((one.s1, eight.s1), (one.s2, s2), (one.s2, eight.s2)):
         for field in ("queue_ptr", "step", "rng"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     # the runs did something: the parameters moved, the queue was written, proto terms are there
