@@ -3,7 +3,8 @@
 `RULES` maps each dotted field of the training configs (configs/default.py, the fields the dataset
 configs and `configs.apply_vit` add) to its rule: its type, its range, its choices.
 `EVAL_SETTINGS` does the same for the settings of each evaluator protocol of a `config.evals`
-entry. `RELATIONS` are the checks between fields (levels shrink, one summary entry, ...).
+entry. `RELATIONS` are the checks between fields (levels shrink, one summary entry, ...);
+`WARNINGS` the relations a run may have on purpose but rarely means (`warnings_for`: logged).
 `check(config)` raises ConfigError for the first field that breaks its rule, that no rule knows,
 or the first relation that fails: one line naming the field, what it accepts and the flag that
 sets it (train.py: exit status 2, before the workdir exists).
@@ -454,8 +455,38 @@ def _prototype_terms(config) -> str | None:
     return None
 
 
+def _lr_warmup_within_run(config) -> str | None:
+    """The cosine decay of the learning rate follows its warm-up: at least one epoch of it."""
+    warmup, epochs = get(config, "lr_warmup_epochs"), get(config, "epochs")
+    if warmup and epochs and warmup >= epochs:
+        return (f"config.lr_warmup_epochs ({warmup}) must be smaller than config.epochs ({epochs}): the "
+                "learning rate decays after its warm-up; set a smaller --config.lr_warmup_epochs (0: none)")
+    return None
+
+
 RELATIONS: tuple[Callable[[Any], str | None], ...] = (
-    _levels_shrink, _one_summary, _mean_std, _points_per_centroid, _prototype_terms)
+    _levels_shrink, _one_summary, _mean_std, _points_per_centroid, _prototype_terms, _lr_warmup_within_run)
+
+
+# ---- Relations a run can have on purpose, but rarely means: each -> None, or a warning line ----
+
+def _no_prototype_epoch(config) -> str | None:
+    """Prototype levels set, but the warm-up (instance loss only, docs/method.md §6) lasts the whole
+    run: a short run that will be resumed with more epochs does this on purpose."""
+    levels, epochs, warmup = (get(config, f) for f in ("clustering.num_clusters", "epochs", "warmup_epochs"))
+    if levels and 0 < epochs <= warmup:
+        return (f"config.warmup_epochs ({warmup}) >= config.epochs ({epochs}): no epoch of this run uses "
+                f"the prototypes {tuple(levels)} (it trains the instance loss only, as MoCo v2); set "
+                f"--config.warmup_epochs below {epochs} for HCSC, or resume later with more epochs")
+    return None
+
+
+WARNINGS: tuple[Callable[[Any], str | None], ...] = (_no_prototype_epoch,)
+
+
+def warnings_for(config) -> list[str]:
+    """The `WARNINGS` lines of `config` (train.py logs them before it trains; nothing is refused)."""
+    return [line for line in (w(config) for w in WARNINGS) if line]
 
 
 def check_data(config, num_examples: int, channels: int | None = None) -> None:

@@ -761,6 +761,8 @@ def import_torch(pth: str, out_dir: str, *, seed: int = 0, trust_pickle: bool = 
     kept as ``meta["input"]`` for eval.py) where ``image_size`` / ``mean`` / ``std`` do not; what
     neither says is ImageNet's for 3-channel weights (224 px, or the ViT's image size), logged as
     assumed. Nothing is written unless the whole state dict converts."""
+    models.check_input(image_size, None if mean is None else list(mean), None if std is None else list(std),
+                       where="import-torch: ")
     sd = load_torch_state_dict(pth, trust_pickle)
     recorded = read_sidecar(pth)
     if meta_kw.get("arch") is None and "model" in recorded:
@@ -788,18 +790,30 @@ def read_sidecar(pth: str) -> dict[str, Any]:
         return {}
     try:
         with open(sidecar_path(pth)) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
+            recorded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{sidecar_path(pth)} is not the JSON that export-torch writes ({err}); move it "
                          "away to import the file without it") from None
+    shapes = (("", recorded), ("model", recorded.get("model", {}) if isinstance(recorded, dict) else None),
+              ("input", recorded.get("input", {}) if isinstance(recorded, dict) else None))
+    wrong = [k or "the file" for k, v in shapes if not isinstance(v, dict)]
+    if wrong or not isinstance(recorded.get("model", {}).get("arch", ""), str):
+        what = (wrong or ["model.arch"])[0]
+        raise ValueError(f"{sidecar_path(pth)} is JSON, but not what export-torch writes ({what} is not an "
+                         "object of its fields); move it away to import the file without it")
+    inp = recorded.get("input", {})
+    models.check_input(inp.get("image_size"), inp.get("mean"), inp.get("std"),
+                       where=f"{sidecar_path(pth)}: input ")
+    return recorded
 
 
 def _input_meta(meta, recorded: dict, image_size, mean, std) -> dict[str, Any] | None:
     """`models.input_meta` of an import: the flags, else the sidecar's, else (3-channel weights)
     ImageNet's, logged as assumed; None (logged) for other channel counts when something is unknown."""
     channels = int(meta["in_channels"])
-    values = dict(image_size=image_size or recorded.get("image_size") or meta["model"].get("image_size"),
-                  mean=mean or recorded.get("mean"), std=std or recorded.get("std"))
+    first = lambda *vs: next((v for v in vs if v is not None), None)
+    values = dict(image_size=first(image_size, recorded.get("image_size"), meta["model"].get("image_size")),
+                  mean=first(mean, recorded.get("mean")), std=first(std, recorded.get("std")))
     unknown = [k for k, v in values.items() if v is None]
     flags = " ".join(f"--{k.replace('_', '-')}" for k in unknown)
     if unknown and channels != 3:
@@ -927,7 +941,9 @@ def main(argv: list[str] | None = None) -> int:
                 which=args.which,
             )
             print(f"wrote {args.out_pth}: {len(sd)} tensors; its meta in {sidecar_path(args.out_pth)}")
-    except (FileNotFoundError, ValueError, ImportError, checkpoints.NoReadableStep) as err:
+    except (OSError, ValueError, ImportError, checkpoints.NoReadableStep) as err:
+        if isinstance(err, OSError) and err.filename:  # e.g. a read-only output directory
+            err = f"{err.filename}: {err.strerror or err}"
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -50,6 +50,10 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def __post_init__(self):  # ValueError for an input no encoder can take (a std of 0, a NaN, ...)
+        models.check_input(self.image_size, list(self.mean), list(self.std), self.channels,
+                           where="InputSpec: ")
+
 
 class Classifier(nnx.Module):
     """A backbone's pooled features -> one linear layer: `model(x, train)` -> logits (B, classes);

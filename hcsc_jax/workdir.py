@@ -8,6 +8,7 @@ Layout: `config.json`, `metrics.jsonl`, `tensorboard/`, `hierarchy/epoch_XXXX.np
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -99,37 +100,62 @@ def stale(holder: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
+def _turns(directory: epath.Path):
+    """An exclusive `flock` on the local `directory` while the block runs: the processes taking a
+    lock in it check and create it one at a time (the directory, not a file of its own: nothing is
+    left behind, and a lock released by a killed process goes with its descriptor)."""
+    fd = os.open(os.fspath(directory), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create_written(lock: epath.Path, text: str):
+    """`lock` created holding `text`, atomically: written to a temporary file, linked into place
+    (fails with FileExistsError when `lock` exists), so a lock is never seen empty."""
+    tmp = lock.with_name(f"{lock.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(os.fspath(tmp), os.fspath(lock))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def locked(workdir: epath.Path, enabled: bool = True, name: str = LOCK_FILE, flag: str = "--workdir"):
     """Holds `workdir/run.lock` (or `workdir/<name>`: this process's id and host) while the block
     runs, so a second run on the same workdir refuses with WorkdirError (naming `flag`). A lock left
     by a dead process of this host is taken over; one of another host must be removed by hand once
-    that run is known to be gone."""
+    that run is known to be gone. Locally, processes starting at the same instant take turns to
+    check and create the lock (`_turns`) and a lock is never seen half-written: one of them holds
+    it (tests/test_workdir.py races 8)."""
     if not enabled:
         yield
         return
-    lock, me = workdir / name, {"pid": os.getpid(), "host": socket.gethostname()}
-    while True:
+    lock, me = workdir / name, json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    local = is_local(lock)
+    with _turns(workdir) if local else contextlib.nullcontext():
         try:
-            if is_local(lock):
-                with open(os.fspath(lock), "x") as f:  # atomic: fails when the file exists
-                    f.write(json.dumps(me))
-            elif lock.exists():
-                raise FileExistsError(lock)
-            else:
-                lock.write_text(json.dumps(me))
-            break
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                holder = {}
+            holder = json.loads(lock.read_text())
+            holder = holder if isinstance(holder, dict) else {}
+        except FileNotFoundError:
+            holder = None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            holder = {}
+        if holder is not None:
             if holder and not stale(holder):
                 raise WorkdirError(
                     f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} ({lock}); "
                     f"wait for that run to end or pass another {flag} (if that run is gone, delete "
-                    "the lock file)") from None
+                    "the lock file)")
             log.warning("removing the stale lock %s (%s)", lock, holder or "unreadable")
             lock.unlink(missing_ok=True)
+        if local:
+            _create_written(lock, me)
+        else:  # an object store: no atomic create; last writer wins
+            lock.write_text(me)
     try:
         yield
     finally:

@@ -183,11 +183,34 @@ def _digits(**overrides):
                                                            r"\(settings of the linear evaluator\)"),
     (dict(evals__final=dict(type="summary", every_epochs=0, knn_k=5, knn_temperature=0.1,
                             num_clusters=(4,))), r"config.evals has 2 entries of type 'summary'"),
+    (dict(lr_warmup_epochs=3), r"config.lr_warmup_epochs \(3\) must be smaller than config.epochs \(3\): "
+                               r"the learning rate decays after its warm-up; set a smaller "
+                               r"--config.lr_warmup_epochs"),
 ])
 def test_relations_unknown_fields_and_missing_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=f"^{message}") as err:
         config_checks.check(_digits(**overrides))
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_warm_up_as_long_as_the_run_is_a_warning_logged_before_anything_is_written(tmp_path, caplog):
+    """HCSC levels with warmup_epochs >= epochs train MoCo v2 only: said in one line before the
+    run starts (not refused: a short run resumed later with more epochs does it on purpose)."""
+    from hcsc_jax import trainer
+
+    assert config_checks.warnings_for(_digits()) == []  # runlocal: 3 epochs, warm-up 1
+    assert config_checks.warnings_for(_digits(epochs=0)) == []  # the untrained encoder
+    assert config_checks.warnings_for(_digits(clustering__num_clusters=(), objective__proto_loss=False,
+                                              objective__instance_selection=False,
+                                              objective__prototype_selection=False, epochs=1)) == []
+    c = _digits(epochs=1, dataset="no_such_dataset")  # stops at the data check, after the warning
+    with caplog.at_level("WARNING"), pytest.raises(Exception, match="no_such_dataset"):
+        trainer.train_and_evaluate(c, str(tmp_path / "run"))
+    lines = [r.getMessage() for r in caplog.records if "warmup_epochs" in r.getMessage()]
+    assert lines == ["config.warmup_epochs (1) >= config.epochs (1): no epoch of this run uses the "
+                     "prototypes (20, 8, 4) (it trains the instance loss only, as MoCo v2); set "
+                     "--config.warmup_epochs below 1 for HCSC, or resume later with more epochs"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_eval_configs_protocols_pass_as_training_evaluators():

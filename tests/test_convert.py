@@ -9,12 +9,14 @@ images: 64 px for the 7x7-stem models, 32 px (R50) / 16 px (R18) for the small-s
 padding and layout differences they guard against show at any even size.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
 import zipfile
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -456,3 +458,51 @@ def test_pickled_objects_need_trust_pickle(tmp_path, capsys):
     sd = convert.load_torch_state_dict(str(pth), trust_pickle=True)
     np.testing.assert_array_equal(sd["conv1.weight"], net.state_dict()["conv1.weight"].numpy())
     assert convert.main(["import-torch", str(pth), str(tmp_path / "trusted"), "--trust-pickle"]) == 0
+
+
+def test_an_input_no_encoder_can_take_is_refused_wherever_it_is_read_or_written(tmp_path, capsys):
+    """image size, mean and std of an encoder's input: from import-torch's flags, a sidecar, an
+    exported encoder's meta, eval's data fields, an `InputSpec` by hand. A std of 0, a NaN, a size
+    < 1, a sidecar of the wrong JSON type: one line, exit 2, nothing written (before: imported
+    without a word, then NaN features and a 10.8% kNN with exit 0)."""
+    torch = pytest.importorskip("torch")
+    from hcsc_jax import InputSpec
+    from hcsc_jax.evaluators import common
+
+    net = _torch_resnet("resnet18", small_stem=True, width=0.125, hidden_dim=16, out_dim=8)
+    pth = tmp_path / "enc.pth"
+    torch.save(net.state_dict(), pth)
+    flags = {"--std=0,0,0": "std must be finite numbers > 0", "--mean=nan,0,0": "mean must be finite numbers",
+             "--image-size=-3": "image_size must be an integer >= 1, got -3",
+             "--image-size=0": "image_size must be an integer >= 1, got 0"}
+    for flag, message in flags.items():
+        assert convert.main(["import-torch", str(pth), str(tmp_path / "out"), flag]) == 2, flag
+        err = capsys.readouterr().err
+        assert f"error: import-torch: {message}" in err and len(err.strip().splitlines()) == 1, (flag, err)
+    wrong_type = "is JSON, but not what export-torch writes"
+    zero_std = {"input": {"image_size": 16, "mean": [0.5] * 3, "std": [0.0]}}
+    sidecars = {json.dumps(zero_std): "input std must be",
+                json.dumps({"input": {"image_size": -5}}): "input image_size must be an integer >= 1, got -5",
+                json.dumps([1, 2]): f"{wrong_type} (the file is not an object",
+                json.dumps({"input": [16]}): f"{wrong_type} (input is not an object"}
+    for text, message in sidecars.items():
+        (tmp_path / "enc.pth.json").write_text(text)
+        assert convert.main(["import-torch", str(pth), str(tmp_path / "out")]) == 2, text
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (text, err)
+    assert not (tmp_path / "out").exists()
+    # A good import; its meta is checked again where it is read.
+    (tmp_path / "enc.pth.json").unlink()
+    assert convert.main(["import-torch", str(pth), str(tmp_path / "out"), "--image-size=16"]) == 0
+    with pytest.raises(ValueError, match=r"^InputSpec: std must be finite numbers > 0, one per channel"):
+        InputSpec(16, 3, (0.5,) * 3, (0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match=r"^InputSpec: mean must be .* per channel \(3\), got \[0.5\]"):
+        InputSpec(16, 3, (0.5,), (0.2,) * 3)
+    data = ml_collections.ConfigDict(dict(dataset="digits", train_split="train", eval_split="test"))
+    with pytest.raises(common.EvalError, match=r"^std must be finite numbers > 0, .*; set --config.image_"):
+        common.data_spec(data, None, dict(image_size=16, mean=[0.5], std=[0.0]))
+    # An output path that cannot be written: one line naming it.
+    (tmp_path / "file").write_text("")
+    assert convert.main(["export-torch", str(tmp_path / "out"), str(tmp_path / "file" / "x.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "file" in err and len(err.strip().splitlines()) == 1, err

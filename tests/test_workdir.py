@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -84,3 +85,50 @@ def test_writers_of_one_file_at_once_all_succeed_and_a_stale_tmp_blocks_nothing(
     assert json.loads((tmp_path / "result.json").read_text())["round"] == 29
     assert sorted(os.listdir(tmp_path)) == ["features_step66_digits_train.npz",
                                             "features_step66_digits_train.npz.tmp", "result.json"]
+
+
+# One writer under a race: many processes, started together, each try the lock of one workdir; the
+# times each holder held it must never overlap. Two starts: a fresh workdir (a lock being created
+# is not yet written: it must not be read as stale) and one with a dead process's lock (every
+# process sees it stale at once: only one may take it over). In forked children of one driver,
+# released by one barrier.
+_RACE = r"""
+import json, multiprocessing as mp, os, socket, subprocess, sys, time
+from hcsc_jax import workdir
+run, procs, trials, hold = workdir.path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+log = os.path.join(sys.argv[1], "held.jsonl")
+
+def child(barrier):
+    barrier.wait()
+    try:
+        with workdir.locked(run):
+            t0 = time.monotonic(); time.sleep(hold); t1 = time.monotonic()
+    except workdir.WorkdirError:
+        return
+    with open(log, "a") as f:
+        f.write(json.dumps([t0, t1]) + "\n")
+
+ctx, overlaps, held = mp.get_context("fork"), 0, 0
+for trial in range(trials):
+    if trial % 2:
+        dead = subprocess.Popen(["true"]); dead.wait()
+        with open(os.path.join(sys.argv[1], "run.lock"), "w") as f:
+            json.dump({"pid": dead.pid, "host": socket.gethostname()}, f)
+    barrier = ctx.Barrier(procs)
+    ps = [ctx.Process(target=child, args=(barrier,)) for _ in range(procs)]
+    [p.start() for p in ps]; [p.join() for p in ps]
+    spans = sorted(json.loads(line) for line in open(log)) if os.path.exists(log) else []
+    os.path.exists(log) and os.remove(log)
+    held += len(spans)
+    overlaps += sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert not os.path.exists(os.path.join(sys.argv[1], "run.lock")), "the lock outlived its holders"
+print(json.dumps({"held": held, "overlaps": overlaps}))
+"""
+
+
+def test_one_writer_per_workdir_under_a_race(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _RACE, str(tmp_path), "8", "40", "0.02"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["held"] >= 40 and result["overlaps"] == 0, result

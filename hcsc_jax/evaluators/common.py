@@ -227,6 +227,11 @@ def data_spec(config, run_config: dict | None = None, trained_on: dict | None = 
         raise EvalError("neither a training config.json nor the encoder's input metadata give "
                         + ", ".join(missing) + "; set them with "
                         + " ".join(f"--config.{k}=..." for k in missing))
+    try:
+        models.check_input(data["image_size"], list(data["mean"]), list(data["std"]))
+    except (ValueError, TypeError) as err:
+        raise EvalError(f"{err} (the eval config's, else the run's or the encoder's recorded input); set "
+                        "--config.image_size / --config.mean / --config.std") from None
     if data["pipeline"] not in ("memory", "stream"):
         raise EvalError(f"pipeline must be 'memory' or 'stream', got {data['pipeline']!r}")
     return DataSpec(dataset=data["dataset"], data_dir=data["data_dir"], train_split=data["train_split"],

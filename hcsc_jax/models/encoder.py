@@ -5,6 +5,8 @@ of `vit.VIT_ARCHS`."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -107,14 +109,33 @@ def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, 
     return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
 
 
+def check_input(image_size=None, mean=None, std=None, channels: int | None = None, where: str = "") -> None:
+    """ValueError, one line starting with `where`, unless the input an encoder is given is one it
+    can take: `image_size` an integer >= 1, `mean` / `std` lists of finite numbers (std > 0), at
+    least `channels` of each when it is known (the first `channels` are used). None: not checked."""
+    integer = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+    if image_size is not None and (not integer or image_size < 1):
+        raise ValueError(f"{where}image_size must be an integer >= 1, got {image_size!r}")
+    for name, values, positive in (("mean", mean, False), ("std", std, True)):
+        if values is None:
+            continue
+        ok = isinstance(values, (list, tuple)) and len(values) >= 1 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > 0 or not positive) for v in values)
+        if not ok or (channels is not None and len(values) < channels):
+            per = f"one per channel ({channels})" if channels else "one per channel"
+            raise ValueError(f"{where}{name} must be finite numbers{' > 0' if positive else ''}, {per}, "
+                             f"got {values!r}")
+
+
 def input_meta(image_size: int, channels: int, mean, std) -> dict[str, Any]:
     """The input an encoder was trained on, kept as `meta["input"]` beside its weights (exported
     and imported encoders, whose directory has no training config.json): the crop size and the
     per-channel normalization of its `channels`-channel images (the first `channels` entries of
-    `mean` / `std`, as `augmentations.channel_stats`). ValueError when fewer are given."""
+    `mean` / `std`, as `augmentations.channel_stats`). ValueError (`check_input`) for an input no
+    encoder can take: a size < 1, a std of 0, a NaN, fewer values than channels."""
+    check_input(image_size, list(mean), list(std), int(channels))
     mean, std = [float(m) for m in mean][:channels], [float(s) for s in std][:channels]
-    if len(mean) < channels or len(std) < channels:
-        raise ValueError(f"mean {mean} and std {std} need a value for each of the {channels} channels")
     return dict(image_size=int(image_size), channels=int(channels), mean=mean, std=std)
 
 
