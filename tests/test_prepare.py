@@ -146,6 +146,50 @@ def test_a_rerun_keeps_refuses_or_overwrites_and_removes_leftovers(tmp_path):
     assert max(open_source(f"prepared:{out}", "train").load(0).shape[:2]) <= 16
 
 
+def test_a_source_changed_since_its_copy_is_refused_naming_what_changed(tmp_path):
+    """Images replaced under the same names: the rerun said "already holds ... nothing to do" and
+    kept the old pixels. The files' sizes and times (a folder) and a sample digest (any source)."""
+    _folder(tmp_path / "images")
+    out, source = tmp_path / "out", f"folder:{tmp_path / 'images'}"
+    prepare.prepare(source, "train", out, max_side=32)
+    replaced = tmp_path / "images" / "class1" / "2.png"
+    Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(replaced)  # new pixels, same name
+    with pytest.raises(ValueError, match=r"train.json holds a copy of folder:.*:train as it was, but 1 of "
+                                         r"its files changed since \(size or modification time\): 2.png; "
+                                         r"pass --overwrite"):
+        prepare.prepare(source, "train", out, max_side=32)
+    # The pixels changed and the stamps were kept (a copy made before stamps, or `cp -p`): the digest.
+    meta = json.loads((out / "train.json").read_text())
+    prepare.prepare(source, "train", out, max_side=32, overwrite=True)
+    fresh = json.loads((out / "train.json").read_text())
+    assert fresh["sample_digest"] != meta["sample_digest"]  # 2.png is the last image: in the sample
+    _edit_meta(out, sample_digest=meta["sample_digest"], file_stamps=None)
+    with pytest.raises(ValueError, match=r"but its images differ from those the copy was made from \(a "
+                                         r"sample of 16 decoded\)"):
+        prepare.prepare(source, "train", out, max_side=32)
+    _edit_meta(out, sample_digest=fresh["sample_digest"], file_stamps=fresh["file_stamps"])
+    assert prepare.prepare(source, "train", out, max_side=32)["reused"]
+
+
+def test_nested_class_folders_are_read_as_torchvision_reads_them(tmp_path):
+    """class/sub/*.jpg: 20 of 30 images were dropped without a word. Now every image under a class
+    folder is one of its examples (as torchvision's ImageFolder), in the order of its path there;
+    hidden folders and a link back up the tree are passed over."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for rel in ("a/0.png", "a/sub/1.png", "a/sub/deeper/2.png", "a/sub2/0.png", "b/x.png", "b/y/z.png",
+                "b/.hidden/no.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / rel)
+    os.symlink(root / "a", root / "a" / "sub" / "loop")  # a link to a folder above: read once
+    src = open_source(f"folder:{root}", "train")
+    assert src.file_names == ("0.png", "sub/1.png", "sub/deeper/2.png", "sub2/0.png", "x.png", "y/z.png")
+    assert list(src.labels) == [0, 0, 0, 0, 1, 1] and src.class_names == ("a", "b")
+    # A prepared copy keeps them, and a class whose images are all in sub-folders is not empty.
+    meta = prepare.prepare(f"folder:{root}", "train", tmp_path / "out", max_side=8)
+    assert meta["num_examples"] == 6 and tuple(meta["file_names"]) == src.file_names
+
+
 def test_a_second_writer_of_a_split_is_refused_at_start(tmp_path):
     """Two prepares into one --out ended with the labels of one folder over the records of the other."""
     _folder(tmp_path / "images")

@@ -14,8 +14,10 @@ Train on it with `--config.dataset=prepared:/data/imagenet_256`.
 
 One writer per split: `<out>/<split>.prepare.lock` (process id and host, as a run's `run.lock`)
 refuses a second one in one line. Run again on a split already there, the command keeps it when
-it was made from the same source, settings and examples (and says so, exit status 0), refuses in
-one line when they differ, and writes it again with `--overwrite`. Files of a run killed before its
+it was made from the same source, settings and examples, unchanged since (the files' sizes and
+modification times for an image folder, a digest of 16 decoded images for every source), and says
+so (exit status 0); it refuses in one line naming what differs or changed, and writes it again with
+`--overwrite`. Files of a run killed before its
 end (records no description names, temporary files) are removed by the next run on that split.
 The work is spread over `--workers` processes, which die with the command (Linux: they ask the
 kernel for SIGKILL when it does; elsewhere they exit once they see it gone); an image that
@@ -24,6 +26,7 @@ cannot be decoded stops the run naming it (nothing is left behind). Errors: one 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing
@@ -34,6 +37,7 @@ import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 from absl import app, flags
 from etils import epath
 from PIL import Image
@@ -48,6 +52,9 @@ __all__ = ["encode", "prepare"]
 # What a kept copy must share with the one asked for: the settings and the examples.
 SAME = ("source", "split", "max_side", "quality", "num_examples", "channels", "labels", "num_classes",
         "class_names", "file_names")
+# ... and the source's content as it was: its files' sizes and modification times (image folders)
+# and a digest of SAMPLE decoded examples (every source): `_changed_since`.
+SAMPLE = 16
 
 
 def encode(image, max_side: int, quality: int) -> bytes:
@@ -88,9 +95,21 @@ def _encode_range(start: int, stop: int, max_side: int, quality: int) -> list[by
     return [encode(source.load(i), max_side, quality) for i in range(start, stop)]
 
 
+def _sample_digest(source, count: int = SAMPLE) -> str:
+    """SHA-256 of `count` decoded examples spread evenly over the source (the first and the last
+    included), with their shapes: what changes with the pixels, whatever the source."""
+    n, digest = source.num_examples, hashlib.sha256()
+    for i in np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int)):
+        image = np.ascontiguousarray(source.load(int(i)))
+        digest.update(repr(image.shape).encode() + image.tobytes())
+    return digest.hexdigest()
+
+
 def _description(name: str, split: str, source, max_side: int, quality: int) -> dict:
     labels = source.labels
+    stamps = getattr(source, "stamps", None)
     return dict(format=FORMAT, source=name, split=split, num_examples=source.num_examples,
+                sample_digest=_sample_digest(source), file_stamps=stamps() if stamps else None,
                 channels=source.channels, labels=None if labels is None else [int(x) for x in labels],
                 num_classes=source.num_classes,
                 class_names=None if source.class_names is None else list(source.class_names),
@@ -120,7 +139,26 @@ def _kept(out: epath.Path, split: str, want: dict) -> dict | None:
         diffs = ", ".join(f"{k}: {show(have.get(k))} -> {show(want[k])}" for k in differ)
         raise ValueError(f"{os.fspath(meta_path(out, split))} holds a copy made otherwise ({diffs}); pass "
                          "--overwrite to write it again, or another --out")
+    stale = _changed_since(have, want)
+    if stale:
+        raise ValueError(f"{os.fspath(meta_path(out, split))} holds a copy of {want['source']}:{split} as it "
+                         f"was, but {stale}; pass --overwrite to write it again, or another --out")
     return have
+
+
+def _changed_since(have: dict, want: dict) -> str | None:
+    """What changed in the source since the copy `have` was made (None: nothing that its file stamps
+    and sample digest see; a copy made before they were recorded is not compared)."""
+    if have.get("file_stamps") is not None and want["file_stamps"] is not None:
+        changed = [name for name, a, b in zip(want["file_names"], have["file_stamps"], want["file_stamps"])
+                   if a != b]
+        if changed:
+            more = f" (+{len(changed) - 5} more)" if len(changed) > 5 else ""
+            return (f"{len(changed)} of its files changed since (size or modification time): "
+                    f"{', '.join(changed[:5])}{more}")
+    if have.get("sample_digest") not in (None, want["sample_digest"]):
+        return f"its images differ from those the copy was made from (a sample of {SAMPLE} decoded)"
+    return None
 
 
 def prepare(name: str, split: str, out, *, data_dir=None, max_side: int = 256, quality: int = 90,

@@ -1,8 +1,9 @@
 """`folder:<path>`: an image folder, one sub-folder per class (sorted names -> label ids).
 
 `path/<split>/<class>/...` when split folders exist (train, val/validation, test), else the whole
-folder for every split. Files are listed once, up front (sorted by name within a class; this
-order defines the example indices), and decoded on demand (`decode.decode`: libjpeg-turbo for
+folder for every split. Files are listed once, up front (a class's images are those under its
+folder, sub-folders included, as torchvision's ImageFolder reads them; sorted by their path in it:
+this order defines the example indices), and decoded on demand (`decode.decode`: libjpeg-turbo for
 JPEGs, Pillow for the rest).
 
 `channels` is decided from the headers of up to `CHANNEL_SAMPLE` files spread evenly over the
@@ -58,11 +59,39 @@ def _class_dirs(root: epath.Path) -> list[str]:
     return sorted(names)
 
 
+def _image_files(cls_dir: epath.Path) -> list[str]:
+    """The image files under a class folder, in its sub-folders too (as torchvision's ImageFolder),
+    sorted by their path in it; hidden folders are passed over, a local folder reached twice
+    through links is read once."""
+    found, seen = [], set()  # (path in cls_dir as parts, path)
+    if "://" not in os.fspath(cls_dir):
+        for here, dirs, names in os.walk(os.fspath(cls_dir), followlinks=True):
+            if os.path.realpath(here) in seen:
+                dirs[:] = []
+                continue
+            seen.add(os.path.realpath(here))
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = os.path.relpath(here, os.fspath(cls_dir)).split(os.sep)
+            found += [([r for r in rel if r != "."] + [n], os.path.join(here, n)) for n in names
+                      if n.lower().endswith(IMAGE_EXTENSIONS)]
+    else:  # a bucket: no links
+        todo = [(cls_dir, [])]
+        while todo:
+            folder, rel = todo.pop()
+            for e in folder.iterdir():
+                if e.is_dir():
+                    if not e.name.startswith("."):
+                        todo.append((e, rel + [e.name]))
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append((rel + [e.name], os.fspath(e)))
+    return [path for _, path in sorted(found)]
+
+
 def folder_files(spec: str | None, split: str, data_dir: str | None):
     """(split_root, image paths, labels (N,) int32, class names) of an image folder.
 
-    Classes are the sorted sub-folder names (the union over split folders), files sorted by
-    name within a class; this order defines the example indices.
+    Classes are the sorted sub-folder names (the union over split folders), the image files of a
+    class (in its sub-folders too) sorted by their path in it; this order defines the example indices.
     """
     if spec is None:
         raise ValueError("use 'folder:<path>'")
@@ -89,7 +118,7 @@ def folder_files(spec: str | None, split: str, data_dir: str | None):
         cls_dir = epath.Path(split_root) / cls
         if not cls_dir.is_dir():
             continue
-        files = sorted(os.fspath(f) for f in cls_dir.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS))
+        files = _image_files(cls_dir)
         if not files:  # a class with a label and no image: refused, never silent
             raise ValueError(f"class folder {os.fspath(cls_dir)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} "
                              "files; add its images or move the folder out of the dataset")
@@ -153,14 +182,21 @@ class FolderSource:
 
     def __init__(self, spec: str | None, split: str, data_dir: str | None = None,
                  max_pixels: int = decode.MAX_PIXELS):
-        _, self.paths, self.labels, self.class_names = folder_files(spec, split, data_dir)
+        root, self.paths, self.labels, self.class_names = folder_files(spec, split, data_dir)
         self.name = f"folder:{spec}"
         self.num_examples = len(self.paths)
         self.num_classes = len(self.class_names)
         self.max_pixels = max_pixels
         self._mode = channel_mode(self.paths, max_pixels)
         self.channels = 1 if self._mode == "L" else 3
-        self.file_names = tuple(os.path.basename(p) for p in self.paths)
+        # The path in its class folder: the file name, or sub/name for a file in a sub-folder.
+        self.file_names = tuple(os.path.relpath(p, os.path.join(root, self.class_names[c]))
+                                for p, c in zip(self.paths, self.labels))
+
+    def stamps(self) -> list[list[int]]:
+        """[size in bytes, modification time in ns] of each file: what changes when an image is
+        replaced under the same name (`data.prepare` keeps a copy only while they are the same)."""
+        return [[st.st_size, st.st_mtime_ns] for st in map(os.stat, self.paths)]
 
     def where(self, i: int) -> str:
         """What a message about example i names: its file."""
