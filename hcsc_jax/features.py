@@ -89,19 +89,47 @@ def weights_digest(*trees) -> str:
     return h.hexdigest()
 
 
-def cached(path, key: dict, compute) -> np.ndarray:
+def cached(path, key: dict, compute, rows: int | None = None) -> np.ndarray:
     """`compute()` (an array), saved to / read from the .npz `path` (an epath, local or a bucket)
     under `key` (a JSON-able dict naming everything the array depends on); a file with another key
-    is recomputed and replaced. `path` None: no cache. Process 0 writes; with several processes
-    every process computes (they all take part in the sharded pass)."""
+    is recomputed and replaced. A file that cannot be what was saved (not an .npz, cut, without
+    its arrays, not `rows` rows of finite floats) is set aside as `<path>.bad` with one warning and
+    recomputed. `path` None: no cache. Process 0 writes; with several processes every process
+    computes (they all take part in the sharded pass)."""
     if path is not None and jax.process_count() == 1 and path.exists():
-        z = workdir_lib.load_npz(path)
-        if json.loads(str(z["key"])) == key:
+        array, problem = _read_cache(path, key, rows)
+        if array is not None:
             log.info("features from %s", path)
-            return z["array"]
+            return array
+        if problem:
+            log.warning("feature cache %s is unreadable (%s): set aside as %s.bad, computing the features "
+                        "again", path, problem, path.name)
+            try:
+                path.replace(path.with_name(path.name + ".bad"))
+            except OSError:
+                pass  # (replaced below)
     t0 = time.perf_counter()
     array = compute()
     log.info("computed %s in %.1fs", path.name if path is not None else "features", time.perf_counter() - t0)
     if path is not None and distributed.is_main():  # atomic: concurrent evals of one step may share `path`
         workdir_lib.save_npz(path, dict(array=array, key=np.asarray(json.dumps(key))))
     return array
+
+
+def _read_cache(path, key: dict, rows: int | None) -> tuple[np.ndarray | None, str | None]:
+    """-> (the cached array, None) when `path` holds `key`'s; (None, None) for another key's;
+    (None, what is wrong) for a file that is not a whole cache."""
+    try:
+        z = workdir_lib.load_npz(path)
+        saved_key, array = json.loads(str(z["key"])), z["array"]
+    except KeyError as err:
+        return None, f"no array {err}"
+    except Exception as err:  # noqa: BLE001 - a cut or foreign file: zipfile, EOF, pickle, JSON, OS errors
+        return None, f"{type(err).__name__}: {err}"
+    if saved_key != key:
+        return None, None
+    if array.ndim != 2 or array.dtype.kind != "f" or (rows is not None and len(array) != rows):
+        return None, f"{array.dtype} {array.shape}, not {rows if rows is not None else 'N'} rows of features"
+    if not np.isfinite(array).all():
+        return None, "not finite"
+    return array, None

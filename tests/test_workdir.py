@@ -87,6 +87,45 @@ def test_writers_of_one_file_at_once_all_succeed_and_a_stale_tmp_blocks_nothing(
                                             "features_step66_digits_train.npz.tmp", "result.json"]
 
 
+def _never():
+    raise AssertionError("computed again")
+
+
+def test_a_corrupt_feature_cache_is_set_aside_and_recomputed_with_one_warning(tmp_path, caplog):
+    """Random bytes, a cut file, an empty file, an .npz without its key, the wrong number of rows,
+    NaN: each was a 20-40 line traceback on every later evaluation until deleted by hand."""
+    import io
+
+    from hcsc_jax import features
+
+    target, key = workdir.path(tmp_path) / "features_step3_digits_train.npz", dict(n=5)
+    good = np.arange(15, dtype=np.float32).reshape(5, 3)
+    features.cached(target, key, lambda: good, rows=5)
+    whole = target.read_bytes()
+
+    def npz(**arrays):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    bad_files = {"random bytes": np.random.default_rng(0).bytes(500), "cut": whole[: len(whole) // 2],
+                 "empty": b"", "no key": npz(array=good),
+                 "4 rows": npz(array=good[:4], key=np.asarray(json.dumps(key))),
+                 "NaN": npz(array=np.full((5, 3), np.nan, np.float32), key=np.asarray(json.dumps(key)))}
+    for name, data in bad_files.items():
+        target.write_bytes(data)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            got = features.cached(target, key, lambda: good, rows=5)
+        np.testing.assert_array_equal(got, good)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "is unreadable" in warnings[0] and "set aside as" in warnings[0], (
+            name, warnings)
+        assert (tmp_path / "features_step3_digits_train.npz.bad").read_bytes() == data, name
+        assert target.read_bytes() == whole, name  # rewritten whole
+        np.testing.assert_array_equal(features.cached(target, key, _never, rows=5), good)  # read back
+
+
 # One writer under a race: many processes, started together, each try the lock of one workdir; the
 # times each holder held it must never overlap. Two starts: a fresh workdir (a lock being created
 # is not yet written: it must not be read as stale) and one with a dead process's lock (every

@@ -155,7 +155,8 @@ class Context:
             compute = lambda: features_lib.embed_input(
                 e.graphdef, e.params, e.stats, inp, d.image_size, mean, std, self.batch,
                 progress=f"features {split}" if self.progress else None)[0]
-            self._features[split] = features_lib.cached(self.feature_path(split), key, compute)
+            self._features[split] = features_lib.cached(self.feature_path(split), key, compute,
+                                                        rows=inp.num_examples)
         return self._features[split]
 
     def crop_config(self, scale, flip: bool) -> augmentations.AugmentConfig:
