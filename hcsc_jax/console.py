@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+import ml_collections
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
@@ -90,10 +91,18 @@ def parse_flags(argv: list[str]) -> list[str]:
             argv = [argv[0], f"--{name}={default}", *argv[1:]]
     try:
         rest = flags.FLAGS(argv)
+        if len(rest) > 1:
+            dashes = " (every argument after a bare -- is one: drop it)" if "--" in argv else ""
+            usage_error(f"unexpected arguments {' '.join(rest[1:])}{dashes}; this command takes flags only "
+                        "(--name=value, --config.field=value; --help lists them)")
         for name in _config_flags():
-            renamed = renamed_fields(flags.FLAGS[name].value)  # a config file that failed to load raises here
+            value = flags.FLAGS[name].value
+            renamed = renamed_fields(value)  # a config file that failed to load raises here
             if renamed:
                 usage_error(f"{config_argument(argv, name)}: {renamed}")
+            if not isinstance(value, ml_collections.ConfigDict):
+                usage_error(f"{config_argument(argv, name)}: get_config() returned a {type(value).__name__}, "
+                            "not an ml_collections.ConfigDict; start from configs/default.py's get_config()")
         return rest
     except SystemExit as done:
         if done.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):

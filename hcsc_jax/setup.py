@@ -133,17 +133,35 @@ def make_input(config, split: str, mesh, train: bool = True):
                                resampling=i.resampling, bad_images=i.bad_images, max_pixels=i.max_pixels)
 
 
+def check_init_encoder(config) -> None:
+    """ValueError, one line, when `config.init_encoder` cannot start a run of `config`: it is
+    neither a workdir nor an exported encoder, none of its steps restores, or it holds another
+    architecture than config.model (train.py: before the workdir is written)."""
+    path = config.get("init_encoder")
+    if not path:
+        return
+    try:
+        source, meta = checkpoints.restore_encoder(path)
+    except (FileNotFoundError, checkpoints.NoReadableStep) as err:
+        raise ValueError(f"config.init_encoder: {err}") from None
+    target = models.encoder_meta(config.model.to_dict(), meta["in_channels"], config.bn_group_size)
+    _same_architecture(source, models.build_encoder(target, abstract=True), path, meta)
+
+
+def _same_architecture(source, model, path: str, meta: dict) -> None:
+    shapes = lambda m: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(m)))
+    if shapes(source) != shapes(model):
+        raise ValueError(
+            f"init_encoder {path} holds a different architecture than config.model "
+            f"({meta['model']}, in_channels {meta['in_channels']}); set config.model to match it")
+
+
 def init_from(model, path: str) -> None:
     """Overwrites `model`'s parameters and BN statistics with those of the encoder at `path`
     (a workdir or an exported / PyTorch-imported encoder); the architectures must match."""
     source, meta = checkpoints.restore_encoder(path)
-    new, old = nnx.state(source), nnx.state(model)
-    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(t))
-    if shapes(new) != shapes(old):
-        raise ValueError(
-            f"init_encoder {path} holds a different architecture than config.model "
-            f"({meta['model']}, in_channels {meta['in_channels']}); set config.model to match it")
-    nnx.update(model, new)
+    _same_architecture(source, model, path, meta)
+    nnx.update(model, nnx.state(source))
     source_step = f"the query encoder of step {meta['step']}" if "step" in meta else "an exported encoder"
     log.info("both encoders start from %s: %s (%s, width %s)", path, source_step, meta["model"]["arch"],
              meta["model"]["width"])

@@ -234,6 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_values(config, mesh.size)
     for line in config_checks.warnings_for(config) if main else ():
         log.warning("%s", line)
+    try:
+        setup.check_init_encoder(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     splits = (config.train_split, *([config.eval_split] if config.evals else []))
     num_train = check_available(config.dataset, splits, config.get("data_dir"))
     if num_train is not None:  # (the sizes the training set must give, before anything is written)

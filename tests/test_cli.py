@@ -85,9 +85,16 @@ def test_help_exits_0(script):
     (["--config.eval.knn_k=5"], "train.py: error: --config.eval.knn_k: config.eval was replaced by "
                                 "config.evals.summary (knn_k, knn_temperature, num_clusters); set "
                                 "--config.evals.summary.knn_k=..."),
+    # (each a 30-line usage and exit 1 before)
+    (["stray"], "train.py: error: unexpected arguments stray; this command takes flags only"),
+    (["--", "--config.epochs=1"], "unexpected arguments --config.epochs=1 (every argument after a bare -- is "
+                                  "one: drop it)"),
+    (["--config=PLAIN"], "get_config() returned a dict, not an ml_collections.ConfigDict"),  # (KeyError)
 ])
 def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, message):
-    done = run("train.py", *args, "--workdir", str(tmp_path / "run"))
+    (tmp_path / "plain.py").write_text("def get_config():\n    return {'epochs': 1}\n")
+    args = [a.replace("PLAIN", str(tmp_path / "plain.py")) for a in args]
+    done = run("train.py", "--workdir", str(tmp_path / "run"), *args)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert not (tmp_path / "run").exists()
@@ -106,6 +113,10 @@ def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, messa
     ("--config.objective.semantics=wrong", "semantics"),
     ("--config.clustering.num_clusters=(5000,)",  # (the workdir was created before: it needs the data)
      "config.clustering.num_clusters = 5000 exceeds the 1437 training images of digits:train"),
+    ("--config.lr_warmup_epochs=3", "config.lr_warmup_epochs (3) must be smaller than config.epochs (3)"),
+    ("--config.init_encoder=/nonexistent",  # (25 lines, the workdir created)
+     "config.init_encoder: /nonexistent is neither a training workdir (with checkpoints/) nor an exported "
+     "encoder"),
 ])
 def test_a_config_that_cannot_train_is_one_line_exit_2_and_nothing_written(tmp_path, override, message):
     done = run("train.py", "--config=configs/digits.py:runlocal", override, f"--workdir={tmp_path / 'run'}")

@@ -19,7 +19,9 @@ worker decoded on two cores, which BENCHMARKS.md would have counted as one); 0 w
 process (two threads); -1 (the configs' default) takes one worker per core but one, which the
 training loop keeps. Workers import NumPy, Pillow, OpenCV and simplejpeg, never JAX, and hold no
 accelerator memory. They are daemonic and stop with the iterator's `close()`, at the parent's
-exit (exception, SIGTERM, Ctrl-C) and when the parent dies.
+exit (exception, SIGTERM, Ctrl-C) and when the parent dies, however (`kill -9` included:
+`_exit_with_parent`). They ignore SIGINT and SIGTERM (a Ctrl-C or a preemption reaches the whole
+process group): the parent decides, and stops them (`_ignore_stop_signals`).
 
 An example that cannot be decoded (`decode.DecodeError`: corrupt, truncated, not an image,
 unreadable) is, with `bad_images="skip"`, logged by name and replaced by the next decodable
@@ -32,7 +34,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 
@@ -81,8 +87,67 @@ def epoch_order(seed: int, epoch: int, num_examples: int, steps: int, batch: int
 _WORKER = {"index": 0}  # this worker's index, set by `_init_worker`
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PARENT_CHECK_S = 1.0  # (the parent's pipe wakes the watch at once; the check of its id is a backstop)
+
+
+class _StopSignalsBlocked:
+    """SIGINT and SIGTERM blocked in this thread while it starts the workers: the threads it
+    starts then (grain's, which start the worker processes) and so the workers inherit the mask,
+    so that a Ctrl-C or a SIGTERM to the process group during a worker's start-up (before
+    `_ignore_stop_signals`) waits, and is then dropped, instead of killing it. (The resource
+    tracker's own start does the same: bpo-33613.) On leaving, this thread's mask is restored and a
+    signal received meanwhile reaches this process's handlers."""
+
+    def __enter__(self):
+        has_mask = hasattr(signal, "pthread_sigmask")
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if has_mask else None
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+
+
+def _ignore_stop_signals():
+    """A worker ignores SIGINT and SIGTERM: sent to the process group (Ctrl-C, a preemption), they
+    are the parent's to handle (it saves, then stops the workers); a worker killed by one would
+    be a dead worker, a `LoaderError`."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # (blocked by `_StopSignalsBlocked`)
+
+
+def _exit_with_parent():
+    """Ends this worker as soon as the process that started it ends, however it ends (`kill -9`
+    included, which leaves no time for `close()`): a daemon thread waits on multiprocessing's
+    parent sentinel, the read end of a pipe whose write end only the parent holds (the kernel
+    closes it as the parent dies; while the parent lives, grain keeps it open until it has joined
+    the worker), and checks every second that its parent is still the one that started it (a
+    backstop, should a forked child of the parent hold that pipe open too). If the parent is
+    already gone, the worker ends at once.
+
+    Not `prepare.die_with`'s prctl(PR_SET_PDEATHSIG): the kernel's "parent" there is the thread
+    that started the process, here a grain thread that ends before the worker is stopped in
+    `close()`, so every worker would be SIGKILLed mid-`close()`, its batches in flight left in
+    shared memory."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # (not a worker process)
+        return
+
+    def watch():
+        while (not multiprocessing.connection.wait([parent.sentinel], timeout=_PARENT_CHECK_S)
+               and os.getppid() == parent.pid):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(index: int, count: int):
     del count
+    _ignore_stop_signals()
+    _exit_with_parent()
     _WORKER["index"] = index
     import cv2  # one thread per worker: the workers are the parallelism
 
@@ -211,11 +276,18 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                              per_worker_buffer_size=max(1, prefetch)),
                                 worker_init_fn=_init_worker)
-        iterator = iter(it)
+        with _StopSignalsBlocked():
+            iterator = iter(it)
+        starting = bool(workers)  # the first batch starts the workers
         try:
             while True:
                 try:
-                    batch = next(iterator)
+                    if starting:
+                        with _StopSignalsBlocked():
+                            batch = next(iterator)
+                        starting = False
+                    else:
+                        batch = next(iterator)
                 except StopIteration:
                     return
                 except DecodeError as e:  # one line, without grain's note on its traceback

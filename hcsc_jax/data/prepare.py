@@ -219,10 +219,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.source or not FLAGS.out:
-        raise app.UsageError("--source and --out are required")
+        console.usage_error("--source and --out are required (--help lists the flags)")
     try:
         meta = prepare(FLAGS.source, FLAGS.split, FLAGS.out, data_dir=FLAGS.data_dir, max_side=FLAGS.max_side,
                        quality=FLAGS.quality, workers=FLAGS.workers, overwrite=FLAGS.overwrite)
@@ -238,4 +236,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)
