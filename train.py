@@ -52,6 +52,7 @@ def main(argv):
     ours = console.setup()
     from hcsc_jax import distributed, resume, trainer  # after flag parsing, so --help is fast
     from hcsc_jax import workdir as workdir_lib
+    from hcsc_jax.checkpoints import NoReadableStep
     from hcsc_jax.data.sources import DataError
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():
@@ -61,7 +62,7 @@ def main(argv):
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir)
-    except (trainer.DivergedError, trainer.InputError, DataError) as err:
+    except (trainer.DivergedError, trainer.InputError, DataError, NoReadableStep) as err:
         ours.error("%s", err)  # one line; nothing written when it is the data's (DataError)
         sys.exit(1)
     except resume.Preempted as err:

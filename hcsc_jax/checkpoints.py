@@ -87,14 +87,17 @@ def restore_newest(mngr: ocp.CheckpointManager, restore_one: Callable[[int], T],
     logged as a warning ("`what` at step N in <directory> could not be restored (...); trying the
     previous one") and the step before it tried. Raises NoReadableStep (a RuntimeError) naming
     the directory and its steps when none restores, or when there are none."""
-    steps = sorted(mngr.all_steps(), reverse=True)
+    steps, newest = sorted(mngr.all_steps(), reverse=True), None
     for step in steps:
         try:
             return step, restore_one(step)
         except Exception as err:  # noqa: BLE001 - any failure means this step is unreadable
-            log.warning("%s at step %d in %s could not be restored (%s: %s); trying the previous one",
-                        what, step, mngr.directory, type(err).__name__, err)
-    raise NoReadableStep(f"no {what} in {mngr.directory} could be restored (steps {steps[::-1]})")
+            why = f"{type(err).__name__}: {_first_line(err)}"
+            newest = newest or f"; step {step}: {why}"
+            log.warning("%s at step %d in %s could not be restored (%s); trying the previous one",
+                        what, step, mngr.directory, why)
+    raise NoReadableStep(f"no {what} in {mngr.directory} could be restored "
+                         f"(steps {steps[::-1]}{newest or ''})")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
@@ -112,7 +115,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     try:
         step, restored = restore_newest(mngr, lambda s: _restore(mngr, s, abstract_state))
     except NoReadableStep as err:
-        raise NoReadableStep(f"{err}; move the directory away to start afresh") from None
+        raise NoReadableStep(f"{err}; if config.model changed since they were written, resume with the "
+                             "model that wrote them, else move the directory away to start afresh") from None
     for bad in sorted((s for s in mngr.all_steps() if s > step), reverse=True):
         log.warning("moved the unusable checkpoint of step %d to %s", bad, set_aside(mngr, bad))
     return restored

@@ -38,13 +38,31 @@ class _RaisedToTheCaller(logging.Filter):
         return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+class _OrbaxLeftovers(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of Orbax's own futures: a restore
+    that fails (a checkpoint of other shapes) leaves its other reads failed the same way, each
+    logged with a traceback at exit (hundreds of lines); the failure reaches the caller once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        tb = record.exc_info[1].__traceback__ if record.exc_info and record.exc_info[1] else None
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
 def _quiet_closed_loop(hook):
     """sys.unraisablehook `hook`, but silent for "Event loop is closed": after a save failed,
     tensorstore's callbacks of its other writes can still try to wake Orbax's closed event loop
-    (an error nobody can catch, printed with a traceback; the failure itself is reported)."""
+    (an error nobody can catch, printed with a traceback; the failure itself is reported); and for
+    Orbax's coroutines whose error is the failed restore the caller reports."""
 
     def unraisable(u):
-        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        closed = isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        code = getattr(u.object, "cr_code", None)  # a coroutine of Orbax's restore left behind by its error
+        orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed or orbax):
             hook(u)
 
     return unraisable
@@ -56,6 +74,7 @@ def setup() -> logging.Logger:
     lines."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").addFilter(_RaisedToTheCaller())  # (Orbax logs through absl)
+    logging.getLogger("asyncio").addFilter(_OrbaxLeftovers())
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.getLogger().setLevel(logging.WARNING)
     handler = logging.StreamHandler()

@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -232,3 +233,22 @@ def test_eval_of_a_path_that_is_not_a_run_is_one_line_and_creates_nothing(tmp_pa
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert message.replace("TMP", str(tmp_path)) in done.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["not_a_run", "notes.py"]
+
+
+def test_a_resume_no_checkpoint_of_which_restores_is_one_line_exit_1(tmp_path, digits_run):
+    """Its config.json deleted and the model changed: every step fails to restore (other shapes).
+    Was a NoReadableStep traceback and 212 lines of Orbax's futures; now a warning a step and one
+    error line naming the newest step's reason, and the checkpoints are left as they were."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    (run_dir / "config.json").unlink()
+    steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    done = run("train.py", "--config=configs/digits.py:runlocal", f"--workdir={run_dir}", "--config.epochs=4",
+               "--config.model.width=0.25")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.strip().splitlines() if "workdir:" not in line]
+    assert len(lines) == 1 + len([s for s in steps if s.isdigit()]), lines
+    assert "checkpoints could be restored (steps [" in lines[-1]
+    assert "is not compatible with the stored shape" in lines[-1]
+    assert "resume with the model that wrote them" in lines[-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == steps

@@ -99,9 +99,11 @@ class _StopSignalsBlocked:
     tracker's own start does the same: bpo-33613.) On leaving, this thread's mask is restored and a
     signal received meanwhile reaches this process's handlers."""
 
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and hasattr(signal, "pthread_sigmask")
+
     def __enter__(self):
-        has_mask = hasattr(signal, "pthread_sigmask")
-        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if has_mask else None
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if self.enabled else None
 
     def __exit__(self, *exc):
         if self.old is not None:
@@ -276,18 +278,15 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                              per_worker_buffer_size=max(1, prefetch)),
                                 worker_init_fn=_init_worker)
-        with _StopSignalsBlocked():
+        starting = bool(workers)  # (grain starts the workers for the first batch)
+        with _StopSignalsBlocked(starting):
             iterator = iter(it)
-        starting = bool(workers)  # the first batch starts the workers
         try:
             while True:
                 try:
-                    if starting:
-                        with _StopSignalsBlocked():
-                            batch = next(iterator)
-                        starting = False
-                    else:
+                    with _StopSignalsBlocked(starting):
                         batch = next(iterator)
+                    starting = False
                 except StopIteration:
                     return
                 except DecodeError as e:  # one line, without grain's note on its traceback
