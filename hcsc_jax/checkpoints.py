@@ -223,6 +223,7 @@ def restore_encoder(path: str, step: int | None = None,
     step of the workdir restores (each unreadable one logged as a warning, newest first), when the
     given `step` does not (one line naming it and why), or when an exported encoder does not."""
     path = workdir_lib.path(path)
+    workdir_lib.check_reachable(path)  # (a bucket without gcsfs or network: one line, not minutes)
     if (path / "checkpoints").is_dir():
         mngr = manager(path)
         if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):

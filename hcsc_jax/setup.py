@@ -142,7 +142,7 @@ def check_init_encoder(config) -> None:
         return
     try:
         source, meta = checkpoints.restore_encoder(path)
-    except (FileNotFoundError, checkpoints.NoReadableStep) as err:
+    except (OSError, checkpoints.NoReadableStep) as err:  # (FileNotFoundError, WorkdirError)
         raise ValueError(f"config.init_encoder: {err}") from None
     target = models.encoder_meta(config.model.to_dict(), meta["in_channels"], config.bn_group_size)
     _same_architecture(source, models.build_encoder(target, abstract=True), path, meta)

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,38 @@ def prepare(p: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
         raise WorkdirError(f"cannot write to {p} ({type(err).__name__}: {err}); pass a {flag} that "
                            "exists (or can be created) and that you can write to") from None
     return p
+
+
+REACH_TIMEOUT_S = 60.0  # the longest `check_reachable` waits for a bucket to answer
+
+
+def check_reachable(p: epath.Path) -> None:
+    """WorkdirError, one line, when the bucket path `p` (`gs://`, ...) cannot be asked about: its
+    filesystem is not installed (gcsfs), or it fails or gives no answer within `REACH_TIMEOUT_S`
+    (no network, no credentials: gcsfs retries for minutes). A local path is not checked."""
+    if is_local(p):
+        return
+    answer: dict[str, Any] = {}
+
+    def ask():
+        try:
+            answer["exists"] = p.exists()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            answer["error"] = err
+
+    asking = threading.Thread(target=ask, daemon=True, name="check_reachable")
+    asking.start()
+    asking.join(REACH_TIMEOUT_S)
+    err = answer.get("error")
+    if asking.is_alive():
+        raise WorkdirError(f"{p}: no answer within {REACH_TIMEOUT_S:g} s; check the network and the "
+                           "credentials for it, or use a local copy")
+    if isinstance(err, ImportError):
+        raise WorkdirError(f"{p}: {err} (pip install \"hcsc-jax[gcs]\" for gs:// paths)")
+    if err is not None:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise WorkdirError(f"cannot reach {p} ({type(err).__name__}: {first}); check the network and the "
+                           "credentials for it, or use a local copy")
 
 
 def dumps(obj: Any) -> str:

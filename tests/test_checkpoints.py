@@ -106,7 +106,7 @@ def test_restore_encoder_checks_the_training_digest_and_falls_back(workdir, monk
         common.from_checkpoint(config, workdir, 2, sharding.make_mesh())  # eval.py --step=2: one line, exit 1
     _flip_a_bit(monkeypatch, 1)
     with pytest.raises(checkpoints.NoReadableStep,
-                       match=r"no encoder in .* could be restored \(steps \[1, 2\]\)"):
+                       match=r"no encoder in .* could be restored \(steps \[1, 2\]; step 2: ValueError: "):
         checkpoints.restore_encoder(workdir)
 
 
@@ -159,8 +159,9 @@ def test_eval_py_stops_in_one_line_when_no_step_is_readable(workdir, tmp_path):
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"eval.py: error: no encoder in {run}/checkpoints could be restored (steps [1, 2]) (see the warnings "
-        "above)")
+        f"eval.py: error: no encoder in {run}/checkpoints could be restored (steps [1, 2]; step 2: "
+        "ValueError: the restored state of step 2 differs from the one saved (SHA-256 digest)) (see the "
+        "warnings above)")
     assert "encoder at step 2 in" in proc.stderr and not any((run / "eval").glob("*.json"))
 
 

@@ -148,6 +148,14 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for p in filter(str.isdigit, os.listdir("/proc")):
@@ -172,8 +180,15 @@ def test_workers_and_the_resource_tracker_end_with_a_parent_killed_by_sigkill(tm
     while _running(children) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = _running(children)
-    for pid in left:  # (not to leave them to the next tests)
-        os.kill(pid, signal.SIGKILL)
+    if left:  # not to leave them to the next tests: the workers, then the resource tracker ends and cleans up
+        for pid in left:
+            if b"resource_tracker" not in _cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + DEADLINE_S
+        while _running(left) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in _running(left):
+            os.kill(pid, signal.SIGKILL)
     assert left == [], f"running after their parent's kill -9: {left} of {children} (workers {run.workers})"
 
 

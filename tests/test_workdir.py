@@ -87,6 +87,47 @@ def test_writers_of_one_file_at_once_all_succeed_and_a_stale_tmp_blocks_nothing(
                                             "features_step66_digits_train.npz.tmp", "result.json"]
 
 
+class _Bucket:
+    """A bucket path whose `exists()` does what `answer` does (raise, hang)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def __fspath__(self):
+        return "gs://bucket/run"
+
+    def __str__(self):
+        return "gs://bucket/run"
+
+    def exists(self):
+        return self.answer()
+
+
+def test_a_bucket_that_cannot_be_reached_is_one_line_not_minutes(monkeypatch):
+    """eval.py --checkpoint=gs://... without gcsfs was 49 lines, without network 193; load_encoder
+    of one waited 86 s, then blamed the path."""
+    import importlib.util
+    import time
+
+    from hcsc_jax import load_encoder
+
+    workdir.check_reachable(workdir.path("/tmp"))  # local: not asked
+    assert workdir.check_reachable(_Bucket(lambda: False)) is None  # answers (no such run: said later)
+
+    def offline():
+        raise OSError("Cannot connect to host storage.googleapis.com:443")
+
+    with pytest.raises(workdir.WorkdirError, match=r"^cannot reach gs://bucket/run \(OSError: Cannot connect "
+                                                   r"to host .*\); check the network and the credentials"):
+        workdir.check_reachable(_Bucket(offline))
+    monkeypatch.setattr(workdir, "REACH_TIMEOUT_S", 0.2)
+    with pytest.raises(workdir.WorkdirError, match=r"^gs://bucket/run: no answer within 0.2 s; check the "):
+        workdir.check_reachable(_Bucket(lambda: time.sleep(30)))
+    if importlib.util.find_spec("gcsfs") is None:  # (not installed by the test extra)
+        with pytest.raises(workdir.WorkdirError, match=r"gcsfs.*pip install \"hcsc-jax\[gcs\]\""):
+            load_encoder("gs://bucket/run")
+
+
 def _never():
     raise AssertionError("computed again")
 

@@ -252,6 +252,7 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     With `key_encoder`, a workdir's momentum encoder of the same step too (`Context.key_encoder`;
     an exported encoder has none). `Context.run_config`: `<path>/config.json` when there is one."""
     path = workdir_lib.path(path)
+    workdir_lib.check_reachable(path)  # WorkdirError: a bucket without gcsfs, network or an answer
     if not path.exists():
         raise EvalError(f"checkpoint path {path} does not exist")
     try:
