@@ -25,6 +25,7 @@ the streamed pipeline does). Color images are turned into gray levels for a 1-ch
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,7 @@ class Pretrained:
     def classifier(self, num_classes: int, seed: int = 0) -> Classifier:
         """A copy of the backbone (this encoder is left as it is) under a new linear head of
         `num_classes` outputs (initialized with `seed`), for fine-tuning with `nnx.Optimizer`."""
+        _positive_int(num_classes, "num_classes")
         return Classifier(nnx.clone(self.module.backbone), self.num_features, num_classes, nnx.Rngs(seed))
 
     def preprocess(self, images) -> jax.Array:
@@ -111,9 +113,18 @@ class Pretrained:
         return self._embed(images, batch_size)[1]
 
     def _embed(self, images, batch_size: int):
+        _positive_int(batch_size, "batch_size")
         batch, cropped = self._uint8_views(images)
-        mesh = sharding.make_mesh(jax.local_devices())
         graphdef, params, stats = self.split()
+        if not len(batch):  # an empty array: no rows
+            out = jax.eval_shape(lambda x: models.apply_model(graphdef, params, stats, x, train=False)[:2],
+                                 jax.ShapeDtypeStruct((1, *batch.shape[1:]), np.float32))
+            return tuple(np.zeros((0, o.shape[1]), np.float32) for o in out)
+        mesh = sharding.make_mesh(jax.local_devices())
+        # No more than the images there are, and no more than MAX_BATCH_BYTES of them as float32
+        # (a batch of large same-sized images is resized on the device).
+        fits = max(1, MAX_BATCH_BYTES // (4 * int(np.prod(batch.shape[1:]))))
+        batch_size = max(mesh.size, min(batch_size, -(-len(batch) // mesh.size) * mesh.size, fits))
         batches = pipeline.array_batches(batch, mesh, batch_size, cropped=cropped)
         return features.embed_batches(graphdef, params, stats, batches, len(batch), self.input.image_size,
                                       self.input.mean, self.input.std)
@@ -123,7 +134,12 @@ class Pretrained:
         as it is, a list of images of several sizes center-cropped on the host."""
         if isinstance(images, np.ndarray | jax.Array) and np.ndim(images) in (3, 4):
             batch = np.asarray(images)
+            if batch.ndim == 3 and batch.shape[-1] in (1, 3):
+                raise ValueError(f"images of shape {batch.shape} could be one (H, W, C) image or "
+                                 f"{len(batch)} gray (H, W) ones: pass one image as [image] or image[None], "
+                                 "gray images as (N, H, W, 1)")
             batch = batch[..., None] if batch.ndim == 3 else batch
+            _some_pixels(batch.shape[1:3], "images")
             return self._channels(_uint8(batch, "images")), False
         if not isinstance(images, Sequence) or not len(images):
             raise ValueError("images must be a uint8 array (N, H, W, C) or (N, H, W), or a non-empty list "
@@ -133,6 +149,7 @@ class Pretrained:
             image = _uint8(np.asarray(image), f"images[{i}]")
             if image.ndim not in (2, 3):
                 raise ValueError(f"images[{i}] must be (H, W, C) or (H, W), got shape {image.shape}")
+            _some_pixels(image.shape[:2], f"images[{i}]")
             image = self._channels(image if image.ndim == 3 else image[..., None])
             views.append(crops.center_crop_image(image, self.input.image_size))
         return np.stack(views), True
@@ -147,6 +164,21 @@ class Pretrained:
         if have == 1 and want == 3:
             return np.repeat(x, 3, axis=-1)
         raise ValueError(f"images have {have} channels; this encoder takes {want} (1 gray or 3 color)")
+
+
+# The most bytes of one batch of same-sized images as float32 (`Pretrained.features`): a batch of
+# large images is made smaller rather than run out of memory.
+MAX_BATCH_BYTES = 1 << 30
+
+
+def _positive_int(value, what: str) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+def _some_pixels(hw, what: str) -> None:
+    if min(hw) < 1:
+        raise ValueError(f"{what} must be at least 1x1 pixels, got {hw[0]}x{hw[1]}")
 
 
 def _uint8(x: np.ndarray, what: str) -> np.ndarray:

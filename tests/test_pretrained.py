@@ -95,6 +95,41 @@ def test_bad_images_are_one_clear_error(enc):
         enc.features([])
     with pytest.raises(ValueError, match="which must be 'query' or 'key'"):
         hcsc_jax.load_encoder("anything", which="value")
+    # Extremes (a ZeroDivisionError, errors from deep inside JAX, rows of a misread image before).
+    with pytest.raises(ValueError, match=r"^images\[1\] must be at least 1x1 pixels, got 0x0"):
+        enc.features([np.zeros((8, 8), np.uint8), np.zeros((0, 0), np.uint8)])
+    with pytest.raises(ValueError, match=r"^images must be at least 1x1 pixels, got 0x5"):
+        enc.features(np.zeros((2, 0, 5, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"could be one \(H, W, C\) image or 20 gray \(H, W\) ones: pass "):
+        enc.features(np.zeros((20, 20, 3), np.uint8))
+    for bad in (0, -3, 2.5, 1e9):
+        with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got "):
+            enc.features(np.zeros((2, 8, 8, 1), np.uint8), batch_size=bad)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=r"^num_classes must be an integer >= 1, got "):
+            enc.classifier(bad)
+    empty = enc.features(np.zeros((0, 8, 8, 1), np.uint8))
+    assert empty.shape == (0, enc.num_features) and empty.dtype == np.float32
+    assert enc.project(np.zeros((0, 8, 8, 1), np.uint8)).shape == (0, 16)
+
+
+@pytest.mark.slow
+def test_a_batch_is_no_larger_than_the_images_there_are_nor_than_the_memory_bound(enc, images, monkeypatch):
+    """Two large images with batch_size=10**9 were padded to 10**9 (and 2 of 5000x5000 to 256):
+    out of memory. The batch is the images there are (rounded to the devices), and at most
+    MAX_BATCH_BYTES of them as float32; the features stay the same."""
+    from hcsc_jax import pretrained
+
+    want, asked = enc.features(images), []
+    real = pretrained.pipeline.array_batches
+    monkeypatch.setattr(pretrained.pipeline, "array_batches",
+                        lambda x, mesh, batch, **kw: asked.append(batch) or real(x, mesh, batch, **kw))
+    n_dev = len(jax.local_devices())
+    np.testing.assert_allclose(enc.features(images[:2], batch_size=10**9), want[:2], rtol=1e-5, atol=1e-5)
+    assert asked == [n_dev]
+    monkeypatch.setattr(pretrained, "MAX_BATCH_BYTES", 8 * 8 * 4 * 3)  # 3 images of 8x8x1 float32
+    np.testing.assert_allclose(enc.features(images), want, rtol=1e-5, atol=1e-5)
+    assert asked[-1] == n_dev  # (at least one image per device)
 
 
 @pytest.mark.slow
