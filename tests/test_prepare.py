@@ -209,20 +209,28 @@ def test_a_killed_prepare_leaves_no_worker_and_its_files_are_removed_by_the_next
     """6 SIGKILLed prepares left 6 encoding workers alive 25 minutes later."""
     from test_stream_run import assert_no_process_left, processes_with, tagged_env
 
-    _folder(tmp_path / "images")
+    # Enough images that the workers outlive a look at them under any load (6 could all be encoded
+    # between two looks); a prepare that still ended first is run again, up to 3 times.
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "images" / f"class{c}")
+        for i in range(1500):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / f"class{c}" / f"{i:04d}.png")
     out, source = tmp_path / "out", f"folder:{tmp_path / 'images'}"
     tag, env = tagged_env()
-    proc = subprocess.Popen([sys.executable, "-m", "hcsc_jax.data.prepare", f"--source={source}",
-                             f"--out={out}", "--workers=2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-
-    def workers():
-        return [p for p in processes_with(tag) if p != proc.pid and b"spawn_main" in _cmdline(p)]
-
-    while not workers() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert workers(), "no worker started"
+    workers = lambda parent: [p for p in processes_with(tag) if p != parent and b"spawn_main" in _cmdline(p)]
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "hcsc_jax.data.prepare", f"--source={source}",
+                                 f"--out={out}", "--workers=2", "--overwrite"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not workers(proc.pid) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        if workers(proc.pid) and proc.poll() is None:
+            break
+        proc.wait()
+    assert workers(proc.pid), "no worker seen in 3 prepares"
     proc.kill()
     proc.wait()
     assert_no_process_left(tag)
