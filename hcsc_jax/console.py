@@ -122,6 +122,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             if not isinstance(value, ml_collections.ConfigDict):
                 usage_error(f"{config_argument(argv, name)}: get_config() returned a {type(value).__name__}, "
                             "not an ml_collections.ConfigDict; start from configs/default.py's get_config()")
+            _say_scalar_tuples(argv, name, value)
         return rest
     except SystemExit as done:
         if done.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
@@ -163,7 +164,13 @@ def explain(argv: list[str], err: Exception) -> str:
 
 def last_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    line = lines[-1] if lines else type(err).__name__
+    # ml_collections words a bad boolean as a tuple: "flag --config.x=no: ('Non-boolean argument
+    # to boolean flag', 'no')"
+    tuple_ = re.fullmatch(r"(.*): \('Non-boolean argument to boolean flag', (.*)\)", line)
+    if tuple_:
+        return f"{tuple_.group(1)}: {tuple_.group(2)} is not a boolean; use True or False (or 1 / 0)"
+    return line
 
 
 def config_argument(argv: list[str], name: str) -> str | None:
@@ -175,6 +182,23 @@ def config_argument(argv: list[str], name: str) -> str | None:
         elif re.match(rf"^--?{name}=", arg):
             value = arg.split("=", 1)[1]
     return value
+
+
+def _say_scalar_tuples(argv: list[str], name: str, config) -> None:
+    """One note per override of a tuple field given as one value (`--config.clustering.num_clusters=60`
+    is the single level (60,)): accepted, and said."""
+    for arg in argv:
+        m = re.match(rf"^--?{name}\.([^=]+)=(.*)$", arg)
+        if not m or m.group(2).strip()[:1] in "([":
+            continue
+        try:
+            node = config
+            for key in m.group(1).split("."):
+                node = node[key]
+        except (KeyError, AttributeError, TypeError):
+            continue
+        if isinstance(node, tuple | list):
+            print(f"{os.path.basename(sys.argv[0])}: note: {arg} is the tuple {tuple(node)}", file=sys.stderr)
 
 
 def overrides(argv: list[str], name: str) -> list[str]:

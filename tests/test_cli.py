@@ -90,6 +90,7 @@ def test_help_exits_0(script):
     (["stray"], "train.py: error: unexpected arguments stray; this command takes flags only"),
     (["--", "--config.epochs=1"], "unexpected arguments --config.epochs=1 (every argument after a bare -- is "
                                   "one: drop it)"),
+    (["--config.progress_bar=no"], "flag --config.progress_bar=no: 'no' is not a boolean; use True or False"),
     (["--config=PLAIN"], "get_config() returned a dict, not an ml_collections.ConfigDict"),  # (KeyError)
 ])
 def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, message):
@@ -252,3 +253,12 @@ def test_a_resume_no_checkpoint_of_which_restores_is_one_line_exit_1(tmp_path, d
     assert "is not compatible with the stored shape" in lines[-1]
     assert "resume with the model that wrote them" in lines[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == steps
+
+
+def test_a_tuple_field_given_one_value_is_accepted_and_said(tmp_path):
+    """--config.clustering.num_clusters=60 was silently the single level (60,)."""
+    done = run("train.py", "--config=configs/digits.py:runlocal", "--config.clustering.num_clusters=60",
+               "--config.evals.knn.ks=(5,)", f"--workdir={tmp_path / 'run'}", "--only_check_args")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "train.py: note: --config.clustering.num_clusters=60 is the tuple (60,)"]
