@@ -280,8 +280,10 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
                 f"the checkpoint of step {int(state.step)} was written at step {meta['step_in_epoch']} of "
                 f"epoch {meta['epoch']}, which is step {at} at {steps_per_epoch} steps per epoch: the "
                 "training set has changed size; resume on the same data or use a new --workdir")
-        log.info("resumed from step %d (epoch %d, step %d in epoch)", int(state.step), meta["epoch"],
-                 meta["step_in_epoch"])
+        done, into = meta["epoch"], meta["step_in_epoch"]  # (epochs counted from 1, as the log does)
+        log.info("resumed from step %d (%s)", int(state.step),
+                 f"epoch {done + 1}/{config.epochs}, after its step {into}/{steps_per_epoch}" if into
+                 else f"after epoch {done}/{config.epochs}")
     if main:  # after the resume checks: a refused run leaves the config of its checkpoints
         workdir_lib.write_atomic(workdir / workdir_lib.CONFIG_FILE, config_json)
     first_step = int(state.step)  # the loop counts steps on the host: no device sync per step

@@ -253,6 +253,8 @@ def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finish
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # (epochs counted from 1 as the log counts them: the signal came in epoch 2 of 3)
+    assert f"resumed from step {step} (epoch 2/3, after its step {step - 22}/22)" in done.stderr
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f) == reference
     final = [_restore_raw(os.path.join(d, "checkpoints"), 66) for d in (reference_dir, workdir)]
