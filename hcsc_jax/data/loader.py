@@ -124,10 +124,10 @@ def _exit_with_parent():
     """Ends this worker as soon as the process that started it ends, however it ends (`kill -9`
     included, which leaves no time for `close()`): a daemon thread waits on multiprocessing's
     parent sentinel, the read end of a pipe whose write end only the parent holds (the kernel
-    closes it as the parent dies; while the parent lives, grain keeps it open until it has joined
-    the worker), and checks every second that its parent is still the one that started it (a
-    backstop, should a forked child of the parent hold that pipe open too). If the parent is
-    already gone, the worker ends at once.
+    closes it as the parent dies; while the parent lives, multiprocessing keeps it open as long as
+    the worker's `Process`, which grain drops only once the worker has ended), and checks every
+    second that its parent is still the one that started it (a backstop, should a forked child of
+    the parent hold that pipe open too). If the parent is already gone, the worker ends at once.
 
     Not `prepare.die_with`'s prctl(PR_SET_PDEATHSIG): the kernel's "parent" there is the thread
     that started the process, here a grain thread that ends before the worker is stopped in
