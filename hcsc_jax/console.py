@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 import ml_collections
 from absl import flags
@@ -75,6 +76,9 @@ def setup() -> logging.Logger:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").addFilter(_RaisedToTheCaller())  # (Orbax logs through absl)
     logging.getLogger("asyncio").addFilter(_OrbaxLeftovers())
+    # ... and the coroutines of that failed restore collected unawaited (this project has none of
+    # its own): "RuntimeWarning: coroutine '_read_array_index_and_device_put' was never awaited"
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.getLogger().setLevel(logging.WARNING)
     handler = logging.StreamHandler()
