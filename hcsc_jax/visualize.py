@@ -54,12 +54,16 @@ def save(fig: Figure, path: epath.Path):
 
 # Numbers of eval records that are settings or choices, not results: no curve.
 _NOT_RESULTS = re.compile(r"(.*/)?(best_k|temperature)")
+# Results that are fractions in [0, 1] (the summary's kNN top-1, NMI, AMI), plotted apart from the
+# accuracies the evaluators give in percent.
+_FRACTIONS = re.compile(r"(.*/)?(knn_top1|nmi|ami)(_per_level)?(/\d+)?")
+_EVAL_PANELS = ("evaluation (%)", "evaluation (0-1)")
 
 
 def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
     """panel title -> key -> (xs, ys): step records by `_CURVE_PANELS` against the step, eval
     records (every result; lists per index; not `_NOT_RESULTS`) against the epoch under
-    "evaluation"."""
+    "evaluation (%)", or "evaluation (0-1)" for fractions (`_FRACTIONS`)."""
     panels = defaultdict(dict)
     for r in records:
         kind = r.get("type")
@@ -68,7 +72,9 @@ def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]
         for tag, value in metrics.scalars(r).items():
             key = tag.split("/", 1)[1]
             if kind == "eval":
-                title, x = None if _NOT_RESULTS.fullmatch(key) else "evaluation", r.get("epoch", r["step"])
+                title = (None if _NOT_RESULTS.fullmatch(key)
+                         else _EVAL_PANELS[bool(_FRACTIONS.fullmatch(key))])
+                x = r.get("epoch", r["step"])
             else:
                 title = next((t for t, pat in _CURVE_PANELS if re.fullmatch(pat, key)), None)
                 x = r["step"]
@@ -76,7 +82,7 @@ def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]
                 xs, ys = panels[title].setdefault(key, ([], []))
                 xs.append(x)
                 ys.append(value)
-    return {t: panels[t] for t, _ in _CURVE_PANELS + (("evaluation", None),) if t in panels}
+    return {t: panels[t] for t in [t for t, _ in _CURVE_PANELS] + list(_EVAL_PANELS) if t in panels}
 
 
 def curves_figure(records: list[dict]) -> Figure:
@@ -87,9 +93,9 @@ def curves_figure(records: list[dict]) -> Figure:
     for i, (title, lines) in enumerate(series.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
         for key, (xs, ys) in sorted(lines.items()):
-            ax.plot(xs, ys, label=key, marker="o" if title == "evaluation" else None, markersize=3, lw=1)
+            ax.plot(xs, ys, label=key, marker="o" if title in _EVAL_PANELS else None, markersize=3, lw=1)
         ax.set_title(title)
-        ax.set_xlabel("epoch" if title == "evaluation" else "step")
+        ax.set_xlabel("epoch" if title in _EVAL_PANELS else "step")
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         if len(lines) > 1:

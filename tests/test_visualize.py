@@ -20,9 +20,9 @@ def _records():
               "images_per_sec": 100.0, "grad_norm": 1.0}
              for s in range(1, 21)]
     return steps + [{"step": 20, "epoch": 1, "type": "epoch", "loss": 4.0},
-                    {"step": 10, "epoch": 1, "type": "eval", "knn/top1_k20": 0.5,
+                    {"step": 10, "epoch": 1, "type": "eval", "knn/top1_k20": 50.0,
                      "nmi_per_level": [0.1, 0.2]},
-                    {"step": 20, "epoch": 2, "type": "eval", "knn/top1_k20": 0.7,
+                    {"step": 20, "epoch": 2, "type": "eval", "knn/top1_k20": 70.0, "summary/knn_top1": 0.7,
                      "nmi_per_level": [0.3, 0.4], "knn/best_k": 20, "knn/temperature": 0.07}]
 
 
@@ -40,14 +40,16 @@ def _workdir(root, hierarchy_epochs=(1, 2)):
 def test_curve_series_panels():
     series = visualize.curve_series(_records())
     assert list(series) == ["loss", "per-level losses", "accuracy", "keep rate", "learning rate",
-                            "images / s", "evaluation"]
+                            "images / s", "evaluation (%)", "evaluation (0-1)"]
     # grad_norm and the epoch record are not plotted.
     assert sorted(series["loss"]) == ["loss", "loss_instance"]
     assert series["loss"]["loss"][0][:3] == [1, 2, 3]
     # Settings and choices (knn/best_k, knn/temperature) are not curves.
-    assert series["evaluation"] == {"knn/top1_k20": ([1, 2], [0.5, 0.7]),
-                                    "nmi_per_level/0": ([1, 2], [0.1, 0.3]),
-                                    "nmi_per_level/1": ([1, 2], [0.2, 0.4])}
+    # Percentages and fractions on axes of their own (summary/knn_top1 0.75 sat beside knn's 75.3).
+    assert series["evaluation (%)"] == {"knn/top1_k20": ([1, 2], [50.0, 70.0])}
+    assert series["evaluation (0-1)"] == {"nmi_per_level/0": ([1, 2], [0.1, 0.3]),
+                                          "nmi_per_level/1": ([1, 2], [0.2, 0.4]),
+                                          "summary/knn_top1": ([2], [0.7])}
 
 
 def test_embedding_figure_has_a_legend_per_panel():
