@@ -234,6 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_values(config, mesh.size)
     for line in config_checks.warnings_for(config) if main else ():
         log.warning("%s", line)
+    if config.get("init_encoder") and workdir_lib.path(config.init_encoder) == workdir_lib.path(workdir):
+        raise ConfigError(f"config.init_encoder is {config.init_encoder}, the workdir this run would write "
+                          "(and resume from); pass another --workdir")
     try:
         setup.check_init_encoder(config)
     except ValueError as err:

@@ -116,11 +116,13 @@ def test_a_flag_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, args, messa
     ("--config.clustering.num_clusters=(5000,)",  # (the workdir was created before: it needs the data)
      "config.clustering.num_clusters = 5000 exceeds the 1437 training images of digits:train"),
     ("--config.lr_warmup_epochs=3", "config.lr_warmup_epochs (3) must be smaller than config.epochs (3)"),
+    ("--config.init_encoder=WORKDIR", "config.init_encoder is WORKDIR, the workdir this run would write"),
     ("--config.init_encoder=/nonexistent",  # (25 lines, the workdir created)
      "config.init_encoder: /nonexistent is neither a training workdir (with checkpoints/) nor an exported "
      "encoder"),
 ])
 def test_a_config_that_cannot_train_is_one_line_exit_2_and_nothing_written(tmp_path, override, message):
+    override, message = (x.replace("WORKDIR", str(tmp_path / "run")) for x in (override, message))
     done = run("train.py", "--config=configs/digits.py:runlocal", override, f"--workdir={tmp_path / 'run'}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message in done.stderr.strip().splitlines()[-1]
