@@ -18,7 +18,7 @@ import numpy as np
 from hcsc_jax import checkpoints, models, sharding
 from hcsc_jax import features as features_lib
 from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.data import augmentations, pipeline
+from hcsc_jax.data import augmentations, pipeline, sources
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.decode import MAX_PIXELS
 
@@ -222,6 +222,9 @@ def data_spec(config, run_config: dict | None = None, trained_on: dict | None = 
                     num_workers=inp.get("num_workers", -1), prefetch=inp.get("prefetch", 2),
                     bad_images=inp.get("bad_images", "skip"), max_pixels=inp.get("max_pixels", MAX_PIXELS))
     data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
+    standard = sources.standard_splits(data["dataset"]) if data["dataset"] else None
+    for i, k in enumerate(("train_split", "eval_split")):  # (the dataset's own, when none is given)
+        data[k] = standard[i] if data[k] is None and standard else data[k]
     missing = [k for k in ("dataset", "train_split", "eval_split", "image_size", "mean", "std")
                if data[k] is None]
     if missing:

@@ -44,6 +44,7 @@ from hcsc_jax.data.sources.registry import (
     register,
     register_check,
     register_lazy,
+    standard_splits,
 )
 from hcsc_jax.data.sources.tfds import TfdsSource
 
@@ -67,4 +68,5 @@ __all__ = [
     "register",
     "register_check",
     "register_lazy",
+    "standard_splits",
 ]

@@ -79,6 +79,20 @@ def check_available(name: str, splits, data_dir: str | None = None) -> int | Non
         raise DataError(" ".join(str(e).split()) or type(e).__name__) from None
 
 
+# The (training, held-out) splits a dataset comes with, for a command told only the dataset
+# (eval.py on an imported encoder): by full name, else by the name before ":".
+STANDARD_SPLITS = {"digits": ("train", "test"), "fashion_mnist": ("train", "test"),
+                   "folder": ("train", "val"), "tfds:imagenet2012": ("train", "validation"),
+                   "tfds:cifar10": ("train", "test"),
+                   "tfds:cifar100": ("train", "test"), "tfds:fashion_mnist": ("train", "test")}
+
+
+def standard_splits(name: str) -> tuple[str, str] | None:
+    """The `STANDARD_SPLITS` of dataset `name`, None when it has none known (a prepared copy, a
+    TFDS dataset not listed)."""
+    return STANDARD_SPLITS.get(name) or STANDARD_SPLITS.get(name.partition(":")[0])
+
+
 def list_datasets() -> list[str]:
     return sorted({*_LOADERS, *_LAZY})
 
