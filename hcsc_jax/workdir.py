@@ -145,31 +145,19 @@ def _turns(directory: epath.Path):
         os.close(fd)
 
 
-def _create_written(lock: epath.Path, text: str):
-    """`lock` created holding `text`, atomically: written to a temporary file, linked into place
-    (fails with FileExistsError when `lock` exists), so a lock is never seen empty."""
-    tmp = lock.with_name(f"{lock.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text)
-    try:
-        os.link(os.fspath(tmp), os.fspath(lock))
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextlib.contextmanager
 def locked(workdir: epath.Path, enabled: bool = True, name: str = LOCK_FILE, flag: str = "--workdir"):
     """Holds `workdir/run.lock` (or `workdir/<name>`: this process's id and host) while the block
     runs, so a second run on the same workdir refuses with WorkdirError (naming `flag`). A lock left
     by a dead process of this host is taken over; one of another host must be removed by hand once
     that run is known to be gone. Locally, processes starting at the same instant take turns to
-    check and create the lock (`_turns`) and a lock is never seen half-written: one of them holds
-    it (tests/test_workdir.py races 8)."""
+    check and create the lock (`_turns`), which is written whole (`write_atomic`): one of them
+    holds it (tests/test_workdir.py races 8)."""
     if not enabled:
         yield
         return
     lock, me = workdir / name, json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-    local = is_local(lock)
-    with _turns(workdir) if local else contextlib.nullcontext():
+    with _turns(workdir) if is_local(lock) else contextlib.nullcontext():
         try:
             holder = json.loads(lock.read_text())
             holder = holder if isinstance(holder, dict) else {}
@@ -185,10 +173,9 @@ def locked(workdir: epath.Path, enabled: bool = True, name: str = LOCK_FILE, fla
                     "the lock file)")
             log.warning("removing the stale lock %s (%s)", lock, holder or "unreadable")
             lock.unlink(missing_ok=True)
-        if local:
-            _create_written(lock, me)
-        else:  # an object store: no atomic create; last writer wins
-            lock.write_text(me)
+        # Written whole (never seen empty); locally no other process is between the check and this
+        # (`_turns`), on an object store the last writer wins.
+        write_atomic(lock, me)
     try:
         yield
     finally:
