@@ -28,6 +28,7 @@ import stat
 import numpy as np
 from etils import epath
 
+from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import decode
 from hcsc_jax.data.sources.registry import register_lazy
 
@@ -63,17 +64,17 @@ def _image_files(cls_dir: epath.Path) -> list[str]:
     """The image files under a class folder, in its sub-folders too (as torchvision's ImageFolder),
     sorted by their path in it; hidden folders are passed over, a local folder reached twice
     through links is read once."""
-    found, seen = [], set()  # (path in cls_dir as parts, path)
-    if "://" not in os.fspath(cls_dir):
-        for here, dirs, names in os.walk(os.fspath(cls_dir), followlinks=True):
+    found = []  # (path in cls_dir as parts, path)
+    if workdir_lib.is_local(cls_dir):
+        seen, root = set(), os.fspath(cls_dir)
+        for here, dirs, names in os.walk(root, followlinks=True):
             if os.path.realpath(here) in seen:
                 dirs[:] = []
                 continue
             seen.add(os.path.realpath(here))
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel = os.path.relpath(here, os.fspath(cls_dir)).split(os.sep)
-            found += [([r for r in rel if r != "."] + [n], os.path.join(here, n)) for n in names
-                      if n.lower().endswith(IMAGE_EXTENSIONS)]
+            found += [(os.path.relpath(p, root).split(os.sep), p)
+                      for p in (os.path.join(here, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS))]
     else:  # a bucket: no links
         todo = [(cls_dir, [])]
         while todo:
