@@ -30,13 +30,17 @@ RENAMED_FIELDS = {
 }
 
 
+def _in_orbax(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in filename
+
+
 class _RaisedToTheCaller(logging.Filter):
     """Drops Orbax's error records: its background save threads log a failed save (a full disk)
     with a traceback, hundreds of lines for one error, which they then raise to the caller, which
     reports it in one line (`trainer.keeping_saves`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+        return record.levelno < logging.ERROR or not _in_orbax(record.pathname)
 
 
 class _OrbaxLeftovers(logging.Filter):
@@ -47,7 +51,7 @@ class _OrbaxLeftovers(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         tb = record.exc_info[1].__traceback__ if record.exc_info and record.exc_info[1] else None
         while tb is not None:
-            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            if _in_orbax(tb.tb_frame.f_code.co_filename):
                 return False
             tb = tb.tb_next
         return True
@@ -62,7 +66,7 @@ def _quiet_closed_loop(hook):
     def unraisable(u):
         closed = isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
         code = getattr(u.object, "cr_code", None)  # a coroutine of Orbax's restore left behind by its error
-        orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        orbax = code is not None and _in_orbax(code.co_filename)
         if not (closed or orbax):
             hook(u)
 

@@ -794,17 +794,24 @@ def read_sidecar(pth: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{sidecar_path(pth)} is not the JSON that export-torch writes ({err}); move it "
                          "away to import the file without it") from None
-    shapes = (("", recorded), ("model", recorded.get("model", {}) if isinstance(recorded, dict) else None),
-              ("input", recorded.get("input", {}) if isinstance(recorded, dict) else None))
-    wrong = [k or "the file" for k, v in shapes if not isinstance(v, dict)]
-    if wrong or not isinstance(recorded.get("model", {}).get("arch", ""), str):
-        what = (wrong or ["model.arch"])[0]
+    what = _not_a_sidecar(recorded)
+    if what:
         raise ValueError(f"{sidecar_path(pth)} is JSON, but not what export-torch writes ({what} is not an "
                          "object of its fields); move it away to import the file without it")
     inp = recorded.get("input", {})
     models.check_input(inp.get("image_size"), inp.get("mean"), inp.get("std"),
                        where=f"{sidecar_path(pth)}: input ")
     return recorded
+
+
+def _not_a_sidecar(recorded) -> str | None:
+    """The part of a sidecar's JSON that is not of the type export-torch writes, or None."""
+    if not isinstance(recorded, dict):
+        return "the file"
+    wrong = [k for k in ("model", "input") if not isinstance(recorded.get(k, {}), dict)]
+    if wrong:
+        return wrong[0]
+    return None if isinstance(recorded.get("model", {}).get("arch", ""), str) else "model.arch"
 
 
 def _input_meta(meta, recorded: dict, image_size, mean, std) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from test_prepare import _cmdline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 120
 
@@ -146,14 +148,6 @@ def _stat(pid: int) -> tuple[str, int] | None:
     except OSError:
         return None
     return fields[0], int(fields[1])
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def _children(pid: int) -> list[int]:
