@@ -210,8 +210,8 @@ def export_encoder(directory: str, meta: dict[str, Any], params, stats) -> None:
         mngr.wait_until_finished()
 
 
-def restore_encoder(path: str, step: int | None = None,
-                    which: str = "query") -> tuple[Encoder, dict[str, Any]]:
+def restore_encoder(path: str, step: int | None = None, which: str = "query",
+                    meta_only: bool = False) -> tuple[Encoder | None, dict[str, Any]]:
     """Restores an encoder from a training workdir (its newest readable step, or `step`; the
     query encoder, or the momentum encoder with which="key") or from an `export_encoder`
     directory. -> (Encoder with the restored weights, meta). The weights are checked as training
@@ -221,7 +221,8 @@ def restore_encoder(path: str, step: int | None = None,
     version, is only checked for NaN and inf, with a note). Raises FileNotFoundError with what was
     expected when `path` holds neither (or not `step`); NoReadableStep (a RuntimeError) when no
     step of the workdir restores (each unreadable one logged as a warning, newest first), when the
-    given `step` does not (one line naming it and why), or when an exported encoder does not."""
+    given `step` does not (one line naming it and why), or when an exported encoder does not.
+    `meta_only`: (None, the meta) of that step or export, its weights not read."""
     path = workdir_lib.path(path)
     workdir_lib.check_reachable(path)  # (a bucket without gcsfs or network: one line, not minutes)
     if (path / "checkpoints").is_dir():
@@ -234,6 +235,8 @@ def restore_encoder(path: str, step: int | None = None,
 
         def read(s):
             meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if meta_only:
+                return None, dict(meta["encoder"], step=s)
             state = restore_replicated(mngr, s, "state")
             check_restored(state, meta, s, saved_order(mngr, s, "state", state))
             return (_fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]),
@@ -254,6 +257,8 @@ def restore_encoder(path: str, step: int | None = None,
         if mngr.latest_step() is None:
             raise FileNotFoundError(f"{path} holds no encoder checkpoint")
         meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta_only:
+            return None, meta
         enc = _unwrap(restore_replicated(mngr, mngr.latest_step(), "encoder"))
     if "digest" not in meta:
         log.warning("%s was exported without a weight digest (by an earlier version): its weights are only "

@@ -135,17 +135,19 @@ def make_input(config, split: str, mesh, train: bool = True):
 
 def check_init_encoder(config) -> None:
     """ValueError, one line, when `config.init_encoder` cannot start a run of `config`: it is
-    neither a workdir nor an exported encoder, none of its steps restores, or it holds another
-    architecture than config.model (train.py: before the workdir is written)."""
+    neither a workdir nor an exported encoder, or it holds another architecture than config.model
+    (train.py: before the workdir is written). From its meta alone: the weights are read, and
+    checked, once, by `init_from`."""
     path = config.get("init_encoder")
     if not path:
         return
     try:
-        source, meta = checkpoints.restore_encoder(path)
+        meta = checkpoints.restore_encoder(path, meta_only=True)[1]
     except (OSError, checkpoints.NoReadableStep) as err:  # (FileNotFoundError, WorkdirError)
         raise ValueError(f"config.init_encoder: {err}") from None
     target = models.encoder_meta(config.model.to_dict(), meta["in_channels"], config.bn_group_size)
-    _same_architecture(source, models.build_encoder(target, abstract=True), path, meta)
+    _same_architecture(models.build_encoder(meta, abstract=True), models.build_encoder(target, abstract=True),
+                       path, meta)
 
 
 def _same_architecture(source, model, path: str, meta: dict) -> None:
