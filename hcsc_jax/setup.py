@@ -78,7 +78,7 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
     step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
                              view_local=view_local, ema_momentum=config.ema_momentum,
                              shuffle_bn=config.shuffle_bn,
-                             shuffle_gather=config.get("shuffle_bn_gather", "views"))
+                             shuffle_gather=config.shuffle_bn_gather)
     return Parts(
         model_meta=meta, graphdef=graphdef, tx=tx, schedule=schedule,
         state=state,
