@@ -40,6 +40,21 @@ def apply_method(c, method: str, proto_negatives: int):
         raise ValueError(f"unknown method {method!r}")
 
 
+def apply_authors(c):
+    """The authors' training (github.com/gyfastas/HCSC), every remaining difference switched to
+    their code (docs/method.md §9): "official" semantics, their negative-prototype off-by-one,
+    the learning rate changed once per epoch, k-means seeds 0, 1, 2 per level every epoch, and
+    BatchNorm running statistics of the first BN group (rank 0's, as DDP broadcasts them). On
+    top of any method: MoCo v2 is their code with no prototypes, PCL already follows PCL's code.
+    Their code trains ResNets: a ViT config is refused."""
+    if c.model.arch.startswith("vit"):
+        raise ValueError("variant 'authors' is the authors' ResNet training (SGD, per-epoch cosine, BatchNorm); "
+                         "it does not combine with a ViT ('vit')")
+    c.objective.update(semantics="official", skip_last_prototype=True)
+    c.clustering.seed_per_epoch = False
+    c.update(lr_granularity="epoch", bn_running_stats="first_group")
+
+
 def apply_vit(c, arch: str, *, width: float = 1.0, depth: int = 12, lr: float = 1.5e-4,
               lr_warmup_epochs: int = 40, weight_decay: float = 0.1, grad_clip: float = 0.0):
     """Turns a config's encoder into a ViT trained with MoCo v3's ViT recipe (HCSC's objective,

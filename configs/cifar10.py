@@ -4,13 +4,14 @@ on a machine with network, then pass --config.data_dir).
   python train.py --config configs/cifar10.py --workdir runs/cifar10 --config.data_dir=~/tensorflow_datasets
   python train.py --config configs/cifar10.py:runlocal --config.data_dir=~/tensorflow_datasets   # smoke run
 
-Variants (`--config=configs/cifar10.py:<variant>`): "" (the run above); runlocal: a smoke run on
+Variants (`--config=configs/cifar10.py:<variant>`, comma-separated): "" (the run above); authors:
+the authors' training exactly (configs.apply_authors, docs/method.md §9); runlocal: a smoke run on
 the first 256 / 128 images of the splits (TFDS slices), 2 epochs of a tiny model at 16 px.
 """
 
-from configs import default, parse_variants
+from configs import apply_authors, default, parse_variants
 
-VARIANTS = ("", "runlocal")
+VARIANTS = ("", "authors", "runlocal")
 
 
 def get_config(arg=None):
@@ -37,4 +38,6 @@ def get_config(arg=None):
         c.model.update(width=0.125, embed_dim=16, hidden_dim=32)
         c.clustering.update(num_clusters=(12, 6, 3), nredo=1, niter=5)
         c.evals.summary.num_clusters = (10,)
+    if "authors" in chosen:
+        apply_authors(c)
     return c

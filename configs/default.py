@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     # MoCo machinery.
     c.batch_size = 256  # global
     c.bn_group_size = 32
+    # What BatchNorm's running statistics (eval mode: clustering features, kNN, linear probes)
+    # follow: "mean_of_groups" (every BN group's statistics, averaged) or "first_group" (the first
+    # group's: the authors' DDP runs, where broadcast_buffers copies rank 0's to every rank).
+    c.bn_running_stats = "mean_of_groups"
     c.shuffle_bn = True
     # How ShuffleBN permutes the key view across devices (train_step.SHUFFLE_GATHERS): "views" (the
     # same run on any number of processes, but every device runs the key encoder on the whole batch)
@@ -44,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"
     c.adam_betas = (0.9, 0.999)
     c.lr_warmup_epochs = 0
+    # "step": the lr follows its schedule every step; "epoch": held for an epoch at the value of
+    # its first step (the authors' adjust_learning_rate: a per-epoch cosine). Not with lr warm-up.
+    c.lr_granularity = "step"
     c.grad_clip = 0.0
     c.epochs = 200
     c.warmup_epochs = 20  # instance loss only, no prototypes
@@ -53,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
         semantics="paper", positive="assignment", temperature=0.2, instance_selection=True,
         prototype_selection=True, instance_loss=True, proto_loss=True, sampler="hash",
         selection_on_local=False,  # multi-crop: local InfoNCE with the instance masks too
-        proto_negatives=0))  # PCL's r: sampled negative prototypes per level (0: all, HCSC)
+        proto_negatives=0,  # PCL's r: sampled negative prototypes per level (0: all, HCSC)
+        skip_last_prototype=False))  # True: the authors' off-by-one (docs/method.md §9)
 
     # Hierarchical k-means between epochs (docs/method.md §1). Empty num_clusters = no prototypes.
     c.clustering = ml_collections.ConfigDict(dict(
@@ -62,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
         # "faiss" (host CPU), "jax" (the same Lloyd iterations on the accelerators) or "auto":
         # "jax" when JAX has accelerators, "faiss" on CPU-only hosts (clustering.resolve_backend).
         backend="auto",
+        # True: epoch e's k-means seed is seed + 1000 e + level (a new draw every epoch); False:
+        # seed + level every epoch (the authors: seeds 0, 1, 2 per level).
+        seed_per_epoch=True,
         mode="hierarchical"))  # or "independent": flat k-means per level, no parents (PCL)
 
     # Augmentation (MoCo v2, docs/method.md §6).

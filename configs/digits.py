@@ -6,6 +6,7 @@
   python train.py --config configs/digits.py:pcl --workdir runs/digits_pcl        # PCL baseline
   python train.py --config configs/digits.py:pcl,runlocal                         # smoke run of any of them
   python train.py --config configs/digits.py:vit --workdir runs/digits_vit        # HCSC with a ViT encoder
+  python train.py --config configs/digits.py:authors --workdir runs/digits_authors  # the authors' training
 
 - hcsc: HCSC, paper semantics.
 - mocov2: the same budget with no prototypes: plain InfoNCE for every epoch, no selection.
@@ -20,6 +21,9 @@
   eligible prototypes left, and then all of them are negatives (PCL's code would stop there).
   Semantics "official" = PCL's code: one negative draw per group, the group's positives in the
   denominator (`losses.pcl_proto_nce`); "paper" = the ProtoNCE equation.
+- authors: the authors' training exactly (configs.apply_authors, docs/method.md §9): official
+  semantics, their negative-prototype off-by-one, lr per epoch, k-means seeds 0/1/2 every epoch,
+  first-group BatchNorm statistics; combines with the methods (`digits.py:mocov2,authors`).
 - vit: the encoder is a small ViT with 4-px patches (vit_t4 at width 1/2: 96 dims, 3 heads, 6
   blocks; a 4x4 grid of patches at 16 px) trained with MoCo v3's ViT recipe (AdamW, weight decay
   0.1, 5 epochs of linear lr warm-up, no ShuffleBN); combines with the methods. Not tuned.
@@ -28,9 +32,9 @@
   vit,runlocal: 2 blocks at width 1/4, tests/test_vit_training.py).
 """
 
-from configs import apply_method, apply_vit, default, one_of, parse_variants
+from configs import apply_authors, apply_method, apply_vit, default, one_of, parse_variants
 
-VARIANTS = ("hcsc", "mocov2", "pcl", "vit", "runlocal")
+VARIANTS = ("hcsc", "mocov2", "pcl", "authors", "vit", "runlocal")
 METHODS = ("hcsc", "mocov2", "pcl")
 
 
@@ -67,5 +71,7 @@ def get_config(arg=None):
             c.model.update(width=0.25, depth=2)
             c.lr_warmup_epochs = 1
     apply_method(c, method, proto_negatives=16)
+    if "authors" in chosen:
+        apply_authors(c)
     return c
 

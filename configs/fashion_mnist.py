@@ -18,6 +18,8 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
   (the test split stays whole), 16 px, ResNet-18 at width 0.25, 18 epochs (4 warm-up), batch 64
   (lr 0.12 per 256 images), queue 4096, levels 50 / 16 / 4 (PCL: r = 16); combines with the
   methods (`cpu,pcl`).
+- authors: the authors' training exactly (configs.apply_authors, docs/method.md §9); combines with
+  the methods and cpu (`cpu,mocov2,authors`).
 - vit: the encoder is ViT-S with 4-px patches (vit_s4: 384 dims, 6 heads, 12 blocks; a 7x7 grid
   at 28 px) trained with MoCo v3's ViT recipe (AdamW, weight decay 0.1, 10 epochs of linear lr
   warm-up, no ShuffleBN); combines with the methods. Not tuned.
@@ -26,9 +28,9 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
   (vit,runlocal: 2 blocks at width 1/8).
 """
 
-from configs import apply_method, apply_vit, default, one_of, parse_variants
+from configs import apply_authors, apply_method, apply_vit, default, one_of, parse_variants
 
-VARIANTS = ("hcsc", "mocov2", "pcl", "cpu", "vit", "runlocal")
+VARIANTS = ("hcsc", "mocov2", "pcl", "cpu", "authors", "vit", "runlocal")
 METHODS = ("hcsc", "mocov2", "pcl")
 
 
@@ -77,4 +79,6 @@ def get_config(arg=None):
             c.model.update(width=0.125, depth=2)
             c.lr_warmup_epochs = 1
     apply_method(c, method, proto_negatives=16 if "cpu" in chosen else 64)
+    if "authors" in chosen:
+        apply_authors(c)
     return c

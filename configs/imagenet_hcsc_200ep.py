@@ -11,15 +11,17 @@ float32 parameters / statistics / loss, k-means on the accelerators.
       --config.data_dir=~/tensorflow_datasets
   python train.py --config configs/imagenet_hcsc_200ep.py:runlocal   # smoke run, see below
 
-Variants (`--config=configs/imagenet_hcsc_200ep.py:<variant>`): "" (the run above); runlocal: a
+Variants (`--config=configs/imagenet_hcsc_200ep.py:<variant>`, comma-separated): "" (the run above);
+authors: the authors' training exactly (configs.apply_authors, docs/method.md §9; the compute
+dtype stays bfloat16); runlocal: a
 smoke run on a tiny image folder in ImageNet's layout, /tmp/imagenet_tiny (make it with
 `python tests/imagenet_like.py`; 30 train images: one step per epoch), 2 epochs of a tiny
 ResNet-50 at 32 px with levels 6 / 3, streamed, kNN after every epoch.
 """
 
-from configs import default, parse_variants
+from configs import apply_authors, default, parse_variants
 
-VARIANTS = ("", "runlocal")
+VARIANTS = ("", "authors", "runlocal")
 
 
 def get_config(arg=None):
@@ -44,4 +46,6 @@ def get_config(arg=None):
         c.input.num_workers = 2
         c.evals.summary.update(knn_k=5, num_clusters=(3,))
         c.evals.knn.update(every_epochs=1, ks=(2, 5))
+    if "authors" in chosen:
+        apply_authors(c)
     return c

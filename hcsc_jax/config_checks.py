@@ -29,7 +29,7 @@ from typing import Any
 from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import crops, loader
-from hcsc_jax.models import vit
+from hcsc_jax.models import norm, vit
 
 
 class ConfigError(ValueError):
@@ -219,6 +219,7 @@ RULES: dict[str, Rule] = {
     # MoCo machinery and optimizer.
     "batch_size": BATCH,
     "bn_group_size": BATCH,
+    "bn_running_stats": choice(*norm.RUNNING_STATS),
     "shuffle_bn": boolean(),
     "shuffle_bn_gather": choice(*ts.SHUFFLE_GATHERS),
     "queue_size": QUEUE,
@@ -229,6 +230,7 @@ RULES: dict[str, Rule] = {
     "optimizer": choice(*ts.OPTIMIZERS),
     "adam_betas": fixed(MOMENTUM, MOMENTUM),
     "lr_warmup_epochs": integer(0, MAX_EPOCHS),
+    "lr_granularity": choice(*ts.LR_GRANULARITIES),
     "grad_clip": real(0, note="0: off"),
     "epochs": integer(0, MAX_EPOCHS),
     "warmup_epochs": integer(0, MAX_EPOCHS),
@@ -243,6 +245,7 @@ RULES: dict[str, Rule] = {
     "objective.sampler": choice(*selection.SAMPLERS),
     "objective.selection_on_local": boolean(),
     "objective.proto_negatives": integer(0, 2**20, note="0: every prototype is a negative"),
+    "objective.skip_last_prototype": boolean(),
     # Clustering.
     "clustering.num_clusters": tuple_of(CLUSTERS),
     "clustering.temperature": TEMPERATURE,
@@ -252,6 +255,7 @@ RULES: dict[str, Rule] = {
     "clustering.min_points_per_centroid": integer(0),
     "clustering.backend": choice(*clustering.BACKENDS),
     "clustering.mode": choice(*clustering.MODES),
+    "clustering.seed_per_epoch": boolean(),
     # Augmentation. local_views: (crop side, scale range) per view.
     "augment.scale": SCALE,
     "augment.jitter_prob": PROBABILITY,
@@ -458,6 +462,10 @@ def _prototype_terms(config) -> str | None:
 def _lr_warmup_within_run(config) -> str | None:
     """The cosine decay of the learning rate follows its warm-up: at least one epoch of it."""
     warmup, epochs = get(config, "lr_warmup_epochs"), get(config, "epochs")
+    if warmup and get(config, "lr_granularity") == "epoch":
+        return (f"config.lr_granularity='epoch' holds the lr of each epoch's first step, which in a linear "
+                f"warm-up from 0 is 0 for the whole first epoch; set --config.lr_warmup_epochs=0 "
+                "(the authors' schedule has none) or --config.lr_granularity=step")
     if warmup and epochs and warmup >= epochs:
         return (f"config.lr_warmup_epochs ({warmup}) must be smaller than config.epochs ({epochs}): the "
                 "learning rate decays after its warm-up; set a smaller --config.lr_warmup_epochs (0: none)")

@@ -117,6 +117,9 @@ class ObjectiveConfig:
     the prototype term by PCL's ProtoNCE against r randomly sampled negative prototypes per
     level (`losses.sample_negative_prototypes`, `losses.pcl_proto_nce`; "official" = PCL's
     code, "paper" = PCL's equation); it excludes prototype selection.
+    skip_last_prototype: the authors' off-by-one (docs/method.md §9): on every level the highest
+    cluster id that has members is never a negative prototype (their code, and PCL's, take the
+    negatives from `range(im2cluster.max())`); it stays a positive and a selection candidate.
     """
 
     semantics: str = "paper"
@@ -130,6 +133,7 @@ class ObjectiveConfig:
     sampler: str = "hash"
     selection_on_local: bool = False
     proto_negatives: int = 0
+    skip_last_prototype: bool = False
 
     def __post_init__(self):
         losses.check_semantics(self.semantics)
@@ -163,6 +167,16 @@ def positive_prototypes(q, prototypes: Prototypes, labels, positive: str) -> lis
         jnp.argmax(selection.similarity_logits(q, c, t, v), axis=-1).astype(jnp.int32)
         for c, t, v in zip(prototypes.centroids, prototypes.temperatures, prototypes.valid)
     ]
+
+
+def negative_valid(valid, skip_last: bool):
+    """The prototypes of one level that may be negatives: `valid` (M,), without the highest valid
+    id when `skip_last` (`ObjectiveConfig.skip_last_prototype`: the authors' `range(im2cluster.max())`;
+    valid = has members, so that id is their `im2cluster.max()`)."""
+    if not skip_last:
+        return valid
+    ids = jnp.arange(valid.shape[0])
+    return valid & (ids != jnp.max(jnp.where(valid, ids, -1)))
 
 
 def instance_masks(queue, prototypes: Prototypes, positives, rng, cfg: ObjectiveConfig, queue_lse=None):
@@ -239,7 +253,8 @@ def pcl_negative_masks(prototypes: Prototypes, positives, rng, cfg: ObjectiveCon
     if view:
         key = jax.random.fold_in(key, view)
     return [
-        losses.sample_negative_prototypes(jax.random.fold_in(key, l), positives[l], prototypes.valid[l],
+        losses.sample_negative_prototypes(jax.random.fold_in(key, l), positives[l],
+                                          negative_valid(prototypes.valid[l], cfg.skip_last_prototype),
                                           cfg.proto_negatives, cfg.semantics, cfg.group_size)
         for l in range(prototypes.num_levels)
     ]
@@ -345,7 +360,8 @@ def hcsc_objective(
         else:
             masks = prototype_masks(p, positives, rng, cfg, 1 + len(local_q))
             candidates = [
-                losses.proto_candidates(positives[l], p.valid[l], cfg.semantics, cfg.group_size)
+                losses.proto_candidates(positives[l], negative_valid(p.valid[l], cfg.skip_last_prototype),
+                                        cfg.semantics, cfg.group_size)
                 for l in range(num_levels)
             ]
         metrics["loss_proto"], level_losses, accs = _proto_term(q, p, positives, masks[0], candidates, cfg)

@@ -40,7 +40,9 @@ SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_ever
 # Fields added to the configs after runs had been started, with the value that an older config.json
 # means by leaving them out (the behavior before they existed), so that such runs still resume.
 ADDED_FIELDS = {"optimizer": "sgd", "adam_betas": [0.9, 0.999], "lr_warmup_epochs": 0, "grad_clip": 0.0,
-                "input.resampling": "antialias", "input.bad_images": "skip", "shuffle_bn_gather": "views"}
+                "input.resampling": "antialias", "input.bad_images": "skip", "shuffle_bn_gather": "views",
+                "bn_running_stats": "mean_of_groups", "lr_granularity": "step",
+                "objective.skip_last_prototype": False, "clustering.seed_per_epoch": True}
 
 
 class ConfigMismatch(ValueError):

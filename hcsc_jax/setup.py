@@ -60,7 +60,8 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
     `config.seed` or, when set, `config.init_encoder`. `abstract`: nothing is allocated, the state
     is `jax.ShapeDtypeStruct`s with the shardings the trainer gives it (`jax.eval_shape`), for
     compiling the steps ahead of time on a mesh of devices that need not exist (`hcsc_jax.aot`)."""
-    meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size)
+    meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size,
+                               bn_running_stats=config.bn_running_stats)
     model = models.build_encoder(meta, abstract=abstract, seed=config.seed)
     if config.get("init_encoder") and not abstract:
         init_from(model, config.init_encoder)
@@ -95,7 +96,8 @@ def make_optimizer(config, steps_per_epoch: int):
         config.lr, config.batch_size, steps_per_epoch * config.epochs, config.weight_decay,
         config.sgd_momentum, optimizer=config.optimizer,
         warmup_steps=config.lr_warmup_epochs * steps_per_epoch, grad_clip=config.grad_clip,
-        betas=tuple(config.adam_betas))
+        betas=tuple(config.adam_betas),
+        hold_steps=steps_per_epoch if config.lr_granularity == "epoch" else 1)
 
 
 def objective_config(config) -> objective.ObjectiveConfig:

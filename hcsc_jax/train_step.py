@@ -91,11 +91,19 @@ def check_batch_config(global_batch: int, queue_size: int, bn_group_size: int, n
 
 
 OPTIMIZERS = ("sgd", "adamw")
+# How often the learning rate changes: every step (optax's schedules), or once per epoch, held at
+# the value of the epoch's first step (the authors' `adjust_learning_rate`, docs/method.md §9).
+LR_GRANULARITIES = ("step", "epoch")
+
+
+def _held(schedule, every: int):
+    """`schedule` evaluated at the first step of each run of `every` steps."""
+    return lambda step: schedule(step // every * every)
 
 
 def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_decay=1e-4, momentum=0.9, *,
                    optimizer: str = "sgd", warmup_steps: int = 0, grad_clip: float = 0.0,
-                   betas=(0.9, 0.999)):
+                   betas=(0.9, 0.999), hold_steps: int = 1):
     """-> (optax transformation, lr schedule). lr = base_lr * B / 256 (linear scaling, as MoCo v2
     and v3), rising linearly from 0 over `warmup_steps` (none by default), then cosine decay to 0
     at `total_steps`. `optimizer`:
@@ -103,7 +111,9 @@ def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_d
         parameter (the default: without warm-up or clipping the same transformation as always);
       "adamw": MoCo v3's recipe for ViTs, torch's AdamW (`betas`, eps 1e-8, decoupled decay
         lr * `weight_decay` * p on every parameter).
-    `grad_clip` > 0 first clips the gradients to that global L2 norm."""
+    `grad_clip` > 0 first clips the gradients to that global L2 norm. `hold_steps` > 1 holds the
+    lr for that many steps at the value of their first (steps per epoch: the authors' per-epoch
+    cosine, `base * (1 + cos(pi * epoch / epochs)) / 2`)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     peak = base_lr * global_batch / 256
@@ -112,6 +122,8 @@ def make_optimizer(base_lr: float, global_batch: int, total_steps: int, weight_d
         schedule = optax.warmup_cosine_decay_schedule(0.0, peak, min(warmup_steps, total), total, 0.0)
     else:
         schedule = optax.cosine_decay_schedule(peak, total)
+    if hold_steps > 1:
+        schedule = _held(schedule, int(hold_steps))
     if optimizer == "sgd":
         tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
     else:

@@ -145,10 +145,11 @@ def flush_log(window: dict, step: int, epoch: int, lr: float, batch: int, since:
 
 def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mesh) -> clustering.Hierarchy:
     """The training hierarchy of epoch `epoch` (`clustering.cluster_from_config`: the levels and
-    settings of `config.clustering`, seed `config.seed + 1000 * epoch`) of the key encoder's
+    settings of `config.clustering`, seed `clustering.epoch_seed`) of the key encoder's
     projections of the center crops of the images of the `pipeline` input `inp`."""
     _, proj = embed_input(graphdef, state.k_params, state.k_stats, inp, config.image_size, *mean_std)
-    return clustering.cluster_from_config(config.clustering, proj, config.seed + 1000 * epoch, mesh=mesh)
+    seed = clustering.epoch_seed(config.clustering, config.seed, epoch)
+    return clustering.cluster_from_config(config.clustering, proj, seed, mesh=mesh)
 
 
 def check_health(per_step: list[dict], first_step: int, divergence) -> None:

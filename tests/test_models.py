@@ -119,6 +119,22 @@ def test_grouped_bn_matches_numpy_reference(g):
     np.testing.assert_allclose(bn.mean[...], mean_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_first_group_running_stats_follow_the_first_group_only():
+    """bn_running_stats="first_group" (the authors' DDP: rank 0's buffers broadcast to every rank):
+    the running statistics move as the first group's alone would move them; the output is unchanged."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 3, 5, 6)) * rng.uniform(0.5, 3, size=6) + rng.normal(size=6)
+    both = [GroupedBatchNorm(6, group_size=4), GroupedBatchNorm(6, group_size=4, running_stats="first_group")]
+    y_mean, y_first = (bn(jnp.asarray(x, jnp.float32), train=True) for bn in both)
+    np.testing.assert_array_equal(y_mean, y_first)
+    _, mean_ref, var_ref = np_grouped_bn(x[:4], 4, np.ones(6), np.zeros(6), np.zeros(6), np.ones(6))
+    np.testing.assert_allclose(both[1].mean[...], mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both[1].var[...], var_ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(both[0].mean[...]) - mean_ref).max() > 1e-3  # the groups' mean differs
+    with pytest.raises(ValueError, match="bn_running_stats must be one of mean_of_groups, first_group"):
+        GroupedBatchNorm(6, running_stats="rank0")
+
+
 def _two_pass_bn(xg, scale, bias, eps=1e-5, dtype=jnp.float32):
     """The previous implementation (two-pass float32 statistics), differentiated by autodiff."""
     xf = xg.astype(jnp.float32)

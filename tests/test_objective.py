@@ -1,5 +1,7 @@
 """The assembled HCSC objective (docs/method.md §5): reference equality, switches, caching, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,3 +236,48 @@ def test_pcl_config_errors(pcl_problem):
     # Prototype selection needs parents: independent clusterings have none.
     with pytest.raises(ValueError, match="needs a hierarchy"):
         run(pcl_problem, ObjectiveConfig(instance_selection=False))
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_skip_last_prototype_is_the_authors_range_of_the_largest_assigned_id(problem, semantics):
+    """objective.skip_last_prototype: the negatives of a level are the authors' `range(im2cluster.max())`
+    (hcsc/hcsc.py), here with every valid cluster holding members; the highest id stays a positive."""
+    pb = problem
+    cfg = ObjectiveConfig(semantics=semantics, group_size=4, skip_last_prototype=True)
+    loss, _ = run(pb, cfg)
+    positives = [pb["labels"][:, l] for l in range(3)]
+    inst = objective.instance_masks(pb["queue"], pb["protos"], positives, RUN_KEY, cfg)
+    proto = objective.prototype_masks(pb["protos"], positives, RUN_KEY, cfg)[0]
+    levels = []
+    for lv in pb["levels"]:
+        im2cluster = np.flatnonzero(lv["valid"])  # an image in every valid cluster
+        in_range = np.isin(np.arange(len(lv["valid"])), list(range(im2cluster.max())))
+        levels.append(dict(lv, valid=lv["valid"] & in_range))
+    assert [int(np.flatnonzero(lv["valid"] & ~v["valid"])[0]) for lv, v in zip(pb["levels"], levels)] == [8, 4, 2]
+    want = ref.hcsc_loss(pb["q"], pb["k"], pb["queue"], levels, pb["labels"], np.asarray(inst),
+                         [None if m is None else np.asarray(m) for m in proto], 0.2, semantics, 4)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert float(loss) != float(run(pb, ObjectiveConfig(semantics=semantics, group_size=4))[0])
+    # A query whose positive is the highest id still has it as its positive.
+    labels = pb["labels"].copy()
+    labels[0] = (8, 4, 2)
+    positives = [labels[:, l] for l in range(3)]
+    inst = objective.instance_masks(pb["queue"], pb["protos"], positives, RUN_KEY, cfg)
+    proto = objective.prototype_masks(pb["protos"], positives, RUN_KEY, cfg)[0]
+    levels_top = ref.hcsc_loss(pb["q"], pb["k"], pb["queue"], levels, labels, np.asarray(inst),
+                               [None if m is None else np.asarray(m) for m in proto], 0.2, semantics, 4)
+    np.testing.assert_allclose(run(pb, cfg, labels=labels)[0], levels_top, rtol=1e-5)
+
+
+def test_skip_last_prototype_in_pcl_draws(pcl_problem):
+    """PCL's code has the same `range(im2cluster.max())`: its sampled negatives skip the last id too."""
+    pb = pcl_problem
+    cfg = ObjectiveConfig(semantics="official", instance_selection=False, prototype_selection=False,
+                          proto_negatives=8, group_size=4, skip_last_prototype=True)
+    positives = [pb["labels"][:, l] for l in range(3)]
+    for s in range(5):
+        sampled = objective.pcl_negative_masks(pb["protos"], positives, jax.random.key(s), cfg)
+        assert not any(bool(np.asarray(m)[:, -1].any()) for m in sampled)
+    plain = dataclasses.replace(cfg, skip_last_prototype=False)
+    sampled = objective.pcl_negative_masks(pb["protos"], positives, jax.random.key(0), plain)
+    assert any(bool(np.asarray(m)[:, -1].any()) for m in sampled)

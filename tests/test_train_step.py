@@ -12,6 +12,8 @@ on them separately (`apply_model`).
 
 import dataclasses
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -454,6 +456,19 @@ def test_lr_schedule():
     np.testing.assert_allclose(schedule(100), 0.0, atol=1e-9)
     lrs = np.asarray([schedule(t) for t in range(0, 101, 5)])
     assert np.all(np.diff(lrs) < 0)
+
+
+def test_lr_held_per_epoch_is_the_authors_adjust_learning_rate():
+    """lr_granularity="epoch" (hold_steps = steps per epoch): the authors' adjust_learning_rate, a
+    cosine of the epoch, `lr * 0.5 * (1 + cos(pi * epoch / epochs))`, for every step of the epoch."""
+    epochs, per_epoch = 5, 7
+    _, schedule = ts.make_optimizer(0.03, 128, epochs * per_epoch, hold_steps=per_epoch)
+    _, per_step = ts.make_optimizer(0.03, 128, epochs * per_epoch)
+    lr = 0.03 * 128 / 256
+    for step in range(epochs * per_epoch):
+        epoch = step // per_epoch
+        np.testing.assert_allclose(schedule(step), lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)), rtol=1e-6)
+    assert float(per_step(per_epoch + 3)) < float(schedule(per_epoch + 3))  # per step it decays within the epoch
 
 
 def test_sgd_update_is_torch_sgd_with_l2():

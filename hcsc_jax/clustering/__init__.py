@@ -25,6 +25,13 @@ from hcsc_jax.clustering.hierarchy import (
 )
 
 
+def epoch_seed(c, seed: int, epoch: int) -> int:
+    """The k-means seed of the training hierarchy of epoch `epoch` (level l adds l) under a run's
+    `config.clustering` `c`: seed + 1000 * epoch, a new draw every epoch, or, with
+    `c.seed_per_epoch` False, `seed` every epoch (the authors: seeds 0, 1, 2 per level)."""
+    return seed + 1000 * epoch if c.get("seed_per_epoch", True) else seed
+
+
 def cluster_from_config(c, proj: np.ndarray, seed: int, num_clusters=None, mesh=None) -> Hierarchy:
     """Hierarchy of the projections `proj` (N, D) with the settings of a run's `config.clustering`
     `c` (level sizes from it unless `num_clusters` is given) and k-means `seed`. Backend

@@ -80,13 +80,15 @@ def make_encoder(
     small_stem: bool = False,
     width: float = 1.0,
     bn_group_size: int | None = 32,
+    bn_running_stats: str = "mean_of_groups",
     dtype=jnp.float32,
     rngs: nnx.Rngs,
     **kw,
 ) -> Encoder:
     """Build ``Encoder(backbone, ProjectionHead(F, hidden_dim or F, out_dim))``: the backbone is
     ``ARCHS[arch](...)`` for a ResNet, ``build_vit(arch, ...)`` for a ViT (which takes ``width``,
-    ``in_channels`` and the `VIT_FIELDS` in ``kw``, and has no BatchNorm: ``bn_group_size`` unused)."""
+    ``in_channels`` and the `VIT_FIELDS` in ``kw``, and has no BatchNorm: ``bn_group_size`` and
+    ``bn_running_stats`` unused)."""
     if arch in VIT_ARCHS:
         if small_stem:
             raise ValueError(f"small_stem is a ResNet option; a ViT's first layer is its patch size ({arch}: "
@@ -94,7 +96,8 @@ def make_encoder(
         backbone = build_vit(arch, width=width, dtype=dtype, rngs=rngs, **kw)
     elif arch in ARCHS:
         backbone = ARCHS[arch](
-            small_stem=small_stem, width=width, bn_group_size=bn_group_size, dtype=dtype, rngs=rngs, **kw
+            small_stem=small_stem, width=width, bn_group_size=bn_group_size, bn_running_stats=bn_running_stats,
+            dtype=dtype, rngs=rngs, **kw
         )
     else:
         raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(list(ARCHS) + list(VIT_ARCHS))}")
@@ -105,7 +108,8 @@ def make_encoder(
 def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, **extra) -> dict[str, Any]:
     """What `build_encoder` (and `checkpoints.restore_encoder`) needs to rebuild an encoder: arch,
     width, small_stem, embed_dim, hidden_dim, dtype (and for a ViT the `VIT_FIELDS`: the
-    `config.model` fields), in_channels, bn_group_size, plus `extra`."""
+    `config.model` fields), in_channels, bn_group_size, plus `extra` (e.g. bn_running_stats: absent
+    means "mean_of_groups")."""
     return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
 
 
@@ -145,7 +149,8 @@ def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -
     vit_kw = {k: m[k] for k in VIT_FIELDS if m.get(k) is not None} if m["arch"] in VIT_ARCHS else {}
     make = lambda: make_encoder(
         m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
-        width=m["width"], bn_group_size=meta.get("bn_group_size"), dtype=jnp.dtype(m.get("dtype", "float32")),
+        width=m["width"], bn_group_size=meta.get("bn_group_size"),
+        bn_running_stats=meta.get("bn_running_stats") or "mean_of_groups", dtype=jnp.dtype(m.get("dtype", "float32")),
         in_channels=meta["in_channels"], rngs=nnx.Rngs(seed), **vit_kw)
     return nnx.eval_shape(make) if abstract else make()
 

@@ -21,6 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+# What the running statistics follow in train mode: the statistics of every group, averaged
+# ("mean_of_groups"), or of the first group only ("first_group": what the authors' DDP runs keep,
+# as `broadcast_buffers` copies rank 0's buffers to every rank before each forward pass).
+RUNNING_STATS = ("mean_of_groups", "first_group")
+
+
 def _batch_shards(x: jax.Array) -> int:
     """Number of devices the batch axis is split over under *explicit* sharding (else 1)."""
     try:
@@ -111,8 +117,9 @@ class GroupedBatchNorm(nnx.Module):
     Train mode (``train=True``): input (B, ..., C) with B % g == 0 is viewed as (B//g, g, ..., C);
     mean and biased variance over (g, ...) per group and channel normalize that group. The running
     statistics follow PyTorch (momentum 0.1): ``running = (1 - m) * running + m * stat``, where
-    ``stat`` is the group statistic averaged over groups and the variance is the *unbiased* one
-    (times n / (n - 1), n = g * prod(spatial)). Eval mode (``train=False``) uses the running stats.
+    ``stat`` is the group statistic averaged over groups (``running_stats="first_group"``: the first
+    group's) and the variance is the *unbiased* one (times n / (n - 1), n = g * prod(spatial)).
+    Eval mode (``train=False``) uses the running stats.
 
     Statistics are always computed in float32, in one pass over the input (see ``_group_stats``);
     the normalization is ``x * a + b`` with per-(group, channel) float32 ``a``, ``b``, evaluated in
@@ -128,6 +135,7 @@ class GroupedBatchNorm(nnx.Module):
         num_features: int,
         *,
         group_size: int | None = 32,
+        running_stats: str = "mean_of_groups",
         momentum: float = 0.1,
         epsilon: float = 1e-5,
         dtype=jnp.float32,
@@ -136,6 +144,9 @@ class GroupedBatchNorm(nnx.Module):
     ):
         if group_size is not None and group_size < 1:
             raise ValueError(f"bn_group_size must be a positive int or None, got {group_size}")
+        if running_stats not in RUNNING_STATS:
+            raise ValueError(f"bn_running_stats must be one of {', '.join(RUNNING_STATS)}, got {running_stats!r}")
+        self.running_stats = running_stats
         self.num_features = num_features
         self.group_size = group_size
         self.momentum = momentum
@@ -178,6 +189,8 @@ class GroupedBatchNorm(nnx.Module):
         y, mean, var = _grouped_bn_train(xg, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
         m = self.momentum
+        if self.running_stats == "first_group":
+            mean, var = mean[:1], var[:1]
         batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=tuple(range(mean.ndim - 1))))
         batch_var = jax.lax.stop_gradient(jnp.mean(var, axis=tuple(range(var.ndim - 1))) * (n / (n - 1)))
         self.mean[...] = (1.0 - m) * self.mean[...] + m * batch_mean

@@ -127,6 +127,7 @@ class ResNet(nnx.Module):
       small_stem: 3x3 stride-1 pad-1 stem conv and no max-pool (for 8-32 px images).
       width: multiplier on all channel counts, ``max(1, round(c * width))``.
       bn_group_size: samples per BN-statistics group in train mode (None: the whole batch).
+      bn_running_stats: what the running statistics average (`norm.RUNNING_STATS`).
       zero_init_residual: zero-init the last BN scale of each block (off, as in torchvision).
       in_channels: image channels (3; 1 for gray datasets trained from scratch).
       dtype: compute dtype; parameters and BN statistics stay float32.
@@ -140,6 +141,7 @@ class ResNet(nnx.Module):
         small_stem: bool = False,
         width: float = 1.0,
         bn_group_size: int | None = 32,
+        bn_running_stats: str = "mean_of_groups",
         zero_init_residual: bool = False,
         in_channels: int = 3,
         dtype=jnp.float32,
@@ -147,7 +149,8 @@ class ResNet(nnx.Module):
     ):
         def bn(c, last=False):
             return GroupedBatchNorm(
-                c, group_size=bn_group_size, dtype=dtype, zero_scale=zero_init_residual and last
+                c, group_size=bn_group_size, running_stats=bn_running_stats, dtype=dtype,
+                zero_scale=zero_init_residual and last
             )
 
         self.small_stem = small_stem
