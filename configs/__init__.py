@@ -48,8 +48,8 @@ def apply_authors(c):
     top of any method: MoCo v2 is their code with no prototypes, PCL already follows PCL's code.
     Their code trains ResNets: a ViT config is refused."""
     if c.model.arch.startswith("vit"):
-        raise ValueError("variant 'authors' is the authors' ResNet training (SGD, per-epoch cosine, BatchNorm); "
-                         "it does not combine with a ViT ('vit')")
+        raise ValueError("variant 'authors' is the authors' ResNet training (SGD, per-epoch cosine, "
+                         "BatchNorm); it does not combine with a ViT ('vit')")
     c.objective.update(semantics="official", skip_last_prototype=True)
     c.clustering.seed_per_epoch = False
     c.update(lr_granularity="epoch", bn_running_stats="first_group")

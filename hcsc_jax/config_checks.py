@@ -463,8 +463,8 @@ def _lr_warmup_within_run(config) -> str | None:
     """The cosine decay of the learning rate follows its warm-up: at least one epoch of it."""
     warmup, epochs = get(config, "lr_warmup_epochs"), get(config, "epochs")
     if warmup and get(config, "lr_granularity") == "epoch":
-        return (f"config.lr_granularity='epoch' holds the lr of each epoch's first step, which in a linear "
-                f"warm-up from 0 is 0 for the whole first epoch; set --config.lr_warmup_epochs=0 "
+        return ("config.lr_granularity='epoch' holds the lr of each epoch's first step, which in a linear "
+                "warm-up from 0 is 0 for the whole first epoch; set --config.lr_warmup_epochs=0 "
                 "(the authors' schedule has none) or --config.lr_granularity=step")
     if warmup and epochs and warmup >= epochs:
         return (f"config.lr_warmup_epochs ({warmup}) must be smaller than config.epochs ({epochs}): the "

@@ -186,9 +186,9 @@ def _digits(**overrides):
     (dict(lr_warmup_epochs=3), r"config.lr_warmup_epochs \(3\) must be smaller than config.epochs \(3\): "
                                r"the learning rate decays after its warm-up; set a smaller "
                                r"--config.lr_warmup_epochs"),
-    (dict(lr_warmup_epochs=1, lr_granularity="epoch"), r"config.lr_granularity='epoch' holds the lr of each "
-                                                       r"epoch's first step, which in a linear warm-up from 0 "
-                                                       r"is 0 for the whole first epoch"),
+    (dict(lr_warmup_epochs=1, lr_granularity="epoch"),
+     r"config.lr_granularity='epoch' holds the lr of each epoch's first step, which in a linear warm-up "
+     r"from 0 is 0 for the whole first epoch"),
     (dict(bn_running_stats="rank0"), r"config.bn_running_stats must be one of"),
 ])
 def test_relations_unknown_fields_and_missing_settings_are_one_line(overrides, message):

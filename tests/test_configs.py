@@ -198,15 +198,16 @@ def test_baseline_variants_are_the_old_baseline_files(name, negatives):
         load(name, "pcl,mocov2")
 
 
-@pytest.mark.parametrize("name,base", [("digits", "hcsc"), ("digits", "mocov2"), ("digits", "pcl,runlocal"),
-                                       ("fashion_mnist", "cpu,pcl"), ("cifar10", ""), ("imagenet_hcsc_200ep", ""),
-                                       ("imagenet_hcsc_multicrop_200ep", "runlocal")])
+@pytest.mark.parametrize("name,base", [
+    ("digits", "hcsc"), ("digits", "mocov2"), ("digits", "pcl,runlocal"), ("fashion_mnist", "cpu,pcl"),
+    ("cifar10", ""), ("imagenet_hcsc_200ep", ""), ("imagenet_hcsc_multicrop_200ep", "runlocal")])
 def test_authors_variant_switches_every_difference_and_only_those(name, base):
     """`:authors` = the config it is added to with the five switches of docs/method.md §9 on."""
     plain = load(name, base or None)
     authors = load(name, ",".join(v for v in (base, "authors") if v))
     switched = {"objective.semantics": "official", "objective.skip_last_prototype": True,
-                "lr_granularity": "epoch", "clustering.seed_per_epoch": False, "bn_running_stats": "first_group"}
+                "lr_granularity": "epoch", "clustering.seed_per_epoch": False,
+                "bn_running_stats": "first_group"}
     a, p = dict(config_checks.fields(authors.to_dict())), dict(config_checks.fields(plain.to_dict()))
     assert {k: a[k] for k in switched} == switched
     assert {k for k in a if a[k] != p[k]} <= set(switched)

@@ -11,7 +11,6 @@ on them separately (`apply_model`).
 """
 
 import dataclasses
-
 import math
 
 import jax
@@ -467,8 +466,9 @@ def test_lr_held_per_epoch_is_the_authors_adjust_learning_rate():
     lr = 0.03 * 128 / 256
     for step in range(epochs * per_epoch):
         epoch = step // per_epoch
-        np.testing.assert_allclose(schedule(step), lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)), rtol=1e-6)
-    assert float(per_step(per_epoch + 3)) < float(schedule(per_epoch + 3))  # per step it decays within the epoch
+        want = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        np.testing.assert_allclose(schedule(step), want, rtol=1e-6)
+    assert float(per_step(per_epoch + 3)) < float(schedule(per_epoch + 3))  # per step: decays in the epoch
 
 
 def test_sgd_update_is_torch_sgd_with_l2():

@@ -96,8 +96,8 @@ def make_encoder(
         backbone = build_vit(arch, width=width, dtype=dtype, rngs=rngs, **kw)
     elif arch in ARCHS:
         backbone = ARCHS[arch](
-            small_stem=small_stem, width=width, bn_group_size=bn_group_size, bn_running_stats=bn_running_stats,
-            dtype=dtype, rngs=rngs, **kw
+            small_stem=small_stem, width=width, bn_group_size=bn_group_size,
+            bn_running_stats=bn_running_stats, dtype=dtype, rngs=rngs, **kw
         )
     else:
         raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(list(ARCHS) + list(VIT_ARCHS))}")
@@ -150,7 +150,8 @@ def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -
     make = lambda: make_encoder(
         m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
         width=m["width"], bn_group_size=meta.get("bn_group_size"),
-        bn_running_stats=meta.get("bn_running_stats") or "mean_of_groups", dtype=jnp.dtype(m.get("dtype", "float32")),
+        bn_running_stats=meta.get("bn_running_stats") or "mean_of_groups",
+        dtype=jnp.dtype(m.get("dtype", "float32")),
         in_channels=meta["in_channels"], rngs=nnx.Rngs(seed), **vit_kw)
     return nnx.eval_shape(make) if abstract else make()
 

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
 # What the running statistics follow in train mode: the statistics of every group, averaged
 # ("mean_of_groups"), or of the first group only ("first_group": what the authors' DDP runs keep,
 # as `broadcast_buffers` copies rank 0's buffers to every rank before each forward pass).
@@ -145,7 +144,8 @@ class GroupedBatchNorm(nnx.Module):
         if group_size is not None and group_size < 1:
             raise ValueError(f"bn_group_size must be a positive int or None, got {group_size}")
         if running_stats not in RUNNING_STATS:
-            raise ValueError(f"bn_running_stats must be one of {', '.join(RUNNING_STATS)}, got {running_stats!r}")
+            raise ValueError(f"bn_running_stats must be one of {', '.join(RUNNING_STATS)}, "
+                             f"got {running_stats!r}")
         self.running_stats = running_stats
         self.num_features = num_features
         self.group_size = group_size
