@@ -75,18 +75,22 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
     else:
         state = jax.device_put(init(model), replicated)
-    view_q, view_k, view_local, mean_std = view_configs(config, channels)
-    step_cfg = ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
-                             view_local=view_local, ema_momentum=config.ema_momentum,
-                             shuffle_bn=config.shuffle_bn,
-                             shuffle_gather=config.shuffle_bn_gather)
+    step_cfg = step_config(config, channels)
     return Parts(
         model_meta=meta, graphdef=graphdef, tx=tx, schedule=schedule,
         state=state,
         warmup_step=ts.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=True),
         prototype_step=ts.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=False),
         refresh_lse=jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,)),
-        mean_std=mean_std)
+        mean_std=view_configs(config, channels)[3])
+
+
+def step_config(config, channels: int) -> ts.StepConfig:
+    """The step's static settings under `config` for `channels`-channel images."""
+    view_q, view_k, view_local, _ = view_configs(config, channels)
+    return ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
+                         view_local=view_local, ema_momentum=config.ema_momentum,
+                         shuffle_bn=config.shuffle_bn, shuffle_gather=config.shuffle_bn_gather)
 
 
 def make_optimizer(config, steps_per_epoch: int):
