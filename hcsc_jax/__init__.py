@@ -14,3 +14,7 @@ def __getattr__(name):
 
         return getattr(pretrained, name)
     raise AttributeError(f"module 'hcsc_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

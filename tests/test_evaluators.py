@@ -98,7 +98,7 @@ def test_topk_accuracy():
 # ----------------------------------------------------------------------------- linear, cluster, subsets
 
 def test_linear_init_and_lr_schedule():
-    p = linear.init_head(jax.random.PRNGKey(0), 512, 100)
+    p = linear.init_head(jax.random.key(0), 512, 100)
     assert abs(float(p["w"].std()) - 0.01) < 0.001 and float(np.abs(p["b"]).max()) == 0.0
     spe = 7
     sched = linear.lr_schedule(5.0, 128, spe, milestones=(60, 80))

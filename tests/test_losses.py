@@ -165,7 +165,7 @@ def test_pcl_proto_nce_matches_reference(semantics, r):
     b = _pcl_batch()
     group = 4
     sampled = losses.sample_negative_prototypes(
-        jax.random.PRNGKey(1), jnp.asarray(b["labels"]), jnp.asarray(b["valid"]), r, semantics, group)
+        jax.random.key(1), jnp.asarray(b["labels"]), jnp.asarray(b["valid"]), r, semantics, group)
     sampled = np.asarray(sampled)
     loss, acc = losses.pcl_proto_nce(b["q"], b["centroids"], b["phi"], jnp.asarray(b["labels"]), sampled,
                                      semantics, group)
@@ -184,7 +184,7 @@ def test_pcl_negative_sampling(semantics):
     b = _pcl_batch(b=16, m=40)
     labels, valid, group, r = jnp.asarray(b["labels"]), jnp.asarray(b["valid"]), 8, 5
     draws = np.stack([
-        np.asarray(losses.sample_negative_prototypes(jax.random.PRNGKey(s), labels, valid, r, semantics,
+        np.asarray(losses.sample_negative_prototypes(jax.random.key(s), labels, valid, r, semantics,
                                                      group))
         for s in range(200)])  # (S, B, M)
     positive = b["labels"][:, None] == np.arange(40)[None, :]
@@ -202,6 +202,6 @@ def test_pcl_negative_sampling(semantics):
     expect = (r / (~excluded).sum(-1, keepdims=True) * np.ones((1, 40)))[~excluded]
     np.testing.assert_allclose(freq, expect, atol=0.12)
     # r larger than the eligible set: every eligible prototype is a negative.
-    everything = np.asarray(losses.sample_negative_prototypes(jax.random.PRNGKey(0), labels, valid, 1000,
+    everything = np.asarray(losses.sample_negative_prototypes(jax.random.key(0), labels, valid, 1000,
                                                               semantics, group))
     np.testing.assert_array_equal(everything, ~excluded)

@@ -80,7 +80,7 @@ def train_head(ctx: common.Context, cfg, name: str, feat_dim: int, num_classes: 
     total = steps_per_epoch * cfg.epochs
     schedule = lr_schedule(cfg.lr, cfg.batch_size, steps_per_epoch, tuple(cfg.milestones), cfg.gamma)
     tx = optax.sgd(schedule, momentum=cfg.momentum)
-    key = jax.random.PRNGKey(ctx.seed)
+    key = jax.random.key(ctx.seed)
     replicated = sharding.replicated(ctx.mesh)
     head = init_head(jax.random.fold_in(key, 1 << 30), feat_dim, num_classes)
     state = jax.device_put(dict(head=head, opt=tx.init(head)), replicated)

@@ -120,7 +120,7 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
                             nnx.Param, nnx.BatchStat)[0]
     aug = ctx.crop_config(cfg.scale, cfg.flip)
     replicated = sharding.replicated(ctx.mesh)
-    key = jax.random.PRNGKey(ctx.seed)
+    key = jax.random.key(ctx.seed)
     feat_dim = ctx.feature_dim()
     head = linear.init_head(jax.random.fold_in(key, 1 << 30), feat_dim, ctx.num_classes())
     params = jax.device_put({"trunk": e.params, "head": head}, replicated)
