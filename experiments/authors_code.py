@@ -33,8 +33,9 @@ def missing() -> str | None:
 
 
 def torch_resnet(arch: str, *, small_stem: bool, width: float, in_channels: int, num_classes: int):
-    """A torchvision-layout ResNet-18/34 (the module names and blocks of `torchvision.models.resnet*`)
-    with hcsc-jax's width and small-stem options: `fc` = Linear(features, num_classes)."""
+    """A torchvision-layout ResNet-18/34 (the module names, blocks and initialization of
+    `torchvision.models.resnet*`) with hcsc-jax's width and small-stem options: `fc` =
+    Linear(features, num_classes)."""
     import torch
     from torch import nn
 
@@ -72,6 +73,12 @@ def torch_resnet(arch: str, *, small_stem: bool, width: float, in_channels: int,
                     cin = planes
                 setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.fc = nn.Linear(cin, num_classes)
+            for m in self.modules():  # torchvision's initialization (and hcsc-jax's: models/resnet.py)
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.constant_(m.weight, 1)
+                    nn.init.constant_(m.bias, 0)
 
         def forward(self, x):
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -207,7 +207,15 @@ def run_authors(method: str, seed: int, work: str) -> dict:
         cmd = [sys.executable, __file__, "--rank_of", method, f"--seed={seed}", f"--exp_dir={exp_dir}",
                *(f"--{k}={v}" for k, v in OVERRIDES.items())]
         procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
-    if any(p.wait() for p in procs):
+    try:
+        while all(p.poll() in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
+            time.sleep(5)
+    finally:
+        for p in procs:  # a failed rank leaves the others waiting in gloo
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    if any(p.returncode for p in procs):
         raise RuntimeError(f"their run failed: {log}")
     seconds = time.time() - t0
     last = sorted(glob.glob(os.path.join(exp_dir, "checkpoint_*.pth.tar")))[-1]
@@ -276,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--exp_dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     smoke = {k: getattr(args, k) for k in ("epochs", "warmup_epochs")}
+    if args.epochs is not None and args.epochs % 5:
+        p.error("--epochs must be a multiple of 5: their code saves a checkpoint every 5 epochs")
     OVERRIDES.update({k: v for k, v in smoke.items() if v is not None})
     if args.rank_of:
         return run_authors_rank(args.rank_of, args.seed, args.exp_dir)
