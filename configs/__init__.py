@@ -43,7 +43,8 @@ def apply_method(c, method: str, proto_negatives: int):
 def apply_authors(c):
     """The authors' training (github.com/gyfastas/HCSC), every remaining difference switched to
     their code (docs/method.md §9): "official" semantics, their negative-prototype off-by-one,
-    the learning rate changed once per epoch, k-means seeds 0, 1, 2 per level every epoch, and
+    the learning rate changed once per epoch, the same k-means seeds every epoch (seed + level:
+    their 0, 1, 2 at seed 0), and
     BatchNorm running statistics of the first BN group (rank 0's, as DDP broadcasts them). On
     top of any method: MoCo v2 is their code with no prototypes, PCL already follows PCL's code.
     Their code trains ResNets: a ViT config is refused."""

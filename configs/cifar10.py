@@ -5,7 +5,7 @@ on a machine with network, then pass --config.data_dir).
   python train.py --config configs/cifar10.py:runlocal --config.data_dir=~/tensorflow_datasets   # smoke run
 
 Variants (`--config=configs/cifar10.py:<variant>`, comma-separated): "" (the run above); authors:
-the authors' training exactly (configs.apply_authors, docs/method.md §9); runlocal: a smoke run on
+the authors' training step for step (configs.apply_authors, docs/method.md §9); runlocal: a smoke run on
 the first 256 / 128 images of the splits (TFDS slices), 2 epochs of a tiny model at 16 px.
 """
 

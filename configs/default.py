@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
         # "jax" when JAX has accelerators, "faiss" on CPU-only hosts (clustering.resolve_backend).
         backend="auto",
         # True: epoch e's k-means seed is seed + 1000 e + level (a new draw every epoch); False:
-        # seed + level every epoch (the authors: seeds 0, 1, 2 per level).
+        # seed + level every epoch (the authors: 0, 1, 2 per level, as at seed 0).
         seed_per_epoch=True,
         mode="hierarchical"))  # or "independent": flat k-means per level, no parents (PCL)
 

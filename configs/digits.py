@@ -21,8 +21,8 @@
   eligible prototypes left, and then all of them are negatives (PCL's code would stop there).
   Semantics "official" = PCL's code: one negative draw per group, the group's positives in the
   denominator (`losses.pcl_proto_nce`); "paper" = the ProtoNCE equation.
-- authors: the authors' training exactly (configs.apply_authors, docs/method.md §9): official
-  semantics, their negative-prototype off-by-one, lr per epoch, k-means seeds 0/1/2 every epoch,
+- authors: the authors' training step for step (configs.apply_authors, docs/method.md §9): official
+  semantics, their negative-prototype off-by-one, lr per epoch, the same k-means seeds every epoch,
   first-group BatchNorm statistics; combines with the methods (`digits.py:mocov2,authors`).
 - vit: the encoder is a small ViT with 4-px patches (vit_t4 at width 1/2: 96 dims, 3 heads, 6
   blocks; a 4x4 grid of patches at 16 px) trained with MoCo v3's ViT recipe (AdamW, weight decay

@@ -18,7 +18,7 @@ Variants (`--config=configs/fashion_mnist.py:<variant>`, comma-separated):
   (the test split stays whole), 16 px, ResNet-18 at width 0.25, 18 epochs (4 warm-up), batch 64
   (lr 0.12 per 256 images), queue 4096, levels 50 / 16 / 4 (PCL: r = 16); combines with the
   methods (`cpu,pcl`).
-- authors: the authors' training exactly (configs.apply_authors, docs/method.md §9); combines with
+- authors: the authors' training step for step (configs.apply_authors, docs/method.md §9); combines with
   the methods and cpu (`cpu,mocov2,authors`).
 - vit: the encoder is ViT-S with 4-px patches (vit_s4: 384 dims, 6 heads, 12 blocks; a 7x7 grid
   at 28 px) trained with MoCo v3's ViT recipe (AdamW, weight decay 0.1, 10 epochs of linear lr

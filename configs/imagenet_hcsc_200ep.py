@@ -12,7 +12,7 @@ float32 parameters / statistics / loss, k-means on the accelerators.
   python train.py --config configs/imagenet_hcsc_200ep.py:runlocal   # smoke run, see below
 
 Variants (`--config=configs/imagenet_hcsc_200ep.py:<variant>`, comma-separated): "" (the run above);
-authors: the authors' training exactly (configs.apply_authors, docs/method.md §9; the compute
+authors: the authors' training step for step (configs.apply_authors, docs/method.md §9; the compute
 dtype stays bfloat16); runlocal: a
 smoke run on a tiny image folder in ImageNet's layout, /tmp/imagenet_tiny (make it with
 `python tests/imagenet_like.py`; 30 train images: one step per epoch), 2 epochs of a tiny

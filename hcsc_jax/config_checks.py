@@ -161,7 +161,8 @@ def interval(lo: float, hi: float) -> Rule:
 # ---- Bounds, each with its reason ----
 # Epochs: 10**5 is 500 times ImageNet's 200 (and keeps the clustering seed below 2**31, see SEED).
 MAX_EPOCHS = 10**5
-# faiss and NumPy take 32-bit seeds; an epoch's k-means seed is seed + 1000 x epoch < 2**31.
+# faiss and NumPy take 32-bit seeds; an epoch's k-means seed (clustering.epoch_seed) is at most
+# seed + 1000 x epoch, plus the level, < 2**31.
 SEED = integer(0, 2**31 - 1 - 1000 * MAX_EPOCHS)
 # Image sides: 8 px is digits' own size (a small-stem ResNet's stride-8 map is then 1x1); 4096 px
 # is 18x ImageNet's 224 (a batch of 256 such float32 views is 48 GiB).
@@ -472,8 +473,19 @@ def _lr_warmup_within_run(config) -> str | None:
     return None
 
 
+def _first_group_per_view(config) -> str | None:
+    """First-group statistics are updated once per forward pass; local views of one size share one."""
+    sizes = [size for size, _ in get(config, "augment.local_views")]
+    if get(config, "bn_running_stats") == "first_group" and len(set(sizes)) < len(sizes):
+        return ("config.bn_running_stats='first_group' updates the running statistics once per forward "
+                f"pass, and local views of one size ({sorted(sizes)}) share one (the authors update once per "
+                "view); give each local view its own size or set --config.bn_running_stats=mean_of_groups")
+    return None
+
+
 RELATIONS: tuple[Callable[[Any], str | None], ...] = (
-    _levels_shrink, _one_summary, _mean_std, _points_per_centroid, _prototype_terms, _lr_warmup_within_run)
+    _levels_shrink, _one_summary, _mean_std, _points_per_centroid, _prototype_terms, _lr_warmup_within_run,
+    _first_group_per_view)
 
 
 # ---- Relations a run can have on purpose, but rarely means: each -> None, or a warning line ----

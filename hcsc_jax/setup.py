@@ -60,9 +60,11 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
     `config.seed` or, when set, `config.init_encoder`. `abstract`: nothing is allocated, the state
     is `jax.ShapeDtypeStruct`s with the shardings the trainer gives it (`jax.eval_shape`), for
     compiling the steps ahead of time on a mesh of devices that need not exist (`hcsc_jax.aot`)."""
-    meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size,
-                               bn_running_stats=config.bn_running_stats)
-    model = models.build_encoder(meta, abstract=abstract, seed=config.seed)
+    meta = models.encoder_meta(config.model.to_dict(), channels, config.bn_group_size)
+    # The running-statistics rule is the training run's, not the encoder's: a restored or exported
+    # encoder (fine-tuning, probes) averages its BN groups.
+    model = models.build_encoder(meta, abstract=abstract, seed=config.seed,
+                                 bn_running_stats=config.bn_running_stats)
     if config.get("init_encoder") and not abstract:
         init_from(model, config.init_encoder)
     graphdef = models.split_model(model)[0]
@@ -71,7 +73,8 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
     init = lambda model: ts.init_state(model, tx, config.queue_size, config.model.embed_dim,
                                        len(config.clustering.num_clusters), config.seed)
     if abstract:
-        shapes = jax.eval_shape(lambda: init(models.build_encoder(meta, seed=config.seed)))
+        shapes = jax.eval_shape(lambda: init(models.build_encoder(meta, seed=config.seed,
+                                                                  bn_running_stats=config.bn_running_stats)))
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
     else:
         state = jax.device_put(init(model), replicated)

@@ -86,11 +86,21 @@ def _run_authors(given: dict, args: dict, world: int, tmp_path) -> dict[str, np.
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = lambda r: [sys.executable, authors_step.__file__, *map(str, (inp, out, r, world, port))]
-    procs = [subprocess.Popen(command(r), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(world)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"the authors' step, rank {r}:\n{log[-4000:]}"
+    logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+    procs = []
+    try:
+        for r in range(world):
+            with open(logs[r], "w") as log:  # files, not pipes: faiss is verbose
+                procs.append(subprocess.Popen(command(r), env=env, stdout=log, stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:  # a failed rank leaves the others waiting in gloo
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"the authors' step, rank {r}:\n{logs[r].read_text()[-4000:]}"
     return dict(np.load(out))
 
 
@@ -225,7 +235,7 @@ def _check_selection(r):
         np.testing.assert_allclose(theirs[f"p/{n}"], want, atol=2e-6)
     for l in range(p.num_levels):
         ours = selection.instance_selection_probs(before.queue, p.centroids[l], p.temperatures[l],
-                                                  positives[l], p.valid[l])
+                                                  positives[l], p.valid[l], before.queue_lse[l])
         got = theirs[f"p/{p.num_levels - 1 + l}"]
         np.testing.assert_allclose(got, np.clip(np.asarray(ours), 0.0, 0.999), atol=2e-6)
 

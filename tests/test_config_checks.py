@@ -190,6 +190,9 @@ def _digits(**overrides):
      r"config.lr_granularity='epoch' holds the lr of each epoch's first step, which in a linear warm-up "
      r"from 0 is 0 for the whole first epoch"),
     (dict(bn_running_stats="rank0"), r"config.bn_running_stats must be one of"),
+    (dict(bn_running_stats="first_group", augment__local_views=((6, (0.1, 0.5)), (6, (0.2, 0.6)))),
+     r"config.bn_running_stats='first_group' updates the running statistics once per forward pass, and "
+     r"local views of one size \(\[6, 6\]\) share one"),
 ])
 def test_relations_unknown_fields_and_missing_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=f"^{message}") as err:

@@ -216,6 +216,21 @@ def test_authors_variant_switches_every_difference_and_only_those(name, base):
         load("digits", "vit,authors")
 
 
+def test_first_group_statistics_are_the_training_runs_not_the_encoders():
+    """bn_running_stats is how a run trains, not part of the encoder: its meta (checkpoints,
+    exports, load_encoder, fine-tuning) rebuilds an encoder that averages its BN groups."""
+    from flax import nnx
+
+    from hcsc_jax import models, sharding
+
+    parts = setup.build(load("digits", "authors,runlocal"), 1, 4, sharding.make_mesh(), abstract=True)
+    assert "bn_running_stats" not in parts.model_meta
+    restored = models.build_encoder(parts.model_meta, abstract=True)  # from the meta alone
+    trained = nnx.merge(parts.graphdef, *models.split_model(restored)[1:])  # the step's graph
+    assert trained.backbone.bn1.running_stats == "first_group"
+    assert restored.backbone.bn1.running_stats == "mean_of_groups"
+
+
 def test_epoch_seed_is_new_every_epoch_unless_the_authors():
     c = load("digits")
     assert [clustering.epoch_seed(c.clustering, 3, e) for e in (0, 1, 2)] == [3, 1003, 2003]

@@ -28,7 +28,7 @@ from hcsc_jax.clustering.hierarchy import (
 def epoch_seed(c, seed: int, epoch: int) -> int:
     """The k-means seed of the training hierarchy of epoch `epoch` (level l adds l) under a run's
     `config.clustering` `c`: seed + 1000 * epoch, a new draw every epoch, or, with
-    `c.seed_per_epoch` False, `seed` every epoch (the authors: seeds 0, 1, 2 per level)."""
+    `c.seed_per_epoch` False, `seed` every epoch (the authors: 0, 1, 2 per level, as at seed 0)."""
     return seed + 1000 * epoch if c.get("seed_per_epoch", True) else seed
 
 
@@ -59,4 +59,4 @@ def cluster_from_config(c, proj: np.ndarray, seed: int, num_clusters=None, mesh=
 
 
 __all__ = ["BACKENDS", "KMEANS", "MODES", "Hierarchy", "Level", "cluster_from_config", "concentration",
-           "hierarchical_kmeans", "resolve_backend"]
+           "epoch_seed", "hierarchical_kmeans", "resolve_backend"]

@@ -108,8 +108,7 @@ def make_encoder(
 def encoder_meta(model_config: dict[str, Any], in_channels: int, bn_group_size, **extra) -> dict[str, Any]:
     """What `build_encoder` (and `checkpoints.restore_encoder`) needs to rebuild an encoder: arch,
     width, small_stem, embed_dim, hidden_dim, dtype (and for a ViT the `VIT_FIELDS`: the
-    `config.model` fields), in_channels, bn_group_size, plus `extra` (e.g. bn_running_stats: absent
-    means "mean_of_groups")."""
+    `config.model` fields), in_channels, bn_group_size, plus `extra`."""
     return dict(model=dict(model_config), in_channels=int(in_channels), bn_group_size=bn_group_size, **extra)
 
 
@@ -143,15 +142,17 @@ def input_meta(image_size: int, channels: int, mean, std) -> dict[str, Any]:
     return dict(image_size=int(image_size), channels=int(channels), mean=mean, std=std)
 
 
-def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0) -> Encoder:
-    """The encoder described by `encoder_meta` (shapes only, no allocation, if `abstract`)."""
+def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0,
+                  bn_running_stats: str = "mean_of_groups") -> Encoder:
+    """The encoder described by `encoder_meta` (shapes only, no allocation, if `abstract`);
+    `bn_running_stats`: what its BatchNorm running statistics follow in train mode (a training
+    run's `config.bn_running_stats`; `norm.RUNNING_STATS`)."""
     m = meta["model"]
     vit_kw = {k: m[k] for k in VIT_FIELDS if m.get(k) is not None} if m["arch"] in VIT_ARCHS else {}
     make = lambda: make_encoder(
         m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
         width=m["width"], bn_group_size=meta.get("bn_group_size"),
-        bn_running_stats=meta.get("bn_running_stats") or "mean_of_groups",
-        dtype=jnp.dtype(m.get("dtype", "float32")),
+        bn_running_stats=bn_running_stats, dtype=jnp.dtype(m.get("dtype", "float32")),
         in_channels=meta["in_channels"], rngs=nnx.Rngs(seed), **vit_kw)
     return nnx.eval_shape(make) if abstract else make()
 
