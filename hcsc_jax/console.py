@@ -116,6 +116,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     for name, default in _CONFIG_DEFAULTS.items():
         if config_argument(argv, name) is None:
             argv = [argv[0], f"--{name}={default}", *argv[1:]]
+    asked = [a for a in argv[1:] if a.startswith("--") and a.partition("=")[0].endswith(".help")]
+    argv = [a for a in argv if a not in asked]
+    sys.argv = [a for a in sys.argv if a not in asked]  # config_flags reads its overrides from sys.argv
     try:
         rest = flags.FLAGS(argv)
         if len(rest) > 1:
@@ -131,6 +134,13 @@ def parse_flags(argv: list[str]) -> list[str]:
                 usage_error(f"{config_argument(argv, name)}: get_config() returned a {type(value).__name__}, "
                             "not an ml_collections.ConfigDict; start from configs/default.py's get_config()")
             _say_scalar_tuples(argv, name, value)
+        for arg in asked:  # --config.help: the fields of that config, as loaded, and what each takes
+            name = arg[2:].partition("=")[0][:-len(".help")]
+            if name not in _config_flags():
+                usage_error(f"{arg}: no config flag --{name}; --help lists the flags")
+            print(describe_fields(flags.FLAGS[name].value, name))
+        if asked:
+            sys.exit(0)
         return rest
     except SystemExit as done:
         if done.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
@@ -138,6 +148,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise
     except Exception as err:  # noqa: BLE001 - flags, config files and overrides raise anything
         usage_error(explain(argv, err))
+
+
+def describe_fields(config, name: str = "config") -> str:
+    """Every field of `config` (after its variant and overrides), its value and what it accepts
+    (`config_checks`' rule), one per line: what `--config.help` prints."""
+    from hcsc_jax import config_checks  # it imports this module
+
+    lines = [f"Fields of --{name} as loaded (set one with --{name}.FIELD=VALUE):"]
+    for field, value in config_checks.fields(config.to_dict()):
+        rule = config_checks.rule_for(config, field)
+        lines.append(f"  {name}.{field} = {value!r}" + (f"  # {rule.what}" if rule else ""))
+    return "\n".join(lines)
 
 
 def _config_flags() -> list[str]:

@@ -75,6 +75,19 @@ def test_help_exits_0(script):
     assert done.returncode == 0 and "\n  --config: " in done.stdout  # the flag itself, not only --helpfull
 
 
+def test_config_help_lists_every_field_as_loaded_with_what_it_takes(tmp_path):
+    """--config.help: the fields of the config after its variant and overrides, each with its rule;
+    exit 0, nothing written."""
+    done = run("train.py", "--config=configs/digits.py:authors", "--config.lr=0.5", "--config.help",
+               f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "  config.bn_running_stats = 'first_group'  # one of 'mean_of_groups', 'first_group'" in lines
+    assert any(line.startswith("  config.lr = 0.5  # ") for line in lines)
+    assert any(line.startswith("  config.evals.knn.ks = (20, 200)  # ") for line in lines)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--config.epoch=3"], "train.py: error: --config.epoch: config has no field 'epoch'; "
                            "did you mean config.epochs?"),
