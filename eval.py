@@ -6,13 +6,14 @@
       --config.data_dir=~/tensorflow_datasets
 
 --checkpoint is a train.py workdir (its newest readable step, or --step) or a directory written
-by checkpoints.export_encoder / `convert import-torch`. Dataset, splits, crop size, normalization
-and input pipeline come from the eval config; fields left unset there are read from
-<checkpoint>/config.json or, for an exported or imported encoder, crop size and normalization
-from the input recorded with its weights. --eval=NAME runs the entry NAME of the eval config's
-`evals` (the schema of the training configs' `config.evals`: {type (default: NAME), settings});
---mode is another name for --eval. The entries of configs/eval_digits.py and eval_imagenet.py
-(hcsc_jax/evaluators/, one module per type):
+by checkpoints.export_encoder / `convert import-torch`, or `pixels:<workdir>` (`pixels` with the
+data flags): the raw-pixel reference on that run's data (hcsc_jax/models/pixels.py). Dataset,
+splits, crop size, normalization and input pipeline come from the eval config; fields left unset
+there are read from <checkpoint>/config.json or, for an exported or imported encoder, crop size
+and normalization from the input recorded with its weights. --eval=NAME runs the entry NAME of
+the eval config's `evals` (the schema of the training configs' `config.evals`: {type (default:
+NAME), settings}); --mode is another name for --eval. The entries of configs/eval_digits.py and
+eval_imagenet.py (hcsc_jax/evaluators/, one module per type):
 
   knn          weighted kNN, k in config.evals.knn.ks, T = 0.07, chunked over the training features
   linear       the linear protocol (frozen encoder, crops + flips streamed, SGD lr 5.0, 100 epochs,

@@ -479,3 +479,29 @@ def test_an_imported_encoder_evaluates_on_a_dataset_named_alone_with_its_standar
     with pytest.raises(common.EvalError, match=r"give train_split, eval_split; set them with "
                                                r"--config.train_split=\.\.\. --config.eval_split=\.\.\."):
         common.data_spec(ml_collections.ConfigDict(dict(dataset="prepared:/data/copy")), None, enc)
+
+
+def test_the_raw_pixel_reference_is_the_center_crop_through_the_same_evaluators(tmp_path):
+    """--checkpoint=pixels: features are the flattened, normalized center crops the encoders see,
+    and its kNN is the weighted vote of cosine similarities of those pixels (NumPy, by hand)."""
+    from hcsc_jax.data import augmentations
+
+    config = eval_digits.get_config()
+    config.update(dataset="digits", image_size=16, mean=(0.5,), std=(0.5,), progress_bar=False)
+    ctx = common.from_checkpoint(config, "pixels", None, sharding.make_mesh(), out=str(tmp_path))
+    crop = lambda split: np.asarray(augmentations.center_crop(
+        sources.load_dataset("digits", split).images, 16, (0.5,), (0.5,))).reshape(-1, 256)
+    train, test = crop("train"), crop("test")
+    np.testing.assert_allclose(ctx.features("train"), train, atol=1e-6)
+    res, _ = knn.run(ctx, ml_collections.ConfigDict(dict(ks=(20,), temperature=0.07)))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit(test.astype(np.float64)) @ unit(train.astype(np.float64)).T
+    top = np.argsort(-sim, axis=1)[:, :20]
+    labels = ctx.labels("train")
+    votes = np.zeros((len(test), 10))
+    for i in range(len(test)):
+        np.add.at(votes[i], labels[top[i]], np.exp(sim[i, top[i]] / 0.07))
+    want = 100 * np.mean(votes.argmax(1) == ctx.labels("test"))
+    assert abs(res["per_k"]["20"]["top1"] - want) < 1e-6
+    with pytest.raises(common.EvalError, match="has no config.json"):
+        common.from_checkpoint(config, f"pixels:{tmp_path}", None, sharding.make_mesh())

@@ -21,6 +21,7 @@ from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline, sources
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.decode import MAX_PIXELS
+from hcsc_jax.models import pixels
 
 
 class EvalError(Exception):
@@ -246,6 +247,32 @@ def data_spec(config, run_config: dict | None = None, trained_on: dict | None = 
                     max_pixels=int(data["max_pixels"]))
 
 
+def pixels_context(config, run: str | None, mesh, out: str | None = None) -> Context:
+    """The raw-pixel reference (`models.pixels`) on the data of the train.py workdir `run` (its
+    config.json; the eval config's data fields override it), or of the eval config alone when
+    `run` is None. Outputs go to `out`, default `<run>/eval/pixels` (else ./eval/pixels)."""
+    run_config = None
+    if run:
+        path = workdir_lib.path(run)
+        workdir_lib.check_reachable(path)
+        if not (path / "config.json").exists():
+            raise EvalError(f"pixels:{run}: {run} has no config.json; pass a train.py workdir, or "
+                            "--checkpoint=pixels with --config.dataset/image_size/mean/std")
+        run_config = workdir_lib.read_json(path / "config.json")
+    data = data_spec(config, run_config)
+    try:
+        first = sources.open_source(data.dataset, data.train_split, data.data_dir).load(0)
+        channels = int(np.shape(first)[-1])
+    except sources.DataError as err:
+        raise EvalError(str(err)) from None
+    meta = dict(pixels.pixels_meta(data.image_size, channels), step=0)
+    encoder = frozen(models.build_encoder(meta), meta, 0, mesh)
+    out = out or (workdir_lib.path(run) / "eval" / "pixels" if run else workdir_lib.path("eval") / "pixels")
+    return Context(encoder, data, mesh, out, int(config.embed_batch), bool(config.progress_bar),
+                   int(config.seed),
+                   run_config=None if run_config is None else ml_collections.ConfigDict(run_config))
+
+
 def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None = None,
                     key_encoder: bool = False) -> Context:
     """A Context for the query encoder of a train.py workdir (newest readable step, or `step`) or
@@ -253,7 +280,10 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
     Data fields the eval config leaves unset come from `<path>/config.json` or the encoder's
     recorded input (`data_spec`).
     With `key_encoder`, a workdir's momentum encoder of the same step too (`Context.key_encoder`;
-    an exported encoder has none). `Context.run_config`: `<path>/config.json` when there is one."""
+    an exported encoder has none). `Context.run_config`: `<path>/config.json` when there is one.
+    `path` "pixels" or "pixels:<workdir>": the raw-pixel reference (`pixels_context`)."""
+    if str(path) == pixels.PIXELS or str(path).startswith(pixels.PIXELS + ":"):
+        return pixels_context(config, str(path).partition(":")[2] or None, mesh, out)
     path = workdir_lib.path(path)
     workdir_lib.check_reachable(path)  # WorkdirError: a bucket without gcsfs, network or an answer
     if not path.exists():

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from .heads import ProjectionHead
+from .pixels import PIXELS, Identity, Pixels
 from .resnet import ARCHS, ResNet
 from .vit import VIT_ARCHS, VisionTransformer, build_vit, check_dims, check_image_size
 
@@ -49,7 +50,7 @@ class Encoder(nnx.Module):
       (l, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x)
     """
 
-    def __init__(self, backbone: ResNet | VisionTransformer, head: ProjectionHead):
+    def __init__(self, backbone: ResNet | VisionTransformer | Pixels, head: ProjectionHead | Identity):
         self.backbone = backbone
         self.head = head
 
@@ -148,6 +149,8 @@ def build_encoder(meta: dict[str, Any], abstract: bool = False, seed: int = 0,
     `bn_running_stats`: what its BatchNorm running statistics follow in train mode (a training
     run's `config.bn_running_stats`; `norm.RUNNING_STATS`)."""
     m = meta["model"]
+    if m["arch"] == PIXELS:  # the raw-pixel reference (models/pixels.py)
+        return Encoder(Pixels(m["image_size"], meta["in_channels"]), Identity())
     vit_kw = {k: m[k] for k in VIT_FIELDS if m.get(k) is not None} if m["arch"] in VIT_ARCHS else {}
     make = lambda: make_encoder(
         m["arch"], out_dim=m["embed_dim"], hidden_dim=m.get("hidden_dim"), small_stem=m["small_stem"],
