@@ -186,12 +186,12 @@ def _step(batch: int, group: int, world: int, epoch: int, seed: int, tmp_path, m
                 schedule=parts.schedule)
 
 
-def _check(r):
+def assert_same_step(r):
     theirs, given = r["theirs"], r["given"]
     before, after, graphdef = r["before"], r["after"], r["graphdef"]
     np.testing.assert_allclose(theirs["lr"], float(r["schedule"](before.step)), rtol=1e-6)
 
-    _check_selection(r)
+    assert_same_selection(r)
     ours_q = _torch_names(graphdef, after.q_params, after.q_stats)
     ours_k = _torch_names(graphdef, after.k_params, after.k_stats)
     weights = [k for k in ours_q if k.endswith(("weight", "bias")) and f"mom/{k}" in given]
@@ -210,7 +210,7 @@ def _check(r):
     assert int(theirs["queue_ptr"][0]) == int(after.queue_ptr)
 
 
-def _check_selection(r):
+def assert_same_selection(r):
     """Their clustering and the probabilities their sampler was given equal ours."""
     theirs, h, before = r["theirs"], r["hierarchy"], r["before"]
     if h is None:
@@ -242,10 +242,10 @@ def _check_selection(r):
 
 @pytest.mark.parametrize("epoch,seed", [(1, 1), (7, 7)], ids=["warmup", "prototypes"])
 def test_one_rank_step_equals_the_authors(epoch, seed, tmp_path, monkeypatch):
-    _check(_step(32, 32, 1, epoch, seed, tmp_path, monkeypatch))
+    assert_same_step(_step(32, 32, 1, epoch, seed, tmp_path, monkeypatch))
 
 
 @pytest.mark.parametrize("epoch,seed", [(1, 1), (7, 11)], ids=["warmup", "prototypes"])
 def test_four_ranks_step_equals_the_authors_with_bn_groups_of_their_per_rank_batch(epoch, seed, tmp_path,
                                                                                     monkeypatch):
-    _check(_step(128, 32, 4, epoch, seed, tmp_path, monkeypatch))
+    assert_same_step(_step(128, 32, 4, epoch, seed, tmp_path, monkeypatch))
