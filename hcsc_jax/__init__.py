@@ -5,7 +5,7 @@ A trained encoder in your own code: `hcsc_jax.load_encoder(path)` -> `hcsc_jax.P
 """
 
 __version__ = "0.1.0"
-__all__ = ["Classifier", "InputSpec", "Pretrained", "load_encoder"]
+__all__ = ["Classifier", "FineTuned", "InputSpec", "Pretrained", "load_classifier", "load_encoder"]
 
 
 def __getattr__(name):

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _ITEMS = ("state", "meta", "hierarchy")
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nnx.Module)
 
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -239,7 +240,8 @@ def restore_encoder(path: str, step: int | None = None, which: str = "query",
                 return None, dict(meta["encoder"], step=s)
             state = restore_replicated(mngr, s, "state")
             check_restored(state, meta, s, saved_order(mngr, s, "state", state))
-            return (_fill(meta["encoder"], state[f"{prefix}_params"], state[f"{prefix}_stats"]),
+            return (fill(build_encoder(meta["encoder"], abstract=True), state[f"{prefix}_params"],
+                         state[f"{prefix}_stats"]),
                     dict(meta["encoder"], step=s))
 
         if step is None:
@@ -253,21 +255,40 @@ def restore_encoder(path: str, step: int | None = None, which: str = "query",
         raise FileNotFoundError(
             f"{path} is neither a training workdir (with checkpoints/) nor an exported encoder; "
             "pass the --workdir of a train.py run or a directory written by export_encoder")
+    tree, meta = read_export(path, meta_only)
+    if CLASSES in meta:
+        raise ValueError(f"{path} holds a fine-tuned classifier, not an encoder: read it with "
+                         "hcsc_jax.load_classifier")
+    if meta_only:
+        return None, meta
+    return fill(build_encoder(meta, abstract=True), tree["params"], tree["batch_stats"]), meta
+
+
+# An exported classifier's meta holds its number of classes under this key (`pretrained.save_classifier`).
+CLASSES = "num_classes"
+
+
+def read_export(path, meta_only: bool = False) -> tuple[dict | None, dict[str, Any]]:
+    """The weights ({"params", "batch_stats"} pure dicts) and meta of an `export_encoder`
+    directory, the weights checked against the digest written at export and for NaN / inf
+    (NoReadableStep when they fail); (None, meta) if `meta_only`."""
+    path = workdir_lib.path(path)
     with ocp.CheckpointManager(path, item_names=_ENCODER_ITEMS) as mngr:
         if mngr.latest_step() is None:
             raise FileNotFoundError(f"{path} holds no encoder checkpoint")
         meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if meta_only:
             return None, meta
-        enc = _unwrap(restore_replicated(mngr, mngr.latest_step(), "encoder"))
+        tree = _unwrap(restore_replicated(mngr, mngr.latest_step(), "encoder"))
     if "digest" not in meta:
         log.warning("%s was exported without a weight digest (by an earlier version): its weights are only "
                     "checked for NaN and inf", path)
     try:
-        check_restored(enc, meta, mngr.latest_step())
+        check_restored(tree, meta, mngr.latest_step())
     except ValueError as err:
-        raise NoReadableStep(f"the encoder in {path} cannot be used: {err}") from None
-    return _fill(meta, enc["params"], enc["batch_stats"]), meta
+        what = "classifier" if CLASSES in meta else "encoder"
+        raise NoReadableStep(f"the {what} in {path} cannot be used: {err}") from None
+    return tree, meta
 
 
 def _first_line(err: Exception) -> str:
@@ -292,8 +313,10 @@ def _unwrap(tree):
     return tree
 
 
-def _fill(meta, params, stats) -> Encoder:
-    graphdef, p, s = nnx.split(build_encoder(meta, abstract=True), nnx.Param, nnx.BatchStat)
+def fill(abstract: M, params, stats) -> M:
+    """The NNX module `abstract` (shapes only, e.g. from `nnx.eval_shape`) with restored weights:
+    its parameters and BatchNorm statistics from the pure (or Orbax-restored) dicts."""
+    graphdef, p, s = nnx.split(abstract, nnx.Param, nnx.BatchStat)
     nnx.replace_by_pure_dict(p, _unwrap(params))
     nnx.replace_by_pure_dict(s, _unwrap(stats))
     return nnx.merge(graphdef, p, s)

@@ -8,6 +8,9 @@
   x = enc.preprocess(images)                   # the normalized center crops the encoder sees
   graphdef, params, batch_stats = enc.split()  # for jax.jit / jax.grad (models.apply_model)
   model = enc.classifier(10)                   # a copy of the backbone under a new linear head
+  enc.save_classifier(model, "runs/tuned")     # after fine-tuning; Orbax, with a weight digest
+  tuned = hcsc_jax.load_classifier("runs/tuned")
+  scores = tuned.logits(images)                # (N, 10) float32, inference mode
 
 `Pretrained.module` is the NNX `models.Encoder` itself (`module(x, train=...)` -> (pooled
 features, projection)), for `nnx.Optimizer` fine-tuning. `Pretrained.input` says what the encoder
@@ -25,12 +28,14 @@ the streamed pipeline does). Color images are turned into gray levels for a 1-ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -38,7 +43,7 @@ from hcsc_jax import checkpoints, features, models, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, crops, pipeline
 
-__all__ = ["Classifier", "InputSpec", "Pretrained", "load_encoder"]
+__all__ = ["Classifier", "FineTuned", "InputSpec", "Pretrained", "load_classifier", "load_encoder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,33 +70,17 @@ class Classifier(nnx.Module):
         self.fc = nnx.Linear(num_features, num_classes, rngs=rngs)
 
     def __call__(self, x, train: bool):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # raw uint8 would train on 0..255, silently
+            raise ValueError(f"a Classifier takes the normalized float crops of preprocess(images), "
+                             f"got {x.dtype}")
         return self.fc(self.backbone(x, train=train))
 
 
-@dataclasses.dataclass
-class Pretrained:
-    """An encoder (`module`, NNX) with the input it expects (`input`) and its checkpoint metadata
-    (`meta`: `models.encoder_meta` fields, and `step` for a training workdir)."""
+class _TakesImages:
+    """What `Pretrained` and `FineTuned` share: uint8 images -> the center crops their `input`
+    (an InputSpec) asks for."""
 
-    module: models.Encoder
     input: InputSpec
-    meta: dict[str, Any]
-
-    @property
-    def num_features(self) -> int:
-        """F, the width of the pooled features (`features`)."""
-        return int(self.module.backbone.num_features)
-
-    def split(self):
-        """-> (graphdef, params, batch_stats): the functional form; `models.apply_model(graphdef,
-        params, batch_stats, x, train)` -> (pooled features, projection, new batch_stats)."""
-        return models.split_model(self.module)
-
-    def classifier(self, num_classes: int, seed: int = 0) -> Classifier:
-        """A copy of the backbone (this encoder is left as it is) under a new linear head of
-        `num_classes` outputs (initialized with `seed`), for fine-tuning with `nnx.Optimizer`."""
-        _positive_int(num_classes, "num_classes")
-        return Classifier(nnx.clone(self.module.backbone), self.num_features, num_classes, nnx.Rngs(seed))
 
     def preprocess(self, images) -> jax.Array:
         """uint8 images, (N, H, W, C) or (N, H, W) or a list of (H, W[, C]) of any sizes -> the
@@ -101,33 +90,6 @@ class Pretrained:
         if cropped:
             return augmentations.normalize(batch, mean, std)
         return augmentations.center_crop(batch, self.input.image_size, mean, std)
-
-    def features(self, images, batch_size: int = 256) -> np.ndarray:
-        """Pooled backbone features (N, F) float32 of uint8 `images` (as `preprocess` takes them),
-        inference mode (BN running statistics), jitted, in batches sharded over this process's
-        devices."""
-        return self._embed(images, batch_size)[0]
-
-    def project(self, images, batch_size: int = 256) -> np.ndarray:
-        """The L2-normalized projection head output (N, embed_dim) float32 (see `features`)."""
-        return self._embed(images, batch_size)[1]
-
-    def _embed(self, images, batch_size: int):
-        _positive_int(batch_size, "batch_size")
-        batch, cropped = self._uint8_views(images)
-        graphdef, params, stats = self.split()
-        if not len(batch):  # an empty array: no rows
-            out = jax.eval_shape(lambda x: models.apply_model(graphdef, params, stats, x, train=False)[:2],
-                                 jax.ShapeDtypeStruct((1, *batch.shape[1:]), np.float32))
-            return tuple(np.zeros((0, o.shape[1]), np.float32) for o in out)
-        mesh = sharding.make_mesh(jax.local_devices())
-        # No more than the images there are, and no more than MAX_BATCH_BYTES of them as float32
-        # (a batch of large same-sized images is resized on the device).
-        fits = max(1, MAX_BATCH_BYTES // (4 * int(np.prod(batch.shape[1:]))))
-        batch_size = max(mesh.size, min(batch_size, -(-len(batch) // mesh.size) * mesh.size, fits))
-        batches = pipeline.array_batches(batch, mesh, batch_size, cropped=cropped)
-        return features.embed_batches(graphdef, params, stats, batches, len(batch), self.input.image_size,
-                                      self.input.mean, self.input.std)
 
     def _uint8_views(self, images) -> tuple[np.ndarray, bool]:
         """-> (uint8 (N, H, W, channels), whether these are already the center crops): one array
@@ -164,6 +126,114 @@ class Pretrained:
         if have == 1 and want == 3:
             return np.repeat(x, 3, axis=-1)
         raise ValueError(f"images have {have} channels; this encoder takes {want} (1 gray or 3 color)")
+
+
+@dataclasses.dataclass
+class Pretrained(_TakesImages):
+    """An encoder (`module`, NNX) with the input it expects (`input`) and its checkpoint metadata
+    (`meta`: `models.encoder_meta` fields, and `step` for a training workdir)."""
+
+    module: models.Encoder
+    input: InputSpec
+    meta: dict[str, Any]
+
+    @property
+    def num_features(self) -> int:
+        """F, the width of the pooled features (`features`)."""
+        return int(self.module.backbone.num_features)
+
+    def split(self):
+        """-> (graphdef, params, batch_stats): the functional form; `models.apply_model(graphdef,
+        params, batch_stats, x, train)` -> (pooled features, projection, new batch_stats)."""
+        return models.split_model(self.module)
+
+    def classifier(self, num_classes: int, seed: int = 0) -> Classifier:
+        """A copy of the backbone (this encoder is left as it is) under a new linear head of
+        `num_classes` outputs (initialized with `seed`), for fine-tuning with `nnx.Optimizer`."""
+        _positive_int(num_classes, "num_classes")
+        return Classifier(nnx.clone(self.module.backbone), self.num_features, num_classes, nnx.Rngs(seed))
+
+    def save_classifier(self, model: Classifier, directory: str | os.PathLike) -> None:
+        """Writes `model` (a `classifier` of this encoder, fine-tuned or not) to `directory` as an
+        Orbax checkpoint, as `checkpoints.export_encoder` writes an encoder: its weights with their
+        digest, this encoder's meta, the number of classes and the input it takes.
+        `load_classifier(directory)` reads it back."""
+        if not isinstance(model, Classifier) or model.fc.kernel.shape[0] != self.num_features:
+            raise ValueError("model must be a classifier of this encoder (Pretrained.classifier)")
+        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        meta = {k: v for k, v in self.meta.items() if k not in ("step", "digest")}
+        meta.update({checkpoints.CLASSES: int(model.fc.kernel.shape[1]), "num_features": self.num_features,
+                     "input": dataclasses.asdict(self.input)})
+        checkpoints.export_encoder(str(directory), meta, params, stats)
+
+
+    def features(self, images, batch_size: int = 256) -> np.ndarray:
+        """Pooled backbone features (N, F) float32 of uint8 `images` (as `preprocess` takes them),
+        inference mode (BN running statistics), jitted, in batches sharded over this process's
+        devices."""
+        return self._embed(images, batch_size)[0]
+
+    def project(self, images, batch_size: int = 256) -> np.ndarray:
+        """The L2-normalized projection head output (N, embed_dim) float32 (see `features`)."""
+        return self._embed(images, batch_size)[1]
+
+    def _embed(self, images, batch_size: int):
+        _positive_int(batch_size, "batch_size")
+        batch, cropped = self._uint8_views(images)
+        graphdef, params, stats = self.split()
+        if not len(batch):  # an empty array: no rows
+            out = jax.eval_shape(lambda x: models.apply_model(graphdef, params, stats, x, train=False)[:2],
+                                 jax.ShapeDtypeStruct((1, *batch.shape[1:]), np.float32))
+            return tuple(np.zeros((0, o.shape[1]), np.float32) for o in out)
+        mesh = sharding.make_mesh(jax.local_devices())
+        # No more than the images there are, and no more than MAX_BATCH_BYTES of them as float32
+        # (a batch of large same-sized images is resized on the device).
+        fits = max(1, MAX_BATCH_BYTES // (4 * int(np.prod(batch.shape[1:]))))
+        batch_size = max(mesh.size, min(batch_size, -(-len(batch) // mesh.size) * mesh.size, fits))
+        batches = pipeline.array_batches(batch, mesh, batch_size, cropped=cropped)
+        return features.embed_batches(graphdef, params, stats, batches, len(batch), self.input.image_size,
+                                      self.input.mean, self.input.std)
+
+@dataclasses.dataclass
+class FineTuned(_TakesImages):
+    """A classifier read back by `load_classifier`: `module` (a `Classifier`), the input it takes
+    (`input`) and its meta (the encoder's, with `num_classes`)."""
+
+    module: Classifier
+    input: InputSpec
+    meta: dict[str, Any]
+
+    def logits(self, images, batch_size: int = 256) -> np.ndarray:
+        """Class scores (N, num_classes) float32 of uint8 `images` (as `preprocess` takes them),
+        inference mode, jitted, `batch_size` images at a time."""
+        _positive_int(batch_size, "batch_size")
+        x = np.asarray(self.preprocess(images))
+        if not len(x):
+            return np.zeros((0, self.meta[checkpoints.CLASSES]), np.float32)
+        graphdef, state = nnx.split(self.module)
+        size = min(batch_size, len(x))  # one compiled shape: the last batch is padded
+        padded = np.concatenate([x, np.zeros((-len(x) % size, *x.shape[1:]), x.dtype)])
+        return np.concatenate([np.asarray(_logits(graphdef, state, padded[i:i + size]))
+                               for i in range(0, len(padded), size)])[:len(x)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x, train=False)
+
+
+def load_classifier(path: str | os.PathLike) -> FineTuned:
+    """The classifier `Pretrained.save_classifier` wrote to `path`, its weights checked against
+    their digest and for NaN / inf."""
+    tree, meta = checkpoints.read_export(path)
+    if checkpoints.CLASSES not in meta:
+        raise ValueError(f"{path} holds an encoder, not a fine-tuned classifier: read it with "
+                         "hcsc_jax.load_encoder")
+    features, classes = int(meta["num_features"]), int(meta[checkpoints.CLASSES])
+    abstract = nnx.eval_shape(lambda: Classifier(models.build_encoder(meta).backbone, features, classes,
+                                                 nnx.Rngs(0)))
+    model = checkpoints.fill(abstract, tree["params"], tree["batch_stats"])
+    return FineTuned(model, input_spec(path, meta), meta)
 
 
 # The most bytes of one batch of same-sized images as float32 (`Pretrained.features`): a batch of

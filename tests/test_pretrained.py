@@ -151,3 +151,28 @@ def test_a_classifier_fine_tunes_a_copy_of_the_backbone(enc, images):
     step(model, optimizer, views, labels)
     assert not np.allclose(model.backbone.conv1.kernel[...], enc.module.backbone.conv1.kernel[...])
     np.testing.assert_array_equal(enc.features(images), before)  # the encoder itself is untouched
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_classifier_saves_and_loads_with_its_input(enc, images, tmp_path):
+    """save_classifier / load_classifier: the same logits as the model saved (inference mode),
+    its input spec and classes kept; raw uint8 into a Classifier, an encoder read as a classifier
+    and the reverse are one clear error each."""
+    from flax import nnx
+
+    model = enc.classifier(10, seed=3)
+    model.fc.bias[...] = np.arange(10, dtype=np.float32)  # (so a fresh head would not match)
+    enc.save_classifier(model, tmp_path / "tuned")
+    tuned = hcsc_jax.load_classifier(tmp_path / "tuned")
+    assert tuned.input == enc.input and tuned.meta["num_classes"] == 10
+    want = np.asarray(nnx.jit(lambda m, x: m(x, train=False))(model, enc.preprocess(images)))
+    np.testing.assert_allclose(tuned.logits(images, batch_size=16), want, rtol=1e-5, atol=1e-5)
+    assert tuned.logits(np.zeros((0, 8, 8, 1), np.uint8)).shape == (0, 10)
+    with pytest.raises(ValueError, match="takes the normalized float crops of preprocess"):
+        model(np.zeros((2, 8, 8, 1), np.uint8), train=False)
+    with pytest.raises(ValueError, match="holds a fine-tuned classifier, not an encoder: read it with"):
+        hcsc_jax.load_encoder(tmp_path / "tuned")
+    meta = {k: v for k, v in enc.meta.items() if k != "step"}
+    checkpoints.export_encoder(str(tmp_path / "export"), dict(meta, input=enc.input.__dict__), *enc.split()[1:])
+    with pytest.raises(ValueError, match="holds an encoder, not a fine-tuned classifier"):
+        hcsc_jax.load_classifier(tmp_path / "export")
