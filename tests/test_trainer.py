@@ -54,10 +54,11 @@ def untimed_records(workdir):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    summary = trainer.train_and_evaluate(tiny_config(), workdir)
-    return workdir, summary
+def finished_run(digits_run):
+    """conftest's `digits_run` (tiny_config(), trained once per session and worker) and its summary:
+    read it, copy it (`_copy_run`) to resume or change it."""
+    with open(os.path.join(digits_run, "summary.json")) as f:
+        return digits_run, json.load(f)
 
 
 @pytest.mark.slow
