@@ -50,7 +50,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVE = os.path.join(REPO, "experiments", "runs")
 EVAL_MODES = ("knn", "linear_fast", "cluster")
-ARCHIVED_FILES = ("config.json", "summary.json", "metrics.jsonl", "study_times.json")
+ARCHIVED_FILES = ("config.json", "summary.json", "reference.json", "metrics.jsonl", "study_times.json")
 MAX_ARCHIVED_HIERARCHY = 1 << 20  # bytes
 
 # Fashion-MNIST's 10 classes in 4 coarse groups, for the NMI of the top prototype level.
@@ -74,6 +74,9 @@ class Method:
     group: str = "main"  # "main", "ablation" or "reference" (e.g. the encoder before training)
     seeds: tuple[int, ...] = (0, 1, 2)
     reuse: str | None = None  # take the runs of this method (same seeds) instead of training
+    # The raw-pixel reference on the data of this method's run (same seed): nothing trained, the
+    # evaluators on the flattened center crops (`eval.py --checkpoint=pixels:<that run>`).
+    pixels_of: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +116,24 @@ def _methods(config: str, main_seeds, abl_seeds):
     )
 
 
+PIXELS = "raw pixels"
+UNTRAINED = "untrained encoder"
+
+
+def _references(config: str):
+    """The rows every method must beat: the encoder of `config` before training (3 seeds: three
+    initializations), and the raw pixels of the same data, crop and normalization."""
+    return (Method(UNTRAINED, config, ("--config.epochs=0", "--config.warmup_epochs=0"), "reference"),
+            Method(PIXELS, config, group="reference", seeds=(0,), pixels_of=UNTRAINED))
+
+
 SETTINGS = {
-    "digits": Setting("digits", "digits", 10, _methods("digits.py", (0, 1, 2, 3, 4), (0, 1, 2))),
+    "digits": Setting("digits", "digits", 10,
+                      _references("digits.py") + _methods("digits.py", (0, 1, 2, 3, 4), (0, 1, 2))),
     # The 2-core CPU budget of configs/fashion_mnist.py:cpu (<= 15 minutes a run).
     "fashion_mnist_cpu": Setting(
         "fashion_mnist_cpu", "fashion_mnist", 10,
-        (Method("untrained encoder", "fashion_mnist.py:cpu",
-                ("--config.epochs=0", "--config.warmup_epochs=0"), "reference"),)
-        + _methods("fashion_mnist.py:cpu", (0, 1, 2), (0, 1, 2)),
+        _references("fashion_mnist.py:cpu") + _methods("fashion_mnist.py:cpu", (0, 1, 2), (0, 1, 2)),
         coarse="fashion_mnist"),
     "fashion_mnist": Setting(
         "fashion_mnist", "fashion_mnist", 10,
@@ -186,7 +199,8 @@ def eval_result(workdir: str, mode: str):
 
 
 def trained(workdir: str) -> bool:
-    return os.path.isfile(os.path.join(workdir, "summary.json"))
+    """Trained, or a reference that trains nothing (reference.json: the raw pixels)."""
+    return any(os.path.isfile(os.path.join(workdir, f)) for f in ("summary.json", "reference.json"))
 
 
 def complete(workdir: str) -> bool:
@@ -285,7 +299,10 @@ def execute(setting: Setting, root: str, extra=(), only=None, log=print, archive
             log(f"[busy] {name}: another study process is running it")
             continue
         try:
-            failed = _execute_run(setting, method, seed, workdir, name, todo, extra, log)
+            if method.pixels_of:
+                failed = _pixels_run(setting, method, seed, workdir, name, todo, (archive, root), log)
+            else:
+                failed = _execute_run(setting, method, seed, workdir, name, todo, extra, log)
             failures += failed
             if not failed:
                 archive_run(workdir, kept)
@@ -327,6 +344,33 @@ def _execute_run(setting, method, seed, workdir, name, todo, extra, log) -> list
     else:
         log(f"[done] {name} ({times.get('train_seconds', 0):.0f} s training)")
     return failures
+
+
+def _pixels_run(setting, method, seed, workdir, name, todo, roots, log) -> list[dict]:
+    """The raw-pixel reference: `eval.py --checkpoint=pixels:<workdir>` for each missing mode, on
+    the data of the `pixels_of` method's run of this seed (its config.json, copied here)."""
+    source = next(m for m in setting.methods if m.name == method.pixels_of)
+    data_of = next((d for d in (run_dir(r, setting, source, seed) for r in roots) if trained(d)), None)
+    if data_of is None:
+        log(f"[FAILED] {name}: needs {source.name} seed {seed} first (its data and crops)")
+        return [dict(run=name, workdir=workdir, stage="data", command="", returncode=None, log="",
+                     log_tail=f"no trained run of {source.name} seed {seed}")]
+    shutil.copy(os.path.join(data_of, "config.json"), os.path.join(workdir, "config.json"))
+    times = dict(environment=environment(), train_seconds=0.0,
+                 train_command=f"eval.py --checkpoint=pixels:<run> on the data of {source.name} seed {seed}")
+    log_path = os.path.join(workdir, "study.log")
+    for mode in todo:
+        cmd = eval_command(setting, mode, f"pixels:{workdir}") + [f"--out={os.path.join(workdir, 'eval')}"]
+        rc, times[f"eval_{mode}_seconds"] = _run(cmd, log_path)
+        if rc != 0 or eval_result(workdir, mode) is None:
+            log(f"[FAILED] {name}: eval.py --eval={mode} exited with {rc}; see {log_path}")
+            return [dict(run=name, workdir=workdir, stage=f"eval {mode}", command=" ".join(cmd),
+                         returncode=rc, log=log_path, log_tail=_tail(log_path))]
+    json.dump(times, open(os.path.join(workdir, "study_times.json"), "w"), indent=2)
+    json.dump(dict(encoder=PIXELS, data_of=f"{source.name} seed {seed}"),
+              open(os.path.join(workdir, "reference.json"), "w"), indent=2)
+    log(f"[done] {name}")
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,11 +499,13 @@ def tables(setting: Setting, rows: list[dict]) -> str:
     # Paired differences over the seeds both have: every method vs MoCo v2 and vs PCL; the ablations also vs
     # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
     no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
-    for base_name, methods in (("MoCo v2", [m.name for m in setting.methods if m.name != "MoCo v2"]),
+    for base_name, methods in ((PIXELS, [m.name for m in setting.methods if m.name != PIXELS]),
+                               ("MoCo v2", [m.name for m in setting.methods
+                                            if m.name != "MoCo v2" and m.group != "reference"]),
                                ("PCL", [m.name for m in setting.methods if m.name not in ("MoCo v2", "PCL")]),
                                (no_sel, [m.name for m in setting.methods
                                          if m.group == "ablation" and m.name != no_sel])):
-        base = {r["seed"]: r for r in by_method.get(base_name, [])}
+        base = _by_seed(by_method.get(base_name, []))
         if not base:
             continue
         lines = []
@@ -473,7 +519,8 @@ def tables(setting: Setting, rows: list[dict]) -> str:
                 cells.append(_ms(d, _digits(k)) + " [" + ", ".join(f"{x:+.{_digits(k)}f}" for x in d) + "]")
             lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
         if lines:
-            out.append(f"#### Paired difference to {base_name} (same seed): method − {base_name}, "
+            same = "every seed against its one row" if base_name == PIXELS else "same seed"
+            out.append(f"#### Paired difference to {base_name} ({same}): method − {base_name}, "
                        "mean ± std [per seed]\n")
             out.append("| method | paired seeds | " + " | ".join(f"Δ {h}" for _, h in METRICS) + " |")
             out.append("|" + " --- |" * (len(METRICS) + 2))
@@ -481,17 +528,38 @@ def tables(setting: Setting, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+class _AtEverySeed(dict):
+    """{any seed: the one row}: the raw pixels have no initialization to pair by."""
+
+    def __init__(self, row: dict):
+        super().__init__({row["seed"]: row})
+        self.row = row
+
+    def __contains__(self, seed) -> bool:
+        return True
+
+    def __getitem__(self, seed) -> dict:
+        return self.row
+
+
+def _by_seed(rows: list[dict]) -> dict:
+    """{seed: row}; the raw pixels (one row) stand beside every seed."""
+    if len(rows) == 1 and rows[0]["method"] == PIXELS:
+        return _AtEverySeed(rows[0])
+    return {r["seed"]: r for r in rows}
+
+
 def verdicts(setting: Setting, rows: list[dict]) -> list[str]:
     """Plain sentences: where HCSC does / does not beat each baseline: the paired mean difference,
     its 95% t-interval over seeds and the number of seeds HCSC is ahead on."""
     from scipy import stats
 
-    by = {m.name: {r["seed"]: r for r in rows if r["method"] == m.name} for m in setting.methods}
+    by = {m.name: _by_seed([r for r in rows if r["method"] == m.name]) for m in setting.methods}
     lines = ["#### Where HCSC wins and where it does not (paired over common seeds)", ""]
-    for other in ("MoCo v2", "PCL"):
+    for other in (PIXELS, "MoCo v2", "PCL"):
         if not by.get("HCSC") or not by.get(other):
             continue
-        seeds = sorted(set(by["HCSC"]) & set(by[other]))
+        seeds = sorted(s for s in by["HCSC"] if s in by[other])
         if not seeds:
             continue
         for k, h in METRICS:

@@ -2,6 +2,7 @@
 gives the table rows; a failed run is reported and the finished ones kept; a rerun skips them;
 paired differences and verdicts from synthetic rows."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -99,6 +100,44 @@ def test_failed_run_is_reported_and_finished_runs_kept(smoke_root, capsys):
     assert "Failed runs:" in open(os.path.join(smoke_root, "archive", "smoke", "report", "tables.md")).read()
 
 
+@pytest.mark.slow
+def test_the_raw_pixels_are_evaluated_on_the_data_of_a_run_and_archived(smoke_root, tmp_path, capsys):
+    """The pixels reference trains nothing: eval.py --checkpoint=pixels:<dir> on a copy of the
+    HCSC run's config.json; its row has the kNN eval.py gives for those pixels."""
+    setting = dataclasses.replace(SMOKE, methods=SMOKE.methods + (
+        study.Method("raw pixels", "digits.py", group="reference", seeds=(0,), pixels_of="HCSC"),))
+    archive = os.path.join(smoke_root, "archive")
+    assert study.execute(setting, str(tmp_path), only={"raw_pixels"}, archive=archive) == []
+    kept = os.path.join(archive, "smoke", "raw_pixels_seed0")
+    assert sorted(os.listdir(kept)) == ["config.json", "eval", "reference.json", "study_times.json"]
+    assert sorted(os.listdir(os.path.join(kept, "eval"))) == [
+        "cluster_step0.json", "knn_step0.json", "linear_fast_step0.json"]
+    row = next(r for r in study.collect(setting, archive) if r["method"] == "raw pixels")
+    assert row["group"] == "reference" and "level_nmi" not in row
+    want = pixel_knn(json.load(open(os.path.join(kept, "config.json"))), k=20)
+    assert row["knn20"] == pytest.approx(want, abs=0.3)  # (one test image of 360: a tie broken otherwise)
+
+
+def pixel_knn(run_config: dict, k: int, t: float = 0.07) -> float:
+    """kNN top-1 (%) of the center-cropped, normalized pixels by hand (NumPy): cosine similarity,
+    exp(s / t)-weighted vote of the k nearest training images."""
+    from hcsc_jax.data import augmentations, sources
+
+    def feats(split):
+        d = sources.load_dataset(run_config["dataset"], run_config[split])
+        x = np.asarray(augmentations.center_crop(d.images, run_config["image_size"],
+                                                 run_config["augment"]["mean"], run_config["augment"]["std"]))
+        x = x.reshape(len(x), -1)
+        return x / np.linalg.norm(x, axis=1, keepdims=True), d.labels
+
+    (xa, ya), (xb, yb) = feats("train_split"), feats("eval_split")
+    sim = xb @ xa.T
+    nn = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.zeros((len(xb), 10))
+    np.add.at(votes, (np.arange(len(xb))[:, None], ya[nn]), np.exp(np.take_along_axis(sim, nn, 1) / t))
+    return 100 * float(np.mean(votes.argmax(1) == yb))
+
+
 def _rows(method, values, metric_shift=0.0):
     return [dict(method=method, group="main", seed=s, knn20=v + metric_shift, knn200=v, linear_fast=v,
                  nmi=v / 100, ami=v / 100, train_seconds=10.0) for s, v in enumerate(values)]
@@ -117,11 +156,22 @@ def test_tables_paired_differences_and_verdicts():
     lines = study.verdicts(study.SETTINGS["digits"], rows)
     knn_moco = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − MoCo v2"))
     assert "+1.17" in knn_moco and "3/3 seeds" in knn_moco and "HCSC higher" in knn_moco
+    # The raw pixels: one row (seed 0), every seed of every method paired with it.
+    pixels = [dict(_rows("raw pixels", [92.0])[0], group="reference")]
+    text = study.tables(study.SETTINGS["digits"], rows + pixels)
+    assert "#### Paired difference to raw pixels (every seed against its one row)" in text
+    assert "| HCSC | 3 | 0.17 ± 1.04 [-1.00, +1.00, +0.50] |" in text
+    assert "| PCL | 2 | -2.50 ± 0.71 [-3.00, -2.00] |" in text
+    lines = study.verdicts(study.SETTINGS["digits"], rows + pixels)
+    knn_px = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − raw pixels"))
+    assert "+0.17" in knn_px and "HCSC ahead on 2/3 seeds" in knn_px and "seed noise" in knn_px
 
 
 def test_plan_order_and_commands():
     order = [(m.name, s) for m, s in study.plan(study.SETTINGS["digits"])]
-    assert order[:3] == [("MoCo v2", 0), ("PCL", 0), ("HCSC", 0)] and len(order) == 15 + 12
+    assert order[:4] == [("untrained encoder", 0), ("raw pixels", 0), ("untrained encoder", 1),
+                         ("untrained encoder", 2)]
+    assert order[4:7] == [("MoCo v2", 0), ("PCL", 0), ("HCSC", 0)] and len(order) == 4 + 15 + 12
     assert ("+ ICSC + PCSC (= HCSC)", 0) not in order  # reuses the HCSC runs
     m = next(m for m in study.SETTINGS["digits"].methods if m.name == "+ PCSC only")
     cmd = study.train_command(study.SETTINGS["digits"], m, 2, "W")
@@ -131,11 +181,11 @@ def test_plan_order_and_commands():
         "fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
     assert fm.needs_gpu and fm.coarse == "fashion_mnist"
     cpu = study.SETTINGS["fashion_mnist_cpu"]
-    assert [m.config for m in cpu.methods[:4]] == [
-        "fashion_mnist.py:cpu", "fashion_mnist.py:cpu,mocov2", "fashion_mnist.py:cpu,pcl",
-        "fashion_mnist.py:cpu"]
-    assert [(m.name, s) for m, s in study.plan(cpu)][:7] == [
-        ("untrained encoder", 0), ("untrained encoder", 1), ("untrained encoder", 2),
+    assert [m.config for m in cpu.methods[:5]] == [
+        "fashion_mnist.py:cpu", "fashion_mnist.py:cpu", "fashion_mnist.py:cpu,mocov2",
+        "fashion_mnist.py:cpu,pcl", "fashion_mnist.py:cpu"]
+    assert [(m.name, s) for m, s in study.plan(cpu)][:8] == [
+        ("untrained encoder", 0), ("raw pixels", 0), ("untrained encoder", 1), ("untrained encoder", 2),
         ("MoCo v2", 0), ("PCL", 0), ("HCSC", 0), ("MoCo v2", 1)]
     assert "--config.epochs=0" in study.train_command(cpu, cpu.methods[0], 0, "W")
     assert not cpu.needs_gpu and cpu.coarse == "fashion_mnist"
