@@ -757,6 +757,14 @@ def results_md(archive: str, path: str, command: str,
         if not rows and name in before and "**Not run yet.**" not in before[name]:
             parts += [before[name], ""]
             continue
+        if rows and all(r["group"] == "reference" for r in rows) and name in before:
+            # Only the reference rows are archived (the methods' runs predate the archive): the
+            # section as it was, with the references' tables (made by this study) after it.
+            kept = before[name].split(REFERENCE_MARK)[0].strip()
+            parts += [kept, "", REFERENCE_MARK, "",
+                      "#### Reference rows, archived (the method rows above predate the archive)", "",
+                      open(os.path.join(report_dir, "tables.md")).read().strip(), ""]
+            continue
         parts += [f"## {name}", "", DESCRIPTION.get(name, ""), ""]
         if not rows:
             parts += [
@@ -774,10 +782,23 @@ def results_md(archive: str, path: str, command: str,
             rel = os.path.relpath(os.path.join(fig_dir, os.path.basename(png)),
                                   os.path.dirname(os.path.abspath(path)))
             parts += [f"![{os.path.basename(png)}]({rel})", ""]
+    for name in EXTRA_SECTIONS:  # written by their own scripts into <archive>/<name>/report.md
+        section = os.path.join(archive, name, "report.md")
+        if os.path.isfile(section):
+            parts += [open(section).read().strip(), ""]
+        elif name in before:
+            parts += [before[name], ""]
     text = "\n".join(parts)
     with open(path, "w") as f:
         f.write(text)
     return text
+
+
+REFERENCE_MARK = "<!-- study.py: reference rows -->"
+
+# RESULTS.md sections made by other scripts of experiments/ (authors_digits.py: the authors' code
+# beside ours under :authors).
+EXTRA_SECTIONS = ("authors_digits",)
 
 
 def main(argv=None):

@@ -220,3 +220,22 @@ def test_run_lock(tmp_path):
     assert not study._lock(str(tmp_path))
     lock.write_text("999999999")  # a dead one: taken over
     assert study._lock(str(tmp_path)) and lock.read_text() == str(os.getpid())
+
+
+def test_reference_rows_join_a_section_whose_method_runs_predate_the_archive(tmp_path):
+    """Only the references of a setting are archived: RESULTS.md keeps the section it has and
+    adds their tables after it, once, however often it is rewritten; the authors' section
+    (authors_digits/report.md) is appended."""
+    report = tmp_path / "archive" / "digits" / "report"
+    report.mkdir(parents=True)
+    (report / "results.json").write_text(json.dumps({"rows": [dict(method="raw pixels", group="reference")]}))
+    (report / "tables.md").write_text("| raw pixels | 1 / 1 | 97.78 |")
+    (tmp_path / "archive" / "authors_digits").mkdir()
+    (tmp_path / "archive" / "authors_digits" / "report.md").write_text("## authors_digits\n\ntheirs | ours\n")
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# old\n\n## digits\n\nkept table | 1 |\n")
+    for _ in range(2):
+        text = study.results_md(str(tmp_path / "archive"), str(path), "cmd", names=("digits",))
+        assert text.count("kept table | 1 |") == 1 and text.count(study.REFERENCE_MARK) == 1
+        assert text.index("kept table") < text.index("| raw pixels | 1 / 1 | 97.78 |")
+        assert text.count("## authors_digits") == 1 and text.rstrip().endswith("theirs | ours")
