@@ -53,6 +53,10 @@ def test_smoke_study_produces_rows(smoke_root):
     assert row["level_sizes"] == [60, 30, 10] and len(row["level_nmi"]) == 3
     assert row["hierarchy_file"] == "epoch_0001.npz"  # the last epoch's clustering
     assert "--config.epochs=2" in row["command"] and row["train_seconds"] > 0
+    records = [json.loads(line) for line in open(os.path.join(kept, "metrics.jsonl"))]
+    last = [r for r in records if r.get("type") == "epoch"][-1]
+    assert last["epoch"] == 1 and row["last_loss_instance"] == last["loss_instance"]
+    assert row["plateau"] == pytest.approx(np.log(1024 + 1)) and 0 <= row["last_instance_acc"] <= 100
     tables = open(os.path.join(report, "tables.md")).read()
     assert "| HCSC | 1 / 1 (seeds 0) |" in tables and "| MoCo v2 | 0 / 1" in tables
     assert os.path.isfile(os.path.join(report, "smoke_bars.png"))
