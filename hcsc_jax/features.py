@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed, models, sharding
+from hcsc_jax import clustering, distributed, models, sharding
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
 
@@ -74,6 +74,16 @@ def embed_input(graphdef, params, stats, data, crop, mean, std, batch=256, progr
     """`embed_dataset` of a `pipeline` input (resident or streamed)."""
     return embed_batches(graphdef, params, stats, data.center_crops(crop, batch), data.num_examples,
                          crop, mean, std, progress)
+
+
+def key_hierarchy(graphdef, params, stats, data, crop: int, mean_std: tuple, clustering_config, seed: int,
+                  num_clusters=None, mesh=None, batch: int = 256) -> clustering.Hierarchy:
+    """The hierarchy (`clustering.cluster_from_config`: the levels `num_clusters`, else those of
+    `clustering_config`, its settings, `seed`) of an encoder's projections of the center crops of
+    the `pipeline` input `data`: the training's hierarchy of each epoch (of the key encoder) and
+    the summary's final one."""
+    _, proj = embed_input(graphdef, params, stats, data, crop, *mean_std, batch)
+    return clustering.cluster_from_config(clustering_config, proj, seed, num_clusters, mesh)
 
 
 def weights_digest(*trees) -> str:

@@ -48,6 +48,7 @@ from hcsc_jax import (
     config_checks,
     distributed,
     evaluators,
+    features,
     models,
     objective,
     resume,
@@ -62,7 +63,6 @@ from hcsc_jax.config_checks import ConfigError
 from hcsc_jax.data.decode import DecodeError
 from hcsc_jax.data.loader import LoaderError
 from hcsc_jax.data.sources import check_available
-from hcsc_jax.features import embed_input
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,6 @@ def flush_log(window: dict, step: int, epoch: int, lr: float, batch: int, since:
     record = dict(means(window), step=step, epoch=epoch, lr=lr, images_per_sec=ips)
     writer.write(record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
-
-
-def key_hierarchy(config, state, graphdef, inp, mean_std: tuple, epoch: int, mesh) -> clustering.Hierarchy:
-    """The training hierarchy of epoch `epoch` (`clustering.cluster_from_config`: the levels and
-    settings of `config.clustering`, seed `clustering.epoch_seed`) of the key encoder's
-    projections of the center crops of the images of the `pipeline` input `inp`."""
-    _, proj = embed_input(graphdef, state.k_params, state.k_stats, inp, config.image_size, *mean_std)
-    seed = clustering.epoch_seed(config.clustering, config.seed, epoch)
-    return clustering.cluster_from_config(config.clustering, proj, seed, mesh=mesh)
 
 
 def check_health(per_step: list[dict], first_step: int, divergence) -> None:
@@ -333,7 +324,10 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
             start = first_in_epoch if epoch == first_epoch else 0  # a run resumed mid-epoch starts there
             cluster_seconds, input_wait, t_epoch = 0.0, 0.0, time.perf_counter()
             if uses_prototypes(config, epoch) and (hierarchy is None or hierarchy_epoch != epoch):
-                hierarchy = key_hierarchy(config, state, graphdef, train_set, parts.mean_std, epoch, mesh)
+                seed = clustering.epoch_seed(config.clustering, config.seed, epoch)
+                hierarchy = features.key_hierarchy(graphdef, state.k_params, state.k_stats, train_set,
+                                                   config.image_size, parts.mean_std, config.clustering, seed,
+                                                   mesh=mesh)
                 hierarchy_epoch, cluster_seconds = epoch, time.perf_counter() - t_epoch
                 if main:
                     workdir_lib.save_npz(hierarchy_dir / f"epoch_{epoch:04d}.npz", hierarchy.to_arrays())

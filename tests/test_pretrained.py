@@ -173,6 +173,7 @@ def test_a_fine_tuned_classifier_saves_and_loads_with_its_input(enc, images, tmp
     with pytest.raises(ValueError, match="holds a fine-tuned classifier, not an encoder: read it with"):
         hcsc_jax.load_encoder(tmp_path / "tuned")
     meta = {k: v for k, v in enc.meta.items() if k != "step"}
-    checkpoints.export_encoder(str(tmp_path / "export"), dict(meta, input=enc.input.__dict__), *enc.split()[1:])
+    meta["input"] = enc.input.__dict__
+    checkpoints.export_encoder(str(tmp_path / "export"), meta, *enc.split()[1:])
     with pytest.raises(ValueError, match="holds an encoder, not a fine-tuned classifier"):
         hcsc_jax.load_classifier(tmp_path / "export")

@@ -13,20 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from hcsc_jax import clustering
+from hcsc_jax import features
 from hcsc_jax.evaluators import cluster, common, knn
-from hcsc_jax.features import embed_input
-
-
-def key_hierarchy(ctx: common.Context, inp, num_clusters) -> clustering.Hierarchy:
-    """The hierarchy with levels `num_clusters` (`clustering.cluster_from_config`: the run's
-    clustering settings, the seed of the epoch after its last) of the key encoder's projections of
-    the center crops of the `pipeline` input `inp`."""
-    k, run = ctx.key_encoder, ctx.run_config
-    _, proj = embed_input(k.graphdef, k.params, k.stats, inp, ctx.data.image_size, *ctx.mean_std, ctx.batch)
-    return clustering.cluster_from_config(run.clustering, proj, run.seed + 1000 * run.epochs, num_clusters,
-                                          ctx.mesh)
-
 
 SETTINGS = ("knn_k", "knn_temperature", "num_clusters")
 
@@ -64,7 +52,10 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         res, _ = knn.run(ctx, knn_cfg)
         result["knn_top1"] = res["best_top1"] / 100
     if train.labels is not None and cfg.num_clusters:
-        final = key_hierarchy(ctx, train, tuple(cfg.num_clusters))
+        k, run = ctx.key_encoder, ctx.run_config  # (the seed of the epoch after the run's last)
+        final = features.key_hierarchy(k.graphdef, k.params, k.stats, train, ctx.data.image_size,
+                                       ctx.mean_std, run.clustering, run.seed + 1000 * run.epochs,
+                                       tuple(cfg.num_clusters), ctx.mesh, ctx.batch)
         result["nmi_per_level"] = [cluster.nmi(lv.assignments, train.labels) for lv in final.levels]
         result["num_clusters"] = list(final.num_clusters)
     parts = [f"knn top-1 {100 * result['knn_top1']:.2f}% (k={cfg.knn_k})"] if "knn_top1" in result else []
