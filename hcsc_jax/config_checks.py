@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection
+from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection, trees
 from hcsc_jax import train_step as ts
 from hcsc_jax.data import crops, loader
 from hcsc_jax.models import norm, vit
@@ -321,13 +321,9 @@ def get(config, field: str) -> Any:
     return node
 
 
-def fields(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def fields(config) -> Iterator[tuple[str, Any]]:
     """(dotted name, value) of every leaf field of `config`, in its order."""
-    for key, value in config.items():
-        if hasattr(value, "items"):
-            yield from fields(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key, value
+    return iter(trees.flatten(config).items())
 
 
 def rule_for(config, field: str) -> Rule | None:

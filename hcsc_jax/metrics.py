@@ -21,6 +21,7 @@ from typing import Any
 from etils import epath
 from tensorboardX import SummaryWriter, record_writer
 
+from hcsc_jax import trees
 from hcsc_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,8 @@ def set_aside(path: epath.Path) -> epath.Path:
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars of a record: `<type>/<key>` -> value for every number (a list
     gives `<type>/<key>/<index>`); `step`, `epoch` and `type` are not scalars."""
-    prefix = record.get("type", "train")
-    out = {}
-    for key, value in record.items():
-        if key in ("step", "epoch", "type"):
-            continue
-        values = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
-        for i, v in values:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{prefix}/{key}" + ("" if i is None else f"/{i}")] = float(v)
-    return out
+    values = {k: v for k, v in record.items() if k not in ("step", "epoch", "type")}
+    return trees.numbers(values, record.get("type", "train"), lists=True)
 
 
 class _EpathEventFile:

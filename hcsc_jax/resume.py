@@ -26,6 +26,7 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
+from hcsc_jax import trees
 from hcsc_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,10 @@ class Preempted(Exception):
     """SIGTERM or SIGINT was received and a checkpoint saved; running the same command resumes."""
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of the fields that differ between two config dicts and are not safe to change
     (a field of `ADDED_FIELDS` absent from one reads as its value there)."""
-    a, b = ({**ADDED_FIELDS, **flatten(c)} for c in (old, new))
+    a, b = ({**ADDED_FIELDS, **trees.flatten(c)} for c in (old, new))
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
     safe = lambda k: any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_TO_CHANGE)
     return [k for k in differ if not safe(k)]
@@ -98,8 +88,8 @@ def check_config(workdir: epath.Path, config_json: str):
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("config checked")
     if fields:
-        diffs = ", ".join(f"{k}: {flatten(old).get(k, '<absent>')!r} -> {flatten(new).get(k, '<absent>')!r}"
-                          for k in fields)
+        was, now = trees.flatten(old), trees.flatten(new)
+        diffs = ", ".join(f"{k}: {was.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in fields)
         raise ConfigMismatch(
             f"{workdir} holds checkpoints of a run with another config ({diffs}); resume with the "
             f"same values or use a new --workdir (safe to change: {_safe_list()})")

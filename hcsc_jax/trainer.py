@@ -54,6 +54,7 @@ from hcsc_jax import (
     resume,
     setup,
     sharding,
+    trees,
     visualize,
 )
 from hcsc_jax import metrics as metrics_lib
@@ -455,15 +456,8 @@ def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> tuple
             continue
         results[name], line = evaluators.run(evaluators.protocol(name, cfg), ctx, cfg)
         log.info("%s", line)
-        record.update(flat_scalars(results[name], name))
+        record.update(trees.numbers(results[name], name))
     return record, results
-
-
-def flat_scalars(tree, prefix: str) -> dict[str, float]:
-    """Numbers of a nested result dict as {"prefix/key/...": float} (lists and strings dropped)."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in flat_scalars(sub, f"{prefix}/{key}").items()}
-    return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
 
 
 def evaluate(config, ctx: evaluators.Context, results: dict) -> dict[str, Any]:
