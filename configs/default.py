@@ -5,6 +5,8 @@ Dataset configs start from `get_config()` here and override what differs.
 
 import ml_collections
 
+from hcsc_jax.data.decode import MAX_PIXELS
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -95,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     # decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS; data/decode.py).
     c.input = ml_collections.ConfigDict(dict(pipeline="memory", num_workers=-1, prefetch=2,
                                              resampling="linear", bad_images="skip",
-                                             max_pixels=89_478_485))
+                                             max_pixels=MAX_PIXELS))
 
     # Evaluators (hcsc_jax/evaluators/), one schema with configs/eval_*.py: name -> {type (the
     # protocol; default: the name), every_epochs (0: after the last epoch only), its settings}.

@@ -26,9 +26,8 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection, trees
-from hcsc_jax import train_step as ts
-from hcsc_jax.data import crops, loader
+from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection, train_step, trees
+from hcsc_jax.data import crops, loader, pipeline
 from hcsc_jax.models import norm, vit
 
 
@@ -222,16 +221,16 @@ RULES: dict[str, Rule] = {
     "bn_group_size": BATCH,
     "bn_running_stats": choice(*norm.RUNNING_STATS),
     "shuffle_bn": boolean(),
-    "shuffle_bn_gather": choice(*ts.SHUFFLE_GATHERS),
+    "shuffle_bn_gather": choice(*train_step.SHUFFLE_GATHERS),
     "queue_size": QUEUE,
     "ema_momentum": real(0, 1),
     "lr": LEARNING_RATE,
     "weight_decay": real(0),
     "sgd_momentum": MOMENTUM,
-    "optimizer": choice(*ts.OPTIMIZERS),
+    "optimizer": choice(*train_step.OPTIMIZERS),
     "adam_betas": fixed(MOMENTUM, MOMENTUM),
     "lr_warmup_epochs": integer(0, MAX_EPOCHS),
-    "lr_granularity": choice(*ts.LR_GRANULARITIES),
+    "lr_granularity": choice(*train_step.LR_GRANULARITIES),
     "grad_clip": real(0, note="0: off"),
     "epochs": integer(0, MAX_EPOCHS),
     "warmup_epochs": integer(0, MAX_EPOCHS),
@@ -267,7 +266,7 @@ RULES: dict[str, Rule] = {
     "augment.std": STD,
     "augment.local_views": tuple_of(fixed(LOCAL_SIDE, SCALE)),
     # Input.
-    "input.pipeline": choice("memory", "stream"),
+    "input.pipeline": choice(*pipeline.PIPELINES),
     "input.num_workers": WORKERS,
     "input.prefetch": integer(1, 1024),
     "input.resampling": choice(*crops.RESAMPLING),

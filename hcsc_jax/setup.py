@@ -21,8 +21,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from hcsc_jax import checkpoints, models, objective, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import checkpoints, models, objective, sharding, train_step
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.crops import CropSpec
 
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Parts:
+class TrainingSetup:
     """What `build` makes of a config.
 
     model_meta: `models.encoder_meta` of the encoder (stored with every checkpoint);
@@ -47,14 +46,14 @@ class Parts:
     graphdef: Any
     tx: Any
     schedule: Callable
-    state: ts.TrainState
+    state: train_step.TrainState
     warmup_step: Callable
     prototype_step: Callable
     refresh_lse: Callable
     mean_std: tuple[tuple, tuple]
 
 
-def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = False) -> Parts:
+def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = False) -> TrainingSetup:
     """The parts of a run of `config` on `channels`-channel images, `steps_per_epoch` global
     batches per epoch (for the lr schedule), on `mesh`. The encoder is initialized from
     `config.seed` or, when set, `config.init_encoder`. `abstract`: nothing is allocated, the state
@@ -70,7 +69,7 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
     graphdef = models.split_model(model)[0]
     tx, schedule = make_optimizer(config, steps_per_epoch)
     replicated = sharding.replicated(mesh)
-    init = lambda model: ts.init_state(model, tx, config.queue_size, config.model.embed_dim,
+    init = lambda model: train_step.init_state(model, tx, config.queue_size, config.model.embed_dim,
                                        len(config.clustering.num_clusters), config.seed)
     if abstract:
         shapes = jax.eval_shape(lambda: init(models.build_encoder(meta, seed=config.seed,
@@ -79,19 +78,19 @@ def build(config, channels: int, steps_per_epoch: int, mesh, abstract: bool = Fa
     else:
         state = jax.device_put(init(model), replicated)
     step_cfg = step_config(config, channels)
-    return Parts(
+    return TrainingSetup(
         model_meta=meta, graphdef=graphdef, tx=tx, schedule=schedule,
         state=state,
-        warmup_step=ts.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=True),
-        prototype_step=ts.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=False),
-        refresh_lse=jax.jit(ts.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,)),
+        warmup_step=train_step.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=True),
+        prototype_step=train_step.jit_train_step(graphdef, tx, step_cfg, mesh, warmup=False),
+        refresh_lse=jax.jit(train_step.refresh_queue_lse, out_shardings=replicated, donate_argnums=(0,)),
         mean_std=view_configs(config, channels)[3])
 
 
-def step_config(config, channels: int) -> ts.StepConfig:
+def step_config(config, channels: int) -> train_step.StepConfig:
     """The step's static settings under `config` for `channels`-channel images."""
     view_q, view_k, view_local, _ = view_configs(config, channels)
-    return ts.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
+    return train_step.StepConfig(objective=objective_config(config), view_q=view_q, view_k=view_k,
                          view_local=view_local, ema_momentum=config.ema_momentum,
                          shuffle_bn=config.shuffle_bn, shuffle_gather=config.shuffle_bn_gather)
 
@@ -99,7 +98,7 @@ def step_config(config, channels: int) -> ts.StepConfig:
 def make_optimizer(config, steps_per_epoch: int):
     """-> (optax transformation, lr schedule) of `config` (see `train_step.make_optimizer`) for a
     run of `config.epochs` epochs of `steps_per_epoch` steps."""
-    return ts.make_optimizer(
+    return train_step.make_optimizer(
         config.lr, config.batch_size, steps_per_epoch * config.epochs, config.weight_decay,
         config.sgd_momentum, optimizer=config.optimizer,
         warmup_steps=config.lr_warmup_epochs * steps_per_epoch, grad_clip=config.grad_clip,

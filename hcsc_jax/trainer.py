@@ -54,11 +54,11 @@ from hcsc_jax import (
     resume,
     setup,
     sharding,
+    train_step,
     trees,
     visualize,
 )
 from hcsc_jax import metrics as metrics_lib
-from hcsc_jax import train_step as ts
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.config_checks import ConfigError
 from hcsc_jax.data.decode import DecodeError
@@ -91,7 +91,7 @@ def check_values(config, num_devices: int) -> None:
     take the image or view sizes. Runs before anything is written."""
     config_checks.check(config)
     try:
-        ts.check_batch_config(config.batch_size, config.queue_size, config.bn_group_size, num_devices)
+        train_step.check_batch_config(config.batch_size, config.queue_size, config.bn_group_size, num_devices)
         setup.objective_config(config)
         models.check_model_config(config.model, config.image_size, config.shuffle_bn,
                                   [size for size, _ in config.augment.local_views])
@@ -286,7 +286,7 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
 
     # ---- Metrics, checkpoints, evaluators ----
     writer = metrics_lib.MetricsWriter(workdir, first_step, config, enabled=main)
-    redo_evals = missing_evals(config, workdir, first_step, steps_per_epoch)  # (of the file the writer kept)
+    redo_evals = evals_cut_off(config, workdir, first_step, steps_per_epoch)  # (of the file the writer kept)
     hierarchy_dir = workdir / workdir_lib.HIERARCHY_DIR
     eval_inputs = {config.train_split: train_set}  # splits opened for the feature passes of evaluators
     # The context of the last epoch's evaluators and their results, which the summary reuses.
@@ -338,7 +338,7 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
                 assignments = hierarchy.assignments()
                 if start == 0:  # (resumed mid-epoch, the restored state already holds the cache)
                     state = parts.refresh_lse(state, protos)
-            train_step = parts.warmup_step if protos is None else parts.prototype_step
+            step_fn = parts.warmup_step if protos is None else parts.prototype_step
             batches = train_set.steps(epoch, start, assignments)
             if start == 0:
                 epoch_sums = new_sums()
@@ -352,7 +352,7 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
                 t_input = time.perf_counter()
                 images, labels = next(batches)
                 input_wait += time.perf_counter() - t_input  # the host waiting for the loader
-                state, metrics = train_step(state, images, labels, protos)
+                state, metrics = step_fn(state, images, labels, protos)
                 inflight.append(metrics)
                 if len(inflight) > MAX_IN_FLIGHT:  # the host waits for step s - MAX_IN_FLIGHT before s + 1
                     jax.block_until_ready(inflight.popleft())
@@ -402,7 +402,7 @@ def _train_and_evaluate(config, workdir, mesh, preemption: resume.PreemptionWatc
         # ---- Summary of the final encoder ----
         if final_ctx is None or final_ctx.encoder.step != int(state.step):  # else: its features are reused
             final_ctx, final_results = context(int(state.step)), {}
-        summary = evaluate(config, final_ctx, final_results)
+        summary = final_summary(config, final_ctx, final_results)
         writer.close()
         if main:
             workdir_lib.write_atomic(workdir / workdir_lib.SUMMARY_FILE, workdir_lib.dumps(summary))
@@ -419,17 +419,14 @@ def eval_context(config, graphdef, state, enc_meta: dict, step: int, mesh,
     """An evaluators.Context for the query encoder of `state` (its key encoder and `config` as the
     context's `key_encoder` and `run_config`) on the run's data; `inputs` maps split names to
     `pipeline` inputs already open (reused and filled, not re-read)."""
-    a, i = config.augment, config.input
-    data = evaluators.DataSpec(config.dataset, config.get("data_dir"), config.train_split, config.eval_split,
-                               config.image_size, tuple(a.mean), tuple(a.std), i.pipeline, i.num_workers,
-                               i.prefetch, i.bad_images, i.max_pixels)
+    data = evaluators.common.data_spec({}, run_config=config.to_dict())  # (the run's own data fields)
     encoder = lambda params, stats: evaluators.Encoder(graphdef, params, stats, enc_meta, step)
     return evaluators.Context(encoder(state.q_params, state.q_stats), data, mesh, None, progress=False,
                               seed=config.seed, inputs=inputs,
                               key_encoder=encoder(state.k_params, state.k_stats), run_config=config)
 
 
-def missing_evals(config, workdir, step: int, steps_per_epoch: int) -> bool:
+def evals_cut_off(config, workdir, step: int, steps_per_epoch: int) -> bool:
     """Whether a run resuming at `step` must redo the evaluators of `config.evals` due at the end
     of the epoch that ended there: a kill landed between that checkpoint and their record in
     metrics.jsonl. Process 0 reads the file and tells the others."""
@@ -460,7 +457,7 @@ def run_evals(config, ctx: evaluators.Context, epoch: int, final: bool) -> tuple
     return record, results
 
 
-def evaluate(config, ctx: evaluators.Context, results: dict) -> dict[str, Any]:
+def final_summary(config, ctx: evaluators.Context, results: dict) -> dict[str, Any]:
     """summary.json: {"step", "epochs"} and the result of the `config.evals` entry of type
     "summary" (`evaluators.summary`: knn_top1, nmi_per_level, num_clusters), taken from `results`
     (the evaluators' results of the last epoch on `ctx`) or run here on `ctx`. Without a summary

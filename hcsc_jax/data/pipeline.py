@@ -37,6 +37,10 @@ from hcsc_jax.data.sources import ArrayDataset, RandomAccessSource
 
 log = logging.getLogger(__name__)
 
+# config.input.pipeline: "memory" (the dataset resident on the devices, crops there) or "stream"
+# (decoded and cropped on the host by loader workers).
+PIPELINES = ("memory", "stream")
+
 
 def open_input(pipeline: str, dataset: str, split: str, data_dir, mesh, global_batch: int, seed: int,
                crops: tuple[CropSpec, ...] = (), num_workers: int = -1, prefetch: int = 2,
@@ -58,7 +62,7 @@ def open_input(pipeline: str, dataset: str, split: str, data_dir, mesh, global_b
             source = sources.SubsetSource(source, indices)
         return StreamInput(source, mesh, global_batch, seed, crops, num_workers, prefetch, resampling,
                            bad_images)
-    raise ValueError(f"input pipeline must be 'memory' or 'stream', got {pipeline!r}")
+    raise ValueError(f"input pipeline must be one of {PIPELINES}, got {pipeline!r}")
 
 
 class ResidentInput:

@@ -237,8 +237,8 @@ def data_spec(config, run_config: dict | None = None, trained_on: dict | None = 
     except (ValueError, TypeError) as err:
         raise EvalError(f"{err} (the eval config's, else the run's or the encoder's recorded input); set "
                         "--config.image_size / --config.mean / --config.std") from None
-    if data["pipeline"] not in ("memory", "stream"):
-        raise EvalError(f"pipeline must be 'memory' or 'stream', got {data['pipeline']!r}")
+    if data["pipeline"] not in pipeline.PIPELINES:
+        raise EvalError(f"pipeline must be one of {pipeline.PIPELINES}, got {data['pipeline']!r}")
     return DataSpec(dataset=data["dataset"], data_dir=data["data_dir"], train_split=data["train_split"],
                     eval_split=data["eval_split"], image_size=int(data["image_size"]),
                     mean=tuple(float(m) for m in data["mean"]), std=tuple(float(s) for s in data["std"]),
