@@ -55,6 +55,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the eval config, the checkpoint, the data and --out as "
+                             "the evaluation would, write nothing, exit.")
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -80,21 +82,29 @@ def main(argv):
     name, cfg = chosen_entry(config)
     from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
     from hcsc_jax import workdir as workdir_lib
+    from hcsc_jax.data import sources
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
-    out = workdir_lib.path(_OUT.value or workdir_lib.path(_CHECKPOINT.value) / "eval")
     try:
         protocol = evaluators.protocol(name, cfg)
         ctx = evaluators.common.from_checkpoint(config, _CHECKPOINT.value, _STEP.value, sharding.make_mesh(),
-                                                out, key_encoder=protocol == "summary")
+                                                _OUT.value, key_encoder=protocol == "summary")
+        out = ctx.out_dir  # (--out, else <checkpoint>/eval, or <run>/eval/pixels for the pixels)
+        if _DRY_RUN.value:  # the data of the protocol's splits readable, --out writable, nothing written
+            d = ctx.data
+            sources.check_available(d.dataset, (d.train_split, d.eval_split), d.data_dir)
+            workdir_lib.check_writable(out, flag="--out")
+            logging.getLogger("hcsc_jax").info("dry run: the checkpoint, the data and %s are ready; nothing "
+                                               "was written", out)
+            return
         if distributed.is_main():  # after the checkpoint was found: a path that is not one gets no eval/
             workdir_lib.prepare(out, flag="--out")
         result, line = evaluators.run(protocol, ctx, cfg)
     except workdir_lib.WorkdirError as err:
         console.usage_error(err)
-    except evaluators.EvalError as err:
+    except (evaluators.EvalError, sources.DataError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         sys.exit(1)
     if not distributed.is_main():

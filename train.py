@@ -16,7 +16,7 @@ checkpoint within a few steps (trainer.MAX_IN_FLIGHT) and exits 0; the same comm
 A second Ctrl-C stops at once (exit status 130), also inside an XLA compile. A config that cannot
 train, or a workdir another run holds (run.lock), is one line and exit status 2, before anything is
 written; data that cannot be read (an unknown dataset or split, missing files) is one line and
-exit status 1, before anything is written.
+exit status 1, before anything is written. --dry_run makes those checks and stops there.
 """
 
 import json
@@ -37,6 +37,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config, the data, the init encoder and the workdir "
+                             "(and a checkpoint's config to resume) as the run would, write nothing, exit.")
 
 
 def run_name(config_filename: str) -> str:
@@ -61,7 +63,7 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("runs", run_name(flags.FLAGS["config"].config_filename))
     ours.info("workdir: %s", workdir)
     try:
-        summary = trainer.train_and_evaluate(config, workdir)
+        summary = trainer.train_and_evaluate(config, workdir, dry_run=_DRY_RUN.value)
     except (trainer.DivergedError, trainer.InputError, DataError, NoReadableStep) as err:
         ours.error("%s", err)  # one line; nothing written when it is the data's (DataError)
         sys.exit(1)
@@ -75,7 +77,9 @@ def main(argv):
     except (workdir_lib.WorkdirError, resume.ConfigMismatch, trainer.ConfigError, ImportError) as err:
         ours.error("%s", err)  # one line: what to change
         sys.exit(2)
-    if distributed.is_main():
+    if _DRY_RUN.value:
+        ours.info("dry run: the config, the data and %s are ready; nothing was written", workdir)
+    elif distributed.is_main():
         print(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -120,6 +121,14 @@ class _EpathEventFiles:
 
 
 record_writer.register_writer_factory("gs", _EpathEventFiles())
+
+
+def check_wandb(config) -> None:
+    """ImportError, one line, when `config.wandb.project` is set and wandb is not installed: said
+    before the run writes anything, not when its writer opens."""
+    if config.get("wandb", {}).get("project") and importlib.util.find_spec("wandb") is None:
+        raise ImportError(f"config.wandb.project is {config.wandb.project!r} but wandb is not installed; "
+                          "pip install wandb, or leave config.wandb.project unset")
 
 
 def _wandb_run(config, workdir: epath.Path):

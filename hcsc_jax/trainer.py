@@ -214,14 +214,17 @@ def keeping_saves(mngr):
         raise
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dry_run: bool = False) -> dict[str, Any] | None:
     """Trains (resuming from `workdir` if it holds checkpoints), then evaluates. -> summary dict.
     The config and the data (DataError: the dataset, its training split and, with evaluators, its
     eval split can be read) are checked before anything is written; the workdir is locked while
     the run lasts, and SIGTERM or Ctrl-C, from the lock on, stops it at the next step boundary with
     a checkpoint (`resume.Preempted`); after the last step, once its checkpoint is committed (the
     summary is then left to the same command), or, during the summary, after summary.json (figures
-    left out). A second Ctrl-C ends the process at once (exit status 130), releasing the lock."""
+    left out). A second Ctrl-C ends the process at once (exit status 130), releasing the lock.
+    `dry_run`: the checks only (the workdir writable, its config the same as its checkpoints'),
+    nothing written, None returned."""
     main = distributed.is_main()
     mesh = sharding.make_mesh()
     check_values(config, mesh.size)
@@ -234,10 +237,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         setup.check_init_encoder(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    metrics_lib.check_wandb(config)
     splits = (config.train_split, *([config.eval_split] if config.evals else []))
     num_train = check_available(config.dataset, splits, config.get("data_dir"))
     if num_train is not None:  # (the sizes the training set must give, before anything is written)
         config_checks.check_data(config, num_train)
+    if dry_run:  # (train.py --dry_run) the checks a run makes before it writes, and nothing written
+        workdir_lib.check_writable(workdir)
+        if (path := workdir_lib.path(workdir)).exists():
+            resume.check_config(path, config.to_json_best_effort(indent=2, sort_keys=True))
+        return None
     workdir = workdir_lib.prepare(workdir) if main else workdir_lib.path(workdir)
     release = (lambda: (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)) if main else None
     with workdir_lib.locked(workdir, enabled=main), resume.PreemptionWatch(on_abort=release) as preemption:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import secrets
 import socket
 import threading
@@ -59,6 +60,22 @@ def prepare(p: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
         raise WorkdirError(f"cannot write to {p} ({type(err).__name__}: {err}); pass a {flag} that "
                            "exists (or can be created) and that you can write to") from None
     return p
+
+
+def check_writable(p: str | os.PathLike, flag: str = "--workdir") -> None:
+    """What `prepare` would refuse, found without writing anything: WorkdirError when the local
+    path `p` or its nearest existing parent is not a directory this process can write to; a
+    bucket is only asked whether it answers (`check_reachable`)."""
+    p = path(p)
+    if not is_local(p):
+        check_reachable(p)
+        return
+    q = pathlib.Path(os.fspath(p)).absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
+        raise WorkdirError(f"cannot write to {p} ({q} is not a directory you can write to); pass a {flag} "
+                           "that exists (or can be created) and that you can write to")
 
 
 REACH_TIMEOUT_S = 60.0  # the longest `check_reachable` waits for a bucket to answer

@@ -52,6 +52,48 @@ def test_documented_command_parses(script, args):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+# What a documented command may fail on here, and only that: data, a checkpoint, an optional
+# package or a run an earlier command makes that this machine does not have.
+ELSEWHERE = re.compile(r"does not exist|is not prepared in|is not installed")
+DRY_RUNS = sorted({(s, tuple(a)) for s, a in COMMANDS
+                   if not any(x.startswith("--coordinator_address") for x in a)  # (waits for its peers)
+                   and not any(re.search(r"\b(RUN|DIR)\b", x) for x in a)})  # (placeholders)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args", DRY_RUNS, ids=[" ".join([s, *a])[:90] for s, a in DRY_RUNS])
+def test_documented_command_runs_as_written_up_to_its_first_write(script, args, digits_run, tmp_path):
+    """With --dry_run: every check the command makes before it writes (config, data, workdir,
+    checkpoint, init encoder), from a directory holding configs/ and, for the commands that read
+    it, the runs/digits the first command trains. It succeeds and writes nothing, or fails on
+    what this machine lacks (ELSEWHERE), nothing else (a workdir collision, a missing split...)."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    reads_digits = script == "eval.py" or any(a.startswith("--config.init_encoder=runs/digits") for a in args)
+    if reads_digits:
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "digits").symlink_to(digits_run)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = run(script, *args, "--dry_run", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 0 or (lines and ELSEWHERE.search(lines[-1])), done.stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    if done.returncode == 0:
+        assert "dry run: " in done.stderr
+
+
+@pytest.mark.slow
+def test_the_pixels_of_a_run_go_to_its_eval_pixels_folder(digits_run, tmp_path):
+    """`eval.py --checkpoint=pixels:RUN` writes RUN/eval/pixels/ (not a folder named
+    "pixels:RUN"); it needs only RUN's config.json."""
+    (tmp_path / "run").mkdir()
+    shutil.copy(os.path.join(digits_run, "config.json"), tmp_path / "run" / "config.json")
+    done = run("eval.py", "--eval=knn", "--checkpoint=pixels:run", "--config.progress_bar=False",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert "knn_step0.json" in os.listdir(tmp_path / "run" / "eval" / "pixels")
+
+
 @pytest.mark.parametrize("module", sorted(p.stem for p in ROOT.glob("configs/*.py") if p.stem != "__init__"))
 def test_no_config_field_is_an_untyped_none(module):
     """A None field cannot be overridden from the command line ("Type NoneType ... is not

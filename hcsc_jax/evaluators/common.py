@@ -296,6 +296,8 @@ def from_checkpoint(config, path: str, step: int | None, mesh, out: str | None =
                             "pass the --workdir of a run or a directory written by export_encoder or "
                             "`convert import-torch`") from None
         raise EvalError(f"no encoder found: {err}") from None
+    except ValueError as err:  # a fine-tuned classifier, not an encoder
+        raise EvalError(str(err)) from None
     except RuntimeError as err:  # no step of the workdir (or not `step`, or not the export) restores
         raise EvalError(f"{err} (see the warnings above)" if step is None and (path / "checkpoints").is_dir()
                         else str(err)) from None
