@@ -734,6 +734,13 @@ DESCRIPTION = {
         "60/30/10, r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = "
         "`configs/digits.py` (paper semantics); the ablations are `configs/digits.py` with the overrides in "
         "their commands."),
+    "digits_recipe": (
+        "The sweep that chooses the digits recipe: `configs/digits.py:mocov2` (MoCo v2) and "
+        "`configs/digits.py` (HCSC) at the 40-epoch budget, each with one change of the recipe (named in the "
+        "row; the overrides are in each run's command), seed 0. What to read: the last epoch's InfoNCE "
+        "loss against log(K+1), the plateau of a key no closer than the queue's (K = queue size), and the "
+        "instance accuracy: a run that stays near the plateau has not learned to tell the images apart, "
+        "whatever its kNN (the untrained encoder's kNN is the floor, the raw pixels' the bar)."),
     "fashion_mnist": (
         "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist.py` and its `:mocov2` / `:pcl` "
         "variants: small-stem ResNet-18 (width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, "
@@ -775,7 +782,7 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def results_md(archive: str, path: str, command: str,
-               names=("fashion_mnist_cpu", "digits", "fashion_mnist")) -> str:
+               names=("fashion_mnist_cpu", "digits", "digits_recipe", "fashion_mnist")) -> str:
     """RESULTS.md: one section per setting from <archive>/<setting>/report (figures copied next to
     `path` under results/). A setting with no archived run keeps the section `path` already has
     (made by an earlier study whose runs were not archived), or gets a note saying it was not run."""
