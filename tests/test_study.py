@@ -233,13 +233,16 @@ def test_reference_rows_join_a_section_whose_method_runs_predate_the_archive(tmp
     report = tmp_path / "archive" / "digits" / "report"
     report.mkdir(parents=True)
     (report / "results.json").write_text(json.dumps({"rows": [dict(method="raw pixels", group="reference")]}))
-    (report / "tables.md").write_text("| raw pixels | 1 / 1 | 97.78 |")
+    tables = "Command: `x`\n\nReport written y.\n\n#### Reference\n\n| raw pixels | 1 / 1 | 97.78 |\n\n"
+    (report / "tables.md").write_text(tables + "#### Methods\n\n| MoCo v2 | 0 / 5 |\n")
     (tmp_path / "archive" / "authors_digits").mkdir()
     (tmp_path / "archive" / "authors_digits" / "report.md").write_text("## authors_digits\n\ntheirs | ours\n")
     path = tmp_path / "RESULTS.md"
     path.write_text("# old\n\n## digits\n\nkept table | 1 |\n")
     for _ in range(2):
         text = study.results_md(str(tmp_path / "archive"), str(path), "cmd", names=("digits",))
+        assert study.SETTINGS["digits"].methods_predate_archive
         assert text.count("kept table | 1 |") == 1 and text.count(study.REFERENCE_MARK) == 1
         assert text.index("kept table") < text.index("| raw pixels | 1 / 1 | 97.78 |")
+        assert "| MoCo v2 | 0 / 5 |" not in text and "Command: `x`" in text
         assert text.count("## authors_digits") == 1 and text.rstrip().endswith("theirs | ours")
