@@ -92,6 +92,7 @@ class Setting:
     # Its method rows in RESULTS.md come from runs made before the archive existed: the section is
     # kept, and only the archived reference rows are added to it (until the methods run again).
     methods_predate_archive: bool = False
+    baseline: str | None = None  # also paired differences to this row (same seed)
 
 
 ABL = ("--config.objective.instance_selection", "--config.objective.prototype_selection")
@@ -132,6 +133,21 @@ RECIPE_CHANGES = (  # (what changes, train.py overrides)
 RECIPES = tuple(Method(f"{name}, {change}" if change else name, config, overrides, seeds=(0,))
                 for name, config in (("MoCo v2", "digits.py:mocov2"), ("HCSC", "digits.py"))
                 for change, overrides in RECIPE_CHANGES)
+# Which of the :authors switches moves HCSC on digits (issue 35): official semantics, then each
+# switch turned on alone, then all of them (= configs/digits.py:authors).
+OFFICIAL = "HCSC, official"
+SWITCHES = (
+    ("their negative-prototype off-by-one", "--config.objective.skip_last_prototype=True"),
+    ("lr per epoch", "--config.lr_granularity=epoch"),
+    ("same k-means seeds every epoch", "--config.clustering.seed_per_epoch=False"),
+    ("first-group BN statistics", "--config.bn_running_stats=first_group"),
+)
+AUTHORS_SWITCHES = (
+    Method(OFFICIAL, "digits.py", ("--config.objective.semantics=official",), seeds=(0, 1, 2, 3)),
+    *(Method(f"{OFFICIAL} + {name}", "digits.py", ("--config.objective.semantics=official", flag),
+             seeds=(0, 1, 2, 3)) for name, flag in SWITCHES),
+    Method("HCSC, :authors (all four)", "digits.py:authors", seeds=(0, 1, 2, 3)),
+)
 PIXELS = "raw pixels"
 UNTRAINED = "untrained encoder"
 
@@ -161,6 +177,7 @@ SETTINGS = {
     # The digits recipe: MoCo v2 at configs/digits.py with one change each (and HCSC with the
     # changes that leave the InfoNCE plateau), seed 0: which default visibly learns in ~3-4 min.
     "digits_recipe": Setting("digits_recipe", "digits", 10, _references("digits.py") + RECIPES),
+    "authors_switches": Setting("authors_switches", "digits", 10, AUTHORS_SWITCHES, baseline=OFFICIAL),
     # CI smoke test: 2 epochs (1 warm-up), one seed, a tiny model, a short linear probe.
     "smoke": Setting(
         "smoke", "digits", 10,
@@ -546,7 +563,9 @@ def tables(setting: Setting, rows: list[dict]) -> str:
                                             if m.name != "MoCo v2" and m.group != "reference"]),
                                ("PCL", [m.name for m in setting.methods if m.name not in ("MoCo v2", "PCL")]),
                                (no_sel, [m.name for m in setting.methods
-                                         if m.group == "ablation" and m.name != no_sel])):
+                                         if m.group == "ablation" and m.name != no_sel]),
+                               (setting.baseline, [m.name for m in setting.methods if m.group != "reference"
+                                                   and m.name != setting.baseline])):
         base = _by_seed(by_method.get(base_name, []))
         if not base:
             continue

@@ -246,3 +246,16 @@ def test_reference_rows_join_a_section_whose_method_runs_predate_the_archive(tmp
         assert text.index("kept table") < text.index("| raw pixels | 1 / 1 | 97.78 |")
         assert "| MoCo v2 | 0 / 5 |" not in text and "Command: `x`" in text
         assert text.count("## authors_digits") == 1 and text.rstrip().endswith("theirs | ours")
+
+
+def test_the_authors_switches_are_paired_with_official_semantics():
+    """authors_switches: HCSC official, each :authors switch on alone, all four; every row
+    paired seed by seed with the official one."""
+    s = study.SETTINGS["authors_switches"]
+    assert len(study.plan(s)) == 6 * 4 and s.methods[-1].config == "digits.py:authors"
+    assert all("--config.objective.semantics=official" in m.overrides for m in s.methods[:-1])
+    rows = [dict(method=m.name, group="main", seed=sd, knn20=90.0 + i + sd, knn200=80.0, linear_fast=90.0,
+                 nmi=0.5, ami=0.5) for i, m in enumerate(s.methods) for sd in (0, 1)]
+    text = study.tables(s, rows)
+    assert "#### Paired difference to HCSC, official (same seed)" in text
+    assert "| HCSC, :authors (all four) | 2 | 5.00 ± 0.00 [+5.00, +5.00] |" in text
