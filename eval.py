@@ -80,6 +80,11 @@ def main(argv):
     console.setup()
     config = _CONFIG.value
     name, cfg = chosen_entry(config)
+    from hcsc_jax import config_checks  # (after flag parsing, so --help is fast)
+    try:
+        config_checks.check_eval_entry(name, cfg)  # before anything is read or written
+    except config_checks.ConfigError as err:
+        console.usage_error(str(err))
     from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
     from hcsc_jax import workdir as workdir_lib
     from hcsc_jax.data import sources

@@ -1,9 +1,10 @@
 """Every value of a training config checked before anything is written: one rule per field.
 
 `RULES` maps each dotted field of the training configs (configs/default.py, the fields the dataset
-configs and `configs.apply_vit` add) to its rule: its type, its range, its choices.
-`EVAL_SETTINGS` does the same for the settings of each evaluator protocol of a `config.evals`
-entry. `RELATIONS` are the checks between fields (levels shrink, one summary entry, ...);
+configs and `configs.apply_vit` add) to its rule: its type, its range, its choices (the rules
+themselves: `hcsc_jax.rules`). `evaluators.SETTINGS`, which each evaluator module declares for
+itself, does the same for the settings of a `config.evals` entry. `RELATIONS` are the checks
+between fields (levels shrink, one summary entry, ...);
 `WARNINGS` the relations a run may have on purpose but rarely means (`warnings_for`: logged).
 `check(config)` raises ConfigError for the first field that breaks its rule, that no rule knows,
 or the first relation that fails: one line naming the field, what it accepts and the flag that
@@ -20,181 +21,50 @@ Bounds are those a run can use: each says in a comment why it is where it is.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection, train_step, trees
 from hcsc_jax.data import crops, loader, pipeline
 from hcsc_jax.models import norm, vit
+from hcsc_jax.rules import (
+    BATCH,
+    CLUSTERS,
+    DIM,
+    EVERY_EPOCHS,
+    LEARNING_RATE,
+    LOCAL_SIDE,
+    MAX_EPOCHS,
+    MEAN,
+    MOMENTUM,
+    NITER,
+    NREDO,
+    PROBABILITY,
+    QUEUE,
+    SCALE,
+    SEED,
+    SIDE,
+    STD,
+    STEPS,
+    TEMPERATURE,
+    WORKERS,
+    Rule,
+    boolean,
+    choice,
+    fixed,
+    integer,
+    optional,
+    real,
+    text,
+    tuple_of,
+)
 
 
 class ConfigError(ValueError):
     """A config value that cannot train, with what to change (one line)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """What a field accepts: `ok(value)`, said as `what` ("an integer >= 1"); `example` is a value it
-    accepts and `bad` (kind, value) pairs it refuses, one of each kind (for the tests)."""
-
-    what: str
-    ok: Callable[[Any], bool]
-    example: Any
-    bad: tuple[tuple[str, Any], ...]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _fmt(x) -> str:
-    return str(x) if _is_int(x) else f"{x:g}"
-
-
-def _range(min_, max_, above=None, below=None) -> str:
-    """">= 1", "> 0", "in [0, 1)", ...: the bounds given (None: none)."""
-    low = min_ if min_ is not None else above
-    high = max_ if max_ is not None else below
-    if low is not None and high is not None:
-        return (f"in {'[' if min_ is not None else '('}{_fmt(low)}, {_fmt(high)}"
-                f"{']' if max_ is not None else ')'}")
-    if low is not None:
-        return f"{'>=' if min_ is not None else '>'} {_fmt(low)}"
-    return f"{'<=' if max_ is not None else '<'} {_fmt(high)}" if high is not None else ""
-
-
-def integer(min: int | None = None, max: int | None = None, note: str = "") -> Rule:
-    """An int (not a bool) in [min, max] (None: unbounded)."""
-    what = " ".join(filter(None, ["an integer", _range(min, max), f"({note})" if note else ""]))
-    bad = [("wrong type", "x"), ("wrong type", 1.5)]
-    bad += [("out of range", min - 1)] if min is not None else []
-    bad += [("out of range", max + 1)] if max is not None else []
-    return Rule(what, lambda v: _is_int(v) and (min is None or v >= min) and (max is None or v <= max),
-                min if min is not None else (max if max is not None else 0), tuple(bad))
-
-
-def real(min: float | None = None, max: float | None = None, *, above: float | None = None,
-         below: float | None = None, note: str = "") -> Rule:
-    """A finite int or float with min <= v <= max, above < v < below (None: unbounded)."""
-    what = " ".join(filter(None, ["a finite number", _range(min, max, above, below),
-                                  f"({note})" if note else ""]))
-
-    def ok(v) -> bool:
-        return (_is_number(v) and (min is None or v >= min) and (max is None or v <= max)
-                and (above is None or v > above) and (below is None or v < below))
-
-    lo = min if min is not None else (above if above is not None else 0.0)
-    hi = max if max is not None else (below if below is not None else lo + 2.0)
-    bad = [("wrong type", "x"), ("wrong type", True), ("nan", math.nan), ("inf", math.inf),
-           ("inf", -math.inf)]
-    bad += [("out of range", min - 1 - abs(min))] if min is not None else []
-    bad += [("out of range", above)] if above is not None else []
-    bad += [("out of range", max + 1 + abs(max))] if max is not None else []
-    bad += [("out of range", below)] if below is not None else []
-    return Rule(what, ok, (lo + hi) / 2, tuple(bad))
-
-
-def boolean() -> Rule:
-    return Rule("True or False", lambda v: isinstance(v, bool), False,
-                (("wrong type", "yes"), ("wrong type", 1)))
-
-
-def choice(*options: str) -> Rule:
-    return Rule(f"one of {', '.join(map(repr, options))}", lambda v: isinstance(v, str) and v in options,
-                options[0], (("not a choice", "bogus"), ("wrong type", 3)))
-
-
-def text() -> Rule:
-    """A non-empty string (a path, a dataset or split name: their sources check what they name)."""
-    return Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()), "x",
-                (("wrong type", 5), ("empty", "")))
-
-
-def optional(rule: Rule, note: str = "") -> Rule:
-    """None, or what `rule` accepts."""
-    return Rule(f"{rule.what} or None" + (f" ({note})" if note else ""),
-                lambda v: v is None or rule.ok(v), None, rule.bad)
-
-
-def tuple_of(item: Rule, min_len: int = 0, max_len: int | None = None) -> Rule:
-    """A tuple (or list) of `min_len` to `max_len` entries, each accepted by `item`."""
-    count = (f"{min_len} to {max_len}" if max_len is not None and max_len != min_len else
-             f"{min_len}" if max_len is not None else f"{min_len} or more" if min_len else "any number of")
-    bad = [("wrong type", "x"), *((f"entry {kind}", (value,)) for kind, value in item.bad)]
-    bad += [("too short", ())] if min_len else []
-    return Rule(f"a tuple of {count} entries, each {item.what}",
-                lambda v: (isinstance(v, (tuple, list)) and len(v) >= min_len
-                           and (max_len is None or len(v) <= max_len) and all(item.ok(x) for x in v)),
-                (item.example,) * max(min_len, 1), tuple(bad))
-
-
-def fixed(*items: Rule) -> Rule:
-    """A tuple (or list) of len(items) entries, entry i accepted by items[i]."""
-    example = tuple(r.example for r in items)
-    bad = [("wrong type", "x"), ("too short", example[:-1])]
-    bad += [(f"entry {i} {kind}", example[:i] + (value,) + example[i + 1:])
-            for i, r in enumerate(items) for kind, value in r.bad[:1]]
-    return Rule(f"a tuple ({', '.join(r.what for r in items)})",
-                lambda v: (isinstance(v, (tuple, list)) and len(v) == len(items)
-                           and all(r.ok(x) for r, x in zip(items, v))),
-                example, tuple(bad))
-
-
-def interval(lo: float, hi: float) -> Rule:
-    """A pair (a, b) with lo < a <= b <= hi: a range of crop scales."""
-    return Rule(f"a pair (lo, hi) with {lo:g} < lo <= hi <= {hi:g}",
-                lambda v: (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_number, v))
-                           and lo < v[0] <= v[1] <= hi),
-                ((lo + hi) / 2, hi),
-                (("wrong type", "x"), ("too short", ()), ("not ordered", (0.9 * hi, 0.1 * hi)),
-                 ("out of range", (lo - 1, hi + 4)), ("nan", (math.nan, hi))))
-
-
-# ---- Bounds, each with its reason ----
-# Epochs: 10**5 is 500 times ImageNet's 200 (and keeps the clustering seed below 2**31, see SEED).
-MAX_EPOCHS = 10**5
-# faiss and NumPy take 32-bit seeds; an epoch's k-means seed (clustering.epoch_seed) is at most
-# seed + 1000 x epoch, plus the level, < 2**31.
-SEED = integer(0, 2**31 - 1 - 1000 * MAX_EPOCHS)
-# Image sides: 8 px is digits' own size (a small-stem ResNet's stride-8 map is then 1x1); 4096 px
-# is 18x ImageNet's 224 (a batch of 256 such float32 views is 48 GiB).
-SIDE = integer(8, 4096)
-# Multi-crop's local views are smaller crops (96 of 224 px; 4 of digits' 8 in the tests): below 4 px
-# a 3x3 convolution sees mostly its zero padding.
-LOCAL_SIDE = integer(4, 4096)
-# A batch or group beyond 2**20 images does not fit any device (ImageNet recipes: 256 to 4096).
-BATCH = integer(1, 2**20)
-# The queue: 2**24 keys x 128 dims float32 are 8 GiB on every device, 13x ImageNet's 1.28M images.
-QUEUE = integer(1, 2**24)
-# Layer sizes: MoCo v3's head is 4096 wide; 2**16 x 2048 features is a 0.5 GiB layer.
-DIM = integer(1, 2**16)
-# Level and k sizes: 2**20 clusters or neighbours is 0.8x ImageNet's training set.
-CLUSTERS = integer(1, 2**20)
-# Softmax temperatures (MoCo's 0.07 to 0.2) scale the logits of unit vectors by 1/T: below 1e-3
-# they span 2000 and the softmax is one-hot (float32 exp underflows below -87), above 1e3 they stay
-# within 1e-3 of each other and it is uniform.
-TEMPERATURE = real(1e-3, 1e3)
-# Iterations and restarts of k-means: faiss's defaults are 25 and 1; 10**5 iterations of ImageNet's
-# 3000 clusters take days on any host.
-NITER, NREDO = integer(1, 10**5), integer(1, 1000)
-PROBABILITY = real(0, 1)
-# Loader workers and prefetch: 1024 is more than any host's cores.
-WORKERS = integer(-1, 1024, note="-1: one per core but one, 0: in the training process")
-STEPS = integer(0, note="0: off")
-EVERY_EPOCHS = integer(0, note="0: after the last epoch only")
-LEARNING_RATE = real(above=0)  # (no upper bound: the NaN stop and the divergence guard catch a diverging one)
-MOMENTUM = real(0, below=1)  # (1: no decay of the old velocity, which grows without bound)
-SCALE = interval(0, 1)  # random-resized-crop areas, as fractions of the image
-# Normalization: 1 (gray) or 3 (RGB) channels; a std of 0 divides by 0.
-MEAN = tuple_of(real(), 1, 3)
-STD = tuple_of(real(above=0), 1, 3)
 
 RULES: dict[str, Rule] = {
     "seed": SEED,
@@ -287,31 +157,6 @@ RULES: dict[str, Rule] = {
     "progress_bar": boolean(),
 }
 
-# The settings of each evaluator protocol in a `config.evals` entry (besides `type` and
-# `every_epochs`), and those the protocol has a default for (the others must be set).
-_LINEAR = {"epochs": integer(1, MAX_EPOCHS), "lr": LEARNING_RATE, "batch_size": BATCH,
-           "milestones": tuple_of(integer(1, MAX_EPOCHS)), "gamma": real(above=0, max=1),
-           "momentum": MOMENTUM, "scale": SCALE, "flip": boolean(), "checkpoint_every_steps": STEPS}
-EVAL_SETTINGS: dict[str, dict[str, Rule]] = {
-    "knn": {"ks": tuple_of(CLUSTERS, 1), "temperature": TEMPERATURE, "train_chunk": integer(1, 2**24),
-            "test_block": integer(1, 2**20)},
-    "linear": _LINEAR,
-    "linear_fast": _LINEAR,
-    "semisup": {**{k: r for k, r in _LINEAR.items() if k not in ("lr", "checkpoint_every_steps")},
-                "split_file": optional(text(), note="None: a class-balanced fraction"),
-                "fraction": real(above=0, max=1), "trunk_lr": real(0), "head_lr": LEARNING_RATE},
-    "cluster": {"ks": tuple_of(CLUSTERS, 1), "niter": NITER, "nredo": NREDO,
-                "max_points_per_centroid": integer(1)},
-    "voc": {"dataset": text(), "train_split": text(), "test_split": text(),
-            "image_size": optional(SIDE, note="None: the run's image_size"),
-            "costs": tuple_of(real(above=0), 1), "folds": integer(2, 100)},
-    "summary": {"knn_k": CLUSTERS, "knn_temperature": TEMPERATURE, "num_clusters": tuple_of(CLUSTERS)},
-}
-EVAL_DEFAULTED = {"knn": ("train_chunk", "test_block"), "linear": ("checkpoint_every_steps",),
-                  "linear_fast": ("checkpoint_every_steps",), "semisup": ("split_file",),
-                  "cluster": ("max_points_per_centroid",)}
-
-
 def get(config, field: str) -> Any:
     """The value of the dotted `field` of `config` (a ConfigDict or nested dicts)."""
     node = config
@@ -336,7 +181,7 @@ def rule_for(config, field: str) -> Rule | None:
     if parts[2] == "every_epochs":
         return EVERY_EPOCHS
     protocol = evaluators.protocol(parts[1], get(config, f"evals.{parts[1]}"))
-    return EVAL_SETTINGS.get(protocol, {}).get(parts[2])
+    return evaluators.SETTINGS.get(protocol, {}).get(parts[2])
 
 
 def summary_entries(config) -> list[str]:
@@ -374,18 +219,38 @@ def _check_eval_entries(config) -> None:
         if protocol not in evaluators.PROTOCOLS:
             raise ConfigError(f"config.evals.{name}: unknown evaluator {protocol!r}; known: "
                               f"{', '.join(evaluators.PROTOCOLS)} (or set its 'type')")
-        missing = [s for s in ("every_epochs", *EVAL_SETTINGS[protocol])
-                   if s not in cfg and s not in EVAL_DEFAULTED.get(protocol, ())]
+        missing = [s for s in ("every_epochs", *evaluators.SETTINGS[protocol])
+                   if s not in cfg and s not in evaluators.DEFAULTED[protocol]]
         if missing:
             raise ConfigError(f"config.evals.{name} has no {', '.join(missing)} (settings of the {protocol} "
                               "evaluator); add them to the entry in the config file")
+
+
+def check_eval_entry(name: str, cfg) -> None:
+    """ConfigError, one line, for the `config.evals` entry `name` of an eval config (as eval.py
+    runs it): an unknown protocol, a setting its protocol does not have, a value its rule refuses
+    (None: left to the training run's config)."""
+    protocol = evaluators.protocol(name, cfg)
+    if protocol not in evaluators.PROTOCOLS:
+        raise ConfigError(f"config.evals.{name}: unknown evaluator {protocol!r}; known: "
+                          f"{', '.join(evaluators.PROTOCOLS)} (or set its 'type')")
+    settings = evaluators.SETTINGS[protocol]
+    for key, value in cfg.items():
+        if key in ("type", "every_epochs") or value is None:
+            continue
+        if key not in settings:
+            raise ConfigError(f"config.evals.{name}.{key}: the {protocol} evaluator has no such setting; "
+                              f"known: {', '.join(settings)}")
+        if not settings[key].ok(value):
+            raise ConfigError(f"config.evals.{name}.{key} must be {settings[key].what}, got {value!r}; set "
+                              f"--config.evals.{name}.{key}")
 
 
 def _unknown(config, field: str) -> str:
     parts = field.split(".")
     if parts[0] == "evals" and len(parts) == 3:
         protocol = evaluators.protocol(parts[1], get(config, f"evals.{parts[1]}"))
-        known = ", ".join(("type", "every_epochs", *EVAL_SETTINGS[protocol]))
+        known = ", ".join(("type", "every_epochs", *evaluators.SETTINGS[protocol]))
         return (f"config.{field}: the {protocol} evaluator has no setting {parts[2]!r} (known: {known}); "
                 "remove it")
     parent, _, name = field.rpartition(".")
@@ -516,7 +381,7 @@ def check_data(config, num_examples: int, channels: int | None = None) -> None:
     for name, cfg in config["evals"].items():
         protocol = evaluators.protocol(name, cfg)
         sizes += [(f"evals.{name}.{k}", tuple(cfg[k]) if k != "knn_k" else (cfg[k],))
-                  for k in {"knn": ("ks",), "cluster": ("ks",), "summary": ("knn_k", "num_clusters")}.get(
+                  for k in evaluators.SIZED.get(
                       protocol, ())]
     for field, values in sizes:
         if values and max(values) > n:

@@ -196,6 +196,21 @@ def test_a_config_that_cannot_train_is_one_line_exit_2_and_nothing_written(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("--config.evals.knn.ks=(0,)", "config.evals.knn.ks must be a tuple of 1 or more entries, each an"),
+    ("--config.evals.knn.temperature=-1.0", "config.evals.knn.temperature must be"),
+    ("--config.evals.knn.test_block=0", "config.evals.knn.test_block must be an integer in [1, "),
+])
+def test_an_eval_entry_that_cannot_run_is_one_line_exit_2_before_the_checkpoint_is_read(tmp_path, override,
+                                                                                        message):
+    """eval.py checks the entry it runs with the rules of its evaluator module (`SETTINGS`), as
+    train.py checks a run's entries, before it reads the checkpoint or writes anything."""
+    done = run("eval.py", "--eval=knn", f"--checkpoint={tmp_path / 'none'}", override)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
+
+
 OLD_TRAIN_CONFIG = """
 from configs import digits
 

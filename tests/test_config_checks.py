@@ -38,7 +38,7 @@ def test_every_field_of_every_training_config_has_a_rule_that_its_value_passes(n
     c = load(name, variant)
     for field, value in config_checks.fields(c):
         rule = config_checks.rule_for(c, field)
-        assert rule is not None, f"config.{field} has no rule in config_checks.RULES / EVAL_SETTINGS"
+        assert rule is not None, f"config.{field} has no rule in config_checks.RULES / evaluators.SETTINGS"
         assert rule.ok(value), f"config.{field} = {value!r} is refused: {rule.what}"
     trainer.check_values(c, 1)
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 from hcsc_jax.evaluators import cluster, common, knn, linear, semisup, summary, voc
 from hcsc_jax.evaluators.common import Context, DataSpec, Encoder, EvalError
 
-PROTOCOLS = {
-    "knn": knn.run,
-    "linear": linear.run,
-    "linear_fast": linear.run_fast,
-    "semisup": semisup.run,
-    "cluster": cluster.run,
-    "voc": voc.run,
-    "summary": summary.run,
-}
+# The registry, from what each module declares: its protocols (PROTOCOLS: name -> run), the
+# settings of their `config.evals` entries and the rule of each (SETTINGS), those it has defaults
+# for (DEFAULTED), and the counts the training set must cover (SIZED). A new evaluator is one
+# module added here.
+MODULES = (knn, linear, semisup, cluster, voc, summary)
+PROTOCOLS = {name: fn for m in MODULES for name, fn in m.PROTOCOLS.items()}
+SETTINGS = {name: m.SETTINGS for m in MODULES for name in m.PROTOCOLS}
+DEFAULTED = {name: m.DEFAULTED for m in MODULES for name in m.PROTOCOLS}
+SIZED = {name: m.SIZED for m in MODULES for name in m.PROTOCOLS}
 
 
 def protocol(name: str, cfg) -> str:
@@ -44,5 +44,5 @@ def run(name: str, ctx: Context, cfg) -> tuple[dict, str]:
     return PROTOCOLS[name](ctx, cfg)
 
 
-__all__ = ["PROTOCOLS", "Context", "DataSpec", "Encoder", "EvalError", "cluster", "common", "knn", "linear",
-           "protocol", "run", "semisup", "summary", "voc"]
+__all__ = ["DEFAULTED", "MODULES", "PROTOCOLS", "SETTINGS", "SIZED", "Context", "DataSpec", "Encoder",
+           "EvalError", "cluster", "common", "knn", "linear", "protocol", "run", "semisup", "summary", "voc"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from hcsc_jax import rules
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
 
@@ -51,3 +52,12 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
                      seed=ctx.seed, max_points_per_centroid=cfg.get("max_points_per_centroid", 256))
     summary = ", ".join(f"k={k}: NMI {r['nmi']:.3f} AMI {r['ami']:.3f}" for k, r in per_k.items())
     return {"per_k": {str(k): v for k, v in per_k.items()}}, f"cluster step {ctx.encoder.step}: {summary}"
+
+
+# The settings of a `config.evals` entry of this protocol (besides `type` and `every_epochs`):
+# what each takes, those with a default here, and the counts the training set must cover.
+SETTINGS = {"ks": rules.tuple_of(rules.CLUSTERS, 1), "niter": rules.NITER, "nredo": rules.NREDO,
+            "max_points_per_centroid": rules.integer(1)}
+DEFAULTED = ("max_points_per_centroid",)
+SIZED = ("ks",)
+PROTOCOLS = {"cluster": run}

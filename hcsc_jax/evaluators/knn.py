@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hcsc_jax import rules
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
 
@@ -131,3 +132,12 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
     per_k = "  ".join(f"k={k}: {v['top1']:.2f}" for k, v in res["per_k"].items())
     return res, (f"knn step {ctx.encoder.step}: top-1 {per_k} "
                  f"(best {res['best_top1']:.2f}% at k={res['best_k']})")
+
+
+# The settings of a `config.evals` entry of this protocol (besides `type` and `every_epochs`):
+# what each takes, those with a default here, and the counts the training set must cover.
+SETTINGS = {"ks": rules.tuple_of(rules.CLUSTERS, 1), "temperature": rules.TEMPERATURE,
+            "train_chunk": rules.integer(1, 2**24), "test_block": rules.integer(1, 2**20)}
+DEFAULTED = ("train_chunk", "test_block")
+SIZED = ("ks",)
+PROTOCOLS = {"knn": run}

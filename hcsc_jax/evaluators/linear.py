@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, distributed, models, sharding
+from hcsc_jax import checkpoints, distributed, models, rules, sharding
 from hcsc_jax.data import loader
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common
@@ -215,3 +215,15 @@ def run_fast(ctx: common.Context, cfg) -> tuple[dict, str]:
                protocol=dict(cfg.to_dict(), augmented=False))
     return res, (f"linear_fast (cached center-crop features, no augmentation) step {ctx.encoder.step}: "
                  f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+
+
+# The settings of a `config.evals` entry of these protocols (besides `type` and `every_epochs`):
+# what each takes, those with a default here, and the counts the training set must cover.
+EPOCHS = rules.integer(1, rules.MAX_EPOCHS)
+SETTINGS = {"epochs": EPOCHS, "lr": rules.LEARNING_RATE, "batch_size": rules.BATCH,
+            "milestones": rules.tuple_of(EPOCHS), "gamma": rules.real(above=0, max=1),
+            "momentum": rules.MOMENTUM, "scale": rules.SCALE, "flip": rules.boolean(),
+            "checkpoint_every_steps": rules.STEPS}
+DEFAULTED = ("checkpoint_every_steps",)
+SIZED = ()
+PROTOCOLS = {"linear": run, "linear_fast": run_fast}

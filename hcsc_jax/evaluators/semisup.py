@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed, models, sharding
+from hcsc_jax import distributed, models, rules, sharding
 from hcsc_jax import features as features_lib
 from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import pipeline, sources
@@ -164,3 +164,13 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
                protocol=cfg.to_dict())
     return res, (f"semisup ({n} labelled images, {100 * res['fraction']:.3g}%) step {e.step}: "
                  f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+
+
+# The settings of a `config.evals` entry of this protocol (besides `type` and `every_epochs`):
+# what each takes, those with a default here, and the counts the training set must cover.
+SETTINGS = {**{k: r for k, r in linear.SETTINGS.items() if k not in ("lr", "checkpoint_every_steps")},
+            "split_file": rules.optional(rules.text(), note="None: a class-balanced fraction"),
+            "fraction": rules.real(above=0, max=1), "trunk_lr": rules.real(0), "head_lr": rules.LEARNING_RATE}
+DEFAULTED = ("split_file",)
+SIZED = ()
+PROTOCOLS = {"semisup": run}

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from hcsc_jax import features
+from hcsc_jax import features, rules
 from hcsc_jax.evaluators import cluster, common, knn
 
-SETTINGS = ("knn_k", "knn_temperature", "num_clusters")
+# The settings of a `config.evals` entry of this protocol (besides `type` and `every_epochs`):
+# what each takes, those with a default here, and the counts the training set must cover.
+SETTINGS = {"knn_k": rules.CLUSTERS, "knn_temperature": rules.TEMPERATURE,
+            "num_clusters": rules.tuple_of(rules.CLUSTERS)}
+DEFAULTED = ()
+SIZED = ("knn_k", "num_clusters")
 
 
 def settings(ctx: common.Context, cfg) -> ml_collections.ConfigDict:
@@ -63,3 +68,6 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
         parts.append("NMI " + " / ".join(f"{v:.3f}" for v in result["nmi_per_level"])
                      + f" (k {'/'.join(map(str, result['num_clusters']))})")
     return result, f"summary step {ctx.encoder.step}: {', '.join(parts) or 'no labels, nothing to report'}"
+
+
+PROTOCOLS = {"summary": run}

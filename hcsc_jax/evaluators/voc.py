@@ -16,6 +16,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
+from hcsc_jax import rules
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
 
@@ -84,3 +85,13 @@ def run(ctx: common.Context, cfg) -> tuple[dict, str]:
                    costs=tuple(cfg.costs), folds=int(cfg.folds), seed=ctx.seed)
     res.update(dataset=cfg.dataset, num_train=len(train_t), num_test=len(test_t))
     return res, f"voc07 SVM step {ctx.encoder.step}: mAP {res['map']:.2f}"
+
+
+# The settings of a `config.evals` entry of this protocol (besides `type` and `every_epochs`):
+# what each takes, those with a default here, and the counts the training set must cover.
+SETTINGS = {"dataset": rules.text(), "train_split": rules.text(), "test_split": rules.text(),
+            "image_size": rules.optional(rules.SIDE, note="None: the run's image_size"),
+            "costs": rules.tuple_of(rules.real(above=0), 1), "folds": rules.integer(2, 100)}
+DEFAULTED = ()
+SIZED = ()
+PROTOCOLS = {"voc": run}
