@@ -225,20 +225,17 @@ class Program:
         return self._analysis
 
 
-def nbytes(tree) -> int:
-    """Bytes of every array (or ShapeDtypeStruct) in `tree`, whole (per chip when replicated)."""
+def nbytes(tree, per_chip: bool = False) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) in `tree`, random keys left out: whole (per chip
+    when replicated), or with `per_chip` a sharded one's shard on one chip."""
     import jax
     import numpy as np
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "dtype") and not str(x.dtype).startswith("key"))
 
+    def shape(x):
+        sharding = getattr(x, "sharding", None) if per_chip else None
+        return x.shape if sharding is None else sharding.shard_shape(x.shape)
 
-def arg_bytes(args) -> int:
-    """Bytes on one chip of the `jax.ShapeDtypeStruct`s in `args` (a sharded one's shard)."""
-    import jax
-    import numpy as np
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape))
-               * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(args)
+    return sum(int(np.prod(shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
                if hasattr(x, "dtype") and not str(x.dtype).startswith("key"))
 
 
@@ -323,7 +320,7 @@ def compile_programs(config, tgt: Target, data: DataShape, log: Callable = print
         try:
             programs.append(Program(name, lowered.compile(), resident, note, fixed))
         except Exception as err:  # noqa: BLE001 - XLA's out-of-memory is a JaxRuntimeError
-            programs.append(refused(name, err, arg_bytes(args), resident, note, fixed))
+            programs.append(refused(name, err, nbytes(args, per_chip=True), resident, note, fixed))
         log(f"compiled {name} in {time.perf_counter() - t0:.1f} s")
 
     compile_one("warmup_step", parts.warmup_step, (state, images, labels, None), dataset_bytes,
