@@ -120,19 +120,25 @@ def _methods(config: str, main_seeds, abl_seeds):
     )
 
 
-RECIPE_CHANGES = (  # (what changes, train.py overrides)
-    ("", ()),
-    ("lr x4", ("--config.lr=0.24",)),
-    ("lr x8", ("--config.lr=0.48",)),
-    ("T 0.1", ("--config.objective.temperature=0.1", "--config.clustering.temperature=0.1")),
-    ("queue 256", ("--config.queue_size=256",)),
-    ("batch 32", ("--config.batch_size=32",)),
-    ("crops 0.2-1", ("--config.augment.scale=(0.2,1.0)",)),
-    ("lr x8, queue 256, batch 32", ("--config.lr=0.48", "--config.queue_size=256", "--config.batch_size=32")),
+# The recipe as it was before the sweep (batch 128, ShuffleBN groups of 32), spelled out so that the
+# sweep's rows keep their meaning whatever configs/digits.py now says.
+RECIPE_BEFORE = ("--config.batch_size=128", "--config.bn_group_size=32")
+BATCH_32 = ("--config.batch_size=32", "--config.bn_group_size=8")
+RECIPE_CHANGES = (  # (what changes, train.py overrides, the methods it runs for), in run order
+    ("", RECIPE_BEFORE, ("MoCo v2", "HCSC")),
+    ("batch 32", BATCH_32, ("MoCo v2", "HCSC")),
+    ("lr x4", RECIPE_BEFORE + ("--config.lr=0.24",), ("MoCo v2",)),
+    ("batch 16", ("--config.batch_size=16", "--config.bn_group_size=8"), ("MoCo v2",)),
+    ("batch 32, lr x2", BATCH_32 + ("--config.lr=0.12",), ("MoCo v2",)),
+    ("EMA 0.99", RECIPE_BEFORE + ("--config.ema_momentum=0.99",), ("MoCo v2",)),
+    ("queue 256", RECIPE_BEFORE + ("--config.queue_size=256",), ("MoCo v2",)),
+    ("T 0.1", RECIPE_BEFORE + ("--config.objective.temperature=0.1", "--config.clustering.temperature=0.1"),
+     ("MoCo v2",)),
+    ("crops 0.2-1", RECIPE_BEFORE + ("--config.augment.scale=(0.2,1.0)",), ("MoCo v2",)),
 )
-RECIPES = tuple(Method(f"{name}, {change}" if change else name, config, overrides, seeds=(0,))
-                for name, config in (("MoCo v2", "digits.py:mocov2"), ("HCSC", "digits.py"))
-                for change, overrides in RECIPE_CHANGES)
+_RECIPE_CONFIGS = {"MoCo v2": "digits.py:mocov2", "HCSC": "digits.py"}
+RECIPES = tuple(Method(f"{name}, {change}" if change else name, _RECIPE_CONFIGS[name], overrides, seeds=(0,))
+                for change, overrides, names in RECIPE_CHANGES for name in names)
 # Which of the :authors switches moves HCSC on digits (issue 35): official semantics, then each
 # switch turned on alone, then all of them (= configs/digits.py:authors).
 OFFICIAL = "HCSC, official"
