@@ -52,7 +52,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     ours = console.setup()
-    from hcsc_jax import distributed, resume, trainer  # after flag parsing, so --help is fast
+    from hcsc_jax import distributed, failures, resume, trainer  # after flag parsing, so --help is fast
     from hcsc_jax import workdir as workdir_lib
     from hcsc_jax.checkpoints import NoReadableStep
     from hcsc_jax.data.sources import DataError
@@ -64,7 +64,7 @@ def main(argv):
     ours.info("workdir: %s", workdir)
     try:
         summary = trainer.train_and_evaluate(config, workdir, dry_run=_DRY_RUN.value)
-    except (trainer.DivergedError, trainer.InputError, DataError, NoReadableStep) as err:
+    except (failures.DivergedError, failures.InputError, DataError, NoReadableStep) as err:
         ours.error("%s", err)  # one line; nothing written when it is the data's (DataError)
         sys.exit(1)
     except resume.Preempted as err:

@@ -37,7 +37,7 @@ def _in_orbax(filename: str) -> bool:
 class _RaisedToTheCaller(logging.Filter):
     """Drops Orbax's error records: its background save threads log a failed save (a full disk)
     with a traceback, hundreds of lines for one error, which they then raise to the caller, which
-    reports it in one line (`trainer.keeping_saves`)."""
+    reports it in one line (`failures.keeping_saves`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < logging.ERROR or not _in_orbax(record.pathname)

@@ -6,6 +6,9 @@ means and `"eval"` for evaluator results. Every number of a record (lists: one p
 a TensorBoard scalar tagged `<type>/<key>` (`train/` for steps) at the record's step, written by
 tensorboardX into `<workdir>/tensorboard/`; view with `tensorboard --logdir <workdir>`. Every
 file goes through `etils.epath`, so the workdir may be local or a bucket (`gs://...`).
+
+The training loop's records are means of running sums (`new_sums` / `add_steps` / `means`): the
+log window's (`write_window`) and the epoch's; checkpoints carry both.
 """
 
 from __future__ import annotations
@@ -211,3 +214,33 @@ class MetricsWriter:
         self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# ---- Running means of per-step metrics: the log window's and the epoch's ----
+
+def new_sums() -> dict[str, Any]:
+    """Running sums of per-step metrics: {"count": steps, "sums": {key: sum}}. Checkpoints carry
+    them (JSON keeps a float exactly), so a resumed run adds the same floats in the same order."""
+    return {"count": 0, "sums": {}}
+
+
+def add_steps(acc: dict[str, Any], per_step: list[dict]) -> None:
+    """Adds the host metrics of some steps, in step order, to the running sums `acc`."""
+    for m in per_step:
+        acc["count"] += 1
+        for k, v in m.items():
+            acc["sums"][k] = acc["sums"].get(k, 0.0) + float(v)
+
+
+def means(acc: dict[str, Any]) -> dict[str, float]:
+    return {k: v / acc["count"] for k, v in acc["sums"].items()}
+
+
+def write_window(writer: MetricsWriter, window: dict, step: int, epoch: int, lr: float, batch: int,
+                 since: float, bar) -> None:
+    """Writes the mean of the steps summed in `window` (the last is `step`, the first began after
+    `since`) with `lr` and images/s, and shows the loss and images/s on the progress `bar`."""
+    ips = window["count"] * batch / (time.perf_counter() - since)
+    record = dict(means(window), step=step, epoch=epoch, lr=lr, images_per_sec=ips)
+    writer.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")

@@ -18,7 +18,18 @@ import pytest
 from flax import nnx
 
 from configs import digits
-from hcsc_jax import checkpoints, clustering, metrics, models, resume, sharding, train_step, trainer
+from hcsc_jax import (
+    checkpoints,
+    clustering,
+    failures,
+    metrics,
+    models,
+    resume,
+    schedule,
+    sharding,
+    train_step,
+    trainer,
+)
 from hcsc_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,9 +171,9 @@ def test_a_custom_named_entry_runs_its_type_and_the_summary_needs_the_key_encode
     c = tiny_config()
     c.evals = {"nn": dict(type="knn", every_epochs=0, ks=(5,), temperature=0.07)}
     trainer.check_values(c, jax.device_count())
-    record, results = trainer.run_evals(c, ctx, 2, final=True)
+    record, results = schedule.run_evals(c, ctx, 2, final=True)
     assert record["nn/per_k/5/top1"] == evals[-1]["knn/per_k/5/top1"] and "nn" in results
-    assert trainer.run_evals(c, ctx, 1, final=False) == ({}, {})  # every_epochs 0: at the end only
+    assert schedule.run_evals(c, ctx, 1, final=False) == ({}, {})  # every_epochs 0: at the end only
     with pytest.raises(evaluators.EvalError,
                        match=r"the summary.s NMI needs the key encoder: pass a train.py workdir"):
         evaluators.run("summary", ctx, cfg.evals.summary)
@@ -392,7 +403,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(epochs=3, warmup_epochs=1, checkpoint_every_epochs=1)
     cfg.lr = 1e30
     sigterm_handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+; .* No "
+    with pytest.raises(failures.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+; .* No "
                                                          r"checkpoint was saved in"):
         trainer.train_and_evaluate(cfg, workdir)
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # the run's SIGTERM watch is gone
@@ -405,7 +416,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 class _FakeManager:
-    """What `trainer.keeping_saves` asks of a CheckpointManager: a save in flight, then step 5."""
+    """What `failures.keeping_saves` asks of a CheckpointManager: a save in flight, then step 5."""
 
     directory, waited = "/runs/x/checkpoints", False
 
@@ -447,14 +458,14 @@ def test_a_full_disk_is_one_line_naming_the_cause_and_the_checkpoint_kept(error,
     mngr = _FakeManager()
     message = rf"^writing the run failed \({cause}\); free space .* The last checkpoint kept is step 5 in"
     with pytest.raises(workdir_lib.WorkdirError, match=message):
-        with trainer.keeping_saves(mngr):
+        with failures.keeping_saves(mngr):
             raise error
 
 
 def test_an_error_that_is_not_a_refused_write_stays_what_it_is():
     """An XLA out-of-memory error also starts with RESOURCE_EXHAUSTED: it is no full disk."""
     with pytest.raises(ValueError, match="^RESOURCE_EXHAUSTED: Out of memory while trying to allocate"):
-        with trainer.keeping_saves(_FakeManager()):
+        with failures.keeping_saves(_FakeManager()):
             raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
 
 
@@ -473,7 +484,7 @@ log = console.setup()
 mngr = checkpoints.manager(sys.argv[1])
 state = State(jax.random.normal(jax.random.key(0), (600_000,)), jax.numpy.array(3))  # 2.4 MB > 1 MiB
 try:
-    with trainer.keeping_saves(mngr):
+    with failures.keeping_saves(mngr):
         checkpoints.save(mngr, state, {"epoch": 0, "step_in_epoch": 3}, None)
         mngr.wait_until_finished()
 except workdir_lib.WorkdirError as err:
@@ -509,7 +520,7 @@ def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
     stops the run there, after the save of step 22 began; that checkpoint is committed and named."""
     cfg = tiny_config(figures_at_end=False)
     cfg.divergence.max_loss = 6.5
-    with pytest.raises(trainer.DivergedError,
+    with pytest.raises(failures.DivergedError,
                        match=r"loss is 7\.\d+ at step 23, above config.divergence.max_loss = 6.5: .* "
                              r"The last checkpoint kept is step 22 in"):
         trainer.train_and_evaluate(cfg, str(tmp_path))
@@ -519,7 +530,7 @@ def test_divergence_guard_keeps_the_save_in_flight_and_names_it(tmp_path):
 def test_divergence_guard_stops_before_any_save_and_says_none_exists(tmp_path):
     cfg = tiny_config(figures_at_end=False)
     cfg.divergence.max_grad_norm = 1e-3  # every step's gradient is above it
-    with pytest.raises(trainer.DivergedError, match=r"grad_norm is .* at step 1, above "
+    with pytest.raises(failures.DivergedError, match=r"grad_norm is .* at step 1, above "
                                                     r"config.divergence.max_grad_norm = 0.001: .* "
                                                     r"No checkpoint was saved in"):
         trainer.train_and_evaluate(cfg, str(tmp_path))
@@ -797,10 +808,10 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
 
 
 def test_itstime_is_every_n_or_final_and_never_for_0():
-    assert [c for c in range(1, 10) if trainer.itstime(c, 3)] == [3, 6, 9]
-    assert not any(trainer.itstime(c, 0) for c in range(10))  # 0: never (e.g. checkpoint_every_steps)
-    assert not trainer.itstime(0, 3)  # nothing done yet
-    assert trainer.itstime(4, 3, final=True) and trainer.itstime(4, 0, final=True)
+    assert [c for c in range(1, 10) if schedule.itstime(c, 3)] == [3, 6, 9]
+    assert not any(schedule.itstime(c, 0) for c in range(10))  # 0: never (e.g. checkpoint_every_steps)
+    assert not schedule.itstime(0, 3)  # nothing done yet
+    assert schedule.itstime(4, 3, final=True) and schedule.itstime(4, 0, final=True)
 
 
 @pytest.mark.slow
