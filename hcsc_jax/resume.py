@@ -3,7 +3,7 @@
 A resumed run must mean the same run: `check_config` refuses a config whose fields differ from
 the workdir's `config.json` (batch size, epochs, queue, levels, architecture, ...) except those in
 `SAFE_TO_CHANGE` (logging, checkpoint cadence, worker counts, the final evaluation and the evaluators
-during training, data_dir).
+during training, data_dir): each field's rule in `config_checks.RULES` says whether it is one.
 
 `PreemptionWatch` turns SIGTERM (what TPU / GCE preemption and SLURM send before killing) and
 Ctrl-C (SIGINT; a second one stops at once, even inside an XLA compile) into a checkpoint at the
@@ -26,24 +26,16 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from hcsc_jax import trees
+from hcsc_jax import config_checks, trees
 from hcsc_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
-# Config fields (dotted; a trailing "." covers a whole group) that a resumed run may change.
-SAFE_TO_CHANGE = ("log_every_steps", "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
-                  "progress_bar", "figures_at_end", "data_dir", "input.num_workers", "input.prefetch",
-                  "input.bad_images", "input.max_pixels", "clustering.backend", "eval.", "evals.", "wandb.",
-                  "divergence.")  # ("eval.": the final evaluation of configs before `evals.summary`)
-
-
-# Fields added to the configs after runs had been started, with the value that an older config.json
-# means by leaving them out (the behavior before they existed), so that such runs still resume.
-ADDED_FIELDS = {"optimizer": "sgd", "adam_betas": [0.9, 0.999], "lr_warmup_epochs": 0, "grad_clip": 0.0,
-                "input.resampling": "antialias", "input.bad_images": "skip", "shuffle_bn_gather": "views",
-                "bn_running_stats": "mean_of_groups", "lr_granularity": "step",
-                "objective.skip_last_prototype": False, "clustering.seed_per_epoch": True}
+# What a resumed run may change, and what an older config.json means by leaving out a field added
+# since: both from the fields' rules (`rules.free`, `rules.added` in `config_checks.RULES`). Dotted
+# names; a trailing "." covers a whole group.
+SAFE_TO_CHANGE = (*(k for k, r in config_checks.RULES.items() if r.free), *config_checks.FREE_GROUPS)
+ADDED_FIELDS = {k: r.before for k, r in config_checks.RULES.items() if r.added}
 
 
 class ConfigMismatch(ValueError):

@@ -1,6 +1,8 @@
 """What a config field accepts (`Rule`), the rule constructors and the bounds fields share:
 declared here, below every module that declares fields (config_checks, the evaluators), so each
-can say what its own settings take."""
+can say what its own settings take. A rule also holds the field's resume policy: whether a
+resumed run may change it (`free`), and for a field added after runs had started, the value an
+older config.json means by leaving it out (`added`); `resume` reads both from the rules."""
 
 from __future__ import annotations
 
@@ -19,6 +21,22 @@ class Rule:
     ok: Callable[[Any], bool]
     example: Any
     bad: tuple[tuple[str, Any], ...]
+    free: bool = False  # a resumed run may change it (logging, cadence, workers: not what is trained)
+    added: bool = False  # added after runs had been started (`added`)
+    before: Any = None  # with `added`: what a config.json written before the field existed means
+
+
+def free(rule: Rule) -> Rule:
+    """`rule`, for a field a resumed run may change: it does not change what the run trains."""
+    return dataclasses.replace(rule, free=True)
+
+
+def added(rule: Rule, before: Any) -> Rule:
+    """`rule`, for a field added after runs had been started: a config.json without it means
+    `before` (the behavior before the field existed), so such runs still resume."""
+    if not rule.ok(before):
+        raise ValueError(f"the value before {before!r} is not {rule.what}")
+    return dataclasses.replace(rule, added=True, before=before)
 
 
 def _is_int(v) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from etils import epath
 
 from configs import digits
-from hcsc_jax import resume
+from hcsc_jax import config_checks, resume, rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,36 @@ def test_runs_from_before_evals_summary_resume():
     old["eval"] = {"knn_k": 20, "knn_temperature": 0.07, "num_clusters": [60, 30, 10]}
     assert resume.changed_fields(old, new) == []
     assert "eval." in resume.SAFE_TO_CHANGE and "evals." in resume.SAFE_TO_CHANGE
+
+
+def _nested(field: str, value) -> dict:
+    head, _, rest = field.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def test_a_fields_resume_policy_is_the_one_its_rule_declares():
+    """What a resumed run may change and what an older config.json means by leaving a field out
+    are read from the rules (`rules.free`, `rules.added`), not listed apart: every free field may
+    change, every other field of a rule may not; an added field left out reads as its value
+    before, and any other value of it is a change."""
+    free = [k for k, r in config_checks.RULES.items() if r.free]
+    fixed = [k for k, r in config_checks.RULES.items() if not r.free]
+    assert "log_every_steps" in free and "lr" in fixed and "input.pipeline" in fixed
+    for field in free:
+        assert resume.changed_fields(_nested(field, 1), _nested(field, 2)) == [], field
+    for field in fixed:
+        assert resume.changed_fields(_nested(field, 1), _nested(field, 2)) == [field], field
+    added = {k: r.before for k, r in config_checks.RULES.items() if r.added}
+    assert added["optimizer"] == "sgd" and added["clustering.seed_per_epoch"] is True
+    for field, before in added.items():
+        rule = config_checks.RULES[field]
+        assert rule.ok(before), field
+        assert resume.changed_fields({}, _nested(field, before)) == [], field
+        if not rule.free:
+            other = next(v for v in (rule.example, "other", 12345) if v != before)
+            assert resume.changed_fields({}, _nested(field, other)) == [field], field
+    with pytest.raises(ValueError, match="is not one of"):
+        rules.added(rules.choice("a", "b"), "c")
 
 
 def _workdir(tmp_path, config, with_checkpoint=True):
