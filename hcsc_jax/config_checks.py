@@ -25,7 +25,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hcsc_jax import clustering, console, evaluators, losses, models, objective, selection, train_step, trees
+from hcsc_jax import clustering, evaluators, losses, models, objective, selection, train_step, trees
 from hcsc_jax.data import crops, loader, pipeline
 from hcsc_jax.models import norm, vit
 from hcsc_jax.rules import (
@@ -198,12 +198,9 @@ def summary_entries(config) -> list[str]:
 
 def check(config) -> None:
     """Raises ConfigError, one line naming the field, what it accepts and its flag, for the first
-    field of `config` (a ConfigDict or nested dicts) that is a renamed one (`console.RENAMED_FIELDS`),
-    an evaluator entry of an unknown protocol or without its settings, a field no rule knows, a value
-    its rule refuses; then for the first failing `RELATIONS` check."""
-    renamed = console.renamed_fields(config)
-    if renamed:
-        raise ConfigError(renamed)
+    field of `config` (a ConfigDict or nested dicts) that is an evaluator entry of an unknown protocol
+    or without its settings, a field no rule knows, a value its rule refuses; then for the first
+    failing `RELATIONS` check."""
     _check_eval_entries(config)
     for field, value in fields(config):
         rule = rule_for(config, field)

@@ -17,19 +17,6 @@ USAGE_ERROR = 2  # the exit status of a command line that cannot run as given
 HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 _CONFIG_DEFAULTS: dict[str, str] = {}  # config flag name -> its default file, applied by parse_flags
 
-# Config fields that were replaced: old top-level name -> (the new field, what it holds). A command
-# line or a config that still uses one is told the new name (`renamed_field`, `renamed_fields`):
-# the training configs' final evaluation `eval` and eval.py's sections became `evals` entries.
-RENAMED_FIELDS = {
-    "eval": ("evals.summary", "knn_k, knn_temperature, num_clusters"),
-    "knn": ("evals.knn", "ks, temperature, ..."),
-    "linear": ("evals.linear", "and evals.linear_fast"),
-    "semisup": ("evals.semisup", "split_file, fraction, ..."),
-    "cluster": ("evals.cluster", "ks, ..."),
-    "voc": ("evals.voc", "dataset, costs, ..."),
-}
-
-
 def _in_orbax(filename: str) -> bool:
     return f"{os.sep}orbax{os.sep}" in filename
 
@@ -110,9 +97,8 @@ def define_config(name: str, default: str, help_string: str):
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with every config flag
-    loaded and its overrides applied here: --help exits 0; an unknown flag or config field, a
-    field that was renamed (`RENAMED_FIELDS`), a bad value or a missing config file exits 2 with
-    one line saying what to change."""
+    loaded and its overrides applied here: --help exits 0; an unknown flag or config field, a bad
+    value or a missing config file exits 2 with one line saying what to change."""
     for name, default in _CONFIG_DEFAULTS.items():
         if config_argument(argv, name) is None:
             argv = [argv[0], f"--{name}={default}", *argv[1:]]
@@ -127,9 +113,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                         "(--name=value, --config.field=value; --help lists them)")
         for name in _config_flags():
             value = flags.FLAGS[name].value
-            renamed = renamed_fields(value)  # a config file that failed to load raises here
-            if renamed:
-                usage_error(f"{config_argument(argv, name)}: {renamed}")
+            getattr(value, "keys", None)  # a config file that failed to load raises here
             if not isinstance(value, ml_collections.ConfigDict):
                 usage_error(f"{config_argument(argv, name)}: get_config() returned a {type(value).__name__}, "
                             "not an ml_collections.ConfigDict; start from configs/default.py's get_config()")
@@ -169,9 +153,8 @@ def _config_flags() -> list[str]:
 
 def explain(argv: list[str], err: Exception) -> str:
     """One line for a command line that failed to parse with `err`: the config file that does not
-    exist, a renamed field the config file or an override still uses (with its new name), the
-    overridden field that is not in the config (with the closest name), or the last line of the
-    error."""
+    exist, the overridden field that is not in the config (with the closest name), or the last
+    line of the error."""
     for name in _config_flags():
         path = config_argument(argv, name)
         file = path.split(":", 1)[0]
@@ -180,16 +163,23 @@ def explain(argv: list[str], err: Exception) -> str:
         try:
             config = config_flags.ConfigFileFlagParser(name).parse(path)
         except Exception as load_err:  # noqa: BLE001 - the config file's own error
-            # (a config file that sets a renamed field of a config it starts from: "'eval'", with
-            # ml_collections' "\nDid you mean ..." when a key is close)
-            key = re.match(r"""^[\\"']*(\w+)[\\"']*(?:\\n|$)""", str(load_err))
-            renamed = isinstance(load_err, (AttributeError, KeyError)) and key and renamed_field(key.group(1))
-            return f"{path}: {renamed}" if renamed else last_line(load_err)
+            return _missing_key(path, load_err) or last_line(load_err)
         for field in overrides(argv, name):
             missing = unknown_field(config, field)
             if missing:
                 return f"--{name}.{field}: {missing}"
     return last_line(err)
+
+
+def _missing_key(path: str, err: Exception) -> str | None:
+    """One line for a config file that sets a field the config it starts from lacks (ml_collections
+    raises a KeyError or AttributeError: "'eval'\\nDid you mean "evals" instead of "eval"?")."""
+    key = re.match(r"""^[\\"']*(\w+)[\\"']*(?:\\n|\n|$)""", str(err))
+    if not isinstance(err, (KeyError, AttributeError)) or not key:
+        return None
+    close = re.search(r'Did you mean "(\w+)"', str(err))
+    return (f"{path}: config.{key.group(1)} is not a field of the config it starts from"
+            + (f"; did you mean config.{close.group(1)}?" if close else ""))
 
 
 def last_line(err: Exception) -> str:
@@ -237,32 +227,12 @@ def overrides(argv: list[str], name: str) -> list[str]:
     return [m.group(1) for m in found if m]
 
 
-def renamed_field(field: str) -> str | None:
-    """What replaced the dotted config `field` when its top-level name is in `RENAMED_FIELDS`
-    (one line naming the new field and its flag), else None."""
-    old, _, rest = field.partition(".")
-    if old not in RENAMED_FIELDS:
-        return None
-    new, holds = RENAMED_FIELDS[old]
-    flag = f"--config.{new}.{rest or '<setting>'}"
-    return f"config.{old} was replaced by config.{new} ({holds}); set {flag}=..."
-
-
-def renamed_fields(config) -> str | None:
-    """`renamed_field` of the first top-level field of a loaded `config` that was replaced (a
-    config file written before the rename), else None."""
-    old = [key for key in config.keys() if key in RENAMED_FIELDS]
-    return renamed_field(old[0]) if old else None
-
-
 def unknown_field(config, field: str) -> str | None:
-    """None when the dotted `field` is in `config`, else what is wrong with it: what replaced a
-    renamed field (`RENAMED_FIELDS`), or the closest known name (difflib)."""
+    """None when the dotted `field` is in `config`, else what is wrong with it: the closest known
+    name (difflib)."""
     node, done = config, []
     for part in field.split("."):
         keys = list(node.keys()) if hasattr(node, "keys") else []
-        if not done and part not in keys and renamed_field(field):
-            return renamed_field(field)
         if part not in keys:
             where = "config" + "".join(f".{d}" for d in done)
             close = difflib.get_close_matches(part, keys, n=1)

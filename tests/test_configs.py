@@ -108,16 +108,15 @@ def test_bad_evals_say_what_to_change():
         config_checks.check(c)
 
 
-def test_a_config_with_the_old_final_evaluation_names_its_replacement():
-    """A config file written before `config.evals.summary` (its own `c.eval`) is refused with the
-    new field's name, as trainer.ConfigError (train.py: exit status 2)."""
+def test_a_config_with_the_old_final_evaluation_is_refused_naming_the_field():
+    """A config written before `config.evals.summary` (its own `c.eval`) is refused naming the
+    field nothing reads, as ConfigError (train.py: exit status 2)."""
     from configs import digits
 
     c = digits.get_config()
     c.eval = dict(knn_k=20, knn_temperature=0.07, num_clusters=(10,))
-    with pytest.raises(trainer.ConfigError, match=r"^config.eval was replaced by config.evals.summary "
-                                                r"\(knn_k, knn_temperature, num_clusters\); set "
-                                                r"--config.evals.summary"):
+    with pytest.raises(trainer.ConfigError, match=r"^config.eval.knn_k is not a setting of hcsc-jax: nothing "
+                                                r"reads it; remove it from the config"):
         trainer.check_values(c, 1)
 
 

@@ -329,7 +329,7 @@ def test_a_stop_signal_after_the_last_step_keeps_its_checkpoint_and_leaves_the_s
     reference_dir, reference = finished_run
     workdir = _copy_run(reference_dir, tmp_path / "run")
     os.remove(os.path.join(workdir, "summary.json"))
-    _signal_after(monkeypatch, trainer, "evals_cut_off")  # (set-up, with the watch on)
+    _signal_after(monkeypatch, schedule, "evals_cut_off")  # (set-up, with the watch on)
     with pytest.raises(resume.Preempted, match=r"^preempted \(SIGTERM\): saved the checkpoint of step 66 in"):
         trainer.train_and_evaluate(tiny_config(figures_at_end=False), workdir)
     assert not {"summary.json", "run.lock"} & set(os.listdir(workdir))
