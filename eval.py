@@ -37,7 +37,7 @@ import sys
 
 from absl import app, flags
 
-from hcsc_jax import console
+from hcsc_jax.run import console
 
 _CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "eval_digits.py"),
@@ -80,14 +80,14 @@ def main(argv):
     console.setup()
     config = _CONFIG.value
     name, cfg = chosen_entry(config)
-    from hcsc_jax import config_checks  # (after flag parsing, so --help is fast)
+    from hcsc_jax.run import config_checks  # (after flag parsing, so --help is fast)
     try:
         config_checks.check_eval_entry(name, cfg)  # before anything is read or written
     except config_checks.ConfigError as err:
         console.usage_error(str(err))
     from hcsc_jax import distributed, evaluators, sharding  # after flag parsing, so --help is fast
-    from hcsc_jax import workdir as workdir_lib
     from hcsc_jax.data import sources
+    from hcsc_jax.run import workdir as workdir_lib
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():  # process 0 prints and writes the results
         logging.getLogger("hcsc_jax").setLevel(logging.WARNING)

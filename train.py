@@ -26,7 +26,7 @@ import sys
 
 from absl import app, flags
 
-from hcsc_jax import console
+from hcsc_jax.run import console
 
 _CONFIG = console.define_config(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
@@ -52,10 +52,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     ours = console.setup()
-    from hcsc_jax import distributed, failures, resume, trainer  # after flag parsing, so --help is fast
-    from hcsc_jax import workdir as workdir_lib
-    from hcsc_jax.checkpoints import NoReadableStep
+    from hcsc_jax import distributed  # after flag parsing, so --help is fast
     from hcsc_jax.data.sources import DataError
+    from hcsc_jax.run import failures, resume, trainer
+    from hcsc_jax.run import workdir as workdir_lib
+    from hcsc_jax.run.checkpoints import NoReadableStep
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not distributed.is_main():
         ours.setLevel(logging.WARNING)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hcsc_jax import objective, selection
+from hcsc_jax.method import objective, selection
 
 flags.DEFINE_integer("batch", 256, "B")
 flags.DEFINE_integer("queue", 16384, "K")

@@ -1,4 +1,4 @@
-"""Times the whole HCSC train step (`hcsc_jax.train_step`) on synthetic data resident on device.
+"""Times the whole HCSC train step (`hcsc_jax.method.train_step`) on synthetic data resident on device.
 
 One step, as in training after the warm-up epochs: gather the global batch of uint8 images by
 index, two MoCo v2 views augmented on device, EMA of the key encoder, key forward with ShuffleBN,
@@ -42,7 +42,7 @@ Augmentation, BN, the objective and the optimizer are not counted as model FLOPs
       --batch=64 --bn_group_size=16 --queue=4096 --levels=300,100,30 --steps=10 --warmup_steps=2
 
 The step is the trainer's: the flags become a training config (`train_config`: configs/default.py
-with their changes) and `hcsc_jax.setup.build` makes the encoder, optimizer, state and step
+with their changes) and `hcsc_jax.run.setup.build` makes the encoder, optimizer, state and step
 functions from it, as train.py does. --noaugment feeds views cropped before the step (as a
 streamed input does) with the photometric ops and the flip off. Run it from the repo root with the
 package installed (`pip install -e .`) or with `PYTHONPATH=.`. Figures: BENCHMARKS.md.
@@ -68,11 +68,13 @@ from absl import app, flags
 
 from configs import apply_vit
 from configs import default as default_config
-from hcsc_jax import models, objective, setup, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import models, sharding
 from hcsc_jax.data import pipeline
 from hcsc_jax.data.batch import Images
+from hcsc_jax.method import objective
+from hcsc_jax.method import train_step as ts
 from hcsc_jax.models import ARCHS, VIT_ARCHS
+from hcsc_jax.run import setup
 
 flags.DEFINE_enum("arch", "resnet50", list(ARCHS) + list(VIT_ARCHS), "backbone")
 flags.DEFINE_float("width", 1.0, "channel width multiplier (ViT: embedding dim multiplier)")

@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.epochs = 200
     c.warmup_epochs = 20  # instance loss only, no prototypes
 
-    # HCSC objective (hcsc_jax.objective.ObjectiveConfig).
+    # HCSC objective (hcsc_jax.method.objective.ObjectiveConfig).
     c.objective = ml_collections.ConfigDict(dict(
         semantics="paper", positive="assignment", temperature=0.2, instance_selection=True,
         prototype_selection=True, instance_loss=True, proto_loss=True, sampler="hash",

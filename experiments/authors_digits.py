@@ -122,10 +122,10 @@ def _loaders(c, seed: int, rank: int):
     import jax
     import torch
 
-    from hcsc_jax import setup
-    from hcsc_jax import train_step as ts
     from hcsc_jax.data import augmentations, sources
     from hcsc_jax.data.batch import Images
+    from hcsc_jax.method import train_step as ts
+    from hcsc_jax.run import setup
 
     images = sources.load_dataset(c.dataset, c.train_split).images
     cfg = setup.step_config(c, images.shape[-1])

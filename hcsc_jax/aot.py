@@ -291,11 +291,13 @@ def compile_programs(config, tgt: Target, data: DataShape, log: Callable = print
     import jax
     import jax.numpy as jnp
 
-    from hcsc_jax import features, objective, setup, sharding
+    from hcsc_jax import features, sharding
     from hcsc_jax.clustering import jax_backend
     from hcsc_jax.data import pipeline
     from hcsc_jax.data.batch import Images
     from hcsc_jax.evaluators import knn
+    from hcsc_jax.method import objective
+    from hcsc_jax.run import setup
 
     # An executable compiled for devices this process does not have cannot be read back from XLA's
     # persistent cache (a warning each time), so none is written.
@@ -578,7 +580,7 @@ def config_name(config) -> str:
 def main(argv=None) -> int:
     from absl import app, flags
 
-    from hcsc_jax import console
+    from hcsc_jax.run import console
 
     config_flag = console.define_config(
         "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -606,7 +608,7 @@ def main(argv=None) -> int:
         if bad:
             console.usage_error(f"--programs: unknown {', '.join(bad)}; known: {', '.join(PROGRAMS)}")
         ours = console.setup()
-        from hcsc_jax import config_checks, trainer
+        from hcsc_jax.run import config_checks, trainer
         config = config_flag.value
         try:
             tgt = target(topology.value, gpu_config.value)

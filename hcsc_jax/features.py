@@ -22,8 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hcsc_jax import clustering, distributed, models, sharding
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import augmentations, pipeline
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hcsc_jax import checkpoints, features, models, sharding
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import features, models, sharding
 from hcsc_jax.data import augmentations, crops, pipeline
+from hcsc_jax.run import checkpoints
+from hcsc_jax.run import workdir as workdir_lib
 
 __all__ = ["Classifier", "FineTuned", "InputSpec", "Pretrained", "load_classifier", "load_encoder"]
 

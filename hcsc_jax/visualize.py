@@ -28,8 +28,8 @@ import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
 
-from hcsc_jax import metrics
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.run import metrics
+from hcsc_jax.run import workdir as workdir_lib
 
 FIGURES_DIR = "figures"
 # Panels of curves.png: title -> pattern of the step-record keys it plots.
@@ -172,15 +172,10 @@ def sample_features(workdir: epath.Path, sample: int, seed: int = 0):
     L2-normalized key projections (n, d), labels or None)."""
     import ml_collections
 
-    from hcsc_jax import (  # jax and the model only for these figures
-        checkpoints,
-        features,
-        models,
-        setup,
-        sharding,
-    )
+    from hcsc_jax import features, models, sharding  # jax and the model only for these figures
     from hcsc_jax.data import crops, pipeline, sources
     from hcsc_jax.models import l2_normalize
+    from hcsc_jax.run import checkpoints, setup
 
     config = ml_collections.ConfigDict(workdir_lib.read_json(workdir / workdir_lib.CONFIG_FILE))
     source = sources.open_source(config.dataset, config.train_split, config.get("data_dir"))

@@ -31,7 +31,7 @@ def digits_run(tmp_path_factory):
     """A trained `configs/digits.py:runlocal` workdir (3 epochs at 8 px, a tiny model), trained once
     per test session and shared by the tests that only read one: do not write into it."""
     from configs import digits
-    from hcsc_jax import trainer
+    from hcsc_jax.run import trainer
 
     workdir = tmp_path_factory.mktemp("digits_run") / "run"
     trainer.train_and_evaluate(digits.get_config("runlocal"), str(workdir))

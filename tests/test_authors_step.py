@@ -42,8 +42,10 @@ import optax
 import pytest
 from flax import nnx
 
-from hcsc_jax import clustering, convert, objective, selection, setup, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import clustering, convert, sharding
+from hcsc_jax.method import objective, selection
+from hcsc_jax.method import train_step as ts
+from hcsc_jax.run import setup
 
 pytestmark = [pytest.mark.skipif(authors_step.missing() is not None, reason=str(authors_step.missing())),
               pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""hcsc_jax.checkpoints: the weights an evaluation reads are the weights that were saved.
+"""hcsc_jax.run.checkpoints: the weights an evaluation reads are the weights that were saved.
 
 `restore_encoder` restores a workdir's `TrainState` as a tree of dicts, yet checks the SHA-256
 digest that training computed over the `TrainState` leaves in their own order; an exported
@@ -18,9 +18,10 @@ import pytest
 from flax import nnx
 
 from configs import digits, eval_digits
-from hcsc_jax import checkpoints, models, setup, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import models, sharding
 from hcsc_jax.evaluators import EvalError, common
+from hcsc_jax.method import train_step as ts
+from hcsc_jax.run import checkpoints, setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = ["--config.dataset=digits", "--config.train_split=train", "--config.eval_split=test",

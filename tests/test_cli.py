@@ -78,7 +78,8 @@ def test_documented_command_runs_as_written_up_to_its_first_write(script, args, 
         (tmp_path / "runs" / "digits").symlink_to(digits_run)
     if "--config.init_encoder=runs/digits" in args:  # an encoder of configs/digits.py's architecture
         from configs import digits
-        from hcsc_jax import checkpoints, models
+        from hcsc_jax import models
+        from hcsc_jax.run import checkpoints
 
         c = digits.get_config()
         meta = models.encoder_meta(c.model.to_dict(), 1, c.bn_group_size)

@@ -1,4 +1,4 @@
-"""hcsc_jax.config_checks: every field of every training config has a rule its shipped values
+"""hcsc_jax.run.config_checks: every field of every training config has a rule its shipped values
 pass; a bad value of each kind is one line naming the field; the relations between fields; the
 settings a fuzz of configs/digits.py:runlocal found accepted. In-process: no jit, no workdir
 (test_cli.py runs train.py for the exit status and that nothing is written)."""
@@ -10,8 +10,8 @@ import pathlib
 
 import pytest
 
-from hcsc_jax import config_checks, trainer
-from hcsc_jax.config_checks import ConfigError
+from hcsc_jax.run import config_checks, trainer
+from hcsc_jax.run.config_checks import ConfigError
 
 ROOT = pathlib.Path(__file__).parent.parent
 TRAINING = sorted(p.stem for p in ROOT.glob("configs/*.py")
@@ -203,7 +203,7 @@ def test_relations_unknown_fields_and_missing_settings_are_one_line(overrides, m
 def test_a_warm_up_as_long_as_the_run_is_a_warning_logged_before_anything_is_written(tmp_path, caplog):
     """HCSC levels with warmup_epochs >= epochs train MoCo v2 only: said in one line before the
     run starts (not refused: a short run resumed later with more epochs does it on purpose)."""
-    from hcsc_jax import trainer
+    from hcsc_jax.run import trainer
 
     assert config_checks.warnings_for(_digits()) == []  # runlocal: 3 epochs, warm-up 1
     assert config_checks.warnings_for(_digits(epochs=0)) == []  # the untrained encoder

@@ -10,7 +10,9 @@ import sys
 import ml_collections
 import pytest
 
-from hcsc_jax import clustering, config_checks, setup, train_step, trainer
+from hcsc_jax import clustering
+from hcsc_jax.method import train_step
+from hcsc_jax.run import config_checks, setup, trainer
 
 ROOT = pathlib.Path(__file__).parent.parent
 MODULES = sorted(p.stem for p in ROOT.joinpath("configs").glob("*.py")

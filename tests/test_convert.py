@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hcsc_jax import checkpoints, convert, models
+from hcsc_jax import convert, models
 from hcsc_jax.models import ProjectionHead
+from hcsc_jax.run import checkpoints
 
 
 def _meta(arch="resnet18", width=0.25, small_stem=True, embed_dim=16, hidden_dim=32, in_channels=3):

@@ -395,7 +395,8 @@ def test_an_image_of_more_than_max_pixels_is_refused_from_its_header(tmp_path):
 
 def test_max_pixels_of_the_config_reaches_the_decoder(tmp_path):
     from configs import digits
-    from hcsc_jax import setup, sharding
+    from hcsc_jax import sharding
+    from hcsc_jax.run import setup
 
     (tmp_path / "ant").mkdir()
     (tmp_path / "ant" / "a.png").write_bytes(_png(np.zeros((30, 40, 3), np.uint8)))

@@ -17,9 +17,10 @@ import pytest
 from flax import nnx
 
 from configs import eval_digits, eval_imagenet
-from hcsc_jax import checkpoints, models, sharding, workdir
+from hcsc_jax import models, sharding
 from hcsc_jax.data import sources
 from hcsc_jax.evaluators import EvalError, cluster, common, knn, linear, semisup, voc
+from hcsc_jax.run import checkpoints, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

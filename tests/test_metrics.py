@@ -1,4 +1,4 @@
-"""hcsc_jax.metrics: metrics.jsonl, TensorBoard events read back by tensorboard's own reader,
+"""hcsc_jax.run.metrics: metrics.jsonl, TensorBoard events read back by tensorboard's own reader,
 resume (cut lines, purged steps), optional W&B, and a gs:// workdir (in-memory fake)."""
 
 import sys
@@ -9,7 +9,7 @@ import pytest
 from etils import epath
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hcsc_jax import metrics
+from hcsc_jax.run import metrics
 from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
 
 

@@ -10,8 +10,8 @@ import test_objective
 from numpy_reference import unit
 from test_objective import B, D, run
 
-from hcsc_jax import objective
-from hcsc_jax.objective import ObjectiveConfig
+from hcsc_jax.method import objective
+from hcsc_jax.method.objective import ObjectiveConfig
 
 problem = test_objective.problem  # the shared fixture: B = 8 queries, K = 24, levels of 9/5/3
 RNG = jax.random.key(7)

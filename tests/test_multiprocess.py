@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from test_trainer import tiny_config
 
-from hcsc_jax import checkpoints, distributed, trainer
+from hcsc_jax import distributed
 from hcsc_jax.data import sources
+from hcsc_jax.run import checkpoints, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 128  # images per split: a warm-up epoch, then a clustering epoch, of 2 steps each

@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from numpy_reference import unit
 
-from hcsc_jax import objective
-from hcsc_jax.objective import ObjectiveConfig
+from hcsc_jax.method import objective
+from hcsc_jax.method.objective import ObjectiveConfig
 
 B, K, D = 8, 24, 6
 SIZES = (9, 5, 3)
@@ -78,7 +78,7 @@ def test_masks_follow_selection_probabilities(problem):
         hits += np.asarray(inst[0])
     assert hits[0, 0] == 0  # never selected
     rate = hits / 200
-    from hcsc_jax import selection
+    from hcsc_jax.method import selection
     p = np.asarray(selection.instance_selection_probs(queue, protos.centroids[0], protos.temperatures[0],
                                                       positives[0], protos.valid[0]))
     assert np.abs(rate - p).max() < 0.15  # 200 draws: 4.2 sigma at p = 0.5

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 import hcsc_jax
-from hcsc_jax import checkpoints, models
+from hcsc_jax import models
 from hcsc_jax.data import augmentations, crops, sources
+from hcsc_jax.run import checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -45,3 +45,24 @@ def test_every_python_block_of_the_readme_runs(digits_run, imported, capsys):
     np.testing.assert_array_equal(  # plain Orbax reads the weights hcsc_jax loads
         np.asarray(ns["state"]["q_params"]["backbone"]["conv1"]["kernel"]["value"]),
         np.asarray(ns["enc"].module.backbone.conv1.kernel[...]))
+
+
+def test_the_file_table_names_every_module_where_it_lives():
+    """README's "What is implemented" names each module of hcsc_jax by its path (a subpackage of
+    its own, like data/ or evaluators/, by its folder), so the table shows the layout a reader
+    finds; a module added, moved or renamed without the table fails here."""
+    text = open(README).read()
+    table = text[text.index("## What is implemented"):]
+    table = table[:table.index("\n## ")]
+    package = os.path.join(os.path.dirname(README), "hcsc_jax")
+    missing = []
+    for group in ("", "method", "run"):  # the folders whose modules are listed one by one
+        for name in sorted(os.listdir(os.path.join(package, group))):
+            path = "/".join(filter(None, ("hcsc_jax", group, name)))
+            if name.endswith(".py") and name != "__init__.py" and f"`{path}`" not in table:
+                missing.append(path)
+            subpackage = os.path.join(package, group, name, "__init__.py")
+            if group == "" and name not in ("method", "run") and os.path.exists(subpackage) \
+                    and f"`{path}/`" not in table:
+                missing.append(path + "/")
+    assert not missing, f"README's file table does not name {missing}"

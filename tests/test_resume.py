@@ -1,4 +1,4 @@
-"""hcsc_jax.resume: which config changes a resumed run refuses, and the SIGTERM watch."""
+"""hcsc_jax.run.resume: which config changes a resumed run refuses, and the SIGTERM watch."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 from etils import epath
 
 from configs import digits
-from hcsc_jax import config_checks, resume, rules
+from hcsc_jax.run import config_checks, resume, rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +116,7 @@ def test_the_handler_is_restored_when_the_run_stops_with_an_error():
 
 WATCHED = """
 import hashlib, sys, time
-from hcsc_jax import console, resume
+from hcsc_jax.run import console, resume
 
 console.setup()
 with resume.PreemptionWatch(on_abort=lambda: print("on_abort", flush=True)) as watch:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import cifar10, fashion_mnist, imagenet_hcsc_200ep, imagenet_hcsc_multicrop_200ep
-from hcsc_jax import clustering, trainer
+from hcsc_jax import clustering
+from hcsc_jax.run import trainer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy_reference as ref
 import pytest
 from numpy_reference import unit
 
-from hcsc_jax import selection
+from hcsc_jax.method import selection
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Tests for hcsc_jax.train_step (docs/method.md §6): 1 vs 8 devices, ShuffleBN, EMA, queue, warm-up switch,
-batch-config errors, optimizer.
+"""Tests for hcsc_jax.method.train_step (docs/method.md §6): 1 vs 8 devices, ShuffleBN, EMA, queue,
+warm-up switch, batch-config errors, optimizer.
 
 One tiny configuration (resnet18 at width 1/16 with a small stem, 16x16x3 images, global batch 64,
 BN groups of 4, queue 128 = 2 batches, 3 prototype levels) is compiled once per mesh: the
@@ -20,10 +20,11 @@ import optax
 import pytest
 from flax import nnx
 
-from hcsc_jax import losses, models, objective, sharding
-from hcsc_jax import train_step as ts
+from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.batch import Images
+from hcsc_jax.method import losses, objective
+from hcsc_jax.method import train_step as ts
 from hcsc_jax.models import make_encoder
 
 B = 64  # global batch

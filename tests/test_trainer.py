@@ -18,19 +18,10 @@ import pytest
 from flax import nnx
 
 from configs import digits
-from hcsc_jax import (
-    checkpoints,
-    clustering,
-    failures,
-    metrics,
-    models,
-    resume,
-    schedule,
-    sharding,
-    train_step,
-    trainer,
-)
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import clustering, models, sharding
+from hcsc_jax.method import train_step
+from hcsc_jax.run import checkpoints, failures, metrics, resume, schedule, trainer
+from hcsc_jax.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -472,8 +463,8 @@ def test_an_error_that_is_not_a_refused_write_stays_what_it_is():
 FULL_DISK_SAVE = """
 import sys
 import flax.struct, jax
-from hcsc_jax import checkpoints, console, trainer
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.run import checkpoints, console, trainer
+from hcsc_jax.run import workdir as workdir_lib
 
 @flax.struct.dataclass
 class State:

@@ -7,8 +7,8 @@ import numpy as np
 from etils import epath
 
 from hcsc_jax import visualize
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.clustering import hierarchical_kmeans
+from hcsc_jax.run import workdir as workdir_lib
 from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -22,10 +22,12 @@ import pytest
 from flax import nnx
 
 from configs import digits, eval_imagenet, imagenet_hcsc_vit_s16
-from hcsc_jax import checkpoints, models, objective, resume, sharding, trainer
-from hcsc_jax import train_step as ts
+from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.evaluators import cluster, common, knn, semisup, voc
+from hcsc_jax.method import objective
+from hcsc_jax.method import train_step as ts
+from hcsc_jax.run import checkpoints, resume, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, K, N, HW, D, G = 32, 64, 64, 16, 16, 4

@@ -1,4 +1,4 @@
-"""hcsc_jax.workdir: run directories that cannot be written, locally and on a bucket; the run lock."""
+"""hcsc_jax.run.workdir: run directories that cannot be written, locally and on a bucket; the run lock."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from hcsc_jax import workdir
+from hcsc_jax.run import workdir
 from tests.fake_gcs import fake_gcs  # noqa: F401 - fixture
 
 
@@ -174,7 +174,7 @@ def test_a_corrupt_feature_cache_is_set_aside_and_recomputed_with_one_warning(tm
 # released by one barrier.
 _RACE = r"""
 import json, multiprocessing as mp, os, socket, subprocess, sys, time
-from hcsc_jax import workdir
+from hcsc_jax.run import workdir
 run, procs, trials, hold = workdir.path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 log = os.path.join(sys.argv[1], "held.jsonl")
 

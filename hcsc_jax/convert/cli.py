@@ -7,9 +7,9 @@ import argparse
 import logging
 import sys
 
-from hcsc_jax import checkpoints
 from hcsc_jax.convert.files import export_torch, import_torch, sidecar_path
 from hcsc_jax.convert.vit import _MOCO_V3_ENCODERS, POS_EMBED_RESIZE
+from hcsc_jax.run import checkpoints
 
 log = logging.getLogger("hcsc_jax.convert")
 

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from hcsc_jax import checkpoints, models
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import models
 from hcsc_jax.convert.resnet import encoder_to_torch, infer_meta, torch_to_encoder
 from hcsc_jax.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+from hcsc_jax.run import checkpoints
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger("hcsc_jax.convert")
 

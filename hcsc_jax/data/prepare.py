@@ -42,10 +42,10 @@ from absl import app, flags
 from etils import epath
 from PIL import Image
 
-from hcsc_jax import console
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data.sources import open_source
 from hcsc_jax.data.sources.prepared import FORMAT, PreparedSource, meta_path, records_name
+from hcsc_jax.run import console
+from hcsc_jax.run import workdir as workdir_lib
 
 __all__ = ["encode", "prepare"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from hcsc_jax import rules
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
+from hcsc_jax.run import rules
 
 
 def nmi(assignments, labels) -> float:

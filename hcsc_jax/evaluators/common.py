@@ -15,13 +15,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from hcsc_jax import checkpoints, models, sharding
 from hcsc_jax import features as features_lib
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline, sources
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.data.decode import MAX_PIXELS
 from hcsc_jax.models import pixels
+from hcsc_jax.run import checkpoints
+from hcsc_jax.run import workdir as workdir_lib
 
 
 class EvalError(Exception):

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hcsc_jax import rules
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
+from hcsc_jax.run import rules
 
 KS = (10, 20, 100, 200)
 

@@ -29,10 +29,11 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from hcsc_jax import checkpoints, distributed, models, rules, sharding
+from hcsc_jax import distributed, models, sharding
 from hcsc_jax.data import loader
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common
+from hcsc_jax.run import checkpoints, rules
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hcsc_jax import distributed, models, rules, sharding
+from hcsc_jax import distributed, models, sharding
 from hcsc_jax import features as features_lib
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import pipeline, sources
 from hcsc_jax.data.crops import CropSpec
 from hcsc_jax.evaluators import common, linear
+from hcsc_jax.run import rules
+from hcsc_jax.run import workdir as workdir_lib
 
 
 def read_split_file(path: str) -> list[str]:

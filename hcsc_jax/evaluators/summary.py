@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from hcsc_jax import features, rules
+from hcsc_jax import features
 from hcsc_jax.evaluators import cluster, common, knn
+from hcsc_jax.run import rules
 
 # The settings of a `config.evals` entry of this protocol (besides `type` and `every_epochs`):
 # what each takes, those with a default here, and the counts the training set must cover.

@@ -16,9 +16,9 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
-from hcsc_jax import rules
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
+from hcsc_jax.run import rules
 
 NUM_CLASSES = 20
 

@@ -28,9 +28,9 @@ import stat
 import numpy as np
 from etils import epath
 
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data import decode
 from hcsc_jax.data.sources.registry import register_lazy
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 CHANNEL_SAMPLE = 32  # files whose headers decide `channels`

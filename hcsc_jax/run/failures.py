@@ -19,10 +19,10 @@ import re
 
 import jax
 
-from hcsc_jax import checkpoints
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.data.decode import DecodeError
 from hcsc_jax.data.loader import LoaderError
+from hcsc_jax.run import checkpoints
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hcsc_jax import losses, selection
+from hcsc_jax.method import losses, selection
 
 POSITIVES = ("assignment", "nearest")
 

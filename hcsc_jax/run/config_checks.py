@@ -2,7 +2,7 @@
 
 `RULES` maps each dotted field of the training configs (configs/default.py, the fields the dataset
 configs and `configs.apply_vit` add) to its rule: its type, its range, its choices (the rules
-themselves: `hcsc_jax.rules`). `evaluators.SETTINGS`, which each evaluator module declares for
+themselves: `hcsc_jax.run.rules`). `evaluators.SETTINGS`, which each evaluator module declares for
 itself, does the same for the settings of a `config.evals` entry. `RELATIONS` are the checks
 between fields (levels shrink, one summary entry, ...);
 `WARNINGS` the relations a run may have on purpose but rarely means (`warnings_for`: logged).
@@ -25,10 +25,11 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hcsc_jax import clustering, evaluators, losses, models, objective, selection, train_step, trees
+from hcsc_jax import clustering, evaluators, models, trees
 from hcsc_jax.data import crops, loader, pipeline
+from hcsc_jax.method import losses, objective, selection, train_step
 from hcsc_jax.models import norm, vit
-from hcsc_jax.rules import (
+from hcsc_jax.run.rules import (
     BATCH,
     CLUSTERS,
     DIM,

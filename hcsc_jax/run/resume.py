@@ -26,8 +26,9 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from hcsc_jax import config_checks, trees
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax import trees
+from hcsc_jax.run import config_checks
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

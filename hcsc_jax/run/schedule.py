@@ -12,8 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from hcsc_jax import config_checks, distributed, evaluators, trees
-from hcsc_jax import metrics as metrics_lib
+from hcsc_jax import distributed, evaluators, trees
+from hcsc_jax.run import config_checks
+from hcsc_jax.run import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hcsc_jax import models, objective, sharding
+from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations
+from hcsc_jax.method import objective
 
 
 @flax.struct.dataclass

@@ -44,28 +44,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from hcsc_jax import (
-    checkpoints,
-    clustering,
-    config_checks,
-    distributed,
-    evaluators,
-    failures,
-    features,
-    models,
-    objective,
-    resume,
-    schedule,
-    setup,
-    sharding,
-    train_step,
-    visualize,
-)
-from hcsc_jax import metrics as metrics_lib
-from hcsc_jax import workdir as workdir_lib
-from hcsc_jax.config_checks import ConfigError
+from hcsc_jax import clustering, distributed, evaluators, features, models, sharding, visualize
 from hcsc_jax.data.sources import check_available
-from hcsc_jax.schedule import itstime
+from hcsc_jax.method import objective, train_step
+from hcsc_jax.run import checkpoints, config_checks, failures, resume, schedule, setup
+from hcsc_jax.run import metrics as metrics_lib
+from hcsc_jax.run import workdir as workdir_lib
+from hcsc_jax.run.config_checks import ConfigError
+from hcsc_jax.run.schedule import itstime
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from hcsc_jax import sharding
-from hcsc_jax import workdir as workdir_lib
 from hcsc_jax.clustering import Hierarchy
 from hcsc_jax.models import Encoder, build_encoder
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

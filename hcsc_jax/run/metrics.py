@@ -26,7 +26,7 @@ from etils import epath
 from tensorboardX import SummaryWriter, record_writer
 
 from hcsc_jax import trees
-from hcsc_jax import workdir as workdir_lib
+from hcsc_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hcsc_jax import selection
+from hcsc_jax.method import selection
 
 SEMANTICS = ("paper", "official")
 

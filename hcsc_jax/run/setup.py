@@ -21,9 +21,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from hcsc_jax import checkpoints, models, objective, sharding, train_step
+from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.crops import CropSpec
+from hcsc_jax.method import objective, train_step
+from hcsc_jax.run import checkpoints
 
 log = logging.getLogger(__name__)
 
