@@ -764,9 +764,11 @@ DESCRIPTION = {
         "`configs/digits.py` (paper semantics); the ablations are `configs/digits.py` with the overrides in "
         "their commands."),
     "digits_recipe": (
-        "The sweep that chooses the digits recipe: `configs/digits.py:mocov2` (MoCo v2) and "
-        "`configs/digits.py` (HCSC) at the 40-epoch budget, each with one change of the recipe (named in the "
-        "row; the overrides are in each run's command), seed 0. What to read: the last epoch's InfoNCE "
+        "The sweep that chose the digits recipe: `configs/digits.py:mocov2` (MoCo v2) and "
+        "`configs/digits.py` (HCSC) at the 40-epoch budget, seed 0, from the recipe before it (batch 128, "
+        "ShuffleBN groups of 32: 440 steps; the unnamed rows) with one change (named in the row; the "
+        "overrides are in each run's command). Batch 32 (groups of 8) was chosen: 4x the steps in about the "
+        "same time. What to read: the last epoch's InfoNCE "
         "loss against log(K+1), the plateau of a key no closer than the queue's (K = queue size), and the "
         "instance accuracy: a run that stays near the plateau has not learned to tell the images apart, "
         "whatever its kNN (the untrained encoder's kNN is the floor, the raw pixels' the bar)."),
