@@ -209,6 +209,11 @@ def accuracies(scores, labels) -> dict[str, float]:
     return dict(top1=100 * topk_accuracy(scores, labels, 1), top5=100 * topk_accuracy(scores, labels, 5))
 
 
+# The input settings DataSpec defaults (a run's config.json without them, or an encoder's metadata).
+_INPUT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataSpec)
+                   if f.default is not dataclasses.MISSING}
+
+
 def data_spec(config, run_config: dict | None = None, trained_on: dict | None = None) -> DataSpec:
     """The eval config's data fields, unset (None) ones taken from a training run's config.json
     (`run_config`), else (image_size, mean, std) from the input an exported or imported encoder
@@ -220,9 +225,7 @@ def data_spec(config, run_config: dict | None = None, trained_on: dict | None = 
                     train_split=run.get("train_split"), eval_split=run.get("eval_split"),
                     image_size=run.get("image_size", enc.get("image_size")),
                     mean=aug.get("mean", enc.get("mean")), std=aug.get("std", enc.get("std")),
-                    pipeline=inp.get("pipeline", "memory"),
-                    num_workers=inp.get("num_workers", -1), prefetch=inp.get("prefetch", 2),
-                    bad_images=inp.get("bad_images", "skip"), max_pixels=inp.get("max_pixels", MAX_PIXELS))
+                    **{k: inp.get(k, default) for k, default in _INPUT_DEFAULTS.items()})
     data = {k: (config.get(k) if config.get(k) is not None else v) for k, v in fallback.items()}
     standard = sources.standard_splits(data["dataset"]) if data["dataset"] else None
     for i, k in enumerate(("train_split", "eval_split")):  # (the dataset's own, when none is given)
