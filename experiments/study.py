@@ -183,6 +183,11 @@ SETTINGS = {
     # The digits recipe: MoCo v2 at configs/digits.py with one change each (and HCSC with the
     # changes that leave the InfoNCE plateau), seed 0: which default visibly learns in ~3-4 min.
     "digits_recipe": Setting("digits_recipe", "digits", 10, _references("digits.py") + RECIPES),
+    # Where MoCo v2's kNN stops rising at the digits recipe (batch 32, groups of 8): one 120-epoch run
+    # with its kNN curve in metrics.jsonl (every 10 epochs), from which the converged budget is read.
+    "digits_curve": Setting("digits_curve", "digits", 10, (
+        Method("MoCo v2, 120 epochs", "digits.py:mocov2",
+               BATCH_32 + ("--config.epochs=120", "--config.evals.knn.every_epochs=10"), seeds=(0,)),)),
     "authors_switches": Setting("authors_switches", "digits", 10, AUTHORS_SWITCHES, baseline=OFFICIAL),
     # CI smoke test: 2 epochs (1 warm-up), one seed, a tiny model, a short linear probe.
     "smoke": Setting(
@@ -772,6 +777,10 @@ DESCRIPTION = {
         "loss against log(K+1), the plateau of a key no closer than the queue's (K = queue size), and the "
         "instance accuracy: a run that stays near the plateau has not learned to tell the images apart, "
         "whatever its kNN (the untrained encoder's kNN is the floor, the raw pixels' the bar)."),
+    "digits_curve": (
+        "Where MoCo v2 stops gaining on digits at the batch-32 recipe: `configs/digits.py:mocov2` for 120 "
+        "epochs, seed 0, kNN every 10 epochs during training (its `metrics.jsonl`: the curve); the converged "
+        "budget of the digits study is read from it."),
     "fashion_mnist": (
         "Fashion-MNIST (60,000 / 10,000 28x28 images), `configs/fashion_mnist.py` and its `:mocov2` / `:pcl` "
         "variants: small-stem ResNet-18 (width 0.5), 100 epochs (10 warm-up), batch 256, queue 8192, "
@@ -813,7 +822,7 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def results_md(archive: str, path: str, command: str,
-               names=("fashion_mnist_cpu", "digits", "digits_recipe", "fashion_mnist")) -> str:
+               names=("fashion_mnist_cpu", "digits", "digits_recipe", "digits_curve", "fashion_mnist")) -> str:
     """RESULTS.md: one section per setting from <archive>/<setting>/report (figures copied next to
     `path` under results/). A setting with no archived run keeps the section `path` already has
     (made by an earlier study whose runs were not archived), or gets a note saying it was not run."""
