@@ -821,8 +821,10 @@ def _sections(text: str) -> dict[str, str]:
             for i, m in enumerate(found)}
 
 
-def results_md(archive: str, path: str, command: str,
-               names=("fashion_mnist_cpu", "digits", "digits_recipe", "digits_curve", "fashion_mnist")) -> str:
+RESULTS_SECTIONS = ("fashion_mnist_cpu", "digits", "digits_recipe", "digits_curve", "fashion_mnist")
+
+
+def results_md(archive: str, path: str, command: str, names=RESULTS_SECTIONS) -> str:
     """RESULTS.md: one section per setting from <archive>/<setting>/report (figures copied next to
     `path` under results/). A setting with no archived run keeps the section `path` already has
     (made by an earlier study whose runs were not archived), or gets a note saying it was not run."""
