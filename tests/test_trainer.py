@@ -336,7 +336,7 @@ def test_a_stop_signal_right_after_the_summary_line_still_writes_summary_json(
     reference_dir, reference = finished_run
     workdir = _copy_run(reference_dir, tmp_path / "run")
     os.remove(os.path.join(workdir, "summary.json"))  # (the copy has no figures/)
-    _signal_after(monkeypatch, trainer, "final_summary")
+    _signal_after(monkeypatch, schedule, "final_summary")
     assert trainer.train_and_evaluate(tiny_config(), workdir) == reference
     assert json.load(open(os.path.join(workdir, "summary.json"))) == reference
     assert not {"figures", "run.lock"} & set(os.listdir(workdir))
