@@ -167,8 +167,7 @@ def _references(config: str):
 
 SETTINGS = {
     "digits": Setting("digits", "digits", 10,
-                      _references("digits.py") + _methods("digits.py", (0, 1, 2, 3, 4), (0, 1, 2)),
-                      methods_predate_archive=True),
+                      _references("digits.py") + _methods("digits.py", (0, 1, 2, 3, 4), (0, 1, 2))),
     # The 2-core CPU budget of configs/fashion_mnist.py:cpu (<= 15 minutes a run).
     "fashion_mnist_cpu": Setting(
         "fashion_mnist_cpu", "fashion_mnist", 10,
@@ -763,8 +762,9 @@ DESCRIPTION = {
     "digits": (
         "scikit-learn's digits (1,437 train / 360 test 8x8 images, upsampled to 16 px by the crops), the "
         "`configs/digits.py` budget for every method: narrow small-stem ResNet-18 (width 0.25), 40 epochs "
-        "(10 warm-up epochs of InfoNCE only), batch 128, queue 1024, prototype levels / clusterings "
-        "60/30/10. MoCo v2 = `configs/digits.py:mocov2`, PCL = `configs/digits.py:pcl` (independent k-means "
+        "(10 warm-up epochs of InfoNCE only), batch 32 (ShuffleBN groups of 8, 1,760 steps; the recipe "
+        "`digits_recipe` chose), queue 1024, prototype levels / clusterings 60/30/10. MoCo v2 = "
+        "`configs/digits.py:mocov2`, PCL = `configs/digits.py:pcl` (independent k-means "
         "60/30/10, r = 16 sampled negative prototypes per clustering, PCL's code semantics), HCSC = "
         "`configs/digits.py` (paper semantics); the ablations are `configs/digits.py` with the overrides in "
         "their commands."),
