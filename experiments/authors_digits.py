@@ -5,7 +5,8 @@
   python experiments/authors_digits.py --report_only
 
 "authors" runs their `pretrain.main()` unchanged (experiments/authors_code.py: the CPU shims),
-4 gloo processes of 32 images (the global batch and BN groups of configs/digits.py), with the
+one gloo process per ShuffleBN group of configs/digits.py (batch / bn_group_size: 4 of 8 images
+now; the archived runs were made at its batch 128, 4 of 32), with the
 recipe of `configs/digits.py:<method>,authors`: the same encoder (ResNet-18 at width 0.25 with
 the small stem, in torchvision's layout), head, queue, lr, epochs, warm-up, levels and k-means
 settings. Their data loaders are replaced by ours (their `torchvision` augmentation is not
