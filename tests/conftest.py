@@ -27,12 +27,20 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def digits_run(tmp_path_factory):
+def digits_run(tmp_path_factory, worker_id):
     """A trained `configs/digits.py:runlocal` workdir (3 epochs at 8 px, a tiny model), trained once
-    per test session and shared by the tests that only read one: do not write into it."""
+    per test session and shared by the tests that only read one: do not write into it. Under
+    pytest-xdist the workers share one (the first to take the lock trains it; the folder is the
+    session's, above each worker's own)."""
+    from filelock import FileLock
+
     from configs import digits
     from hcsc_jax.run import trainer
 
-    workdir = tmp_path_factory.mktemp("digits_run") / "run"
-    trainer.train_and_evaluate(digits.get_config("runlocal"), str(workdir))
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # (pytest-N/, shared by its popen-gwK/)
+    workdir = root / "digits_run_shared"
+    with FileLock(str(root / "digits_run_shared.lock")):
+        if not (workdir / "summary.json").exists():
+            trainer.train_and_evaluate(digits.get_config("runlocal"), str(workdir))
     return str(workdir)
