@@ -89,9 +89,6 @@ class Setting:
     eval_overrides: tuple[str, ...] = ()
     coarse: str | None = None  # name of a coarse label grouping (fashion_mnist)
     needs_gpu: bool = False
-    # Its method rows in RESULTS.md come from runs made before the archive existed: the section is
-    # kept, and only the archived reference rows are added to it (until the methods run again).
-    methods_predate_archive: bool = False
     baseline: str | None = None  # also paired differences to this row (same seed)
 
 
@@ -194,6 +191,7 @@ SETTINGS = {
         (Method("MoCo v2", "digits.py:mocov2", seeds=(0,)), Method("PCL", "digits.py:pcl", seeds=(0,)),
          Method("HCSC", "digits.py", seeds=(0,))),
         common=("--config.epochs=2", "--config.warmup_epochs=1", "--config.model.width=0.125",
+                "--config.batch_size=128", "--config.bn_group_size=32",
                 "--config.model.arch=resnet18", "--config.clustering.nredo=1", "--config.clustering.niter=5",
                 "--config.evals.summary.num_clusters=(10,)"),
         eval_overrides=("--config.evals.linear_fast.epochs=5",)),
@@ -844,19 +842,6 @@ def results_md(archive: str, path: str, command: str, names=RESULTS_SECTIONS) ->
         if not rows and name in before and "**Not run yet.**" not in before[name]:
             parts += [before[name], ""]
             continue
-        only_references = all(r["group"] == "reference" for r in rows)
-        if setting.methods_predate_archive and only_references and name in before:
-            # Only the reference rows are archived (the methods' runs predate the archive): the
-            # section as it was, with the references' tables (made by this study) after it.
-            kept = before[name].split(REFERENCE_MARK)[0].strip()
-            tables_md = open(os.path.join(report_dir, "tables.md")).read()
-            blocks = re.split(r"(?m)^(?=#### )", tables_md)
-            wanted = ("#### Reference", f"#### Paired difference to {PIXELS}")  # (not the empty Methods)
-            refs = [b.strip() for b in blocks if b.startswith(wanted)]
-            parts += [kept, "", REFERENCE_MARK, "",
-                      "#### Reference rows, archived (the method rows above predate the archive)", "",
-                      tables_md.split("\n\n")[0].strip(), "", *[x for b in refs for x in (b, "")]]
-            continue
         parts += [f"## {name}", "", DESCRIPTION.get(name, ""), ""]
         if not rows:
             parts += [
@@ -886,7 +871,6 @@ def results_md(archive: str, path: str, command: str, names=RESULTS_SECTIONS) ->
     return text
 
 
-REFERENCE_MARK = "<!-- study.py: reference rows -->"
 
 # RESULTS.md sections made by other scripts of experiments/ (authors_digits.py: the authors' code
 # beside ours under :authors).

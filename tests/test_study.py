@@ -226,25 +226,15 @@ def test_run_lock(tmp_path):
     assert study._lock(str(tmp_path)) and lock.read_text() == str(os.getpid())
 
 
-def test_reference_rows_join_a_section_whose_method_runs_predate_the_archive(tmp_path):
-    """Only the references of a setting are archived: RESULTS.md keeps the section it has and
-    adds their tables after it, once, however often it is rewritten; the authors' section
-    (authors_digits/report.md) is appended."""
-    report = tmp_path / "archive" / "digits" / "report"
-    report.mkdir(parents=True)
-    (report / "results.json").write_text(json.dumps({"rows": [dict(method="raw pixels", group="reference")]}))
-    tables = "Command: `x`\n\nReport written y.\n\n#### Reference\n\n| raw pixels | 1 / 1 | 97.78 |\n\n"
-    (report / "tables.md").write_text(tables + "#### Methods\n\n| MoCo v2 | 0 / 5 |\n")
-    (tmp_path / "archive" / "authors_digits").mkdir()
+def test_the_authors_section_is_appended_once_however_often_results_md_is_written(tmp_path):
+    """RESULTS.md ends with the authors' section (authors_digits/report.md, written by
+    experiments/authors_digits.py), once, however often the file is rewritten."""
+    (tmp_path / "archive" / "authors_digits").mkdir(parents=True)
     (tmp_path / "archive" / "authors_digits" / "report.md").write_text("## authors_digits\n\ntheirs | ours\n")
     path = tmp_path / "RESULTS.md"
-    path.write_text("# old\n\n## digits\n\nkept table | 1 |\n")
     for _ in range(2):
-        text = study.results_md(str(tmp_path / "archive"), str(path), "cmd", names=("digits",))
-        assert study.SETTINGS["digits"].methods_predate_archive
-        assert text.count("kept table | 1 |") == 1 and text.count(study.REFERENCE_MARK) == 1
-        assert text.index("kept table") < text.index("| raw pixels | 1 / 1 | 97.78 |")
-        assert "| MoCo v2 | 0 / 5 |" not in text and "Command: `x`" in text
+        text = study.results_md(str(tmp_path / "archive"), str(path), "cmd", names=())
+        path.write_text(text)
         assert text.count("## authors_digits") == 1 and text.rstrip().endswith("theirs | ours")
 
 

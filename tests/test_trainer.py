@@ -463,7 +463,7 @@ def test_an_error_that_is_not_a_refused_write_stays_what_it_is():
 FULL_DISK_SAVE = """
 import sys
 import flax.struct, jax
-from hcsc_jax.run import checkpoints, console, trainer
+from hcsc_jax.run import checkpoints, console, failures
 from hcsc_jax.run import workdir as workdir_lib
 
 @flax.struct.dataclass
@@ -788,7 +788,8 @@ def test_resume_with_a_config_that_changes_the_checkpoint_is_refused(finished_ru
     with pytest.raises(resume.ConfigMismatch,
                        match=r"batch_size: 64 -> 128, clustering.num_clusters: \[20, 8, 4\] -> "
                              r"\[20, 8\], epochs: 3 -> 4\); .* "
-                             r"\(safe to change: log_every_steps, .* wandb.\*, divergence.\*\)"):
+                             r"\(safe to change: data_dir, .*log_every_steps, .* evals.\*, eval.\*, "
+                             r"wandb.\*, divergence.\*\)"):
         trainer.train_and_evaluate(changed, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == saved
     # Logging, checkpoint cadence and the final evaluation may change.

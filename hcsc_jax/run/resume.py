@@ -89,7 +89,16 @@ def check_config(workdir: epath.Path, config_json: str):
 
 
 def _safe_list() -> str:
-    return ", ".join(s + "*" * s.endswith(".") for s in SAFE_TO_CHANGE)
+    """SAFE_TO_CHANGE as a resumed run's error says it: a group whose every field is free as
+    "group.*" (wandb.*), the others by name."""
+    groups = {}
+    for field, rule in config_checks.RULES.items():
+        if "." in field:
+            groups.setdefault(field.split(".")[0], []).append(rule.free)
+    whole = {g for g, free in groups.items() if all(free)}
+    names = [s for s in SAFE_TO_CHANGE if s.split(".")[0] not in whole or s.endswith(".")]
+    names += [f"{g}." for g in groups if g in whole]
+    return ", ".join(s + "*" * s.endswith(".") for s in names)
 
 
 def preempted(mngr, step: int, signal_name: str) -> Preempted:
