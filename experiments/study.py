@@ -90,6 +90,7 @@ class Setting:
     coarse: str | None = None  # name of a coarse label grouping (fashion_mnist)
     needs_gpu: bool = False
     baseline: str | None = None  # also paired differences to this row (same seed)
+    curve_table: bool = False  # also a table of each run's in-training kNN, epoch by epoch
 
 
 ABL = ("--config.objective.instance_selection", "--config.objective.prototype_selection")
@@ -183,7 +184,8 @@ SETTINGS = {
     # with its kNN curve in metrics.jsonl (every 10 epochs), from which the converged budget is read.
     "digits_curve": Setting("digits_curve", "digits", 10, (
         Method("MoCo v2, 120 epochs", "digits.py:mocov2",
-               BATCH_32 + ("--config.epochs=120", "--config.evals.knn.every_epochs=10"), seeds=(0,)),)),
+               BATCH_32 + ("--config.epochs=120", "--config.evals.knn.every_epochs=10"), seeds=(0,)),),
+        curve_table=True),
     "authors_switches": Setting("authors_switches", "digits", 10, AUTHORS_SWITCHES, baseline=OFFICIAL),
     # CI smoke test: 2 epochs (1 warm-up), one seed, a tiny model, a short linear probe.
     "smoke": Setting(
@@ -505,7 +507,7 @@ def _curve(workdir: str) -> dict:
     """kNN-vs-epoch points, if the run's metrics.jsonl holds evaluator records (any numeric key
     with "knn" and "top1" in its name on a record with an epoch)."""
     path = os.path.join(workdir, "metrics.jsonl")
-    points = []
+    points, by_k = [], []  # (epoch from 0, best top-1); (epochs done, k=20, k=200 top-1)
     if os.path.isfile(path):
         for line in open(path):
             rec = json.loads(line)
@@ -513,7 +515,9 @@ def _curve(workdir: str) -> dict:
                           if "knn" in k and "top1" in k and isinstance(v, (int, float)))
             if keys and "epoch" in rec:
                 points.append((rec["epoch"], rec[keys[0]]))
-    return {"knn_curve": points} if points else {}
+                if "knn/per_k/20/top1" in rec:
+                    by_k.append((rec["epoch"] + 1, rec["knn/per_k/20/top1"], rec.get("knn/per_k/200/top1")))
+    return {"knn_curve": points, "knn_by_epoch": by_k} if points else {}
 
 
 METRICS = (("knn20", "kNN top-1 k=20 (%)"), ("knn200", "kNN top-1 k=200 (%)"),
@@ -563,6 +567,18 @@ def tables(setting: Setting, rows: list[dict]) -> str:
             out.append(f"| {m.name} | {len(rs)} / {len(m.seeds)} (seeds {seeds or '-'}) | "
                        + " | ".join(cells) + f" | {lvl} | {inst} | {t} |")
         out.append("")
+    if setting.curve_table:  # the in-training kNN of each run, epoch by epoch
+        for r in rows:
+            pts = r.get("knn_by_epoch") or []
+            if pts:
+                out.append(f"#### kNN top-1 during training: {r['method']}, seed {r['seed']} "
+                           "(k = 20 / 200, %)\n")
+                out.append("| epochs done | " + " | ".join(str(e) for e, _, _ in pts) + " |")
+                out.append("|" + " --- |" * (len(pts) + 1))
+                out.append("| k = 20 | " + " | ".join(f"{a:.2f}" for _, a, _ in pts) + " |")
+                out.append("| k = 200 | " + " | ".join("-" if b is None else f"{b:.2f}" for _, _, b in pts)
+                           + " |")
+                out.append("")
     # Paired differences over the seeds both have: every method vs MoCo v2 and vs PCL; the ablations also vs
     # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
     no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
