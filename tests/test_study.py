@@ -249,3 +249,21 @@ def test_the_authors_switches_are_paired_with_official_semantics():
     text = study.tables(s, rows)
     assert "#### Paired difference to HCSC, official (same seed)" in text
     assert "| HCSC, :authors (all four) | 2 | 5.00 ± 0.00 [+5.00, +5.00] |" in text
+
+
+def test_the_curve_setting_tables_each_runs_knn_during_training(tmp_path):
+    """digits_curve reads where MoCo v2 stops gaining from the kNN a run logs while it trains
+    (metrics.jsonl's eval records): the table has one column per evaluation, epochs counted from 1."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"type": "eval", "epoch": e - 1, "step": 44 * e, "knn/best_top1": 90.0 + e / 10,
+                "knn/per_k/20/top1": 90.0 + e / 10, "knn/per_k/200/top1": 80.0 + e / 10} for e in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = study._curve(str(run))
+    assert curve["knn_by_epoch"] == [(10, 91.0, 81.0), (20, 92.0, 82.0)]
+    s = study.SETTINGS["digits_curve"]
+    row = dict(method=s.methods[0].name, group="main", seed=0, knn20=92.0, knn200=82.0, linear_fast=90.0,
+               nmi=0.5, ami=0.5, **curve)
+    text = study.tables(s, [row])
+    assert ("| epochs done | 10 | 20 |\n| --- | --- | --- |\n| k = 20 | 91.00 | 92.00 |\n"
+            "| k = 200 | 81.00 | 82.00 |") in text
