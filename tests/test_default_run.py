@@ -1,6 +1,7 @@
 """The documented default, `python train.py`, lands in the band README's "What to expect" states
-(the 5-seed mean ± 2 std of RESULTS.md's digits study), whatever the machine's last-bit float
-behaviour: a run outside it means the default no longer computes what the README promises."""
+(the mean ± 2 std of RESULTS.md's digits study over its seeds, widened to at least ± 0.02 on kNN
+and ± 0.05 on NMI), whatever the machine's last-bit float behaviour: a run outside it means the
+default no longer computes what the README promises."""
 import json
 import os
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 from experiments import study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KNN_BAND = (0.89, 0.98)
-LEVEL_NMI_BANDS = ((0.37, 0.54), (0.35, 0.56), (0.28, 0.57))  # levels 60 / 30 / 10
+KNN_BAND = (0.95, 1.00)
+LEVEL_NMI_BANDS = ((0.61, 0.72), (0.68, 0.79), (0.60, 0.79))  # levels 60 / 30 / 10
 
 
 def test_readme_states_the_bands_this_test_checks():
