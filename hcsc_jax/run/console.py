@@ -137,7 +137,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def describe_fields(config, name: str = "config") -> str:
     """Every field of `config` (after its variant and overrides), its value and what it accepts
     (`config_checks`' rule), one per line: what `--config.help` prints."""
-    from hcsc_jax.run import config_checks  # it imports this module
+    from hcsc_jax.run import config_checks  # (heavy: only for --config.help, so --help stays fast)
 
     lines = [f"Fields of --{name} as loaded (set one with --{name}.FIELD=VALUE):"]
     for field, value in config_checks.fields(config.to_dict()):

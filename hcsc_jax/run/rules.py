@@ -189,4 +189,3 @@ SCALE = interval(0, 1)  # random-resized-crop areas, as fractions of the image
 MEAN = tuple_of(real(), 1, 3)
 STD = tuple_of(real(above=0), 1, 3)
 
-NITER, NREDO = integer(1, 10**5), integer(1, 1000)
