@@ -206,3 +206,23 @@ def test_signals_to_the_process_group_during_the_workers_start_leave_them_to_the
         signals, codes = " ".join(run.line()).split(" exit codes ")
         assert int(signals.split()[1]) >= 2 and codes.split() == ["0", "0"], run.stderr()
         assert run.wait() == 0, run.stderr()
+
+
+# A whole feature pass with its last batch still held at exit, as a run's last step or features
+# may hold it: the workers' shared memory must all be released (no resource-tracker warning).
+HOLDS_LAST = """
+    it.close()
+    for batch in loader.center_crop_batches(source, 8, 4, num_workers=2, prefetch=1):
+        pass
+    print("held", batch["view0"].shape, flush=True)
+"""
+
+
+def test_no_shared_memory_outlives_a_run_that_holds_its_last_batch(tmp_path):
+    script = tmp_path / "hold.py"
+    script.write_text(SCRIPT.format(extra=HOLDS_LAST))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=DEADLINE_S, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "held (4, 8, 8, 3)" in done.stdout
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-2000:]

@@ -62,6 +62,7 @@ def reference(tmp_path_factory):
     tag, env = tagged_env()
     done = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "leaked shared_memory" not in done.stderr  # (the resource tracker's warning at exit)
     assert_no_process_left(tag)
     return workdir
 

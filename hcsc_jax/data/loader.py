@@ -33,6 +33,7 @@ the pass with a `LoaderError` naming the files the workers were reading.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -286,6 +287,8 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
                 try:
                     with _StopSignalsBlocked(starting):
                         batch = next(iterator)
+                        if workers:  # out of the workers' shared memory now (see _owned)
+                            batch = _owned(batch)
                     starting = False
                 except StopIteration:
                     return
@@ -302,10 +305,21 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+            if workers:  # grain's StopIteration keeps its frames, and their batches, in a cycle:
+                del iterator, it  # collected now, while the workers' shared memory can be unlinked
+                gc.collect()
     finally:
         if slots is not None:
             slots.close()
             slots.unlink()
+
+
+def _owned(batch: dict) -> dict:
+    """A worker's batch copied out of its shared memory, which is released here. A consumer may
+    hold the last batch until the interpreter exits (on the CPU, `jax.device_put` can alias host
+    memory); its shared memory then outlives the unlink queue and the resource tracker reports
+    it leaked. A copy of one batch costs far less than decoding it."""
+    return {k: np.array(v) for k, v in batch.items()}
 
 
 def _where(source, i: int) -> str:
