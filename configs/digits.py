@@ -7,6 +7,7 @@
   python train.py --config configs/digits.py:pcl,runlocal                         # smoke run of any of them
   python train.py --config configs/digits.py:vit --workdir runs/digits_vit        # HCSC with a ViT encoder
   python train.py --config configs/digits.py:authors --workdir runs/digits_authors  # the authors' training
+  python train.py --config configs/digits.py:converged --workdir runs/digits_90      # 90 epochs
 
 - hcsc: HCSC, paper semantics.
 - mocov2: the same budget with no prototypes: plain InfoNCE for every epoch, no selection.
@@ -27,6 +28,9 @@
 - vit: the encoder is a small ViT with 4-px patches (vit_t4 at width 1/2: 96 dims, 3 heads, 6
   blocks; a 4x4 grid of patches at 16 px) trained with MoCo v3's ViT recipe (AdamW, weight decay
   0.1, 5 epochs of linear lr warm-up, no ShuffleBN); combines with the methods. Not tuned.
+- converged: 90 epochs instead of 40 (warm-up unchanged), where MoCo v2's kNN stops rising at this
+  recipe (the 120-epoch curve of `experiments/study.py --setting=digits_curve`, RESULTS.md: kNN k=200
+  flat from epoch 80, k=20 from 90, within two test images); combines with the methods.
 - runlocal: a smoke run (3 epochs at 8 px, a tiny model, small queue and levels, kNN every 2
   epochs, no progress bar); combines with the others. The tests train it (tests/test_trainer.py;
   vit,runlocal: 2 blocks at width 1/4, tests/test_vit_training.py).
@@ -34,7 +38,7 @@
 
 from configs import apply_authors, apply_method, apply_vit, default, one_of, parse_variants
 
-VARIANTS = ("hcsc", "mocov2", "pcl", "authors", "vit", "runlocal")
+VARIANTS = ("hcsc", "mocov2", "pcl", "authors", "vit", "converged", "runlocal")
 METHODS = ("hcsc", "mocov2", "pcl")
 
 
@@ -62,6 +66,8 @@ def get_config(arg=None):
     c.evals.knn = dict(every_epochs=5, ks=(20, 200), temperature=0.07)  # a kNN curve in metrics.jsonl
     c.log_every_steps = 11
     c.checkpoint_every_epochs = 10
+    if "converged" in chosen:
+        c.epochs = 90
     if "runlocal" in chosen:
         c.update(epochs=3, image_size=8, warmup_epochs=1, batch_size=64, bn_group_size=8, queue_size=256,
                  lr=0.03, log_every_steps=5, checkpoint_every_epochs=1, progress_bar=False)
