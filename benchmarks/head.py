@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hcsc_jax.method import objective, selection
+from hcsc_jax.method import device_prototypes, objective, selection
 
 flags.DEFINE_integer("batch", 256, "B")
 flags.DEFINE_integer("queue", 16384, "K")
@@ -36,7 +36,7 @@ def unit(rng, *shape):
 
 
 def make_inputs(rng, batch, queue, dim, sizes):
-    protos = objective.make_prototypes(
+    protos = device_prototypes.make_prototypes(
         [unit(rng, m, dim) for m in sizes],
         [rng.uniform(0.1, 0.3, m).astype(np.float32) for m in sizes],
         [np.ones(m, bool) for m in sizes],
@@ -61,7 +61,7 @@ def head_step(cfg: objective.ObjectiveConfig, cached: bool):
         grad_fn = jax.value_and_grad(
             lambda q: objective.hcsc_objective(q, k, queue, protos, labels, rng, cfg, lse)[0])
         loss, grad = grad_fn(q)
-        new_lse = objective.queue_log_normalizers(k, protos) if cached else None
+        new_lse = device_prototypes.queue_log_normalizers(k, protos) if cached else None
         return loss, grad, new_lse
 
     return jax.jit(step)
@@ -82,7 +82,7 @@ def main(_):
     sizes = [int(m) for m in FLAGS.levels]
     inp = make_inputs(np.random.default_rng(0), FLAGS.batch, FLAGS.queue, FLAGS.dim, sizes)
     cached = not FLAGS.uncached
-    lse = objective.queue_log_normalizers(inp["queue"], inp["protos"])
+    lse = device_prototypes.queue_log_normalizers(inp["queue"], inp["protos"])
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"({platform.processor() or platform.machine()}), "
           f"B={FLAGS.batch} K={FLAGS.queue} d={FLAGS.dim} levels={sizes} sampler={FLAGS.sampler} "

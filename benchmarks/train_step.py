@@ -71,7 +71,7 @@ from configs import default as default_config
 from hcsc_jax import models, sharding
 from hcsc_jax.data import pipeline
 from hcsc_jax.data.batch import Images
-from hcsc_jax.method import objective
+from hcsc_jax.method import device_prototypes
 from hcsc_jax.method import train_step as ts
 from hcsc_jax.models import ARCHS, VIT_ARCHS
 from hcsc_jax.run import setup
@@ -147,7 +147,7 @@ def random_prototypes(rng, sizes, dim, sharding):
     def unit(m):
         x = rng.normal(size=(m, dim)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
-    return objective.make_prototypes(
+    return device_prototypes.make_prototypes(
         [unit(m) for m in sizes],
         [rng.uniform(0.1, 0.3, m).astype(np.float32) for m in sizes],
         [np.ones(m, bool) for m in sizes],

@@ -296,7 +296,7 @@ def compile_programs(config, tgt: Target, data: DataShape, log: Callable = print
     from hcsc_jax.data import pipeline
     from hcsc_jax.data.batch import Images
     from hcsc_jax.evaluators import knn
-    from hcsc_jax.method import objective
+    from hcsc_jax.method import device_prototypes
     from hcsc_jax.run import setup
 
     # An executable compiled for devices this process does not have cannot be read back from XLA's
@@ -330,7 +330,8 @@ def compile_programs(config, tgt: Target, data: DataShape, log: Callable = print
     protos = None
     if levels:
         hierarchical = config.clustering.get("mode", "hierarchical") == "hierarchical"
-        protos = objective.abstract_prototypes(levels, config.model.embed_dim, hierarchical, replicated)
+        protos = device_prototypes.abstract_prototypes(levels, config.model.embed_dim, hierarchical,
+                                                       replicated)
     proto_bytes = nbytes(protos) if protos is not None else 0
     if levels:
         compile_one("prototype_step", parts.prototype_step, (state, images, labels, protos), dataset_bytes,

@@ -43,7 +43,7 @@ import pytest
 from flax import nnx
 
 from hcsc_jax import clustering, convert, sharding
-from hcsc_jax.method import objective, selection
+from hcsc_jax.method import device_prototypes, objective, selection
 from hcsc_jax.method import train_step as ts
 from hcsc_jax.run import setup
 
@@ -144,7 +144,7 @@ def _step(batch: int, group: int, world: int, epoch: int, seed: int, tmp_path, m
         features = _features(rng)
         hierarchy = clustering.cluster_from_config(c.clustering, features,
                                                    clustering.epoch_seed(c.clustering, c.seed, epoch))
-        prototypes = objective.prototypes_from_hierarchy(hierarchy)
+        prototypes = device_prototypes.prototypes_from_hierarchy(hierarchy)
         state = ts.refresh_queue_lse(state, prototypes)
         labels = jnp.asarray(np.stack([lv.assignments[index] for lv in hierarchy.levels], 1))
 

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from numpy_reference import unit
 
-from hcsc_jax.method import objective
+from hcsc_jax.method import device_prototypes, objective
 from hcsc_jax.method.objective import ObjectiveConfig
 
 B, K, D = 8, 24, 6
@@ -30,7 +30,7 @@ def problem():
     labels = np.stack([bottom, parents[0][bottom], parents[1][parents[0][bottom]]], 1)
     return dict(
         q=unit(rng, B, D), k=unit(rng, B, D), queue=unit(rng, K, D), labels=labels,
-        protos=objective.make_prototypes(centroids, phi, valid, parents),
+        protos=device_prototypes.make_prototypes(centroids, phi, valid, parents),
         levels=[dict(centroids=c, phi=t, valid=v) for c, t, v in zip(centroids, phi, valid)],
     )
 
@@ -123,7 +123,7 @@ def test_nearest_positive_is_argmax_of_scaled_similarity(problem):
 
 def test_cached_queue_normalizer_gives_same_loss(problem):
     pb = problem
-    lse = objective.queue_log_normalizers(pb["queue"], pb["protos"])
+    lse = device_prototypes.queue_log_normalizers(pb["queue"], pb["protos"])
     a, _ = run(pb, ObjectiveConfig())
     b, _ = run(pb, ObjectiveConfig(), queue_lse=lse)
     np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -163,7 +163,8 @@ def test_new_prototypes_do_not_recompile(problem):
         t = [rng.uniform(0.05, 0.4, m).astype(np.float32) for m in SIZES]
         v = [rng.random(m) < 0.9 for m in SIZES]
         par = [rng.integers(0, SIZES[l + 1], SIZES[l]).astype(np.int32) for l in range(2)]
-        step(pb["q"], objective.make_prototypes(c, t, v, par), jax.random.key(epoch)).block_until_ready()
+        protos = device_prototypes.make_prototypes(c, t, v, par)
+        step(pb["q"], protos, jax.random.key(epoch)).block_until_ready()
     assert len(traces) == 1
 
 
@@ -186,7 +187,7 @@ def test_label_shape_error(problem):
     with pytest.raises(ValueError, match=r"labels must be \(B, L\) = \(8, 3\)"):
         run(problem, ObjectiveConfig(), labels=problem["labels"][:, :2])
     with pytest.raises(ValueError, match="need L centroids/temperatures/valid and L-1 parents"):
-        objective.make_prototypes([np.zeros((2, 3))] * 3, [np.ones(2)] * 3, [np.ones(2, bool)] * 3,
+        device_prototypes.make_prototypes([np.zeros((2, 3))] * 3, [np.ones(2)] * 3, [np.ones(2, bool)] * 3,
                                   [np.zeros(2)])
 
 
@@ -203,7 +204,7 @@ def pcl_problem():
     valid = [np.ones(m, bool) for m in sizes]
     labels = np.stack([rng.integers(0, m, B) for m in sizes], 1).astype(np.int32)  # unrelated per level
     return dict(q=unit(rng, B, D), k=unit(rng, B, D), queue=unit(rng, K, D), labels=labels,
-                protos=objective.make_prototypes(centroids, phi, valid, []),
+                protos=device_prototypes.make_prototypes(centroids, phi, valid, []),
                 levels=[dict(centroids=c, phi=t) for c, t in zip(centroids, phi)])
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.data.batch import Images
-from hcsc_jax.method import losses, objective
+from hcsc_jax.method import device_prototypes, losses, objective
 from hcsc_jax.method import train_step as ts
 from hcsc_jax.models import make_encoder
 
@@ -169,8 +169,8 @@ class _Run:
         self.proto_fn = ts.jit_train_step(s["graphdef"], s["tx"], s["cfg"], mesh, warmup=False)
         self.images = jax.device_put(s["images"], self.rep)
         self.assign = jax.device_put(s["assignments"], self.rep)
-        self.protos_a = objective.make_prototypes(*s["protos_a"], sharding=self.rep)
-        self.protos_b = objective.make_prototypes(*s["protos_b"], sharding=self.rep)
+        self.protos_a = device_prototypes.make_prototypes(*s["protos_a"], sharding=self.rep)
+        self.protos_b = device_prototypes.make_prototypes(*s["protos_b"], sharding=self.rep)
         self.idx = [jax.device_put(i, shd) for i in s["idx"]]
         refresh = jax.jit(ts.refresh_queue_lse, out_shardings=self.rep)
         self.s0 = _host(refresh(self.put(s["state0"]), self.protos_a))
@@ -336,8 +336,8 @@ def test_queue_rows_pointer_and_lse(setup, runs):
     s, one = setup, runs[0]
     np.testing.assert_allclose(np.linalg.norm(setup["state0"].queue, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(setup["state0"].queue_lse, 0.0)
-    protos = objective.make_prototypes(*s["protos_a"])
-    lse = lambda x: np.asarray(objective.queue_log_normalizers(jnp.asarray(x), protos))
+    protos = device_prototypes.make_prototypes(*s["protos_a"])
+    lse = lambda x: np.asarray(device_prototypes.queue_log_normalizers(jnp.asarray(x), protos))
     np.testing.assert_allclose(one.s0.queue_lse, lse(one.s0.queue), **REC_TOL)  # refresh_queue_lse
     assert int(one.s0.queue_ptr) == 0
     for i, (before, after) in enumerate(((one.s0, one.s1), (one.s1, one.s2))):
@@ -370,7 +370,7 @@ def test_enqueue_wraps():
 
 def test_loss_uses_queue_before_enqueue(setup, runs):
     s, one = setup, runs[0]
-    protos = objective.make_prototypes(*s["protos_a"])
+    protos = device_prototypes.make_prototypes(*s["protos_a"])
     for i, (before, after, metrics) in enumerate(((one.s0, one.s1, one.m1), (one.s1, one.s2, one.m2))):
         q, q_stats, key_obj = _query(s, before, i)
         _assert_tree_close(after.q_stats, q_stats, "q_stats", **REC_TOL)

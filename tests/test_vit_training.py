@@ -25,7 +25,7 @@ from configs import digits, eval_imagenet, imagenet_hcsc_vit_s16
 from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline
 from hcsc_jax.evaluators import cluster, common, knn, semisup, voc
-from hcsc_jax.method import objective
+from hcsc_jax.method import device_prototypes, objective
 from hcsc_jax.method import train_step as ts
 from hcsc_jax.run import checkpoints, resume, trainer
 
@@ -140,7 +140,7 @@ def step_setup():
 def _two_steps(s, mesh, graphdef=None):
     """Two steps with prototypes from state0 (its ICSC cache refreshed) -> [(state, metrics)] on the host."""
     rep, shd = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    protos = objective.make_prototypes(*s["protos"], sharding=rep)
+    protos = device_prototypes.make_prototypes(*s["protos"], sharding=rep)
     graphdef = graphdef or models.split_model(s["model"])[0]
     fn = ts.jit_train_step(graphdef, s["tx"], s["cfg"], mesh, warmup=False)
     batch = pipeline.gather_batch(mesh)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations
-from hcsc_jax.method import objective
+from hcsc_jax.method import device_prototypes, objective
 
 
 @flax.struct.dataclass
@@ -218,7 +218,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
                batch_sharding=None):
     """One HCSC step. images: a `data.batch.Images` (see `make_views`); labels (B, L) int32
     k-means assignments (ignored in warm-up);
-    prototypes: `objective.Prototypes` or None (warm-up); batch_sharding: that of the batch under
+    prototypes: `device_prototypes.Prototypes` or None (warm-up); batch_sharding: that of the batch under
     `jax.jit` (`jit_train_step`). -> (new state, metrics dict of scalars)."""
     key_q, key_k, key_shuffle, key_obj = step_keys(state)
     perm, unperm = shuffle_permutation(key_shuffle, images.batch_size) if cfg.shuffle_bn else (None, None)
@@ -255,7 +255,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images, labels,
     new_lse = state.queue_lse
     if prototypes is not None:
         new_lse = jax.lax.dynamic_update_slice(
-            state.queue_lse, objective.queue_log_normalizers(keys, prototypes), (0, state.queue_ptr))
+            state.queue_lse, device_prototypes.queue_log_normalizers(keys, prototypes), (0, state.queue_ptr))
     queue, ptr = enqueue(state.queue, state.queue_ptr, keys)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(
@@ -281,4 +281,4 @@ def jit_train_step(graphdef, tx, cfg: StepConfig, mesh, warmup: bool) -> Callabl
 
 def refresh_queue_lse(state: TrainState, prototypes) -> TrainState:
     """Recomputes the (L, K) ICSC cache for a new epoch's prototypes."""
-    return state.replace(queue_lse=objective.queue_log_normalizers(state.queue, prototypes))
+    return state.replace(queue_lse=device_prototypes.queue_log_normalizers(state.queue, prototypes))

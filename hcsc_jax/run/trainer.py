@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from hcsc_jax import clustering, distributed, evaluators, features, models, sharding, visualize
 from hcsc_jax.data.sources import check_available
-from hcsc_jax.method import objective, train_step
+from hcsc_jax.method import device_prototypes, train_step
 from hcsc_jax.run import checkpoints, config_checks, failures, resume, schedule, setup
 from hcsc_jax.run import metrics as metrics_lib
 from hcsc_jax.run import workdir as workdir_lib
@@ -195,7 +195,7 @@ def epoch_prototypes(config, loop: Loop, parts: setup.TrainingSetup, train_set, 
             workdir_lib.save_npz(hierarchy_dir / f"epoch_{epoch:04d}.npz", loop.hierarchy.to_arrays())
     if loop.hierarchy is None or loop.hierarchy_epoch != epoch:
         return None, np.zeros((n, max(num_levels, 1)), np.int32), cluster_seconds
-    protos = objective.prototypes_from_hierarchy(loop.hierarchy, sharding.replicated(mesh))
+    protos = device_prototypes.prototypes_from_hierarchy(loop.hierarchy, sharding.replicated(mesh))
     if not resumed_mid_epoch:
         loop.state = parts.refresh_lse(loop.state, protos)
     return protos, loop.hierarchy.assignments(), cluster_seconds
