@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments import study
+from experiments import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNN_BAND = (0.95, 1.00)
@@ -35,7 +35,7 @@ def test_python_train_py_lands_in_the_readme_band(tmp_path):
     summary = json.load(open(workdir / "summary.json"))
     assert summary["epochs"] == 40 and summary["num_clusters"] == [60, 30, 10]
     assert KNN_BAND[0] <= summary["knn_top1"] <= KNN_BAND[1], summary
-    levels = study.level_nmi(str(workdir), study._labels(str(workdir / "config.json")))
+    levels = report.level_nmi(str(workdir), report._labels(str(workdir / "config.json")))
     assert levels["hierarchy_file"] == "epoch_0039.npz" and levels["level_sizes"] == [60, 30, 10]
     for value, (lo, hi) in zip(levels["level_nmi"], LEVEL_NMI_BANDS):
         assert lo <= value <= hi, levels

@@ -1,19 +1,17 @@
-"""experiments/study.py: a real two-epoch, one-seed smoke run (train.py + eval.py subprocesses)
-gives the table rows; a failed run is reported and the finished ones kept; a rerun skips them;
-paired differences and verdicts from synthetic rows."""
+"""experiments/study.py (with settings.py and report.py): a real two-epoch, one-seed smoke run
+(train.py + eval.py subprocesses) gives the table rows; a failed run is reported and the finished
+ones kept; a rerun skips them; paired differences and verdicts from synthetic rows."""
 
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import study  # noqa: E402
+from experiments import report, settings, study
 
-SMOKE = study.SETTINGS["smoke"]
+SMOKE = settings.SETTINGS["smoke"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,8 @@ def smoke_root(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_study_produces_rows(smoke_root):
-    report = os.path.join(smoke_root, "archive", "smoke", "report")
-    res = json.load(open(os.path.join(report, "results.json")))
+    report_dir = os.path.join(smoke_root, "archive", "smoke", "report")
+    res = json.load(open(os.path.join(report_dir, "results.json")))
     (row,) = res["rows"]
     # The row comes from the archive: the run's small outputs, no checkpoints.
     kept = os.path.join(smoke_root, "archive", "smoke", "hcsc_seed0")
@@ -57,9 +55,9 @@ def test_smoke_study_produces_rows(smoke_root):
     last = [r for r in records if r.get("type") == "epoch"][-1]
     assert last["epoch"] == 1 and row["last_loss_instance"] == last["loss_instance"]
     assert row["plateau"] == pytest.approx(np.log(1024 + 1)) and 0 <= row["last_instance_acc"] <= 100
-    tables = open(os.path.join(report, "tables.md")).read()
+    tables = open(os.path.join(report_dir, "tables.md")).read()
     assert "| HCSC | 1 / 1 (seeds 0) |" in tables and "| MoCo v2 | 0 / 1" in tables
-    assert os.path.isfile(os.path.join(report, "smoke_bars.png"))
+    assert os.path.isfile(os.path.join(report_dir, "smoke_bars.png"))
     assert res["environment"]["versions"]["jax"]
     assert "Runs trained on (date of each run's start; machine; versions):" in tables
     # RESULTS.md: the finished setting's tables and figure; Fashion-MNIST marked as not run; a
@@ -68,8 +66,9 @@ def test_smoke_study_produces_rows(smoke_root):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("# old\n\n## digits\n\nkept table | 1 |\n\n## smoke\n\nold smoke text\n")
-    study.results_md(os.path.join(smoke_root, "archive"), path, "python experiments/study.py --setting=smoke",
-                     names=("smoke", "digits", "fashion_mnist"))
+    report.results_md(os.path.join(smoke_root, "archive"), path,
+                      "python experiments/study.py --setting=smoke",
+                      names=("smoke", "digits", "fashion_mnist"))
     text = open(path).read()
     assert "| HCSC | 1 / 1 (seeds 0) |" in text and "](results/smoke_bars.png)" in text
     assert "## digits\n\nkept table | 1 |" in text and "old smoke text" not in text
@@ -109,14 +108,14 @@ def test_the_raw_pixels_are_evaluated_on_the_data_of_a_run_and_archived(smoke_ro
     """The pixels reference trains nothing: eval.py --checkpoint=pixels:<dir> on a copy of the
     HCSC run's config.json; its row has the kNN eval.py gives for those pixels."""
     setting = dataclasses.replace(SMOKE, methods=SMOKE.methods + (
-        study.Method("raw pixels", "digits.py", group="reference", seeds=(0,), pixels_of="HCSC"),))
+        settings.Method("raw pixels", "digits.py", group="reference", seeds=(0,), pixels_of="HCSC"),))
     archive = os.path.join(smoke_root, "archive")
     assert study.execute(setting, str(tmp_path), only={"raw_pixels"}, archive=archive) == []
     kept = os.path.join(archive, "smoke", "raw_pixels_seed0")
     assert sorted(os.listdir(kept)) == ["config.json", "eval", "reference.json", "study_times.json"]
     assert sorted(os.listdir(os.path.join(kept, "eval"))) == [
         "cluster_step0.json", "knn_step0.json", "linear_fast_step0.json"]
-    row = next(r for r in study.collect(setting, archive) if r["method"] == "raw pixels")
+    row = next(r for r in report.collect(setting, archive) if r["method"] == "raw pixels")
     assert row["group"] == "reference" and "level_nmi" not in row
     want = pixel_knn(json.load(open(os.path.join(kept, "config.json"))), k=20)
     assert row["knn20"] == pytest.approx(want, abs=0.3)  # (one test image of 360: a tie broken otherwise)
@@ -150,41 +149,41 @@ def _rows(method, values, metric_shift=0.0):
 def test_tables_paired_differences_and_verdicts():
     rows = (_rows("MoCo v2", [90.0, 91.0, 92.0]) + _rows("HCSC", [91.0, 93.0, 92.5])
             + _rows("PCL", [89.0, 90.0]))
-    text = study.tables(study.SETTINGS["digits"], rows)
+    text = report.tables(settings.SETTINGS["digits"], rows)
     assert "| HCSC | 3 / 5 (seeds 0,1,2) | 92.17 ± 1.04 |" in text
     # HCSC - MoCo v2 per seed: +1, +2, +0.5 -> mean 1.17, std 0.76.
     assert "| HCSC | 3 | 1.17 ± 0.76 [+1.00, +2.00, +0.50] |" in text
     assert "| PCL | 2 | -1.00 ± 0.00 [-1.00, -1.00] |" in text
     # HCSC - PCL on the seeds both have (0, 1): +2, +3.
     assert "#### Paired difference to PCL" in text and "| HCSC | 2 | 2.50 ± 0.71 [+2.00, +3.00] |" in text
-    lines = study.verdicts(study.SETTINGS["digits"], rows)
+    lines = report.verdicts(settings.SETTINGS["digits"], rows)
     knn_moco = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − MoCo v2"))
     assert "+1.17" in knn_moco and "3/3 seeds" in knn_moco and "HCSC higher" in knn_moco
     # The raw pixels: one row (seed 0), every seed of every method paired with it.
     pixels = [dict(_rows("raw pixels", [92.0])[0], group="reference")]
-    text = study.tables(study.SETTINGS["digits"], rows + pixels)
+    text = report.tables(settings.SETTINGS["digits"], rows + pixels)
     assert "#### Paired difference to raw pixels (every seed against its one row)" in text
     assert "| HCSC | 3 | 0.17 ± 1.04 [-1.00, +1.00, +0.50] |" in text
     assert "| PCL | 2 | -2.50 ± 0.71 [-3.00, -2.00] |" in text
-    lines = study.verdicts(study.SETTINGS["digits"], rows + pixels)
+    lines = report.verdicts(settings.SETTINGS["digits"], rows + pixels)
     knn_px = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − raw pixels"))
     assert "+0.17" in knn_px and "HCSC ahead on 2/3 seeds" in knn_px and "seed noise" in knn_px
 
 
 def test_plan_order_and_commands():
-    order = [(m.name, s) for m, s in study.plan(study.SETTINGS["digits"])]
+    order = [(m.name, s) for m, s in study.plan(settings.SETTINGS["digits"])]
     assert order[:4] == [("untrained encoder", 0), ("raw pixels", 0), ("untrained encoder", 1),
                          ("untrained encoder", 2)]
     assert order[4:7] == [("MoCo v2", 0), ("PCL", 0), ("HCSC", 0)] and len(order) == 4 + 15 + 12
     assert ("+ ICSC + PCSC (= HCSC)", 0) not in order  # reuses the HCSC runs
-    m = next(m for m in study.SETTINGS["digits"].methods if m.name == "+ PCSC only")
-    cmd = study.train_command(study.SETTINGS["digits"], m, 2, "W")
+    m = next(m for m in settings.SETTINGS["digits"].methods if m.name == "+ PCSC only")
+    cmd = study.train_command(settings.SETTINGS["digits"], m, 2, "W")
     assert "--config.objective.instance_selection=False" in cmd and "--config.seed=2" in cmd
-    fm = study.SETTINGS["fashion_mnist"]
+    fm = settings.SETTINGS["fashion_mnist"]
     assert [m.config for m in fm.methods] == [
         "fashion_mnist.py:mocov2", "fashion_mnist.py:pcl", "fashion_mnist.py"]
     assert fm.needs_gpu and fm.coarse == "fashion_mnist"
-    cpu = study.SETTINGS["fashion_mnist_cpu"]
+    cpu = settings.SETTINGS["fashion_mnist_cpu"]
     assert [m.config for m in cpu.methods[:5]] == [
         "fashion_mnist.py:cpu", "fashion_mnist.py:cpu", "fashion_mnist.py:cpu,mocov2",
         "fashion_mnist.py:cpu,pcl", "fashion_mnist.py:cpu"]
@@ -196,7 +195,7 @@ def test_plan_order_and_commands():
 
 
 def test_fashion_coarse_groups():
-    coarse = study.fashion_coarse_labels(np.arange(10))
+    coarse = settings.fashion_coarse_labels(np.arange(10))
     assert len(set(coarse.tolist())) == 4
     assert coarse[5] == coarse[7] == coarse[9] and coarse[0] == coarse[2] == coarse[4] == coarse[6]
     assert coarse[8] not in (coarse[0], coarse[5], coarse[1])
@@ -208,13 +207,13 @@ def test_level_nmi_reads_the_last_hierarchy(tmp_path):
     for epoch, fine in ((1, np.zeros(60, np.int32)), (2, labels.astype(np.int32))):  # only the last counts
         np.savez(tmp_path / "hierarchy" / f"epoch_{epoch:04d}.npz", **{
             "level0/assignments": fine, "level0/centroids": np.zeros((10, 4), np.float32),
-            "level1/assignments": study.fashion_coarse_labels(labels),
+            "level1/assignments": settings.fashion_coarse_labels(labels),
             "level1/centroids": np.zeros((4, 4), np.float32)})
-    out = study.level_nmi(str(tmp_path), labels, study.fashion_coarse_labels(labels))
+    out = report.level_nmi(str(tmp_path), labels, settings.fashion_coarse_labels(labels))
     assert out["hierarchy_file"] == "epoch_0002.npz" and out["level_sizes"] == [10, 4]
     np.testing.assert_allclose(out["level_nmi"][0], 1.0)
     np.testing.assert_allclose(out["top_level_coarse_nmi"], 1.0)  # the 4-cluster level vs the 4 groups
-    assert study.level_nmi(str(tmp_path / "none"), labels) == {}
+    assert report.level_nmi(str(tmp_path / "none"), labels) == {}
 
 
 def test_run_lock(tmp_path):
@@ -233,7 +232,7 @@ def test_the_authors_section_is_appended_once_however_often_results_md_is_writte
     (tmp_path / "archive" / "authors_digits" / "report.md").write_text("## authors_digits\n\ntheirs | ours\n")
     path = tmp_path / "RESULTS.md"
     for _ in range(2):
-        text = study.results_md(str(tmp_path / "archive"), str(path), "cmd", names=())
+        text = report.results_md(str(tmp_path / "archive"), str(path), "cmd", names=())
         path.write_text(text)
         assert text.count("## authors_digits") == 1 and text.rstrip().endswith("theirs | ours")
 
@@ -241,12 +240,12 @@ def test_the_authors_section_is_appended_once_however_often_results_md_is_writte
 def test_the_authors_switches_are_paired_with_official_semantics():
     """authors_switches: HCSC official, each :authors switch on alone, all four; every row
     paired seed by seed with the official one."""
-    s = study.SETTINGS["authors_switches"]
+    s = settings.SETTINGS["authors_switches"]
     assert len(study.plan(s)) == 6 * 4 and s.methods[-1].config == "digits.py:authors"
     assert all("--config.objective.semantics=official" in m.overrides for m in s.methods[:-1])
     rows = [dict(method=m.name, group="main", seed=sd, knn20=90.0 + i + sd, knn200=80.0, linear_fast=90.0,
                  nmi=0.5, ami=0.5) for i, m in enumerate(s.methods) for sd in (0, 1)]
-    text = study.tables(s, rows)
+    text = report.tables(s, rows)
     assert "#### Paired difference to HCSC, official (same seed)" in text
     assert "| HCSC, :authors (all four) | 2 | 5.00 ± 0.00 [+5.00, +5.00] |" in text
 
@@ -259,11 +258,11 @@ def test_the_curve_setting_tables_each_runs_knn_during_training(tmp_path):
     records = [{"type": "eval", "epoch": e - 1, "step": 44 * e, "knn/best_top1": 90.0 + e / 10,
                 "knn/per_k/20/top1": 90.0 + e / 10, "knn/per_k/200/top1": 80.0 + e / 10} for e in (10, 20)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    curve = study._curve(str(run))
+    curve = report._curve(str(run))
     assert curve["knn_by_epoch"] == [(10, 91.0, 81.0), (20, 92.0, 82.0)]
-    s = study.SETTINGS["digits_curve"]
+    s = settings.SETTINGS["digits_curve"]
     row = dict(method=s.methods[0].name, group="main", seed=0, knn20=92.0, knn200=82.0, linear_fast=90.0,
                nmi=0.5, ami=0.5, **curve)
-    text = study.tables(s, [row])
+    text = report.tables(s, [row])
     assert ("| epochs done | 10 | 20 |\n| --- | --- | --- |\n| k = 20 | 91.00 | 92.00 |\n"
             "| k = 200 | 81.00 | 82.00 |") in text
