@@ -15,11 +15,12 @@ import pytest
 from ml_collections.config_flags import config_path
 
 ROOT = pathlib.Path(__file__).parent.parent
-DOCUMENTED = [ROOT / "README.md", ROOT / "train.py", ROOT / "eval.py", *sorted(ROOT.glob("configs/*.py"))]
+DOCUMENTED = [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md")), ROOT / "train.py", ROOT / "eval.py",
+              *sorted(ROOT.glob("configs/*.py"))]
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """Every `python train.py ...` / `python eval.py ...` line of the README and the docstrings
+    """Every `python train.py ...` / `python eval.py ...` line of the README, docs/*.md and the docstrings
     (continuation lines joined, comments and `[optional]` parts dropped) -> (script, arguments)."""
     found = []
     for path in DOCUMENTED:

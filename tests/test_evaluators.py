@@ -333,7 +333,8 @@ def read(path):
 
 @pytest.mark.slow
 def test_readme_commands_on_generated_imagenet(data, tmp_path):
-    """Every row of the README's "Reproduce the paper's evaluation", on the generated folder / TFDS."""
+    """Every row of docs/evaluation.md's "Reproduce the paper's evaluation", on the generated folder
+    and TFDS builds."""
     enc = data["encoder"]
     split = tmp_path / "1percent.txt"
     split.write_text("".join(f"{n}\n" for n, _, _ in imagenet_like.examples("train", 10)[::5]))
