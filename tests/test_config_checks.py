@@ -257,3 +257,11 @@ def test_sizes_the_training_set_cannot_give_are_one_line():
     with pytest.raises(ConfigError, match=r"config.augment.mean and config.augment.std have 1 entries for "
                                           r"the 3-channel images of digits:train; give 3"):
         config_checks.check_data(_digits(), 1437, 3)
+
+
+def test_every_rule_names_a_field_that_a_config_has():
+    """The other direction: a field's rule (and with it its resume policy) lives in RULES only
+    while some config still declares the field; a field removed from the configs takes its rule
+    with it, so the two homes of a field (its default in a config, its rule here) cannot drift."""
+    stale = sorted(set(config_checks.RULES) - set(FIELDS))
+    assert not stale, f"RULES has rules for fields no config declares: {stale}"
