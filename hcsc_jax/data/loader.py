@@ -307,11 +307,27 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
                 close()
             if workers:  # grain's StopIteration keeps its frames, and their batches, in a cycle:
                 del iterator, it  # collected now, while the workers' shared memory can be unlinked
-                gc.collect(1)  # (young objects only: ~1 s less than a full collection in a big process)
+                gc.collect()
+                _drain_shared_memory_unlinks()
     finally:
         if slots is not None:
             slots.close()
             slots.unlink()
+
+
+def _drain_shared_memory_unlinks():
+    """Waits for the unlinks grain queues on its one deletion thread (`SharedMemoryArray.__del__`
+    with async deletion on, which `mp_prefetch` turns on): a no-op task on that thread runs after
+    them. A process that exits right after a pass would otherwise drop them with the thread pool
+    and the resource tracker would report the shared memory leaked. (grain's module and attribute
+    are private: without them, nothing is waited for.)"""
+    try:
+        from grain._src.python.ipc import shared_memory_array
+    except ImportError:
+        return
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
 
 
 def _owned(batch: dict) -> dict:
