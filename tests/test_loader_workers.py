@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import pytest
 from test_prepare import _cmdline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,3 +227,63 @@ def test_no_shared_memory_outlives_a_run_that_holds_its_last_batch(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "held (4, 8, 8, 3)" in done.stdout
     assert "leaked shared_memory" not in done.stderr, done.stderr[-2000:]
+
+
+# A consumer that takes one batch of 16 and stops reading: the loader's workers go on only until
+# their buffers are full. Every example a worker decodes appends a byte to a file; the script
+# prints how many there were once the count stopped growing (or after a deadline).
+AHEAD = """
+import os, sys, time
+import numpy as np
+from hcsc_jax.data import loader
+from hcsc_jax.data.crops import CropSpec
+from hcsc_jax.data.sources import ArrayDataset, ArraySource
+
+COUNT = sys.argv[1]
+
+
+class Counting(ArraySource):
+    def load(self, i):
+        fd = os.open(COUNT, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, b"x")
+        os.close(fd)
+        return super().load(i)
+
+
+if __name__ == "__main__":
+    workers, prefetch = int(sys.argv[2]), int(sys.argv[3])
+    images = np.random.default_rng(0).integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
+    source = Counting(ArrayDataset(images, None, None, "tiny"))
+    it = loader.train_batches(source, (CropSpec(8, (0.2, 1.0)),), 16, 0, 4, 0, 0,
+                              num_workers=workers, prefetch=prefetch)
+    next(it)
+    seen, still, deadline = -1, 0, time.monotonic() + 60
+    while still < 6 and time.monotonic() < deadline:  # unchanged for 3 s
+        time.sleep(0.5)
+        now = os.path.getsize(COUNT)
+        still, seen = (still + 1 if now == seen else 0), now
+    print("decoded", seen, flush=True)
+    it.close()
+"""
+
+
+@pytest.mark.parametrize("workers,prefetch", [(2, 1), (0, 2)])
+def test_the_loader_runs_only_its_buffers_ahead_of_a_consumer_that_stops(tmp_path, workers, prefetch):
+    """What a loader holds is a few batches per worker, whatever the batch size: a worker reads
+    ahead one batch per decoding thread (grain counts read-ahead in elements, here whole batches:
+    at 2 x batch of them, 1,168 rows here; at batch 256, 512 batches of two 224 ImageNet views,
+    39 GB per worker). The bound is exact, in batches: per worker the one it decodes, the one
+    it hands over, `prefetch` in its queue and `prefetch` + 1 in the parent's thread that reads
+    that queue; without workers, one per thread (two); then the consumer's. A slow machine only
+    decodes fewer (no timing can fail this)."""
+    script = tmp_path / "ahead.py"
+    script.write_text(AHEAD)
+    count = tmp_path / "count"
+    done = subprocess.run([sys.executable, str(script), str(count), str(workers), str(prefetch)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=DEADLINE_S,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-2000:]
+    decoded = int(done.stdout.split()[-1])
+    per_worker = 2 + prefetch + prefetch + 1
+    bound = (workers * per_worker if workers else 2) + 1
+    assert 16 <= decoded <= bound * 16, (decoded, bound)

@@ -273,7 +273,9 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
         row = row_fn(*args, bad_images=bad_images, slots=slots and slots.name)
         ds = grain.MapDataset.range(positions.start, positions.stop).map(row).batch(b)
         threads = _THREADS_PER_WORKER if workers else 2 * _THREADS_PER_WORKER
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * b))
+        # grain's read-ahead counts elements, here whole batches: one per decoding thread keeps
+        # each busy (more would only hold memory: 2 x b batches of ImageNet views were GBs)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
         if workers:
             _flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
