@@ -33,7 +33,6 @@ the pass with a `LoaderError` naming the files the workers were reading.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -307,9 +306,8 @@ def _batches(row_fn: type, args: tuple, source, positions: range, b: int, num_wo
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
-            if workers:  # grain's StopIteration keeps its frames, and their batches, in a cycle:
-                del iterator, it  # collected now, while the workers' shared memory can be unlinked
-                gc.collect()
+            if workers:  # the batches still in grain's buffers go with it; their unlinks are queued
+                del iterator, it
                 _drain_shared_memory_unlinks()
     finally:
         if slots is not None:
@@ -333,11 +331,18 @@ def _drain_shared_memory_unlinks():
 
 
 def _owned(batch: dict) -> dict:
-    """A worker's batch copied out of its shared memory, which is released here. A consumer may
-    hold the last batch until the interpreter exits (on the CPU, `jax.device_put` can alias host
-    memory); its shared memory then outlives the unlink queue and the resource tracker reports
-    it leaked. A copy of one batch costs far less than decoding it."""
-    return {k: np.array(v) for k, v in batch.items()}
+    """A worker's batch copied out of its shared memory, whose names are removed at once (the
+    memory itself goes with the last mapping). grain removes a name when its array is collected,
+    which may be never: a consumer may hold the last batch until the interpreter exits (on the
+    CPU, `jax.device_put` can alias host memory), and on a loaded machine one array of a feature
+    pass's batch outlived every collection of a run, so the resource tracker reported it leaked.
+    A copy of one batch costs far less than decoding it."""
+    owned = {k: np.array(v) for k, v in batch.items()}
+    for v in batch.values():
+        if getattr(v, "_unlink_on_del", False):  # (grain's private flag: its `__del__` then only closes)
+            v._unlink_on_del = False
+            v.shm.unlink()
+    return owned
 
 
 def _where(source, i: int) -> str:
