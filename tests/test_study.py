@@ -5,6 +5,7 @@ ones kept; a rerun skips them; paired differences and verdicts from synthetic ro
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,29 +15,45 @@ from experiments import report, settings, study
 SMOKE = settings.SETTINGS["smoke"]
 
 
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory):
-    """The smoke setting, HCSC only (one train.py and three eval.py runs: ~1 min on 2 idle cores);
-    workdirs in <root>, the archive in <root>/archive."""
-    root = str(tmp_path_factory.mktemp("study"))
-    # The subprocesses run on one CPU device, not the 8 virtual ones of conftest.py.
-    saved = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = " ".join(f for f in (saved or "").split() if "device_count" not in f)
-    try:
-        assert study.main(["--setting=smoke", f"--root={root}", f"--archive={root}/archive",
-                           "--only=hcsc"]) == 0
-        yield root
-    finally:
-        os.environ["XLA_FLAGS"] = saved or ""
+@pytest.fixture(scope="session")
+def smoke_shared(tmp_path_factory, worker_id):
+    """The smoke setting, HCSC only (one train.py and three eval.py runs: ~1 min on 2 idle cores),
+    run once per test session and shared by the pytest-xdist workers (the first to take the lock
+    runs it; as conftest's `digits_run`): workdirs in <root>, the archive in <root>/archive. Read
+    it only; `smoke_root` is a copy to write into."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    root = shared / "smoke_study_shared"
+    with FileLock(str(shared / "smoke_study_shared.lock")):
+        if not (root / "archive" / "smoke" / "report" / "results.json").exists():
+            # The subprocesses run on one CPU device, not the 8 virtual ones of conftest.py.
+            saved = os.environ.get("XLA_FLAGS")
+            os.environ["XLA_FLAGS"] = " ".join(f for f in (saved or "").split() if "device_count" not in f)
+            try:
+                assert study.main(["--setting=smoke", f"--root={root}", f"--archive={root}/archive",
+                                   "--only=hcsc"]) == 0
+            finally:
+                os.environ["XLA_FLAGS"] = saved or ""
+    return str(root)
+
+
+@pytest.fixture
+def smoke_root(smoke_shared, tmp_path):
+    """A copy of the shared smoke study (about 4 MB), this test's to write into."""
+    root = tmp_path / "smoke_root"
+    shutil.copytree(smoke_shared, root)
+    return str(root)
 
 
 @pytest.mark.slow
-def test_smoke_study_produces_rows(smoke_root):
-    report_dir = os.path.join(smoke_root, "archive", "smoke", "report")
+def test_smoke_study_produces_rows(smoke_shared, tmp_path):
+    report_dir = os.path.join(smoke_shared, "archive", "smoke", "report")
     res = json.load(open(os.path.join(report_dir, "results.json")))
     (row,) = res["rows"]
     # The row comes from the archive: the run's small outputs, no checkpoints.
-    kept = os.path.join(smoke_root, "archive", "smoke", "hcsc_seed0")
+    kept = os.path.join(smoke_shared, "archive", "smoke", "hcsc_seed0")
     assert row["workdir"] == kept
     assert sorted(os.listdir(kept)) == ["config.json", "eval", "hierarchy", "metrics.jsonl",
                                         "study_times.json", "summary.json"]
@@ -62,11 +79,11 @@ def test_smoke_study_produces_rows(smoke_root):
     assert "Runs trained on (date of each run's start; machine; versions):" in tables
     # RESULTS.md: the finished setting's tables and figure; Fashion-MNIST marked as not run; a
     # section of the file a setting has no archived run for is kept as it was.
-    path = os.path.join(smoke_root, "md", "RESULTS.md")
+    path = os.path.join(tmp_path, "md", "RESULTS.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("# old\n\n## digits\n\nkept table | 1 |\n\n## smoke\n\nold smoke text\n")
-    report.results_md(os.path.join(smoke_root, "archive"), path,
+    report.results_md(os.path.join(smoke_shared, "archive"), path,
                       "python experiments/study.py --setting=smoke",
                       names=("smoke", "digits", "fashion_mnist"))
     text = open(path).read()
