@@ -3,6 +3,7 @@ compilation cache, so that the many tests (and train.py / eval.py subprocesses) 
 same small steps compile each once per machine. The cache lives in $HCSC_TEST_XLA_CACHE (default
 <tmp>/hcsc-jax-test-xla-cache) and is kept between runs; delete it to time a cold run. Results
 do not depend on it: a cached executable is the one XLA compiled."""
+import contextlib
 import os
 import tempfile
 
@@ -26,21 +27,28 @@ assert jax.device_count() == 8, "tests expect 8 CPU devices; is jax imported bef
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory, worker_id):
-    """A trained `configs/digits.py:runlocal` workdir (3 epochs at 8 px, a tiny model), trained once
-    per test session and shared by the tests that only read one: do not write into it. Under
-    pytest-xdist the workers share one (the first to take the lock trains it; the folder is the
-    session's, above each worker's own)."""
+@contextlib.contextmanager
+def shared_by_workers(tmp_path_factory, worker_id: str, name: str):
+    """The folder <session>/<name>, one for the whole test session: under pytest-xdist the workers
+    share it (it sits above each worker's own folder), and this holds its lock, so the first
+    worker to come makes it while the others wait, then find it made."""
     from filelock import FileLock
-
-    from configs import digits
-    from hcsc_jax.run import trainer
 
     base = tmp_path_factory.getbasetemp()
     root = base if worker_id == "master" else base.parent  # (pytest-N/, shared by its popen-gwK/)
-    workdir = root / "digits_run_shared"
-    with FileLock(str(root / "digits_run_shared.lock")):
+    with FileLock(str(root / f"{name}.lock")):
+        yield root / name
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, worker_id):
+    """A trained `configs/digits.py:runlocal` workdir (3 epochs at 8 px, a tiny model), trained once
+    per test session and shared by the tests that only read one (`shared_by_workers`): do not
+    write into it."""
+    from configs import digits
+    from hcsc_jax.run import trainer
+
+    with shared_by_workers(tmp_path_factory, worker_id, "digits_run_shared") as workdir:
         if not (workdir / "summary.json").exists():
             trainer.train_and_evaluate(digits.get_config("runlocal"), str(workdir))
     return str(workdir)

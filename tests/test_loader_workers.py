@@ -284,6 +284,5 @@ def test_the_loader_runs_only_its_buffers_ahead_of_a_consumer_that_stops(tmp_pat
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.returncode == 0, done.stderr[-2000:]
     decoded = int(done.stdout.split()[-1])
-    per_worker = 2 + prefetch + prefetch + 1
-    bound = (workers * per_worker if workers else 2) + 1
+    bound = (workers * (2 * prefetch + 3) if workers else 2) + 1
     assert 16 <= decoded <= bound * 16, (decoded, bound)

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import shared_by_workers
 
 from experiments import report, settings, study
 
@@ -18,15 +19,10 @@ SMOKE = settings.SETTINGS["smoke"]
 @pytest.fixture(scope="session")
 def smoke_shared(tmp_path_factory, worker_id):
     """The smoke setting, HCSC only (one train.py and three eval.py runs: ~1 min on 2 idle cores),
-    run once per test session and shared by the pytest-xdist workers (the first to take the lock
-    runs it; as conftest's `digits_run`): workdirs in <root>, the archive in <root>/archive. Read
-    it only; `smoke_root` is a copy to write into."""
-    from filelock import FileLock
-
-    base = tmp_path_factory.getbasetemp()
-    shared = base if worker_id == "master" else base.parent
-    root = shared / "smoke_study_shared"
-    with FileLock(str(shared / "smoke_study_shared.lock")):
+    run once per test session and shared by the pytest-xdist workers (conftest's
+    `shared_by_workers`): workdirs in <root>, the archive in <root>/archive. Read it only;
+    `smoke_root` is a copy to write into."""
+    with shared_by_workers(tmp_path_factory, worker_id, "smoke_study_shared") as root:
         if not (root / "archive" / "smoke" / "report" / "results.json").exists():
             # The subprocesses run on one CPU device, not the 8 virtual ones of conftest.py.
             saved = os.environ.get("XLA_FLAGS")
