@@ -23,10 +23,10 @@ import io
 import re
 import sys
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 from etils import epath
-from matplotlib.figure import Figure
 
 from hcsc_jax.run import metrics
 from hcsc_jax.run import workdir as workdir_lib
@@ -38,6 +38,18 @@ _CURVE_PANELS = (
     ("accuracy", r"(instance|proto)_acc(/\d+)?"), ("keep rate", r"(instance|proto)_keep/\d+"),
     ("learning rate", r"lr"), ("images / s", r"images_per_sec"),
 )
+
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    """A matplotlib Figure (matplotlib is imported here, by the first figure: a second of every
+    process's start that a usage error does not need)."""
+    from matplotlib.figure import Figure
+
+    return Figure(dpi=80, layout="constrained", **kwargs)
 
 
 class NoHierarchyError(FileNotFoundError):
@@ -89,7 +101,7 @@ def curves_figure(records: list[dict]) -> Figure:
     series = curve_series(records)
     cols = 3
     rows = max(1, -(-len(series) // cols))
-    fig = Figure(figsize=(4.2 * cols, 2.8 * rows), dpi=80, layout="constrained")
+    fig = _figure(figsize=(4.2 * cols, 2.8 * rows))
     for i, (title, lines) in enumerate(series.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
         for key, (xs, ys) in sorted(lines.items()):
@@ -128,7 +140,7 @@ def clusters_figure(hierarchies: list[tuple[int, dict[str, np.ndarray]]]) -> Fig
     """Per level: images per cluster (min / median / max, empty clusters) and phi (min / median /
     max) against the epoch."""
     levels = num_levels(hierarchies[0][1])
-    fig = Figure(figsize=(3.6 * levels, 5.4), dpi=80, layout="constrained")
+    fig = _figure(figsize=(3.6 * levels, 5.4))
     epochs = [e for e, _ in hierarchies]
     for l in range(levels):
         counts = [image_counts(h, l) for _, h in hierarchies]
@@ -229,7 +241,7 @@ def nearest_members(arrays, level: int, proto: int, idx, proj, count: int) -> np
 def hierarchy_figure(arrays, idx, images, proj, top: int = 3, branch: int = 2, strip: int = 8) -> Figure:
     rows = tree_rows(arrays, top, branch)
     h, w, c = images.shape[1:]
-    fig = Figure(figsize=(2.2 + 0.6 * strip, 0.62 * len(rows)), dpi=80, layout="constrained")
+    fig = _figure(figsize=(2.2 + 0.6 * strip, 0.62 * len(rows)))
     for r, (depth, level, proto) in enumerate(rows):
         ax = fig.add_subplot(len(rows), 1, r + 1)
         row = np.full((h, strip * w, c), 255, np.uint8)
@@ -254,7 +266,7 @@ def embedding_figure(proj, labels, top_assign, seed: int = 0) -> Figure:
     xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(proj) - 1) / 3),
               random_state=seed).fit_transform(proj)
     panels = ([("label", labels)] if labels is not None else []) + [("top-level cluster", top_assign)]
-    fig = Figure(figsize=(4.6 * len(panels), 4.4), dpi=80, layout="constrained")
+    fig = _figure(figsize=(4.6 * len(panels), 4.4))
     for i, (name, color) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         points = ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="tab10" if color.max() < 10 else "tab20", s=4,

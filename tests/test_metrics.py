@@ -1,6 +1,8 @@
 """hcsc_jax.run.metrics: metrics.jsonl, TensorBoard events read back by tensorboard's own reader,
 resume (cut lines, purged steps), optional W&B, and a gs:// workdir (in-memory fake)."""
 
+import os
+import subprocess
 import sys
 import types
 
@@ -154,3 +156,21 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.write(records(1)[0])
     writer.close()
     assert not list(epath.Path(tmp_path).iterdir())
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    """tensorboardX imports torch where it is installed (2-3 s of every run's start); the writer
+    hides it while tensorboardX loads, and torch imports as usual afterwards."""
+    pytest.importorskip("torch")
+    code = "\n".join([
+        "import sys", "from etils import epath", "from hcsc_jax.run import metrics",
+        "w = metrics.MetricsWriter(epath.Path(sys.argv[1]), 0)", "w.write({'step': 1, 'loss': 2.0})",
+        "w.close()", "print('tensorboardX' in sys.modules, 'torch' in sys.modules)",
+        "import torch", "print(torch.ones(1).item())"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "False", "1.0"]
+    tags = EventAccumulator(str(tmp_path / metrics.TENSORBOARD_DIR)).Reload().Tags()["scalars"]
+    assert tags == ["train/loss"]

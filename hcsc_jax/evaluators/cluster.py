@@ -8,7 +8,6 @@ faiss k-means on the L2-normalized pooled features of the training split (ImageN
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
 
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
@@ -17,6 +16,8 @@ from hcsc_jax.run import rules
 
 def nmi(assignments, labels) -> float:
     """Normalized mutual information between a clustering and the labels (scikit-learn)."""
+    from sklearn import metrics as skm  # (here: 1-2 s of imports a usage error does not need)
+
     return float(skm.normalized_mutual_info_score(np.asarray(labels), np.asarray(assignments)))
 
 
@@ -24,6 +25,7 @@ def evaluate(features, labels, ks, *, niter: int = 20, nredo: int = 1, seed: int
              max_points_per_centroid: int = 256) -> dict[int, dict]:
     """faiss k-means of L2-normalized (N, F) features for each k -> {k: {"nmi", "ami"}}."""
     import faiss
+    from sklearn import metrics as skm
 
     x = np.asarray(features, np.float32)
     x = np.ascontiguousarray(l2_normalize(x, axis=1))

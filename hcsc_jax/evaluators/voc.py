@@ -12,9 +12,6 @@ and "labels_no_difficult"), read without decoding images for the labels.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score
-from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import LinearSVC
 
 from hcsc_jax.evaluators import common
 from hcsc_jax.models import l2_normalize
@@ -33,12 +30,17 @@ def class_targets(labels, labels_no_difficult, num_classes: int) -> np.ndarray:
     return t
 
 
-def _svm(cost: float, seed: int) -> LinearSVC:
+def _svm(cost: float, seed: int):
+    from sklearn.svm import LinearSVC  # (scikit-learn is imported where it is used: 1-2 s)
+
     return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, loss="squared_hinge", tol=1e-4, max_iter=2000,
                      random_state=seed)
 
 
 def _cv_ap(x, y, cost: float, folds: int, seed: int) -> float:
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import StratifiedKFold
+
     aps = []
     for tr, va in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
         scores = _svm(cost, seed).fit(x[tr], y[tr]).decision_function(x[va])
@@ -49,6 +51,8 @@ def _cv_ap(x, y, cost: float, folds: int, seed: int) -> float:
 def evaluate(train_x, train_t, test_x, test_t, *, costs=(0.01, 0.1, 1.0, 10.0), folds: int = 3,
              seed: int = 0) -> dict:
     """Per-class SVMs -> {"map", "ap": per class, "cost": per class} (percent)."""
+    from sklearn.metrics import average_precision_score
+
     train_x = l2_normalize(np.asarray(train_x, np.float32), axis=1)
     test_x = l2_normalize(np.asarray(test_x, np.float32), axis=1)
     aps, chosen = [], []

@@ -19,11 +19,11 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
 from etils import epath
-from tensorboardX import SummaryWriter, record_writer
 
 from hcsc_jax import trees
 from hcsc_jax.run import workdir as workdir_lib
@@ -123,7 +123,21 @@ class _EpathEventFiles:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-record_writer.register_writer_factory("gs", _EpathEventFiles())
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported on first use (a usage error never loads it) with the
+    `gs://` factory above registered. tensorboardX imports torch when torch is installed, only to
+    accept torch tensors, which no record holds; that import is 2-3 s of every run's start where the
+    converter's optional torch is installed, so torch is hidden from it unless already imported."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter, record_writer
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    record_writer.register_writer_factory("gs", _EpathEventFiles())
+    return SummaryWriter
 
 
 def check_wandb(config) -> None:
@@ -176,7 +190,7 @@ class MetricsWriter:
         self._rewrite()
         # One event file per session (the suffix keeps names apart within a second); purge_step
         # makes TensorBoard drop the old events of the replayed steps.
-        self.tb = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),
+        self.tb = _summary_writer()(os.fspath(workdir / TENSORBOARD_DIR),
                                 purge_step=resume_step + 1 if resume_step else None, flush_secs=30,
                                 filename_suffix=f".{os.getpid()}.step{resume_step}")
         self.closed = False
