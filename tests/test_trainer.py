@@ -312,6 +312,7 @@ def _signal_after(monkeypatch, module, name, sig=signal.SIGTERM):
     monkeypatch.setattr(module, name, then_signal)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_after_the_last_step_keeps_its_checkpoint_and_leaves_the_summary(
         finished_run, tmp_path, monkeypatch):
     """SIGTERM after the last step (here before the loop of a finished run): the checkpoint is
@@ -329,6 +330,7 @@ def test_a_stop_signal_after_the_last_step_keeps_its_checkpoint_and_leaves_the_s
     assert json.load(open(os.path.join(workdir, "summary.json"))) == reference
 
 
+@pytest.mark.slow
 def test_a_stop_signal_right_after_the_summary_line_still_writes_summary_json(
         finished_run, tmp_path, monkeypatch, caplog):
     """SIGTERM right after the final summary line (the probe: exit 143, summary.json missing, a stale
