@@ -22,6 +22,15 @@ def test_readme_states_the_bands_this_test_checks():
     assert f"kNN {KNN_BAND[0]:.2f}-{KNN_BAND[1]:.2f} and NMI {nmi}" in readme
 
 
+def test_conftest_starts_the_band_test_first(request):
+    import conftest
+
+    name = test_python_train_py_lands_in_the_readme_band.__name__
+    assert conftest.START_FIRST == (f"tests/test_default_run.py::{name}",)
+    items = request.session.items  # (without it when -m "not slow" left it out)
+    assert items[0].name == name or name not in {item.name for item in items}
+
+
 @pytest.mark.slow
 def test_python_train_py_lands_in_the_readme_band(tmp_path):
     workdir = tmp_path / "digits"
