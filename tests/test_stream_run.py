@@ -3,6 +3,7 @@ equals an uninterrupted one, and no worker process outlives the run, whichever w
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,9 +93,15 @@ def test_sigterm_mid_epoch_resumes_exactly_and_leaves_no_worker(reference, tmp_p
 @pytest.mark.parametrize("how", ["SIGINT", "error"])
 def test_no_worker_outlives_ctrl_c_or_an_error(tmp_path, how):
     tag, env = tagged_env()
-    if how == "SIGINT":
-        returncode, _ = start_and_signal(command(tmp_path / "run"), str(tmp_path / "run"), signal.SIGINT, env)
-        assert returncode != -signal.SIGKILL
+    if how == "SIGINT":  # Ctrl-C, as SIGTERM: a checkpoint at the next step, exit 0 (test_trainer.py)
+        workdir = tmp_path / "run"
+        returncode, err = start_and_signal(command(workdir), str(workdir), signal.SIGINT, env)
+        assert returncode == 0, err[-3000:]
+        match = re.search(r"preempted \(SIGINT\): saved the checkpoint of step (\d+) in .*; "
+                          r"run the same command", err)
+        assert match, err[-3000:]
+        steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+        assert steps[0] == 22 and steps[-1] == int(match.group(1)) and 22 < steps[-1] < 66, steps
     else:  # an unreadable image with bad_images="error": the run stops naming it
         for c in range(2):
             os.makedirs(tmp_path / "images" / f"class{c}")
