@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import preloaded
 import pytest
 from ml_collections.config_flags import config_path
 
@@ -37,13 +38,12 @@ COMMANDS = documented_commands()
 
 
 def run(script, *args, cwd=ROOT, one_device=False):
-    """`script args` in a subprocess on the CPU (`one_device`: one CPU device, as a user's machine,
-    not the 8 virtual ones of conftest.py)."""
+    """`python script args` on the CPU (`one_device`: one CPU device, as a user's machine, not the 8
+    virtual ones of conftest.py), forked from a process that has imported the package (preloaded.py)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if one_device:
         env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=env)
+    return preloaded.run(str(ROOT / script), args, cwd=cwd, env=env, timeout=300)
 
 
 def test_the_docs_hold_commands_with_data_dir():
