@@ -33,7 +33,10 @@ PRELOAD = ("hcsc_jax.distributed", "hcsc_jax.data.sources", "hcsc_jax.evaluators
 
 
 def _child(request: dict, out: int, err: int):
-    """In the forked child: `python script args` in the request's directory and environment."""
+    """In the forked child: `python script args` in the request's directory and environment, ended
+    as the interpreter ends it (exit status, atexit handlers, flushed streams) but for the teardown
+    of every module, which writes nothing and took 0.6 s of each command."""
+    import atexit
     import runpy
     import traceback
 
@@ -58,6 +61,7 @@ def _child(request: dict, out: int, err: int):
                 print(e.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
+        atexit._run_exitfuncs()  # (CPython's: what the interpreter runs at exit)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -68,7 +72,7 @@ def _child(request: dict, out: int, err: int):
 
 
 def serve():
-    sys.path.insert(0, ROOT)  # this checkout's package, as `python train.py` from ROOT finds it
+    sys.path[0] = ROOT  # this checkout's package, as `python train.py` from ROOT finds it
     import importlib
 
     for name in PRELOAD:
