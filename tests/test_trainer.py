@@ -239,7 +239,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(finished_run, tmp_path):
 @pytest.mark.slow
 def test_a_stop_signal_saves_at_the_next_step_exits_0_and_resumes_exactly(finished_run, tmp_path):
     """SIGTERM (preemption): a checkpoint at the next step, exit 0, then the same command ends with
-    the same parameters and the same metrics.jsonl. (Ctrl-C takes the same path, `resume.StopSignals`:
+    the same parameters and the same metrics.jsonl. (Ctrl-C takes the same path, `resume.PreemptionWatch`:
     tests/test_stream_run.py sends it to a streamed run and checks the save and the exit.)"""
     sig = signal.SIGTERM
     reference_dir, reference = finished_run
