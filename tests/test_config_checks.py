@@ -260,8 +260,8 @@ def test_sizes_the_training_set_cannot_give_are_one_line():
 
 
 def test_every_rule_names_a_field_that_a_config_has():
-    """The other direction: a field's rule (and with it its resume policy) lives in RULES only
-    while some config still declares the field; a field removed from the configs takes its rule
-    with it, so the two homes of a field (its default in a config, its rule here) cannot drift."""
+    """The other direction: a field is declared (`config_fields.FIELDS`: default, rule, resume
+    policy) only while some config has it: a field only a variant adds (`VARIANT_ONLY`) is added by
+    one, and a field no config reads any more takes its declaration with it."""
     stale = sorted(set(config_checks.RULES) - set(FIELDS))
     assert not stale, f"RULES has rules for fields no config declares: {stale}"

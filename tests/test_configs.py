@@ -177,6 +177,38 @@ def test_default_holds_no_variants():
     assert not hasattr(default, "VARIANTS") and default.get_config().dataset == "tfds:imagenet2012"
 
 
+def test_the_default_config_is_every_declared_field_at_its_default_in_a_new_object_each_call():
+    """configs/default.py is `config_fields.defaults()`: each field of `config_fields.FIELDS` at its
+    declared default but those only a variant adds; a None default is a placeholder that parses
+    `--config.<field>=...` as its type; no call shares a mutable part with another or with
+    `FIELDS` / `EVALS` (a dataset config changing its copy changes no other)."""
+    from configs import default
+    from hcsc_jax import trees
+    from hcsc_jax.run import config_fields
+
+    a, b = default.get_config(), default.get_config()
+    flat = trees.flatten(b)
+    for field, f in config_fields.FIELDS.items():
+        if f.default is config_fields.VARIANT_ONLY:
+            assert field not in flat, field
+            with pytest.raises(KeyError, match=f"config.{field} has no default"):
+                config_fields.default(field)
+        else:
+            assert flat.pop(field) == f.default == config_fields.default(field), field
+    assert sorted(flat) == sorted(f"evals.{k}" for k in trees.flatten(config_fields.EVALS))
+    a.evals.summary.knn_k, a.input.prefetch, a.clustering.num_clusters = 5, 9, (4,)
+    assert (b.evals.summary.knn_k, b.input.prefetch, b.clustering.num_clusters) == (20, 2, (3000, 2000, 1000))
+    assert config_fields.EVALS["summary"]["knn_k"] == 20
+    for field, wrong, right in (("data_dir", 5, "/data"), ("model.hidden_dim", "64", 64),
+                                ("wandb.project", 1.0, "p")):
+        *groups, name = field.split(".")
+        node = b[groups[0]] if groups else b
+        with pytest.raises(TypeError):  # (what --config.<field>=... is parsed against)
+            setattr(node, name, wrong)
+        setattr(node, name, right)
+        assert trees.flatten(b)[field] == right
+
+
 @pytest.mark.parametrize("name,negatives", [("digits", 16), ("fashion_mnist", 64)])
 def test_baseline_variants_are_the_old_baseline_files(name, negatives):
     """digits.py:mocov2 / :pcl (ex digits_mocov2.py / digits_pcl.py) change these fields of the

@@ -470,12 +470,17 @@ def test_eval_configs_load():
 
 def test_an_imported_encoder_evaluates_on_a_dataset_named_alone_with_its_standard_splits():
     """`eval.py --checkpoint=runs/hcsc_imported --config.dataset=digits` (README) stopped asking for
-    train_split and eval_split: a dataset with standard splits gets them; one without is asked."""
+    train_split and eval_split: a dataset with standard splits gets them; one without is asked.
+    The input settings no config gives are a training config's defaults."""
+    from configs import default
+
     enc = dict(image_size=16, mean=[0.5], std=[0.5])
     for dataset, splits in (("digits", ("train", "test")), ("folder:/data/imagenet", ("train", "val")),
                             ("tfds:imagenet2012", ("train", "validation"))):
         d = common.data_spec(ml_collections.ConfigDict(dict(dataset=dataset)), None, enc)
         assert (d.train_split, d.eval_split) == splits, dataset
+    inputs = ("pipeline", "num_workers", "prefetch", "bad_images", "max_pixels")  # a training config's
+    assert [getattr(d, k) for k in inputs] == [default.get_config().input[k] for k in inputs]
     given = common.data_spec(ml_collections.ConfigDict(dict(dataset="digits", eval_split="train")), None, enc)
     assert (given.train_split, given.eval_split) == ("train", "train")  # what is given wins
     with pytest.raises(common.EvalError, match=r"give train_split, eval_split; set them with "

@@ -19,9 +19,8 @@ from hcsc_jax import features as features_lib
 from hcsc_jax import models, sharding
 from hcsc_jax.data import augmentations, pipeline, sources
 from hcsc_jax.data.crops import CropSpec
-from hcsc_jax.data.decode import MAX_PIXELS
 from hcsc_jax.models import pixels
-from hcsc_jax.run import checkpoints
+from hcsc_jax.run import checkpoints, config_fields
 from hcsc_jax.run import workdir as workdir_lib
 
 
@@ -40,11 +39,12 @@ class DataSpec:
     image_size: int  # crop size; center crops resize the shorter side to image_size * 256 / 224
     mean: tuple
     std: tuple
-    pipeline: str = "memory"  # "memory" (decoded once, on the devices) or "stream" (host decoding)
-    num_workers: int = -1  # loader worker processes (data.loader): -1 one per core but one, 0 none
-    prefetch: int = 2
-    bad_images: str = "skip"  # an undecodable image: "skip" (warn, next one) or "error"
-    max_pixels: int = MAX_PIXELS  # the decoder's bound on an image (data.decode)
+    # The input settings, as a training config's `input` (run.config_fields.FIELDS says each).
+    pipeline: str  # "memory" (decoded once, on the devices) or "stream" (host decoding)
+    num_workers: int  # loader worker processes (data.loader): -1 one per core but one, 0 none
+    prefetch: int
+    bad_images: str  # an undecodable image: "skip" (warn, next one) or "error"
+    max_pixels: int  # the decoder's bound on an image (data.decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +209,10 @@ def accuracies(scores, labels) -> dict[str, float]:
     return dict(top1=100 * topk_accuracy(scores, labels, 1), top5=100 * topk_accuracy(scores, labels, 5))
 
 
-# The input settings DataSpec defaults (a run's config.json without them, or an encoder's metadata).
-_INPUT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataSpec)
-                   if f.default is not dataclasses.MISSING}
+# The input settings of DataSpec, at their training defaults where neither the eval config nor the
+# run's config.json gives them (an exported encoder's, or a config.json written before them).
+_INPUT_DEFAULTS = {k: config_fields.default(f"input.{k}")
+                   for k in ("pipeline", "num_workers", "prefetch", "bad_images", "max_pixels")}
 
 
 def data_spec(config, run_config: dict | None = None, trained_on: dict | None = None) -> DataSpec:

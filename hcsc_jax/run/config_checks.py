@@ -1,11 +1,11 @@
 """Every value of a training config checked before anything is written: one rule per field.
 
-`RULES` maps each dotted field of the training configs (configs/default.py, the fields the dataset
-configs and `configs.apply_vit` add) to its rule: its type, its range, its choices (the rules
-themselves: `hcsc_jax.run.rules`). `evaluators.SETTINGS`, which each evaluator module declares for
-itself, does the same for the settings of a `config.evals` entry. `RELATIONS` are the checks
-between fields (levels shrink, one summary entry, ...);
-`WARNINGS` the relations a run may have on purpose but rarely means (`warnings_for`: logged).
+`RULES` maps each dotted field of the training configs to its rule: its type, its range, its
+choices, read from the field's one declaration in `config_fields.FIELDS` (with its default and
+resume policy; the rules themselves: `hcsc_jax.run.rules`). `evaluators.SETTINGS`, which each
+evaluator module declares for itself, does the same for the settings of a `config.evals` entry.
+`RELATIONS` are the checks between fields (levels shrink, one summary entry, ...); `WARNINGS`
+the relations a run may have on purpose but rarely means (`warnings_for`: logged).
 `check(config)` raises ConfigError for the first field that breaks its rule, that no rule knows,
 or the first relation that fails: one line naming the field, what it accepts and the flag that
 sets it (train.py: exit status 2, before the workdir exists).
@@ -15,8 +15,6 @@ the workdir exists when the data check knows the training split's size, and agai
 channels once the training set is open; the batch, queue and BN groups against the devices, the
 objective's own switches and the model against the image sizes are checked by
 `trainer.check_values` with the code that uses them.
-
-Bounds are those a run can use: each says in a comment why it is where it is.
 """
 
 from __future__ import annotations
@@ -25,140 +23,17 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hcsc_jax import clustering, evaluators, models, trees
-from hcsc_jax.data import crops, loader, pipeline
-from hcsc_jax.method import losses, objective, selection, train_step
-from hcsc_jax.models import norm, vit
-from hcsc_jax.run.rules import (
-    BATCH,
-    CLUSTERS,
-    DIM,
-    EVERY_EPOCHS,
-    LEARNING_RATE,
-    LOCAL_SIDE,
-    MAX_EPOCHS,
-    MEAN,
-    MOMENTUM,
-    NITER,
-    NREDO,
-    PROBABILITY,
-    QUEUE,
-    SCALE,
-    SEED,
-    SIDE,
-    STD,
-    STEPS,
-    TEMPERATURE,
-    WORKERS,
-    Rule,
-    added,
-    boolean,
-    choice,
-    fixed,
-    free,
-    integer,
-    optional,
-    real,
-    text,
-    tuple_of,
-)
+from hcsc_jax import evaluators, trees
+from hcsc_jax.run import config_fields
+from hcsc_jax.run.rules import EVERY_EPOCHS, Rule, choice
 
 
 class ConfigError(ValueError):
     """A config value that cannot train, with what to change (one line)."""
 
 
-
-RULES: dict[str, Rule] = {
-    "seed": SEED,
-    # Data: the data sources check what `dataset` and the splits name.
-    "dataset": text(),
-    "data_dir": free(optional(text())),
-    "train_split": text(),
-    "eval_split": text(),
-    "image_size": SIDE,
-    "init_encoder": optional(text()),
-    # Encoder. width: a ResNet's first stage has 64 x width channels (1/64: one); 16 is 4x the
-    # widest published ResNet (x4). depth: ViT blocks (ViT-g has 40).
-    "model.arch": choice(*models.ARCHS, *models.VIT_ARCHS),
-    "model.width": real(1 / 64, 16),
-    "model.small_stem": boolean(),
-    "model.embed_dim": DIM,
-    "model.hidden_dim": optional(DIM, note="None: the backbone's feature size"),
-    "model.dtype": choice(*models.COMPUTE_DTYPES),
-    "model.depth": optional(integer(1, 64), note="None: the arch's 12"),
-    "model.pos_embed": choice(*vit.POS_EMBEDS),
-    "model.image_size": optional(SIDE),
-    # MoCo machinery and optimizer.
-    "batch_size": BATCH,
-    "bn_group_size": BATCH,
-    "bn_running_stats": added(choice(*norm.RUNNING_STATS), "mean_of_groups"),
-    "shuffle_bn": boolean(),
-    "shuffle_bn_gather": added(choice(*train_step.SHUFFLE_GATHERS), "views"),
-    "queue_size": QUEUE,
-    "ema_momentum": real(0, 1),
-    "lr": LEARNING_RATE,
-    "weight_decay": real(0),
-    "sgd_momentum": MOMENTUM,
-    "optimizer": added(choice(*train_step.OPTIMIZERS), "sgd"),
-    "adam_betas": added(fixed(MOMENTUM, MOMENTUM), [0.9, 0.999]),
-    "lr_warmup_epochs": added(integer(0, MAX_EPOCHS), 0),
-    "lr_granularity": added(choice(*train_step.LR_GRANULARITIES), "step"),
-    "grad_clip": added(real(0, note="0: off"), 0.0),
-    "epochs": integer(0, MAX_EPOCHS),
-    "warmup_epochs": integer(0, MAX_EPOCHS),
-    # Objective.
-    "objective.semantics": choice(*losses.SEMANTICS),
-    "objective.positive": choice(*objective.POSITIVES),
-    "objective.temperature": TEMPERATURE,
-    "objective.instance_selection": boolean(),
-    "objective.prototype_selection": boolean(),
-    "objective.instance_loss": boolean(),
-    "objective.proto_loss": boolean(),
-    "objective.sampler": choice(*selection.SAMPLERS),
-    "objective.selection_on_local": boolean(),
-    "objective.proto_negatives": integer(0, 2**20, note="0: every prototype is a negative"),
-    "objective.skip_last_prototype": added(boolean(), False),
-    # Clustering.
-    "clustering.num_clusters": tuple_of(CLUSTERS),
-    "clustering.temperature": TEMPERATURE,
-    "clustering.niter": NITER,
-    "clustering.nredo": NREDO,
-    "clustering.max_points_per_centroid": integer(1),
-    "clustering.min_points_per_centroid": integer(0),
-    "clustering.backend": free(choice(*clustering.BACKENDS)),
-    "clustering.mode": choice(*clustering.MODES),
-    "clustering.seed_per_epoch": added(boolean(), True),
-    # Augmentation. local_views: (crop side, scale range) per view.
-    "augment.scale": SCALE,
-    "augment.jitter_prob": PROBABILITY,
-    "augment.grayscale_prob": PROBABILITY,
-    "augment.blur_prob": PROBABILITY,
-    "augment.flip": boolean(),
-    "augment.mean": MEAN,
-    "augment.std": STD,
-    "augment.local_views": tuple_of(fixed(LOCAL_SIDE, SCALE)),
-    # Input.
-    "input.pipeline": choice(*pipeline.PIPELINES),
-    "input.num_workers": free(WORKERS),
-    "input.prefetch": free(integer(1, 1024)),
-    "input.resampling": added(choice(*crops.RESAMPLING), "antialias"),
-    "input.bad_images": free(added(choice(*loader.BAD_IMAGES), "skip")),
-    "input.max_pixels": free(optional(integer(1))),
-    # Outputs.
-    "wandb.project": free(optional(text())),
-    "wandb.entity": free(optional(text())),
-    "wandb.name": free(optional(text())),
-    "wandb.mode": free(choice("online", "offline", "disabled")),
-    "figures_at_end": free(boolean()),
-    "divergence.max_loss": free(real(0, note="0: no limit")),
-    "divergence.max_grad_norm": free(real(0, note="0: no limit")),
-    "log_every_steps": free(integer(0, note="0: at the end of each epoch only")),
-    "checkpoint_every_epochs": free(integer(0, note="0: only at the end")),
-    "checkpoint_every_steps": free(STEPS),
-    "keep_checkpoints": free(integer(1)),
-    "progress_bar": free(boolean()),
-}
+# Each field's rule, from its one declaration (with its default) in `config_fields.FIELDS`.
+RULES: dict[str, Rule] = {field: f.rule for field, f in config_fields.FIELDS.items()}
 
 # Groups a resumed run may change as a whole: the evaluators of `config.evals` (they read the
 # encoder, never train it), and `eval`, the one final evaluation of configs written before `evals`

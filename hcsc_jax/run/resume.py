@@ -33,8 +33,8 @@ from hcsc_jax.run import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 # What a resumed run may change, and what an older config.json means by leaving out a field added
-# since: both from the fields' rules (`rules.free`, `rules.added` in `config_checks.RULES`). Dotted
-# names; a trailing "." covers a whole group.
+# since: both from the fields' rules (`rules.free`, `rules.added`), declared with each field in
+# `config_fields.FIELDS`. Dotted names; a trailing "." covers a whole group.
 SAFE_TO_CHANGE = (*(k for k, r in config_checks.RULES.items() if r.free), *config_checks.FREE_GROUPS)
 ADDED_FIELDS = {k: r.before for k, r in config_checks.RULES.items() if r.added}
 

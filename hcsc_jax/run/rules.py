@@ -1,5 +1,5 @@
 """What a config field accepts (`Rule`), the rule constructors and the bounds fields share:
-declared here, below every module that declares fields (config_checks, the evaluators), so each
+declared here, below every module that declares fields (`config_fields`, the evaluators), so each
 can say what its own settings take. A rule also holds the field's resume policy: whether a
 resumed run may change it (`free`), and for a field added after runs had started, the value an
 older config.json means by leaving it out (`added`); `resume` reads both from the rules."""
