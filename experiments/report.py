@@ -176,14 +176,16 @@ def tables(setting: settings.Setting, rows: list[dict]) -> str:
                 out.append("| k = 200 | " + " | ".join("-" if b is None else f"{b:.2f}" for _, _, b in pts)
                            + " |")
                 out.append("")
-    # Paired differences over the seeds both have: every method vs MoCo v2 and vs PCL; the ablations also vs
+    # Paired differences over the seeds both have: every method vs the raw pixels, every trained one vs
+    # MoCo v2 and vs PCL (the references' own differences are the pixel table's); the ablations also vs
     # "hierarchical prototypes, no selection" (what the selection adds, as the paper's Table 5).
     no_sel = next((m.name for m in setting.methods if m.name.startswith("hier. prototypes")), None)
     for base_name, methods in ((settings.PIXELS, [m.name for m in setting.methods
                                                   if m.name != settings.PIXELS]),
                                ("MoCo v2", [m.name for m in setting.methods
                                             if m.name != "MoCo v2" and m.group != "reference"]),
-                               ("PCL", [m.name for m in setting.methods if m.name not in ("MoCo v2", "PCL")]),
+                               ("PCL", [m.name for m in setting.methods
+                                        if m.name not in ("MoCo v2", "PCL") and m.group != "reference"]),
                                (no_sel, [m.name for m in setting.methods
                                          if m.group == "ablation" and m.name != no_sel]),
                                (setting.baseline, [m.name for m in setting.methods if m.group != "reference"

@@ -178,6 +178,10 @@ def test_tables_paired_differences_and_verdicts():
     assert "#### Paired difference to raw pixels (every seed against its one row)" in text
     assert "| HCSC | 3 | 0.17 ± 1.04 [-1.00, +1.00, +0.50] |" in text
     assert "| PCL | 2 | -2.50 ± 0.71 [-3.00, -2.00] |" in text
+    # Against MoCo v2 and PCL only trained methods: a reference's difference is the pixel table's.
+    for base in ("MoCo v2", "PCL"):
+        table = text.split(f"#### Paired difference to {base} ")[1].split("####")[0]
+        assert "| raw pixels |" not in table and "| HCSC |" in table, base
     lines = report.verdicts(settings.SETTINGS["digits"], rows + pixels)
     knn_px = next(l for l in lines if l.startswith("- kNN top-1 k=20 (%): HCSC − raw pixels"))
     assert "+0.17" in knn_px and "HCSC ahead on 2/3 seeds" in knn_px and "seed noise" in knn_px
