@@ -54,7 +54,7 @@ def digits_run(tmp_path_factory, worker_id):
     return str(workdir)
 
 
-# The longest test (the documented default's band, about 7 min of the full suite's 22) starts
+# The longest test (the documented default's band, 4-7 min of the full suite's 16-22) starts
 # first: pytest-xdist hands the collection out in order, and started late it ran alone at the end.
 START_FIRST = ("tests/test_default_run.py::test_python_train_py_lands_in_the_readme_band",)
 

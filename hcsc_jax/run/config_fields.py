@@ -243,5 +243,5 @@ def defaults() -> ml_collections.ConfigDict:
                 node[group] = ml_collections.ConfigDict()
             node = node[group]
         node[name] = ml_collections.config_dict.placeholder(f.type) if f.default is None else f.default
-    c.evals = ml_collections.ConfigDict({name: dict(entry) for name, entry in EVALS.items()})
+    c.evals = ml_collections.ConfigDict(EVALS)  # (nested dicts become new ConfigDicts: EVALS is not shared)
     return c
